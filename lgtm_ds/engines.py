@@ -1,0 +1,217 @@
+"""The engine interface the algorithm talks to, and its plain-PyTorch implementation.
+
+An engine owns one model and its optimizer (and schedule, clipping, accumulation). The LGTM step
+(``lgtm_ds.algorithm``) only calls the methods below, so it runs unchanged on a plain module
+(:class:`TorchEngine`, for notebooks and CPU tests) and on a DeepSpeed engine
+(``lgtm_ds.ds_engine.DeepSpeedEngineAdapter``, the only module that touches DeepSpeed internals).
+
+Student-side influence passes never write into the engine's parameters: the look-ahead and the
+``theta +- R v`` forwards run the module functionally (``torch.func.functional_call``) on fp32
+work tensors, so the student's parameters after the influence passes are bit-identical to
+before by construction, in fp32 and bf16 alike, and a bf16 student still *sees* ``R v``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .errors import ConfigError
+
+
+def model_inputs(batch: dict) -> dict:
+    """The batch minus ``labels``: models are called as ``model(**inputs)`` and losses are ours."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def get_logits(output) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+@dataclass
+class AdamState:
+    """The student optimizer's AdamW state, as full fp32 tensors aligned with ``params()``.
+
+    ``exp_avg`` / ``exp_avg_sq`` are None before the first step. Hyper-parameters are per tensor
+    because parameter groups may differ (weight decay off for biases and norms).
+    """
+
+    exp_avg: list[torch.Tensor] | None
+    exp_avg_sq: list[torch.Tensor] | None
+    step: int  # optimizer steps taken so far
+    lr: list[float]
+    betas: list[tuple[float, float]]
+    eps: list[float]
+    weight_decay: list[float]
+
+
+class Engine:
+    """What one role (teacher or student) must provide to the distillation algorithms."""
+
+    module: nn.Module
+    gradient_accumulation_steps: int = 1
+
+    # -- ordinary training -------------------------------------------------------------------
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Train-mode forward with graph; returns logits."""
+        raise NotImplementedError
+
+    def raw_forward(self, batch: dict) -> torch.Tensor:
+        """The module's own forward (no engine bookkeeping, gradient hooks not involved)."""
+        return get_logits(self.module(**model_inputs(batch)))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate gradients of ``loss`` (the engine divides by the accumulation steps)."""
+        raise NotImplementedError
+
+    def step(self) -> None:
+        """Called once per micro-batch; steps optimizer + schedule at accumulation boundaries."""
+        raise NotImplementedError
+
+    def lr(self) -> float:
+        """The learning rate the next optimizer step applies (first param group)."""
+        raise NotImplementedError
+
+    @property
+    def step_skipped(self) -> bool:
+        """True if the last boundary step was skipped (fp16 overflow)."""
+        return False
+
+    # -- influence passes (student only) -------------------------------------------------------
+    def params(self) -> list[torch.Tensor]:
+        """Trainable parameters as the forward reads them (full tensors)."""
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def master_params(self) -> list[torch.Tensor]:
+        """fp32 values of ``params()`` (the masters in mixed precision; the params in fp32)."""
+        return [p.detach() if p.dtype in (torch.float32, torch.float64) else p.detach().float()
+                for p in self.params()]
+
+    def adam_state(self) -> AdamState:
+        raise NotImplementedError
+
+    def functional_forward(self, params: list[torch.Tensor], batch: dict) -> torch.Tensor:
+        """Forward with ``params`` substituted for ``params()`` (any dtype; fp32 for bf16 models)."""
+        names = self._param_names()
+        return get_logits(functional_call(self.module, dict(zip(names, params)), args=(),
+                                          kwargs=model_inputs(batch), strict=False))
+
+    def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
+        """Average tensors over data-parallel ranks, in place (no-op on one process)."""
+
+    def _param_names(self) -> list[str]:
+        if not hasattr(self, "_names_cache"):
+            self._names_cache = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        return self._names_cache
+
+
+class TorchEngine(Engine):
+    """A plain module + torch optimizer (+ optional scheduler), with accumulation and clipping.
+
+    Mirrors a DeepSpeed engine's contract: ``backward`` divides by the accumulation steps,
+    ``step`` is called every micro-batch and only steps at the boundary.
+    """
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 scheduler=None, *, gradient_accumulation_steps: int = 1,
+                 max_grad_norm: float = 0.0):
+        self.module = module
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.micro_steps = 0
+        self.global_steps = 0
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return get_logits(self.module(**model_inputs(batch)))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.gradient_accumulation_steps).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.gradient_accumulation_steps:
+            return
+        if self.optimizer is None:
+            raise RuntimeError("this engine has no optimizer (frozen role)")
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params(), self.max_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_steps += 1
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def adam_state(self) -> AdamState:
+        return adam_state_from_torch(self.optimizer, self.params())
+
+
+def adam_state_from_torch(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> AdamState:
+    """Read a torch Adam/AdamW optimizer's state for ``params`` without changing it."""
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        raise ConfigError(
+            f"the LGTM look-ahead simulates Adam/AdamW; the student optimizer is "
+            f"{type(optimizer).__name__}")
+    group_of = {}
+    for g in optimizer.param_groups:
+        if g.get("amsgrad", False):
+            raise ConfigError("the LGTM look-ahead does not support amsgrad=True")
+        for p in g["params"]:
+            group_of[id(p)] = g
+    decoupled = isinstance(optimizer, torch.optim.AdamW)
+    lr, betas, eps, wd = [], [], [], []
+    m, v, steps = [], [], set()
+    for p in params:
+        g = group_of.get(id(p))
+        if g is None:
+            raise ConfigError("a trainable student parameter is not in the student optimizer")
+        lr.append(float(g["lr"]))
+        betas.append(tuple(float(b) for b in g["betas"]))
+        eps.append(float(g["eps"]))
+        wd.append(float(g["weight_decay"]) if decoupled else 0.0)
+        if not decoupled and g["weight_decay"]:
+            raise ConfigError("the look-ahead supports Adam without weight decay, or AdamW")
+        st = optimizer.state.get(p, {})
+        if "exp_avg" in st:
+            m.append(st["exp_avg"])
+            v.append(st["exp_avg_sq"])
+            steps.add(int(st["step"]))
+    if m and len(m) != len(params):
+        raise RuntimeError("some student parameters have optimizer state and some do not")
+    if len(steps) > 1:
+        raise RuntimeError(f"student parameters disagree on the optimizer step count: {steps}")
+    return AdamState(m or None, v or None, steps.pop() if steps else 0, lr, betas, eps, wd)
+
+
+def adamw_lookahead(params: list[torch.Tensor], grads: list[torch.Tensor],
+                    state: AdamState) -> list[torch.Tensor]:
+    """``theta + AdamW_update(g)``: one simulated step of the student's own optimizer.
+
+    Same order of operations as ``torch.optim.AdamW`` (decoupled weight decay first, then
+    ``m_hat / (sqrt(v') / sqrt(bc2) + eps)``); moments are read, never written. Returns new
+    tensors in fp32 (fp64 for fp64 params).
+    """
+    t = state.step + 1
+    out = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        dtype = torch.promote_types(p.dtype, torch.float32)
+        b1, b2 = state.betas[i]
+        lr, eps, wd = state.lr[i], state.eps[i], state.weight_decay[i]
+        g = g.to(dtype)
+        m = state.exp_avg[i].to(dtype) if state.exp_avg is not None else torch.zeros_like(g)
+        v = state.exp_avg_sq[i].to(dtype) if state.exp_avg_sq is not None else torch.zeros_like(g)
+        m = m * b1 + (1 - b1) * g
+        v = v * b2 + (1 - b2) * g * g
+        bc1 = 1 - b1**t
+        bc2 = 1 - b2**t
+        denom = v.sqrt() / (bc2**0.5) + eps
+        new = p.to(dtype) * (1 - lr * wd) - (lr / bc1) * (m / denom)
+        out.append(new)
+    return out

@@ -1,0 +1,100 @@
+"""The LGTM reference form, kept out of the production path: a test oracle and a benchmark
+baseline.
+
+It does what the public reference implementation does: deep-copies the student and its optimizer
+to take a real look-ahead step, and runs the teacher backward three times (at ``theta``,
+``theta + R v`` and ``theta - R v``), holding three teacher-sized gradient lists. Plain modules
+and torch optimizers only.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from . import losses
+from .engines import get_logits, model_inputs
+
+
+@torch.no_grad()
+def _add_(params, vec, alpha):
+    for p, v in zip(params, vec):
+        p.add_(v, alpha=alpha)
+
+
+def naive_lgtm_step(teacher: nn.Module, student: nn.Module, teacher_opt: torch.optim.Optimizer,
+                    student_opt: torch.optim.Optimizer, batch: dict, quiz_batch: dict, *,
+                    alpha_student: float = 1.0, alpha_teacher: float = 0.4,
+                    temperature: float = 1.0, fd_radius: float = 1e-2,
+                    scale_by_t2: bool = False, student_step: bool = True) -> dict:
+    """One LGTM step in the reference form. Returns the teacher gradient ``G`` and the losses."""
+    kw = dict(temperature=temperature, scale_by_t2=scale_by_t2)
+    x, y = model_inputs(batch), batch["labels"]
+    teacher.train()
+    student.train()
+    t_params = [p for p in teacher.parameters() if p.requires_grad]
+    s_params = [p for p in student.parameters() if p.requires_grad]
+
+    # 1-2. real look-ahead step on deep copies of the student and its optimizer.
+    with torch.no_grad():
+        t_logits = get_logits(teacher(**x))
+    # one deepcopy of both keeps the optimizer pointing at the copied parameters
+    s_copy, opt_copy = copy.deepcopy((student, student_opt))
+    opt_copy.zero_grad(set_to_none=True)
+    ls = losses.student_loss(get_logits(s_copy(**x)), t_logits, y, alpha=alpha_student, **kw)
+    ls.backward()
+    opt_copy.step()
+
+    # 3-4. quiz gradient at theta', radius.
+    opt_copy.zero_grad(set_to_none=True)
+    ce = losses.ce_loss(get_logits(s_copy(**model_inputs(quiz_batch))), quiz_batch["labels"])
+    v = torch.autograd.grad(ce, [p for p in s_copy.parameters() if p.requires_grad])
+    radius = fd_radius / float(torch.sqrt(sum((vi.double() ** 2).sum() for vi in v)))
+    del s_copy, opt_copy
+
+    def teacher_grad(s_logits):
+        z = get_logits(teacher(**x))
+        lt = losses.teacher_loss(z, s_logits, y, alpha=alpha_teacher, **kw)
+        return torch.autograd.grad(lt, t_params), lt.detach()
+
+    # 5-6. three teacher backward passes; saved copy of theta for an exact restore.
+    saved = [p.detach().clone() for p in s_params]
+    with torch.no_grad():
+        s_logits = get_logits(student(**x))
+    g0, lt = teacher_grad(s_logits)
+    _add_(s_params, v, radius)
+    with torch.no_grad():
+        s_plus = get_logits(student(**x))
+    g_plus, _ = teacher_grad(s_plus)
+    with torch.no_grad():
+        for p, s in zip(s_params, saved):
+            p.copy_(s)
+    _add_(s_params, v, -radius)
+    with torch.no_grad():
+        s_minus = get_logits(student(**x))
+    g_minus, _ = teacher_grad(s_minus)
+    with torch.no_grad():
+        for p, s in zip(s_params, saved):
+            p.copy_(s)
+
+    # 7. G = grad L_t(theta) - eta * h, teacher step.
+    eta = float(teacher_opt.param_groups[0]["lr"])
+    G = [a - eta * (b - c) / (2 * radius) for a, b, c in zip(g0, g_plus, g_minus)]
+    for p, gi in zip(t_params, G):
+        p.grad = gi.clone()
+    teacher_opt.step()
+    teacher_opt.zero_grad(set_to_none=True)
+
+    out = {"teacher_loss": float(lt), "fd_R": radius, "G": [gi.detach() for gi in G]}
+    # 8. student step with the updated teacher.
+    if student_step:
+        with torch.no_grad():
+            t_new = get_logits(teacher(**x))
+        ls = losses.student_loss(get_logits(student(**x)), t_new, y, alpha=alpha_student, **kw)
+        ls.backward()
+        student_opt.step()
+        student_opt.zero_grad(set_to_none=True)
+        out["student_loss"] = float(ls.detach())
+    return out
