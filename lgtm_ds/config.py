@@ -320,8 +320,10 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML value or a command-line string to ``tp``; ConfigError if impossible."""
 
+    original = value  # reported as given, even after parsing a string below
+
     def fail() -> typing.NoReturn:
-        raise ConfigError(f"{key}: cannot convert {value!r} to {_type_name(tp)}")
+        raise ConfigError(f"{key}: cannot convert {original!r} to {_type_name(tp)}")
 
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -576,7 +578,8 @@ def load_config(
 # Command line
 # --------------------------------------------------------------------------------------------
 
-_USAGE = """usage: <script> [--config PATH] [--ds_config PATH] [--local_rank N] [--section.key=VALUE ...]
+_USAGE = """usage: <script> [--config PATH] [--ds_config PATH] [--local_rank N]
+                [--section.key=VALUE | --section.key VALUE ...]
 
 Sections: model, data, method, train, deepspeed, output (see lgtm_ds/assets/default.yaml).
 Overrides apply on top of the YAML, in order (later wins). Deep keys into deepspeed.teacher /
@@ -778,7 +781,7 @@ def build_ds_config(cfg: ExperimentConfig, role: str, world_size: int) -> dict:
         for section in ("optimizer", "scheduler"):
             if section in d:
                 raise ConfigError(
-                    f"{src}: has a {section!r} section, but the {section} is built by LGTM-DS "
+                    f"{src}: has a section {section!r}, but the {section} is built by LGTM-DS "
                     f"from train.* (client torch AdamW + LR schedule); remove the section")
         if "amp" in d:
             raise ConfigError(f"{src}: 'amp' is not supported; set train.precision "
