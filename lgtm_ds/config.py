@@ -506,9 +506,11 @@ def _apply_override(data: dict, dotted: str, value: Any) -> None:
         for k, v in value.items():
             _apply_override(data, f"{dotted}.{k}", v)
         return
-    section = data.setdefault(parts[0], {})
-    if not isinstance(section, dict):
+    section = data.get(parts[0])
+    if section is None:  # absent, or an empty "train:" in the YAML
         section = data[parts[0]] = {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{parts[0]} must be a mapping, got {section!r}")
     if not deep:
         section[parts[1]] = value
         return

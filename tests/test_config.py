@@ -275,6 +275,13 @@ def test_unknown_keys_named_with_valid_keys_and_suggestion(tmp_path):
 def test_bad_yaml_files(tmp_path, content, parts):
     path = str(tmp_path / "missing.yaml") if content is None else write_yaml(tmp_path, content)
     raises(parts, load_config, path)
+    if content == "train: 5\n":  # an override into the bad section must not hide it
+        raises(parts, load_config, path, ["train.seed=1"])
+
+
+def test_empty_section_in_yaml_is_fine(tmp_path):
+    cfg = load_config(write_yaml(tmp_path, "train:\nmethod:\n"), ["train.seed=7"])
+    assert cfg.train.seed == 7 and cfg.method == ExperimentConfig().method
 
 
 # ---------------------------------------------------------------------------------- CLI
