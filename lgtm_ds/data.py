@@ -268,27 +268,21 @@ _SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 def _build_embedded_tokenizer(corpus_texts: list[str] | None):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
     from transformers import PreTrainedTokenizerFast
 
     if corpus_texts is None:
         corpus_texts = synthetic_corpus_texts(DataConfig(), 42)
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(_SPECIAL_TOKENS)},
+                                     unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # whitespace + punctuation split
     tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=EMBEDDED_VOCAB_SIZE,
-        min_frequency=1,
-        special_tokens=_SPECIAL_TOKENS,  # [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4
-        show_progress=False,
-        continuing_subword_prefix="##",
-    )
-    # The lexicon line guarantees every grammar word is in the vocabulary whatever the seed; the
-    # iterator is a plain list in a fixed order, so training is deterministic.
-    tok.train_from_iterator([_synthetic_lexicon_text(), *corpus_texts], trainer=trainer)
+    vocab = _train_wordpiece_vocab(tok, [_synthetic_lexicon_text(), *corpus_texts],
+                                   EMBEDDED_VOCAB_SIZE)
+    tok.model = models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100,
+                                 continuing_subword_prefix="##")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -306,6 +300,45 @@ def _build_embedded_tokenizer(corpus_texts: list[str] | None):
         padding_side="right",
         model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
+
+
+def _train_wordpiece_vocab(tok, texts: list[str], vocab_size: int) -> dict[str, int]:
+    """Deterministic frequency-based WordPiece vocabulary (the ``tokenizers`` WordPieceTrainer
+    breaks count ties by hash-map order, so its vocabulary differs between runs).
+
+    Ids: the 5 specials (fixed ids 0-4), every character seen plus ASCII letters / digits /
+    punctuation, each also as a ``##`` continuation; then whole words by (-count, word); then, up
+    to ``vocab_size``, word-initial prefixes and ``##`` suffixes (2-6 characters) by
+    (-count, piece), so unseen words split into frequent pieces instead of single characters.
+    """
+    import string
+    from collections import Counter
+
+    words: Counter[str] = Counter()
+    for text in texts:
+        norm = tok.normalizer.normalize_str(text)
+        for w, _ in tok.pre_tokenizer.pre_tokenize_str(norm):
+            words[w] += 1
+    chars = set(string.ascii_lowercase + string.digits + string.punctuation)
+    for w in words:
+        chars.update(w)
+    chars = sorted(chars)
+    ordered: list[str] = list(_SPECIAL_TOKENS) + chars + ["##" + c for c in chars]
+    ordered += [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))
+                if len(w) > 1]
+    pieces: Counter[str] = Counter()
+    for w, n in words.items():
+        for k in range(2, min(len(w), 7)):
+            pieces[w[:k]] += n
+            pieces["##" + w[-k:]] += n
+    seen = set(ordered)
+    for piece, _ in sorted(pieces.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(ordered) >= vocab_size:
+            break
+        if piece not in seen:
+            ordered.append(piece)
+            seen.add(piece)
+    return {t: i for i, t in enumerate(ordered)}
 
 
 def build_tokenizer(name: str | None, corpus_texts: list[str] | None = None):
@@ -756,5 +789,7 @@ class InfiniteLoader:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self._start_epoch(skip=int(state["position"]) % max(1, len(self.loader)))
+        n = len(self.loader)
+        epoch, position = int(state["epoch"]), int(state["position"])
+        self.epoch = epoch + position // n  # a finished pass resumes at the next epoch
+        self._start_epoch(skip=position % n)
