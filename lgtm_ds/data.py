@@ -496,6 +496,9 @@ def _load_file(path: str, load_fn, role: str) -> datasets.Dataset:
         )
     if not os.path.isfile(path):
         raise DataError(f"data.{role}: file not found: {path}")
+    if os.path.getsize(path) == 0:
+        split = "training" if role == "train_file" else "validation"
+        raise DataError(f"{split} split ({path}) is empty (0 bytes, 0 rows)")
     with tempfile.TemporaryDirectory(prefix="lgtm_ds_cache_") as cache_dir:
         try:
             ds = load_fn(
@@ -506,6 +509,9 @@ def _load_file(path: str, load_fn, role: str) -> datasets.Dataset:
                 keep_in_memory=True,
             )
         except Exception as e:  # noqa: BLE001
+            if "corresponds to no data" in str(e):  # datasets' error for a 0-row file
+                split = "training" if role == "train_file" else "validation"
+                raise DataError(f"{split} split ({path}) is empty (0 rows)") from e
             raise DataError(
                 f"data.{role}: could not read {path} as {_FILE_BUILDERS[ext]}: "
                 f"{type(e).__name__}: {e}"
