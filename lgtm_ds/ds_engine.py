@@ -1,0 +1,216 @@
+"""DeepSpeed engines for the teacher and the student, behind the :class:`Engine` interface.
+
+This is the only module that touches DeepSpeed (initialisation, ZeRO partitions, fp32 masters,
+optimizer state, gathers). ``build_engine`` is the one place that calls ``deepspeed.initialize``,
+once per role, each with its own config dict (DeepSpeed-Chat's ``rlhf_engine.py`` shape).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+
+from .engines import AdamState, Engine, adam_state_from_torch, get_logits, model_inputs
+from .errors import ConfigError
+
+
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU). Returns (rank, world)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python launch/train.py`: a one-process group
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    # note: the timeout turns a collective hang (e.g. mismatched steps across ranks) into an error
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
+    import deepspeed.comm as dist
+
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict, role: str):
+    """``deepspeed.initialize`` for one role, with a client optimizer and LR scheduler."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config)
+    return DeepSpeedEngineAdapter(engine, role)
+
+
+class DeepSpeedEngineAdapter(Engine):
+    def __init__(self, engine, role: str):
+        self.engine = engine
+        self.role = role
+        self.module = engine.module
+        self.gradient_accumulation_steps = int(engine.gradient_accumulation_steps())
+        self.stage = int(engine.zero_optimization_stage())
+
+    # -- ordinary training -------------------------------------------------------------------
+    def forward(self, batch: dict) -> torch.Tensor:
+        return get_logits(self.engine(**model_inputs(batch)))
+
+    def raw_forward(self, batch: dict) -> torch.Tensor:
+        self._need_full_params("the student gradient for the look-ahead")
+        return get_logits(self.module(**model_inputs(batch)))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    @property
+    def step_skipped(self) -> bool:
+        return not self.engine.was_step_applied()
+
+    @property
+    def global_steps(self) -> int:
+        return int(self.engine.global_steps)
+
+    # -- influence passes ----------------------------------------------------------------------
+    def _need_full_params(self, what: str) -> None:
+        if self.stage == 3:
+            raise ConfigError(
+                f"{what} needs the {self.role}'s full parameters on every rank; ZeRO-3 shards them. "
+                f"Use ZeRO stage 0-2 for the student (deepspeed.student.zero_optimization.stage); "
+                f"the teacher may use ZeRO-3.")
+
+    def master_params(self) -> list[torch.Tensor]:
+        self._need_full_params("the look-ahead")
+        params = self.params()
+        if all(p.dtype == torch.float32 for p in params):
+            # ZeRO-0/1/2 in fp32: the module's params hold the master values (every rank).
+            return [p.detach() for p in params]
+        views = _fp16_optimizer_views(self.engine.optimizer, params)
+        if views is not None:  # ZeRO-0 + bf16/fp16: full fp32 flat masters on every rank
+            return [views[id(p)][0].view_as(p) for p in params]
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        # note: one all-reduce per tensor (collective: every rank calls it in the same order)
+        return [safe_get_full_fp32_param(p).detach() for p in params]
+
+    def adam_state(self) -> AdamState:
+        self._need_full_params("the look-ahead")
+        basic = self.engine.basic_optimizer
+        params = self.params()
+        if self.engine.optimizer is basic:  # ZeRO-0, fp32: the torch optimizer sees our params
+            return adam_state_from_torch(basic, params)
+        if not isinstance(basic, torch.optim.Adam | torch.optim.AdamW):
+            raise ConfigError(f"the LGTM look-ahead simulates Adam/AdamW; the student's optimizer "
+                              f"is {type(basic).__name__}")
+        opt = self.engine.optimizer
+        lp_groups = (getattr(opt, "bit16_groups", None) or getattr(opt, "bf16_groups", None)
+                     or getattr(opt, "fp16_groups", None))
+        if lp_groups is None or len(lp_groups) != len(basic.param_groups):
+            raise RuntimeError(f"unsupported DeepSpeed optimizer wrapper {type(opt).__name__}")
+        group_of = {id(p): basic.param_groups[i] for i, grp in enumerate(lp_groups) for p in grp}
+        decoupled = isinstance(basic, torch.optim.AdamW)
+        steps = {int(s["step"]) for s in basic.state.values() if "step" in s}
+        if len(steps) > 1:
+            raise RuntimeError(f"student optimizer partitions disagree on the step count: {steps}")
+        step = steps.pop() if steps else 0
+        lr, betas, eps, wd = [], [], [], []
+        for p in params:
+            g = group_of[id(p)]
+            lr.append(float(g["lr"]))
+            betas.append(tuple(float(b) for b in g["betas"]))
+            eps.append(float(g["eps"]))
+            wd.append(float(g["weight_decay"]) if decoupled else 0.0)
+        m = v = None
+        views = _fp16_optimizer_views(opt, params)
+        if step > 0 and views is not None:
+            m, v = [], []
+            for p in params:
+                _, flat, lo, hi = views[id(p)]
+                m.append(basic.state[flat]["exp_avg"].view(-1)[lo:hi].view_as(p))
+                v.append(basic.state[flat]["exp_avg_sq"].view(-1)[lo:hi].view_as(p))
+        elif step > 0:
+            from deepspeed.utils import safe_get_full_optimizer_state
+
+            _link_moments(opt, basic)
+            # note: collectives, one per tensor and moment
+            m = [safe_get_full_optimizer_state(p, "exp_avg") for p in params]
+            v = [safe_get_full_optimizer_state(p, "exp_avg_sq") for p in params]
+        return AdamState(m, v, step, lr, betas, eps, wd)
+
+    def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
+        import deepspeed.comm as dist
+
+        if not dist.is_initialized() or dist.get_world_size() == 1 or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)  # note: one collective for the whole list
+        flat.div_(dist.get_world_size())
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    # -- saving ----------------------------------------------------------------------------------
+    def save_pretrained(self, path: str, is_main: bool, **kwargs) -> None:
+        """Hugging Face ``save_pretrained`` of the full model (gathered under ZeRO-3)."""
+        if self.stage == 3:
+            import deepspeed
+
+            params = list(self.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                if is_main:
+                    state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+                    self.module.save_pretrained(path, state_dict=state, **kwargs)
+        elif is_main:
+            self.module.save_pretrained(path, **kwargs)
+
+    def save_checkpoint(self, path: str, tag: str) -> None:
+        self.engine.save_checkpoint(path, tag=tag)
+
+    def load_checkpoint(self, path: str, tag: str) -> None:
+        load_path, _ = self.engine.load_checkpoint(path, tag=tag)
+        if load_path is None:
+            raise ConfigError(f"no {self.role} checkpoint {tag!r} under {path}")
+
+
+def _link_moments(opt, basic) -> None:
+    """Point each param's fp32 fragment mapping at the optimizer's current moments.
+
+    DeepSpeed links them lazily and only once (it may do so before the first step, when the
+    state is still empty); relinking is cheap (views only) and makes the accessors reliable.
+    """
+    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+    if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        lp, hp = opt.bit16_groups, opt.single_partition_of_fp32_groups
+    else:  # bf16 optimizer (ZeRO-0 + bf16)
+        lp, hp = opt.bf16_groups, opt.fp32_groups_flat_partition
+    for lp_group, hp_flat in zip(lp, hp):
+        if hp_flat in basic.state:
+            lazy_init_hp_params_optimizer_state(lp_group, hp_flat, basic.state)
+
+
+def _fp16_optimizer_views(opt, params):
+    """For DeepSpeed's FP16_Optimizer / FP16_UnfusedOptimizer (ZeRO-0 with bf16/fp16): per param,
+    (fp32 master view, the tensor keyed in the optimizer state, start, end). None otherwise."""
+    if not hasattr(opt, "fp16_groups"):
+        return None
+    out = {}
+    if hasattr(opt, "fp32_groups_flat"):  # fused: one unpadded flat master per group
+        for group, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+            offset = 0
+            for p in group:
+                end = offset + p.numel()
+                out[id(p)] = (flat.detach()[offset:end], flat, offset, end)
+                offset = end
+    elif hasattr(opt, "fp32_groups"):  # unfused: one fp32 master per param
+        for group, masters in zip(opt.fp16_groups, opt.fp32_groups):
+            for p, master in zip(group, masters):
+                out[id(p)] = (master.detach().view(-1), master, 0, p.numel())
+    else:
+        return None
+    missing = [i for i, p in enumerate(params) if id(p) not in out]
+    if missing:
+        raise RuntimeError(f"{len(missing)} student params are not in the fp16 optimizer groups")
+    return out
