@@ -1,0 +1,10 @@
+"""LGTM-DS kernels: fused KD loss, LGTM teacher logit gradient, fused parameter perturbation.
+
+Imports torch only; triton is imported lazily by the ops that dispatch to it (CUDA tensors, or
+``LGTM_KERNELS_BACKEND=triton`` with ``TRITON_INTERPRET=1`` on CPU).
+"""
+
+from ._backend import backend_for, triton_available
+from .kd_loss import kd_loss, kd_loss_ref, kd_rows_ref
+
+__all__ = ["backend_for", "triton_available", "kd_loss", "kd_loss_ref", "kd_rows_ref"]

@@ -1,0 +1,47 @@
+"""Backend selection shared by every op: Triton on CUDA tensors, the torch reference elsewhere.
+
+``LGTM_KERNELS_BACKEND=triton|torch`` (read at every call) overrides the choice. Forcing
+``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` in the environment before triton is first
+imported (the interpreter runs the same kernels serially on the host, ~100x slower than torch).
+Triton is imported lazily, so ``import lgtm_kernels`` works on a machine without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+_ENV = "LGTM_KERNELS_BACKEND"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend_for(*tensors: torch.Tensor) -> str:
+    """Return "triton" or "torch" for an op whose operands are ``tensors``."""
+    choice = os.environ.get(_ENV, "").strip().lower()
+    if choice not in ("", "auto", "triton", "torch"):
+        raise ValueError(f"{_ENV} must be 'triton', 'torch' or unset, got {choice!r}")
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if choice == "torch":
+        return "torch"
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{_ENV}=triton but triton is not installed")
+        if not on_cuda and not interpreter_on():
+            raise RuntimeError(
+                f"{_ENV}=triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+            )
+        return "triton"
+    if on_cuda and triton_available():
+        return "triton"
+    return "torch"
