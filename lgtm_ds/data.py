@@ -26,8 +26,9 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import datasets
 import numpy as np
@@ -46,36 +47,104 @@ SYNTHETIC_LABEL_NAMES = ["negative", "neutral", "positive"]
 _DOMAINS = {
     "film": {
         "subjects": ["the film", "this movie", "the show", "this documentary", "the sequel"],
-        "aspects": ["acting", "plot", "soundtrack", "ending", "dialogue", "pacing", "cast",
-                    "cinematography", "script", "humour"],
-        "fillers": ["i watched it last weekend", "we saw it on a rainy sunday",
-                    "my sister picked it for movie night", "i streamed it on my laptop",
-                    "it came out last spring", "a friend recommended it to me"],
+        "aspects": [
+            "acting",
+            "plot",
+            "soundtrack",
+            "ending",
+            "dialogue",
+            "pacing",
+            "cast",
+            "cinematography",
+            "script",
+            "humour",
+        ],
+        "fillers": [
+            "i watched it last weekend",
+            "we saw it on a rainy sunday",
+            "my sister picked it for movie night",
+            "i streamed it on my laptop",
+            "it came out last spring",
+            "a friend recommended it to me",
+        ],
     },
     "product": {
-        "subjects": ["this phone", "the laptop", "these headphones", "the blender",
-                     "this camera", "the kettle"],
-        "aspects": ["battery", "screen", "price", "design", "sound", "keyboard", "packaging",
-                    "delivery", "lens", "handle"],
-        "fillers": ["i bought it last month", "it arrived on tuesday",
-                    "i got it as a birthday present", "i have used it for two weeks",
-                    "i ordered it online", "my neighbour has the same model"],
+        "subjects": [
+            "this phone",
+            "the laptop",
+            "these headphones",
+            "the blender",
+            "this camera",
+            "the kettle",
+        ],
+        "aspects": [
+            "battery",
+            "screen",
+            "price",
+            "design",
+            "sound",
+            "keyboard",
+            "packaging",
+            "delivery",
+            "lens",
+            "handle",
+        ],
+        "fillers": [
+            "i bought it last month",
+            "it arrived on tuesday",
+            "i got it as a birthday present",
+            "i have used it for two weeks",
+            "i ordered it online",
+            "my neighbour has the same model",
+        ],
     },
 }
 # word -> signed base score (strength 1 or 2); neutral words score 0.
-_POSITIVE = {"good": 1, "nice": 1, "decent": 1, "pleasant": 1, "solid": 1,
-             "excellent": 2, "brilliant": 2, "superb": 2, "wonderful": 2, "fantastic": 2}
-_NEGATIVE = {"bad": -1, "weak": -1, "dull": -1, "poor": -1, "mediocre": -1,
-             "terrible": -2, "awful": -2, "horrible": -2, "dreadful": -2, "atrocious": -2}
+_POSITIVE = {
+    "good": 1,
+    "nice": 1,
+    "decent": 1,
+    "pleasant": 1,
+    "solid": 1,
+    "excellent": 2,
+    "brilliant": 2,
+    "superb": 2,
+    "wonderful": 2,
+    "fantastic": 2,
+}
+_NEGATIVE = {
+    "bad": -1,
+    "weak": -1,
+    "dull": -1,
+    "poor": -1,
+    "mediocre": -1,
+    "terrible": -2,
+    "awful": -2,
+    "horrible": -2,
+    "dreadful": -2,
+    "atrocious": -2,
+}
 _NEUTRAL = {"average": 0, "standard": 0, "ordinary": 0, "typical": 0, "normal": 0}
 _SENTIMENT = {**_POSITIVE, **_NEGATIVE, **_NEUTRAL}
 _INTENSIFIERS = ["very", "really", "extremely", "incredibly", "truly"]
 _NEGATIONS = ["not", "never"]
 _VERBS = ["was", "is", "felt", "seemed", "looked"]
-_OPENERS = ["honestly", "to be fair", "in my opinion", "frankly", "for what it is worth",
-            "all things considered", "if you ask me"]
-_CLOSERS = ["that is my take", "make of that what you will", "just my two cents",
-            "i will leave it there", "thanks for reading"]
+_OPENERS = [
+    "honestly",
+    "to be fair",
+    "in my opinion",
+    "frankly",
+    "for what it is worth",
+    "all things considered",
+    "if you ask me",
+]
+_CLOSERS = [
+    "that is my take",
+    "make of that what you will",
+    "just my two cents",
+    "i will leave it there",
+    "thanks for reading",
+]
 # Connectives: "and" combines the clauses; "but" and "however" mean the second clause wins;
 # "although X , Y" means the main clause Y wins.
 _CONNECTIVES = ["and", "but", "however", "although"]
@@ -120,8 +189,11 @@ def synthetic_rule_label(text: str) -> int:
         sw = [w for w in c if w in _SENTIMENT]
         if len(sw) != 1:
             raise ValueError(f"not a synthetic sentence (clause {' '.join(c)!r}): {text!r}")
-        scores.append(_clause_score(any(w in _NEGATIONS for w in c),
-                                    any(w in _INTENSIFIERS for w in c), sw[0]))
+        scores.append(
+            _clause_score(
+                any(w in _NEGATIONS for w in c), any(w in _INTENSIFIERS for w in c), sw[0]
+            )
+        )
     if mode == "single":
         total = scores[0]
     elif mode == "and":
@@ -240,7 +312,8 @@ _SYNTHETIC_VALIDATION_SEED_OFFSET = 1_000_003
 
 
 def synthetic_corpus_texts(cfg: DataConfig, seed: int) -> list[str]:
-    """The synthetic training texts ``load_task`` will use (build the embedded tokenizer on them)."""
+    """The synthetic training texts ``load_task`` will use (build the embedded tokenizer on
+    them)."""
     n_train, _ = _synthetic_sizes(cfg)
     return make_synthetic_corpus(n_train, seed, 0.0)["text"]
 
@@ -272,17 +345,24 @@ def _build_embedded_tokenizer(corpus_texts: list[str] | None):
 
     if corpus_texts is None:
         corpus_texts = synthetic_corpus_texts(DataConfig(), 42)
-    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(_SPECIAL_TOKENS)},
-                                     unk_token="[UNK]", max_input_chars_per_word=100))
+    tok = Tokenizer(
+        models.WordPiece(
+            {t: i for i, t in enumerate(_SPECIAL_TOKENS)},
+            unk_token="[UNK]",
+            max_input_chars_per_word=100,
+        )
+    )
     tok.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # whitespace + punctuation split
     tok.decoder = decoders.WordPiece(prefix="##")
-    vocab = _train_wordpiece_vocab(tok, [_synthetic_lexicon_text(), *corpus_texts],
-                                   EMBEDDED_VOCAB_SIZE)
-    tok.model = models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100,
-                                 continuing_subword_prefix="##")
+    vocab = _train_wordpiece_vocab(
+        tok, [_synthetic_lexicon_text(), *corpus_texts], EMBEDDED_VOCAB_SIZE
+    )
+    tok.model = models.WordPiece(
+        vocab, unk_token="[UNK]", max_input_chars_per_word=100, continuing_subword_prefix="##"
+    )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -324,8 +404,7 @@ def _train_wordpiece_vocab(tok, texts: list[str], vocab_size: int) -> dict[str, 
         chars.update(w)
     chars = sorted(chars)
     ordered: list[str] = list(_SPECIAL_TOKENS) + chars + ["##" + c for c in chars]
-    ordered += [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))
-                if len(w) > 1]
+    ordered += [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
     pieces: Counter[str] = Counter()
     for w, n in words.items():
         for k in range(2, min(len(w), 7)):
@@ -475,9 +554,7 @@ def _load_glue(cfg: DataConfig, load_fn):
         ) from e
     for split in ("train", val_split):
         if split not in dsd:
-            raise DataError(
-                f"GLUE task {task!r}: split {split!r} missing; got {list(dsd.keys())}"
-            )
+            raise DataError(f"GLUE task {task!r}: split {split!r} missing; got {list(dsd.keys())}")
         _check_columns(dsd[split], cols + ["label"], f"GLUE task {task!r} split {split!r}")
     train, val = dsd["train"], dsd[val_split]
     label_names = None
@@ -522,8 +599,13 @@ def _load_file(path: str, load_fn, role: str) -> datasets.Dataset:
         return datasets.Dataset.from_dict(ds.to_dict(), features=ds.features)
 
 
-def _encode_file_labels(train: datasets.Dataset, val: datasets.Dataset | None, label_col: str,
-                        train_path: str, val_path: str | None):
+def _encode_file_labels(
+    train: datasets.Dataset,
+    val: datasets.Dataset | None,
+    label_col: str,
+    train_path: str,
+    val_path: str | None,
+):
     """Ints -> classification ids; strings/bools -> sorted ids; floats -> regression."""
     tr = train[label_col]
     va = val[label_col] if val is not None else []
@@ -587,8 +669,7 @@ def _load_files(cfg: DataConfig, load_fn, seed: int):
 
     def relabel(ds, labels):
         ds = ds.select_columns(cols).map(
-            lambda b: {c: [str(x) for x in b[c]] for c in cols}, batched=True,
-            keep_in_memory=True
+            lambda b: {c: [str(x) for x in b[c]] for c in cols}, batched=True, keep_in_memory=True
         )
         return ds.add_column("label", labels, feature=label_feature)
 
@@ -598,8 +679,9 @@ def _load_files(cfg: DataConfig, load_fn, seed: int):
     return train, val, cols, num_labels, is_reg, metrics, names
 
 
-def _tokenize(ds: datasets.Dataset, tokenizer, cols: list[str], max_length: int,
-              is_regression: bool) -> datasets.Dataset:
+def _tokenize(
+    ds: datasets.Dataset, tokenizer, cols: list[str], max_length: int, is_regression: bool
+) -> datasets.Dataset:
     def fn(batch):
         a = [str(x) for x in batch[cols[0]]]
         b = [str(x) for x in batch[cols[1]]] if len(cols) == 2 else None
@@ -610,12 +692,18 @@ def _tokenize(ds: datasets.Dataset, tokenizer, cols: list[str], max_length: int,
         out["labels"] = [float(x) if is_regression else int(x) for x in batch["label"]]
         return out
 
-    return ds.map(fn, batched=True, remove_columns=ds.column_names, keep_in_memory=True,
-                  load_from_cache_file=False)
+    return ds.map(
+        fn,
+        batched=True,
+        remove_columns=ds.column_names,
+        keep_in_memory=True,
+        load_from_cache_file=False,
+    )
 
 
-def load_task(cfg: DataConfig, tokenizer, seed: int, *,
-              _load_dataset: Callable[..., Any] | None = None) -> TaskData:
+def load_task(
+    cfg: DataConfig, tokenizer, seed: int, *, _load_dataset: Callable[..., Any] | None = None
+) -> TaskData:
     """Load, split and tokenize the task ``cfg`` describes (see the module docstring)."""
     _check_cfg(cfg)
     load_fn = _load_dataset if _load_dataset is not None else LOAD_DATASET
@@ -627,9 +715,7 @@ def load_task(cfg: DataConfig, tokenizer, seed: int, *,
         train, val, cols, num_labels, is_reg, metrics, label_names = _load_glue(cfg, load_fn)
         name = (cfg.task or "").lower()
     else:
-        train, val, cols, num_labels, is_reg, metrics, label_names = _load_files(
-            cfg, load_fn, seed
-        )
+        train, val, cols, num_labels, is_reg, metrics, label_names = _load_files(cfg, load_fn, seed)
         name = os.path.splitext(os.path.basename(cfg.train_file))[0]
 
     train = _with_orig_index(train)
@@ -728,9 +814,19 @@ class PadCollator:
         return out
 
 
-def make_loader(ds: datasets.Dataset, batch_size: int, *, shuffle: bool, seed: int,
-                rank: int = 0, world_size: int = 1, drop_last: bool, pad_token_id: int,
-                epoch: int = 0, pad_to_multiple_of: int | None = None) -> DataLoader:
+def make_loader(
+    ds: datasets.Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool,
+    pad_token_id: int,
+    epoch: int = 0,
+    pad_to_multiple_of: int | None = None,
+) -> DataLoader:
     """A DataLoader of padded tensor dicts over this rank's shard of ``ds``.
 
     Sharding is ``DistributedSampler(num_replicas=world_size, rank=rank, shuffle, seed,
@@ -742,11 +838,18 @@ def make_loader(ds: datasets.Dataset, batch_size: int, *, shuffle: bool, seed: i
         raise DataError(f"batch size must be positive, got {batch_size}")
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
-    sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle,
-                                 seed=seed, drop_last=drop_last)
+    sampler = DistributedSampler(
+        ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
     sampler.set_epoch(epoch)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                      collate_fn=PadCollator(pad_token_id, pad_to_multiple_of), num_workers=0)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        collate_fn=PadCollator(pad_token_id, pad_to_multiple_of),
+        num_workers=0,
+    )
 
 
 class InfiniteLoader:

@@ -54,10 +54,12 @@ def test_synthetic_label_noise_fraction_and_clean_rule():
     clean = D.make_synthetic_corpus(1000, 3, 0.0)
     noisy = D.make_synthetic_corpus(1000, 3, 0.15)
     assert clean["text"] == noisy["text"]
-    flipped = sum(a != b for a, b in zip(clean["label"], noisy["label"]))
+    flipped = sum(a != b for a, b in zip(clean["label"], noisy["label"], strict=True))
     assert flipped == 150
     # The clean label is a function of the text (ceiling 100%).
-    assert all(D.synthetic_rule_label(t) == y for t, y in zip(clean["text"], clean["label"]))
+    assert all(
+        D.synthetic_rule_label(t) == y for t, y in zip(clean["text"], clean["label"], strict=True)
+    )
     counts = np.bincount(clean["label"], minlength=3)
     assert counts.min() > 280
 
@@ -94,7 +96,9 @@ def test_bag_of_words_is_clearly_below_ceiling():
     train = D.make_synthetic_corpus(3000, 42, 0.0)
     val = D.make_synthetic_corpus(600, 42 + 1_000_003, 0.0)
     acc = _bow_accuracy(train, val)
-    rule = np.mean([D.synthetic_rule_label(t) == y for t, y in zip(val["text"], val["label"])])
+    rule = np.mean(
+        [D.synthetic_rule_label(t) == y for t, y in zip(val["text"], val["label"], strict=True)]
+    )
     assert rule == 1.0
     assert 0.45 < acc < 0.8, acc  # measured ~0.63: negation / contrast defeat bag of words
 
@@ -114,7 +118,9 @@ def test_embedded_tokenizer_round_trip(tok, tmp_path):
     assert tok.unk_token_id not in enc["input_ids"]
     tok.save_pretrained(tmp_path / "tok")
     again = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
-    assert again("the film was not good .")["input_ids"] == tok("the film was not good .")["input_ids"]
+    assert (
+        again("the film was not good .")["input_ids"] == tok("the film was not good .")["input_ids"]
+    )
     assert again.pad_token_id == 0 and len(again) == len(tok)
     # deterministic build
     tok2 = D.build_tokenizer("embedded", D.synthetic_corpus_texts(_cfg(synthetic_examples=400), 0))
@@ -137,7 +143,12 @@ def test_load_synthetic_quiz_split(tok):
     assert task.label_names == ["negative", "neutral", "positive"]
     assert len(task.quiz) == 40 and len(task.train) == 360 and len(task.eval) == 200
     assert len(task.quiz_indices) == 40 and len(set(task.quiz_indices)) == 40
-    assert set(task.train.column_names) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    assert set(task.train.column_names) == {
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+        "labels",
+    }
     # quiz rows are exactly the recorded rows of the original training set, disjoint from train
     corpus = D.make_synthetic_corpus(400, 5, cfg.synthetic_label_noise)
     enc = lambda i: tok(corpus["text"][i], truncation=True, max_length=64)["input_ids"]  # noqa: E731
@@ -151,15 +162,17 @@ def test_load_synthetic_quiz_split(tok):
     # validation is noise-free
     assert all(
         D.synthetic_rule_label(t) == y
-        for t, y in zip(
-            *D.make_synthetic_corpus(200, 5 + 1_000_003, 0.0).values()
-        )
+        for t, y in zip(*D.make_synthetic_corpus(200, 5 + 1_000_003, 0.0).values(), strict=True)
     )
 
 
 def test_quiz_source_validation(tok):
-    cfg = _cfg(synthetic_examples=300, quiz_source="validation", max_train_examples=100,
-                     max_eval_examples=50)
+    cfg = _cfg(
+        synthetic_examples=300,
+        quiz_source="validation",
+        max_train_examples=100,
+        max_eval_examples=50,
+    )
     task = D.load_task(cfg, tok, seed=0)
     assert task.quiz_indices == [] and task.quiz_source == "validation"
     assert len(task.train) == 100 and len(task.eval) == 50
@@ -178,7 +191,9 @@ def _fake_glue(task):
     def split(n, off):
         d = {c: [f"{c} number {i + off} is fine" for i in range(n)] for c in cols}
         d["label"] = [float(i % 5) if reg else i % 2 for i in range(n)]
-        feats = datasets.Features({**{c: datasets.Value("string") for c in cols}, "label": label_feat})
+        feats = datasets.Features(
+            {**{c: datasets.Value("string") for c in cols}, "label": label_feat}
+        )
         return datasets.Dataset.from_dict(d, features=feats)
 
     return datasets.DatasetDict({"train": split(40, 0), val_split: split(10, 100)})
@@ -258,16 +273,27 @@ def _write(path, rows):
 @pytest.mark.parametrize("ext", [".csv", ".json", ".jsonl", ".parquet"])
 def test_files_each_format_string_labels_and_pairs(tok, tmp_path, ext):
     tr = _write(tmp_path / f"mytrain{ext}", _rows(30, pair=True))
-    va = _write(tmp_path / f"myval{ext}", _rows(9, pair=True, label=lambda i: ["meh", "pos"][i % 2]))
-    cfg = _cfg(source="files", train_file=tr, validation_file=va,
-                     text_columns=["review", "other"], quiz_fraction=0.2)
+    va = _write(
+        tmp_path / f"myval{ext}", _rows(9, pair=True, label=lambda i: ["meh", "pos"][i % 2])
+    )
+    cfg = _cfg(
+        source="files",
+        train_file=tr,
+        validation_file=va,
+        text_columns=["review", "other"],
+        quiz_fraction=0.2,
+    )
     t = D.load_task(cfg, tok, seed=3)
     assert t.name == "mytrain" and t.num_labels == 3 and t.label_names == ["meh", "neg", "pos"]
     assert len(t.train) == 24 and len(t.quiz) == 6 and len(t.eval) == 9
     assert t.eval["labels"] == [[0, 2][i % 2] for i in range(9)]
     assert set(t.train[0]["token_type_ids"]) == {0, 1}
-    assert sorted(t.quiz_indices + [i for i in range(30) if i not in t.quiz_indices]) == list(range(30))
-    assert list(tmp_path.iterdir()) and not any(p.name.startswith("lgtm_ds_cache") for p in tmp_path.iterdir())
+    assert sorted(t.quiz_indices + [i for i in range(30) if i not in t.quiz_indices]) == list(
+        range(30)
+    )
+    assert list(tmp_path.iterdir()) and not any(
+        p.name.startswith("lgtm_ds_cache") for p in tmp_path.iterdir()
+    )
 
 
 def test_files_int_float_labels_and_carved_eval(tok, tmp_path):
@@ -278,8 +304,9 @@ def test_files_int_float_labels_and_carved_eval(tok, tmp_path):
     assert not set(t.eval_indices) & set(t.quiz_indices)
     fl = _write(tmp_path / "floats.jsonl", _rows(20, label=lambda i: i / 4))
     v = _write(tmp_path / "floats_val.jsonl", _rows(5, label=lambda i: i / 3))
-    t = D.load_task(_cfg(source="files", train_file=fl, validation_file=v,
-                               text_columns=["review"]), tok, seed=0)
+    t = D.load_task(
+        _cfg(source="files", train_file=fl, validation_file=v, text_columns=["review"]), tok, seed=0
+    )
     assert t.is_regression and t.num_labels == 1 and t.metric_names == ["pearson", "spearman"]
 
 
@@ -288,15 +315,22 @@ def test_files_errors(tok, tmp_path):
     with pytest.raises(DataError, match="'sentence'.*train.csv.*review"):
         D.load_task(_cfg(source="files", train_file=tr, text_columns=["sentence"]), tok, 0)
     with pytest.raises(DataError, match="'target'.*train.csv"):
-        D.load_task(_cfg(source="files", train_file=tr, text_columns=["review"],
-                               label_column="target"), tok, 0)
+        D.load_task(
+            _cfg(source="files", train_file=tr, text_columns=["review"], label_column="target"),
+            tok,
+            0,
+        )
     with pytest.raises(DataError, match="nope.csv"):
-        D.load_task(_cfg(source="files", train_file=str(tmp_path / "nope.csv"),
-                               text_columns=["review"]), tok, 0)
+        D.load_task(
+            _cfg(source="files", train_file=str(tmp_path / "nope.csv"), text_columns=["review"]),
+            tok,
+            0,
+        )
     va = _write(tmp_path / "val.csv", _rows(3, label=lambda i: "surprise"))
     with pytest.raises(DataError, match="surprise"):
-        D.load_task(_cfg(source="files", train_file=tr, validation_file=va,
-                               text_columns=["review"]), tok, 0)
+        D.load_task(
+            _cfg(source="files", train_file=tr, validation_file=va, text_columns=["review"]), tok, 0
+        )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match="training split.*empty.jsonl.*empty"):
@@ -304,11 +338,22 @@ def test_files_errors(tok, tmp_path):
     header_only = tmp_path / "header.csv"
     header_only.write_text("review,label\n")
     with pytest.raises(DataError, match="validation split.*header.csv.*empty"):
-        D.load_task(_cfg(source="files", train_file=tr, validation_file=str(header_only),
-                         text_columns=["review"]), tok, 0)
+        D.load_task(
+            _cfg(
+                source="files",
+                train_file=tr,
+                validation_file=str(header_only),
+                text_columns=["review"],
+            ),
+            tok,
+            0,
+        )
     with pytest.raises(DataError, match="training split.*empty"):
-        D.load_task(_cfg(source="files", train_file=tr, text_columns=["review"],
-                               max_train_examples=0), tok, 0)
+        D.load_task(
+            _cfg(source="files", train_file=tr, text_columns=["review"], max_train_examples=0),
+            tok,
+            0,
+        )
 
 
 def test_config_errors(tok):
@@ -327,12 +372,14 @@ def test_config_errors(tok):
 
 
 def _toy_ds(n, reg=False):
-    return datasets.Dataset.from_dict({
-        "input_ids": [[2] + [10 + i] * (1 + i % 5) + [3] for i in range(n)],
-        "attention_mask": [[1] * (3 + i % 5) for i in range(n)],
-        "token_type_ids": [[0] * (3 + i % 5) for i in range(n)],
-        "labels": [float(i) if reg else i % 3 for i in range(n)],
-    })
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": [[2] + [10 + i] * (1 + i % 5) + [3] for i in range(n)],
+            "attention_mask": [[1] * (3 + i % 5) for i in range(n)],
+            "token_type_ids": [[0] * (3 + i % 5) for i in range(n)],
+            "labels": [float(i) if reg else i % 3 for i in range(n)],
+        }
+    )
 
 
 def test_loader_padding_and_dtypes():
@@ -344,11 +391,21 @@ def test_loader_padding_and_dtypes():
     assert b["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0]
     assert b["attention_mask"].sum().item() == sum(3 + i % 5 for i in range(4))
     assert [len(x["labels"]) for x in batches] == [4, 4, 2]
-    b8 = next(iter(D.make_loader(ds, 4, shuffle=False, seed=0, drop_last=False, pad_token_id=0,
-                                 pad_to_multiple_of=8)))
+    b8 = next(
+        iter(
+            D.make_loader(
+                ds, 4, shuffle=False, seed=0, drop_last=False, pad_token_id=0, pad_to_multiple_of=8
+            )
+        )
+    )
     assert b8["input_ids"].shape == (4, 8)
-    reg = next(iter(D.make_loader(_toy_ds(4, reg=True), 4, shuffle=False, seed=0,
-                                  drop_last=False, pad_token_id=0)))
+    reg = next(
+        iter(
+            D.make_loader(
+                _toy_ds(4, reg=True), 4, shuffle=False, seed=0, drop_last=False, pad_token_id=0
+            )
+        )
+    )
     assert reg["labels"].dtype == torch.float32
 
 
@@ -356,8 +413,17 @@ def test_two_ranks_cover_disjointly_and_reshuffle():
     ds = _toy_ds(20)
 
     def ids(rank, epoch):
-        loader = D.make_loader(ds, 3, shuffle=True, seed=7, rank=rank, world_size=2,
-                               drop_last=False, pad_token_id=0, epoch=epoch)
+        loader = D.make_loader(
+            ds,
+            3,
+            shuffle=True,
+            seed=7,
+            rank=rank,
+            world_size=2,
+            drop_last=False,
+            pad_token_id=0,
+            epoch=epoch,
+        )
         return [int(x) for b in loader for x in b["input_ids"][:, 1]]
 
     r0, r1 = ids(0, 0), ids(1, 0)
@@ -374,10 +440,14 @@ def test_infinite_loader_cycles_deterministically():
     seq = [next(inf)["labels"].tolist() for _ in range(5)]
     assert inf.epoch == 4  # one batch per epoch with drop_last
     assert len({tuple(s) for s in seq}) > 1
-    inf2 = D.InfiniteLoader(D.make_loader(ds, 4, shuffle=True, seed=1, drop_last=True, pad_token_id=0))
+    inf2 = D.InfiniteLoader(
+        D.make_loader(ds, 4, shuffle=True, seed=1, drop_last=True, pad_token_id=0)
+    )
     assert [next(inf2)["labels"].tolist() for _ in range(5)] == seq
     state = inf.state_dict()
     nxt = next(inf)["labels"].tolist()
-    inf3 = D.InfiniteLoader(D.make_loader(ds, 4, shuffle=True, seed=1, drop_last=True, pad_token_id=0))
+    inf3 = D.InfiniteLoader(
+        D.make_loader(ds, 4, shuffle=True, seed=1, drop_last=True, pad_token_id=0)
+    )
     inf3.load_state_dict(state)
     assert next(inf3)["labels"].tolist() == nxt

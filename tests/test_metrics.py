@@ -36,8 +36,12 @@ def test_matthews_binary_hand_computed():
 
 
 def test_matthews_degenerate_and_perfect():
-    assert compute_metrics(["matthews"], np.eye(2)[[1, 1, 1]], np.array([0, 1, 1]))["matthews"] == 0.0
-    assert compute_metrics(["matthews"], np.eye(3)[[0, 1, 2]], np.array([0, 1, 2]))["matthews"] == pytest.approx(1.0)
+    assert (
+        compute_metrics(["matthews"], np.eye(2)[[1, 1, 1]], np.array([0, 1, 1]))["matthews"] == 0.0
+    )
+    assert compute_metrics(["matthews"], np.eye(3)[[0, 1, 2]], np.array([0, 1, 2]))[
+        "matthews"
+    ] == pytest.approx(1.0)
 
 
 def test_pearson_spearman_hand_computed():
@@ -46,13 +50,15 @@ def test_pearson_spearman_hand_computed():
     m = compute_metrics(["pearson", "spearman"], x[:, None], y)
     assert m["pearson"] == pytest.approx(1.0)
     assert m["spearman"] == pytest.approx(1.0)
-    m = compute_metrics(["pearson", "spearman"], x, -y ** 3)
+    m = compute_metrics(["pearson", "spearman"], x, -(y**3))
     assert m["spearman"] == pytest.approx(-1.0)
     assert -1.0 < m["pearson"] < -0.9
 
 
 def test_average_ranks_ties():
-    np.testing.assert_allclose(average_ranks(np.array([10.0, 20.0, 10.0, 30.0, 20.0])), [1.5, 3.5, 1.5, 5.0, 3.5])
+    np.testing.assert_allclose(
+        average_ranks(np.array([10.0, 20.0, 10.0, 30.0, 20.0])), [1.5, 3.5, 1.5, 5.0, 3.5]
+    )
 
 
 def test_against_scipy_sklearn_if_available():
