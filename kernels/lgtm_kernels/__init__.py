@@ -6,5 +6,25 @@ Imports torch only; triton is imported lazily by the ops that dispatch to it (CU
 
 from ._backend import backend_for, triton_available
 from .kd_loss import kd_loss, kd_loss_ref, kd_rows_ref
+from .perturb import (
+    adamw_lookahead_,
+    adamw_lookahead_ref_,
+    global_sq_norm,
+    global_sq_norm_ref,
+    perturb_,
+    perturb_ref_,
+)
 
-__all__ = ["backend_for", "triton_available", "kd_loss", "kd_loss_ref", "kd_rows_ref"]
+__all__ = [
+    "backend_for",
+    "triton_available",
+    "kd_loss",
+    "kd_loss_ref",
+    "kd_rows_ref",
+    "perturb_",
+    "perturb_ref_",
+    "global_sq_norm",
+    "global_sq_norm_ref",
+    "adamw_lookahead_",
+    "adamw_lookahead_ref_",
+]
