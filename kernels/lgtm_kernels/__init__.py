@@ -6,6 +6,7 @@ Imports torch only; triton is imported lazily by the ops that dispatch to it (CU
 
 from ._backend import backend_for, triton_available
 from .kd_loss import kd_loss, kd_loss_ref, kd_rows_ref
+from .lgtm_grad import lgtm_teacher_logit_grad, lgtm_teacher_logit_grad_ref
 from .perturb import (
     adamw_lookahead_,
     adamw_lookahead_ref_,
@@ -21,6 +22,8 @@ __all__ = [
     "kd_loss",
     "kd_loss_ref",
     "kd_rows_ref",
+    "lgtm_teacher_logit_grad",
+    "lgtm_teacher_logit_grad_ref",
     "perturb_",
     "perturb_ref_",
     "global_sq_norm",
