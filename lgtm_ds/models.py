@@ -47,9 +47,14 @@ def build_model(name_or_path: str, *, num_labels: int, vocab_size: int | None = 
         model = AutoModelForSequenceClassification.from_config(cfg)
     else:
         try:
-            cfg = AutoConfig.from_pretrained(name_or_path, num_labels=num_labels)
+            cfg = AutoConfig.from_pretrained(name_or_path)
         except Exception as e:  # hub unreachable, bad path, ...
             raise ModelError(f"{role}: cannot load config of {name_or_path!r}: {e}") from e
+        has_head = any(a.endswith("ForSequenceClassification") for a in (cfg.architectures or []))
+        if has_head and cfg.num_labels != num_labels:
+            raise ModelError(f"{role} {name_or_path!r} was trained with a {cfg.num_labels}-label "
+                             f"classification head but the task has {num_labels} labels")
+        cfg.num_labels = num_labels
         if dropout is not None:
             for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout",
                         "attention_dropout", "classifier_dropout"):
