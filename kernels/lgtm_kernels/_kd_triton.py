@@ -7,7 +7,8 @@ Bytes per element of the [N, V] inputs (bf16 s and t, bf16 gradient; floor = 6 B
   * V <= MAX_FUSED_V (row held on chip): read s, read t, write grad          -> 6 B  (1.0x)
   * larger V, forward KL: pass 1 stats (4 B), pass 2 loss + grad (6 B)        -> 10 B (1.67x)
   * larger V, reverse KL / JSD: stats, loss + row sum, grad                   -> 14 B (2.33x)
-Without a gradient (eval) the last pass is dropped.
+Without a gradient (eval) the last pass is dropped. Re-reads of a row by the same program come
+mostly from L2 when the rows in flight fit in it, so DRAM traffic sits between these and 6 B.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest row kept in registers in one block (bf16: 64 KiB of the two inputs per row).
-MAX_FUSED_V = 32768
-# Block width of the looped (online-softmax) path for longer rows.
-LOOP_BLOCK = 8192
+# Largest row kept in registers in one block. 32768 would need 64 fp32 registers per thread for
+# the two rows alone at 1024 threads: sm_90 compiles it with ~0.7 KiB/thread of stack spills,
+# 16384 with 32 warps spills 80 B (checked with `python -m lgtm_kernels._compile_check`).
+MAX_FUSED_V = 16384
+# Block width of the looped (online-softmax) path for longer rows: 16 warps, ~58 registers, no
+# spills, two CTAs per SM; the second pass re-reads a row just read, mostly from L2 for
+# V = 32000 (264 rows in flight x 64 KiB < 50 MiB), less so for V = 128256.
+LOOP_BLOCK = 4096
 
 DIV_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
@@ -94,92 +99,101 @@ def _kd_fwd_kernel(
         w = w * tl.load(w_ptr + row).to(tl.float32)
     gs = w * tl.load(gscale_ptr)
     NEG: tl.constexpr = float("-inf")
-    V_ld = tl.where(valid, V, 0)  # masked rows read nothing (scalar, not `mask & valid`:
-    # the interpreter rejects a scalar bool broadcast into a load mask)
+    # masked rows read nothing; loads keep the plain `cols < V` mask (a row-dependent bound
+    # would hide V's divisibility by 16 and turn 128-bit accesses into 16-bit ones)
 
-    if SINGLE:
-        ld = offs < V_ld
-        a = tl.load(s_row + offs, mask=ld, other=NEG).to(tl.float32) * inv_T
-        b = tl.load(t_row + offs, mask=ld, other=NEG).to(tl.float32) * inv_T
-        ma = tl.max(a, 0)
-        mb = tl.max(b, 0)
-        ok = valid & (ma > NEG) & (mb > NEG)
-        ma = tl.where(ma > NEG, ma, 0.0)
-        mb = tl.where(mb > NEG, mb, 0.0)
-        la = (a - ma) - tl.log(tl.sum(tl.exp(a - ma), 0))
-        lb = (b - mb) - tl.log(tl.sum(tl.exp(b - mb), 0))
-        term, gq = _kd_elem(a, b, la, lb, beta, DIV)
-        term = tl.where(offs < V, term, 0.0)
-        loss = tl.sum(term, 0)
-        tl.store(loss_ptr + row, tl.where(ok, w * loss, 0.0))
-        if COMPUTE_GRAD:
-            S = loss
-            if DIV == 2:
-                S = tl.sum(tl.where(offs < V, tl.exp(la) * gq, 0.0), 0)
-            g = _kd_elem_grad(la, lb, gq, S, inv_T, DIV)
-            g = tl.where(ok, g * gs, 0.0)
-            tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < V)
-    else:
-        # pass 1: online max / sum-exp of both rows
-        ma = tl.full([], NEG, tl.float32)
-        mb = tl.full([], NEG, tl.float32)
-        sa = tl.full([], 0.0, tl.float32)
-        sb = tl.full([], 0.0, tl.float32)
-        for start in range(0, V, BLOCK):
-            cols = start + offs
-            ld = cols < V_ld
-            a = tl.load(s_row + cols, mask=ld, other=NEG).to(tl.float32) * inv_T
-            b = tl.load(t_row + cols, mask=ld, other=NEG).to(tl.float32) * inv_T
-            na = tl.maximum(ma, tl.max(a, 0))
-            nb = tl.maximum(mb, tl.max(b, 0))
-            na0 = tl.where(na > NEG, na, 0.0)
-            nb0 = tl.where(nb > NEG, nb, 0.0)
-            sa = sa * tl.exp(ma - na0) + tl.sum(tl.exp(a - na0), 0)
-            sb = sb * tl.exp(mb - nb0) + tl.sum(tl.exp(b - nb0), 0)
-            ma = na
-            mb = nb
-        ok = valid & (ma > NEG) & (mb > NEG)
-        ma = tl.where(ma > NEG, ma, 0.0)
-        mb = tl.where(mb > NEG, mb, 0.0)
-        lsa = tl.log(sa)
-        lsb = tl.log(sb)
-        # pass 2: loss (and for reverse KL / JSD the row sum S = sum_c q_c gq_c the gradient needs)
-        loss = tl.full([], 0.0, tl.float32)
-        S = tl.full([], 0.0, tl.float32)  # sum_c q_c gq_c (= loss for reverse KL)
-        if (DIV != 0) or (not COMPUTE_GRAD):
-            for start in range(0, V, BLOCK):
-                cols = start + offs
-                ld = cols < V_ld
-                a = tl.load(s_row + cols, mask=ld, other=NEG).to(tl.float32) * inv_T
-                b = tl.load(t_row + cols, mask=ld, other=NEG).to(tl.float32) * inv_T
-                term, gq = _kd_elem(a, b, (a - ma) - lsa, (b - mb) - lsb, beta, DIV)
-                loss += tl.sum(tl.where(cols < V, term, 0.0), 0)
+    if valid:
+        if SINGLE:
+            ld = offs < V
+            a = tl.load(s_row + offs, mask=ld, other=NEG).to(tl.float32) * inv_T
+            b = tl.load(t_row + offs, mask=ld, other=NEG).to(tl.float32) * inv_T
+            ma = tl.max(a, 0)
+            mb = tl.max(b, 0)
+            ok = valid & (ma > NEG) & (mb > NEG)
+            ma = tl.where(ma > NEG, ma, 0.0)
+            mb = tl.where(mb > NEG, mb, 0.0)
+            la = (a - ma) - tl.log(tl.sum(tl.exp(a - ma), 0))
+            lb = (b - mb) - tl.log(tl.sum(tl.exp(b - mb), 0))
+            term, gq = _kd_elem(a, b, la, lb, beta, DIV)
+            term = tl.where(offs < V, term, 0.0)
+            loss = tl.sum(term, 0)
+            tl.store(loss_ptr + row, tl.where(ok, w * loss, 0.0))
+            if COMPUTE_GRAD:
+                S = loss
                 if DIV == 2:
-                    S += tl.sum(tl.where(cols < V, tl.exp((a - ma) - lsa) * gq, 0.0), 0)
-        if DIV == 1:
-            S = loss
-        # pass 3: gradient (forward KL accumulates its loss here)
-        if COMPUTE_GRAD:
-            for start in range(0, V, BLOCK):
-                cols = start + offs
-                ld = cols < V_ld
-                a = tl.load(s_row + cols, mask=ld, other=NEG).to(tl.float32) * inv_T
-                b = tl.load(t_row + cols, mask=ld, other=NEG).to(tl.float32) * inv_T
-                la = (a - ma) - lsa
-                lb = (b - mb) - lsb
-                term, gq = _kd_elem(a, b, la, lb, beta, DIV)
-                if DIV == 0:
-                    loss += tl.sum(tl.where(cols < V, term, 0.0), 0)
+                    S = tl.sum(tl.where(offs < V, tl.exp(la) * gq, 0.0), 0)
                 g = _kd_elem_grad(la, lb, gq, S, inv_T, DIV)
                 g = tl.where(ok, g * gs, 0.0)
-                tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cols < V)
-        tl.store(loss_ptr + row, tl.where(ok, w * loss, 0.0))
+                tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < V)
+        else:
+            # pass 1: online max / sum-exp of both rows
+            ma = tl.full([], NEG, tl.float32)
+            mb = tl.full([], NEG, tl.float32)
+            sa = tl.full([], 0.0, tl.float32)
+            sb = tl.full([], 0.0, tl.float32)
+            for start in range(0, V, BLOCK):
+                cols = start + offs
+                ld = cols < V
+                a = tl.load(s_row + cols, mask=ld, other=NEG).to(tl.float32) * inv_T
+                b = tl.load(t_row + cols, mask=ld, other=NEG).to(tl.float32) * inv_T
+                na = tl.maximum(ma, tl.max(a, 0))
+                nb = tl.maximum(mb, tl.max(b, 0))
+                na0 = tl.where(na > NEG, na, 0.0)
+                nb0 = tl.where(nb > NEG, nb, 0.0)
+                sa = sa * tl.exp(ma - na0) + tl.sum(tl.exp(a - na0), 0)
+                sb = sb * tl.exp(mb - nb0) + tl.sum(tl.exp(b - nb0), 0)
+                ma = na
+                mb = nb
+            ok = valid & (ma > NEG) & (mb > NEG)
+            ma = tl.where(ma > NEG, ma, 0.0)
+            mb = tl.where(mb > NEG, mb, 0.0)
+            lsa = tl.log(sa)
+            lsb = tl.log(sb)
+            # pass 2: loss (and for reverse KL / JSD the row sum S = sum_c q_c gq_c the gradient needs)
+            loss = tl.full([], 0.0, tl.float32)
+            S = tl.full([], 0.0, tl.float32)  # sum_c q_c gq_c (= loss for reverse KL)
+            if (DIV != 0) or (not COMPUTE_GRAD):
+                for start in range(0, V, BLOCK):
+                    cols = start + offs
+                    ld = cols < V
+                    a = tl.load(s_row + cols, mask=ld, other=NEG).to(tl.float32) * inv_T
+                    b = tl.load(t_row + cols, mask=ld, other=NEG).to(tl.float32) * inv_T
+                    term, gq = _kd_elem(a, b, (a - ma) - lsa, (b - mb) - lsb, beta, DIV)
+                    loss += tl.sum(tl.where(cols < V, term, 0.0), 0)
+                    if DIV == 2:
+                        S += tl.sum(tl.where(cols < V, tl.exp((a - ma) - lsa) * gq, 0.0), 0)
+            if DIV == 1:
+                S = loss
+            # pass 3: gradient (forward KL accumulates its loss here)
+            if COMPUTE_GRAD:
+                for start in range(0, V, BLOCK):
+                    cols = start + offs
+                    ld = cols < V
+                    a = tl.load(s_row + cols, mask=ld, other=NEG).to(tl.float32) * inv_T
+                    b = tl.load(t_row + cols, mask=ld, other=NEG).to(tl.float32) * inv_T
+                    la = (a - ma) - lsa
+                    lb = (b - mb) - lsb
+                    term, gq = _kd_elem(a, b, la, lb, beta, DIV)
+                    if DIV == 0:
+                        loss += tl.sum(tl.where(cols < V, term, 0.0), 0)
+                    g = _kd_elem_grad(la, lb, gq, S, inv_T, DIV)
+                    g = tl.where(ok, g * gs, 0.0)
+                    tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cols < V)
+            tl.store(loss_ptr + row, tl.where(ok, w * loss, 0.0))
+
+    else:
+        tl.store(loss_ptr + row, 0.0)
+        if COMPUTE_GRAD:
+            for start in range(0, V, BLOCK):
+                cols = start + offs
+                zero = tl.zeros([BLOCK], dtype=g_ptr.dtype.element_ty)
+                tl.store(g_row + cols, zero, mask=cols < V)
 
 
 def _warps(block: int) -> int:
-    if block >= 32768:
+    if block >= 16384:
         return 32
-    if block >= 8192:
+    if block >= 4096:
         return 16
     if block >= 2048:
         return 8

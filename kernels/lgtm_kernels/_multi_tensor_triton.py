@@ -1,7 +1,7 @@
 """Triton kernels over a *list* of tensors in one launch: perturbation, squared norm, AdamW
 look-ahead.
 
-Each launch gets device-side pointer tables (int64 addresses, one per tensor and role) plus the
+Each launch gets device-side pointer tables (int64 element offsets from the role's first tensor, one per tensor and role) plus the
 cumulative block count per tensor; program ``pid`` finds its tensor by a binary search over that
 table (log2(#tensors) scalar loads, L2-resident), then streams one BLOCK of it. Full blocks use
 unmasked accesses (the per-tensor length is a loaded value, so a masked access could not be
@@ -39,17 +39,20 @@ def _locate(bstart_ptr, pid, LOG_T: tl.constexpr, N_T):
 
 @triton.jit
 def _ptr(tab_ptr, i, witness, ALIGNED: tl.constexpr):
-    addr = tl.load(tab_ptr + i)
-    if ALIGNED:  # every address is 16-byte aligned (checked on the host): allow 128-bit accesses
-        addr = tl.multiple_of(addr, 16)
-    return addr.to(witness.dtype)
+    """Pointer to tensor i of a role: the witness (the role's first tensor, a kernel argument that
+    Triton knows to be 16-byte aligned) plus a loaded element offset. Casting a loaded address to
+    a pointer instead would lose all alignment facts and force scalar 2-byte accesses."""
+    off = tl.load(tab_ptr + i)
+    if ALIGNED:  # every address is 64-byte aligned (checked on the host): 128-bit accesses
+        off = tl.multiple_of(off, 16)
+    return witness + off
 
 
 @triton.jit
 def _perturb_kernel(
-    p_tab,  # [T] int64 addresses of the params (dtype of p_w), written in place
-    v_tab,  # [T] int64 addresses of the directions (dtype of v_w), same numel as the params
-    s_tab,  # [T] int64 addresses of the sources (dtype of s_w), read only if HAS_SRC
+    p_tab,  # [T] int64 element offsets of the params from p_w (dtype of p_w), written in place
+    v_tab,  # [T] int64 element offsets of the directions from v_w, same numel as the params
+    s_tab,  # [T] int64 element offsets of the sources from s_w, read only if HAS_SRC
     numel_ptr,  # [T] int64 element counts
     bstart_ptr,  # [T + 1] int64 cumulative block counts
     alpha_ptr,  # [1] fp32 step (read if ALPHA_PTR, else alpha_val)
@@ -89,7 +92,7 @@ def _perturb_kernel(
 
 @triton.jit
 def _sq_norm_kernel(
-    x_tab,  # [T] int64 addresses of the tensors (dtype of x_w)
+    x_tab,  # [T] int64 element offsets of the tensors from x_w (dtype of x_w)
     numel_ptr,  # [T] int64
     bstart_ptr,  # [T + 1] int64
     out_ptr,  # [n_blocks] fp32 per-block partial sums of squares
@@ -114,11 +117,11 @@ def _sq_norm_kernel(
 
 @triton.jit
 def _adamw_lookahead_kernel(
-    p_tab,  # [T] int64 params (dtype of p_w), written
-    g_tab,  # [T] int64 grads (dtype of g_w)
-    m_tab,  # [T] int64 exp_avg (dtype of m_w), read only
-    v_tab,  # [T] int64 exp_avg_sq (dtype of v_w), read only
-    s_tab,  # [T] int64 sources (dtype of s_w), read if HAS_SRC
+    p_tab,  # [T] int64 element offsets from p_w of the params (dtype of p_w), written
+    g_tab,  # [T] int64 offsets from g_w of the grads
+    m_tab,  # [T] int64 offsets from m_w of exp_avg, read only
+    v_tab,  # [T] int64 offsets from v_w of exp_avg_sq, read only
+    s_tab,  # [T] int64 offsets from s_w of the sources, read if HAS_SRC
     numel_ptr,  # [T] int64
     bstart_ptr,  # [T + 1] int64
     p_w,
@@ -189,10 +192,17 @@ def _tables(groups: list[list[torch.Tensor]]):
     bstart = [0]
     for n in numels:
         bstart.append(bstart[-1] + triton.cdiv(n, BLOCK))
-    addr = torch.tensor([[t.data_ptr() for t in g] for g in groups], dtype=torch.int64)
-    aligned = all(
-        t.data_ptr() % 16 == 0 for g in groups for t in g
-    )  # bf16 and fp32 views of flat buffers may start anywhere
+    # element offsets of every tensor from its role's first tensor (the "witness" argument)
+    addr = torch.tensor(
+        [[(t.data_ptr() - g[0].data_ptr()) // t.element_size() for t in g] for g in groups],
+        dtype=torch.int64,
+    )
+    for g in groups:
+        for t in g:
+            if (t.data_ptr() - g[0].data_ptr()) % t.element_size():
+                raise ValueError("tensors of one role must have element-aligned addresses")
+    # allocator blocks are 512-byte aligned; views into flat buffers may start anywhere
+    aligned = all(t.data_ptr() % 64 == 0 for g in groups for t in g)
     out = (
         addr.to(dev),
         torch.tensor(numels, dtype=torch.int64).to(dev),
