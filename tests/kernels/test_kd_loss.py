@@ -54,7 +54,7 @@ def ref64(s, t, *, T, div, beta=0.5, w=None, m=None, reduction="batchmean", t2=F
         gq = torch.where(q > 0, (1 - beta) * (la - lm), 0.0)
         grad = q * (gq - (q * gq).sum(-1, keepdim=True)) / T
     keep = row_ok if m is None else row_ok & m
-    wr = torch.ones(n, dtype=torch.float64) if w is None else w.double()
+    wr = torch.ones(n, dtype=torch.float64, device=s.device) if w is None else w.double()
     if t2:
         wr = wr * T * T
     rows = torch.where(keep, wr * loss, 0.0)
@@ -89,7 +89,7 @@ def naive(s, t, *, T, div, beta=0.5):
 def run(s, t, **kw):
     x = s.detach().clone().requires_grad_(True)
     out = lgtm_kernels.kd_loss(x, t, **kw)
-    g = torch.randn(out.shape, dtype=out.dtype) if out.dim() else torch.tensor(1.7)
+    g = torch.randn(out.shape, device=out.device) if out.dim() else torch.tensor(1.7, device=out.device)
     (out * g).sum().backward()
     return out.detach(), x.grad, g.double()
 
