@@ -53,8 +53,11 @@ class Bench:
         self.date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.copy_gbps = None
         self.copy_gbps = self._copy_rate()
-        print(f"# {self.gpu}  commit {self.commit}  copy rate {self.copy_gbps:.0f} GB/s "
-              f"(bytes read + written)", flush=True)  # fmt: skip
+        print(
+            f"# {self.gpu}  commit {self.commit}  copy rate {self.copy_gbps:.0f} GB/s "
+            f"(bytes read + written)",
+            flush=True,
+        )
 
     def _copy_rate(self) -> float:
         n = (1 << 28) if not self.quick else (1 << 26)  # 512 MiB / 128 MiB of bf16
@@ -63,30 +66,54 @@ class Bench:
         src = self.torch.empty(n, dtype=self.torch.bfloat16, device=DEV).normal_()
         dst = self.torch.empty_like(src)
         ms = _do_bench(lambda: dst.copy_(src), warmup=50, rep=200)
-        rate = 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
-        self.record("torch copy_", f"d2d copy {n * 2 >> 20} MiB", ms, 2 * src.numel() * 2, 0.0)
-        del src, dst
-        return rate
+        self.record("torch copy_", f"d2d copy {n * 2 >> 20} MiB", ms, 4 * n, 0.0)
+        return 4 * n / (ms * 1e-3) / 1e9  # bytes read + written
 
     def record(self, impl, case, ms, floor_bytes, extra_mib, note=""):
         gbps = floor_bytes / (ms * 1e-3) / 1e9 if ms else None
         x_floor = None
         if ms and getattr(self, "copy_gbps", None):
             x_floor = ms / (floor_bytes / (self.copy_gbps * 1e9) * 1e3)
-        row = dict(gpu=self.gpu, commit=self.commit, date=self.date, impl=impl, case=case,
-                   ms=ms, gbps=gbps, x_floor=x_floor, extra_mib=extra_mib, note=note)  # fmt: skip
+        row = dict(
+            gpu=self.gpu,
+            commit=self.commit,
+            date=self.date,
+            impl=impl,
+            case=case,
+            ms=ms,
+            gbps=gbps,
+            x_floor=x_floor,
+            extra_mib=extra_mib,
+            note=note,
+        )
         self.rows.append(row)
         new = not self.out.exists() or self.out.stat().st_size == 0
         with self.out.open("a") as f:
             if new:
                 f.write("gpu,commit,date,impl,case,ms,gbps,x_floor,extra_mib,note\n")
-            vals = [_fmt(row[k]) for k in ("gpu", "commit", "date", "impl", "case", "ms", "gbps",
-                                           "x_floor", "extra_mib", "note")]  # fmt: skip
+            vals = [
+                _fmt(row[k])
+                for k in (
+                    "gpu",
+                    "commit",
+                    "date",
+                    "impl",
+                    "case",
+                    "ms",
+                    "gbps",
+                    "x_floor",
+                    "extra_mib",
+                    "note",
+                )
+            ]
             f.write(",".join(vals) + "\n")
         if ms:
             xf = f"x{x_floor:6.2f}" if x_floor is not None else "x   n/a"
-            print(f"{impl:34s} {case:38s} {ms:9.3f} ms {gbps:8.0f} GB/s {xf} "
-                  f"extra {extra_mib or 0.0:9.1f} MiB", flush=True)  # fmt: skip
+            print(
+                f"{impl:34s} {case:38s} {ms:9.3f} ms {gbps:8.0f} GB/s {xf} "
+                f"extra {extra_mib or 0.0:9.1f} MiB",
+                flush=True,
+            )
         else:
             print(f"{impl:34s} {case:38s} ERROR {note}", flush=True)
 
@@ -123,11 +150,18 @@ class Bench:
         print("\n| impl | case | ms | GB/s | x floor | extra MiB | note |")
         print("|---|---|---|---|---|---|---|")
         for r in self.rows:
-            print("| " + " | ".join(_fmt(r[k], md=True) for k in
-                                    ("impl", "case", "ms", "gbps", "x_floor", "extra_mib",
-                                     "note")) + " |")  # fmt: skip
-        print(f"\n{self.gpu}, commit {self.commit}, copy rate {self.copy_gbps:.0f} GB/s; rows "
-              f"appended to {self.out}")  # fmt: skip
+            print(
+                "| "
+                + " | ".join(
+                    _fmt(r[k], md=True)
+                    for k in ("impl", "case", "ms", "gbps", "x_floor", "extra_mib", "note")
+                )
+                + " |"
+            )
+        print(
+            f"\n{self.gpu}, commit {self.commit}, copy rate {self.copy_gbps:.0f} GB/s; rows "
+            f"appended to {self.out}"
+        )
 
 
 def _do_bench(fn, warmup, rep, grad_to_none=None) -> float:
@@ -135,8 +169,7 @@ def _do_bench(fn, warmup, rep, grad_to_none=None) -> float:
     if not DRYRUN:
         from triton.testing import do_bench
 
-        return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
-                        return_mode="median")  # fmt: skip
+        return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
     times = []
     for _ in range(3):
         if grad_to_none:
@@ -159,8 +192,15 @@ def _fmt(v, md=False):
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip() or "?"  # fmt: skip
+        return (
+            subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or "?"
+        )
     except Exception:  # noqa: BLE001
         return "?"
 
@@ -199,18 +239,30 @@ def bench_kd(b: Bench, K):
         from liger_kernel.transformers import LigerKLDIVLoss
 
         kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
-        impls.append(("liger LigerKLDIVLoss", lambda s, t: kl(
-            F.log_softmax(s.float() / T, -1), F.log_softmax(t.float() / T, -1))))  # fmt: skip
+        impls.append(
+            (
+                "liger LigerKLDIVLoss",
+                lambda s, t: kl(F.log_softmax(s.float() / T, -1), F.log_softmax(t.float() / T, -1)),
+            )
+        )
     except Exception as e:  # noqa: BLE001
         print(f"# Liger LigerKLDIVLoss unavailable ({type(e).__name__}: {e}): skipped", flush=True)
     try:
         from liger_kernel.transformers import LigerJSD
 
         jsd = LigerJSD(beta=0.0)
-        impls.append(("liger LigerJSD(beta=0)", lambda s, t: jsd(
-            F.log_softmax(s.float() / T, -1), F.log_softmax(t.float() / T, -1))))  # fmt: skip
+        impls.append(
+            (
+                "liger LigerJSD(beta=0)",
+                lambda s, t: jsd(
+                    F.log_softmax(s.float() / T, -1), F.log_softmax(t.float() / T, -1)
+                ),
+            )
+        )
     except Exception as e:  # noqa: BLE001
-        print(f"# Liger LigerJSD(beta=0) unavailable ({type(e).__name__}: {e}): skipped", flush=True)
+        print(
+            f"# Liger LigerJSD(beta=0) unavailable ({type(e).__name__}: {e}): skipped", flush=True
+        )
 
     for V in vocabs:
         case = f"kd fwd+bwd bf16 N={N} V={V} T=2"
@@ -223,7 +275,7 @@ def bench_kd(b: Bench, K):
             continue
         for name, f in impls:
 
-            def step(f=f):
+            def step(f=f, s=s, t=t):
                 f(s, t).backward()
 
             b.measure(name, case, step, floor, grad_to_none=[s])
@@ -237,8 +289,17 @@ def llama_1b_shapes(n_layers=16, vocab=128256, hidden=2048, inter=8192, kv=512):
     """Llama-3.2-1B parameter list in HF order, tied embeddings: 146 tensors, 1,235,814,400."""
     shapes = [(vocab, hidden)]
     for _ in range(n_layers):
-        shapes += [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden),
-                   (inter, hidden), (inter, hidden), (hidden, inter), (hidden,), (hidden,)]  # fmt: skip
+        shapes += [
+            (hidden, hidden),
+            (kv, hidden),
+            (kv, hidden),
+            (hidden, hidden),
+            (inter, hidden),
+            (inter, hidden),
+            (hidden, inter),
+            (hidden,),
+            (hidden,),
+        ]
     shapes.append((hidden,))
     return shapes
 
@@ -260,36 +321,13 @@ def bench_perturb(b: Bench, K):
             b.record("inputs", f"perturb v={vname}", None, 1, None, note=f"{e}"[:200])
             continue
         vb = 2 if vdt == torch.bfloat16 else 4
-        case = f"perturb list {len(shapes)}t p=bf16 v={vname}"
-        floor = numel * (2 + vb + 2)
-        b.measure("ours perturb_", case, lambda: K.perturb_(params, dirs, alpha), floor)
-        b.measure("python loop add_", case,
-                  lambda: [p.add_(v, alpha=1e-3) for p, v in zip(params, dirs)], floor)  # fmt: skip
-        b.measure("torch._foreach_add_", case,
-                  lambda: torch._foreach_add_(params, dirs, alpha=1e-3), floor)  # fmt: skip
-        ncase = f"sq-norm list {len(shapes)}t v={vname}"
-        b.measure("ours global_sq_norm", ncase, lambda: K.global_sq_norm(dirs), numel * vb)
-        b.measure("torch._foreach_norm", ncase,
-                  lambda: torch.stack(torch._foreach_norm(dirs)).square().sum(), numel * vb)  # fmt: skip
-        # the whole LGTM perturbation: norm of v, then p = p + (r / ||v||) v, no host sync
-        ccase = f"norm+perturb list {len(shapes)}t v={vname}"
-        b.measure("ours norm + perturb_", ccase,
-                  lambda: K.perturb_(params, dirs, 1e-2 * K.global_sq_norm(dirs).rsqrt()),
-                  numel * (2 + 2 * vb + 2))  # fmt: skip
+        _bench_list(b, K, params, dirs, alpha, vb, vname)
         del params
         try:  # one flat buffer
             flat = torch.randn(numel, device=DEV).bfloat16()
             vflat = torch.cat([d.reshape(-1) for d in dirs])
             del dirs
-            fcase = f"perturb flat p=bf16 v={vname}"
-            b.measure("ours perturb_ (flat)", fcase, lambda: K.perturb_([flat], [vflat], alpha),
-                      floor)  # fmt: skip
-            b.measure("flat add_", fcase, lambda: flat.add_(vflat, alpha=1e-3), floor)
-            b.measure("ours global_sq_norm (flat)", f"sq-norm flat v={vname}",
-                      lambda: K.global_sq_norm(vflat), numel * vb)  # fmt: skip
-            b.measure("torch.linalg.vector_norm (flat)", f"sq-norm flat v={vname}",
-                      lambda: torch.linalg.vector_norm(vflat, dtype=torch.float32).square(),
-                      numel * vb)  # fmt: skip
+            _bench_flat(b, K, flat, vflat, alpha, vb, vname)
             del flat, vflat
         except Exception as e:  # noqa: BLE001
             b.record("inputs", f"perturb flat v={vname}", None, 1, None, note=f"{e}"[:200])
@@ -297,12 +335,72 @@ def bench_perturb(b: Bench, K):
             torch.cuda.empty_cache()
 
 
+def _bench_list(b: Bench, K, params, dirs, alpha, vb: int, vname: str) -> None:
+    import torch
+
+    numel = sum(p.numel() for p in params)
+    case = f"perturb list {len(params)}t p=bf16 v={vname}"
+    floor = numel * (2 + vb + 2)  # read p, read v, write p
+    b.measure("ours perturb_", case, lambda: K.perturb_(params, dirs, alpha), floor)
+    b.measure(
+        "python loop add_",
+        case,
+        lambda: [p.add_(v, alpha=1e-3) for p, v in zip(params, dirs, strict=True)],
+        floor,
+    )
+    b.measure(
+        "torch._foreach_add_", case, lambda: torch._foreach_add_(params, dirs, alpha=1e-3), floor
+    )
+    ncase = f"sq-norm list {len(params)}t v={vname}"
+    b.measure("ours global_sq_norm", ncase, lambda: K.global_sq_norm(dirs), numel * vb)
+    b.measure(
+        "torch._foreach_norm",
+        ncase,
+        lambda: torch.stack(torch._foreach_norm(dirs)).square().sum(),
+        numel * vb,
+    )
+    # the whole LGTM perturbation: norm of v, then p = p + (r / ||v||) v, no host sync
+    b.measure(
+        "ours norm + perturb_",
+        f"norm+perturb list {len(params)}t v={vname}",
+        lambda: K.perturb_(params, dirs, 1e-2 * K.global_sq_norm(dirs).rsqrt()),
+        numel * (2 + 2 * vb + 2),
+    )
+
+
+def _bench_flat(b: Bench, K, flat, vflat, alpha, vb: int, vname: str) -> None:
+    import torch
+
+    numel = flat.numel()
+    case = f"perturb flat p=bf16 v={vname}"
+    floor = numel * (2 + vb + 2)
+    b.measure("ours perturb_ (flat)", case, lambda: K.perturb_([flat], [vflat], alpha), floor)
+    b.measure("flat add_", case, lambda: flat.add_(vflat, alpha=1e-3), floor)
+    ncase = f"sq-norm flat v={vname}"
+    b.measure("ours global_sq_norm (flat)", ncase, lambda: K.global_sq_norm(vflat), numel * vb)
+    b.measure(
+        "torch.linalg.vector_norm (flat)",
+        ncase,
+        lambda: torch.linalg.vector_norm(vflat, dtype=torch.float32).square(),
+        numel * vb,
+    )
+
+
 def run_checks() -> int:
     """Correctness at full size on this GPU before any timing."""
     env = dict(os.environ, LGTM_KERNELS_BACKEND="")
     env["PYTHONPATH"] = str(ROOT / "kernels") + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-           str(ROOT / "tests" / "kernels")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "gpu",
+        "-p",
+        "no:cacheprovider",
+        str(ROOT / "tests" / "kernels"),
+    ]
     print("# " + " ".join(cmd), flush=True)
     t0 = time.time()
     rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
@@ -341,8 +439,10 @@ def main(argv=None) -> int:
         bench_perturb(b, K)
     b.table()
     if check_rc is not None:
-        print(f"\ncorrectness checks (pytest -m gpu tests/kernels): "
-              f"{'PASSED' if check_rc == 0 else f'FAILED (exit {check_rc})'}")  # fmt: skip
+        print(
+            f"\ncorrectness checks (pytest -m gpu tests/kernels): "
+            f"{'PASSED' if check_rc == 0 else f'FAILED (exit {check_rc})'}"
+        )
     return 0 if not check_rc else 1
 
 

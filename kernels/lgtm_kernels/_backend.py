@@ -9,7 +9,6 @@ Triton is imported lazily, so ``import lgtm_kernels`` works on a machine without
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 
 import torch
@@ -19,7 +18,12 @@ _ENV = "LGTM_KERNELS_BACKEND"
 
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton imports (tried once, on the first op that could use it)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent or broken: use the torch path
+        return False
+    return True
 
 
 def interpreter_on() -> bool:
@@ -39,7 +43,8 @@ def backend_for(*tensors: torch.Tensor) -> str:
             raise RuntimeError(f"{_ENV}=triton but triton is not installed")
         if not on_cuda and not interpreter_on():
             raise RuntimeError(
-                f"{_ENV}=triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+                f"{_ENV}=triton on CPU tensors needs TRITON_INTERPRET=1 (set before triton "
+                "is imported)"
             )
         return "triton"
     if on_cuda and triton_available():

@@ -24,56 +24,133 @@ def _configs():
     from . import _multi_tensor_triton as mt
 
     kd_sig = {
-        "s_ptr": "*bf16", "t_ptr": "*bf16", "g_ptr": "*bf16", "loss_ptr": "*fp32",
-        "w_ptr": "*fp32", "m_ptr": "*u8", "gscale_ptr": "*fp32", "s_stride": "i64",
-        "t_stride": "i64", "g_stride": "i64", "V": "i32", "inv_T": "fp32", "beta": "fp32",
+        "s_ptr": "*bf16",
+        "t_ptr": "*bf16",
+        "g_ptr": "*bf16",
+        "loss_ptr": "*fp32",
+        "w_ptr": "*fp32",
+        "m_ptr": "*u8",
+        "gscale_ptr": "*fp32",
+        "s_stride": "i64",
+        "t_stride": "i64",
+        "g_stride": "i64",
+        "V": "i32",
+        "inv_T": "fp32",
+        "beta": "fp32",
         "lscale": "fp32",
-    }  # fmt: skip
+    }
     for dt in ("bf16", "fp32"):
         for div in (0, 1, 2):
             for single in (True, False):
                 block = kd.MAX_FUSED_V if single else kd.LOOP_BLOCK
-                sig = {k: (f"*{dt}" if k in ("s_ptr", "t_ptr", "g_ptr") else v)
-                       for k, v in kd_sig.items()}  # fmt: skip
+                sig = {
+                    k: (f"*{dt}" if k in ("s_ptr", "t_ptr", "g_ptr") else v)
+                    for k, v in kd_sig.items()
+                }
                 yield (
                     f"kd {dt} div={div} single={single} block={block}",
-                    kd._kd_fwd_kernel, sig,
-                    dict(DIV=div, HAS_W=True, HAS_MASK=True, COMPUTE_GRAD=True, SINGLE=single,
-                         BLOCK=block),
+                    kd._kd_fwd_kernel,
+                    sig,
+                    dict(
+                        DIV=div,
+                        HAS_W=True,
+                        HAS_MASK=True,
+                        COMPUTE_GRAD=True,
+                        SINGLE=single,
+                        BLOCK=block,
+                    ),
                     kd._warps(block),
-                )  # fmt: skip
+                )
     lg_sig = {
-        "z_ptr": "*bf16", "s_ptr": "*bf16", "sp_ptr": "*bf16", "sm_ptr": "*bf16",
-        "y_ptr": "*i64", "g_ptr": "*bf16", "inf_ptr": "*fp32", "coef_ptr": "*fp32",
-        "z_stride": "i64", "s_stride": "i64", "sp_stride": "i64", "sm_stride": "i64",
-        "V": "i32", "inv_T": "fp32",
-    }  # fmt: skip
+        "z_ptr": "*bf16",
+        "s_ptr": "*bf16",
+        "sp_ptr": "*bf16",
+        "sm_ptr": "*bf16",
+        "y_ptr": "*i64",
+        "g_ptr": "*bf16",
+        "inf_ptr": "*fp32",
+        "coef_ptr": "*fp32",
+        "z_stride": "i64",
+        "s_stride": "i64",
+        "sp_stride": "i64",
+        "sm_stride": "i64",
+        "V": "i32",
+        "inv_T": "fp32",
+    }
     for single in (True, False):
         block = lg.MAX_FUSED_V if single else lg.LOOP_BLOCK
-        yield (f"lgtm_grad bf16 single={single} block={block}", lg._lgtm_grad_kernel, lg_sig,
-               dict(SINGLE=single, BLOCK=block), lg._warps(block))  # fmt: skip
+        yield (
+            f"lgtm_grad bf16 single={single} block={block}",
+            lg._lgtm_grad_kernel,
+            lg_sig,
+            dict(SINGLE=single, BLOCK=block),
+            lg._warps(block),
+        )
     for pd, vd in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32")):
         for aligned in (True, False):
             sig = {
-                "p_tab": "*i64", "v_tab": "*i64", "s_tab": "*i64", "numel_ptr": "*i64",
-                "bstart_ptr": "*i64", "alpha_ptr": "*fp32", "alpha_val": "fp32",
-                "p_w": f"*{pd}", "v_w": f"*{vd}", "s_w": "*fp32", "N_T": "i32",
-            }  # fmt: skip
-            yield (f"perturb p={pd} v={vd} src aligned={aligned}", mt._perturb_kernel, sig,
-                   dict(HAS_SRC=True, ALPHA_PTR=True, ALIGNED=aligned, LOG_T=8,
-                        BLOCK=mt.BLOCK), mt.NUM_WARPS)  # fmt: skip
-    sig = {"x_tab": "*i64", "numel_ptr": "*i64", "bstart_ptr": "*i64", "out_ptr": "*fp32",
-           "x_w": "*bf16", "N_T": "i32"}  # fmt: skip
-    yield ("sq_norm bf16", mt._sq_norm_kernel, sig,
-           dict(ALIGNED=True, LOG_T=8, BLOCK=mt.BLOCK), mt.NUM_WARPS)  # fmt: skip
+                "p_tab": "*i64",
+                "v_tab": "*i64",
+                "s_tab": "*i64",
+                "numel_ptr": "*i64",
+                "bstart_ptr": "*i64",
+                "alpha_ptr": "*fp32",
+                "alpha_val": "fp32",
+                "p_w": f"*{pd}",
+                "v_w": f"*{vd}",
+                "s_w": "*fp32",
+                "N_T": "i32",
+            }
+            yield (
+                f"perturb p={pd} v={vd} src aligned={aligned}",
+                mt._perturb_kernel,
+                sig,
+                dict(HAS_SRC=True, ALPHA_PTR=True, ALIGNED=aligned, LOG_T=8, BLOCK=mt.BLOCK),
+                mt.NUM_WARPS,
+            )
     sig = {
-        "p_tab": "*i64", "g_tab": "*i64", "m_tab": "*i64", "v_tab": "*i64", "s_tab": "*i64",
-        "numel_ptr": "*i64", "bstart_ptr": "*i64", "p_w": "*bf16", "g_w": "*bf16",
-        "m_w": "*fp32", "v_w": "*fp32", "s_w": "*fp32", "N_T": "i32", "decay": "fp32",
-        "beta1": "fp32", "beta2": "fp32", "step_size": "fp32", "bc2_sqrt": "fp32", "eps": "fp32",
-    }  # fmt: skip
-    yield ("adamw_lookahead bf16/fp32", mt._adamw_lookahead_kernel, sig,
-           dict(HAS_SRC=True, ALIGNED=True, LOG_T=8, BLOCK=mt.BLOCK), mt.NUM_WARPS)  # fmt: skip
+        "x_tab": "*i64",
+        "numel_ptr": "*i64",
+        "bstart_ptr": "*i64",
+        "out_ptr": "*fp32",
+        "x_w": "*bf16",
+        "N_T": "i32",
+    }
+    yield (
+        "sq_norm bf16",
+        mt._sq_norm_kernel,
+        sig,
+        dict(ALIGNED=True, LOG_T=8, BLOCK=mt.BLOCK),
+        mt.NUM_WARPS,
+    )
+    sig = {
+        "p_tab": "*i64",
+        "g_tab": "*i64",
+        "m_tab": "*i64",
+        "v_tab": "*i64",
+        "s_tab": "*i64",
+        "numel_ptr": "*i64",
+        "bstart_ptr": "*i64",
+        "p_w": "*bf16",
+        "g_w": "*bf16",
+        "m_w": "*fp32",
+        "v_w": "*fp32",
+        "s_w": "*fp32",
+        "N_T": "i32",
+        "decay": "fp32",
+        "beta1": "fp32",
+        "beta2": "fp32",
+        "step_size": "fp32",
+        "bc2_sqrt": "fp32",
+        "eps": "fp32",
+    }
+    yield (
+        "adamw_lookahead bf16/fp32",
+        mt._adamw_lookahead_kernel,
+        sig,
+        dict(HAS_SRC=True, ALIGNED=True, LOG_T=8, BLOCK=mt.BLOCK),
+        mt.NUM_WARPS,
+    )
 
 
 def _resources(cubin: bytes) -> str:

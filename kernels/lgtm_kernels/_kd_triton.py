@@ -39,7 +39,9 @@ def _kd_elem(a, b, la, lb, beta, DIV: tl.constexpr):
     p = tl.exp(lb)
     q = tl.exp(la)
     if DIV == 0:  # KL(P || Q)
-        term = tl.where(b == float("-inf"), 0.0, tl.where(a == float("-inf"), float("inf"), p * (lb - la)))
+        term = tl.where(
+            b == float("-inf"), 0.0, tl.where(a == float("-inf"), float("inf"), p * (lb - la))
+        )
         gq = term  # unused
     elif DIV == 1:  # KL(Q || P)
         gq = tl.where(a == float("-inf"), 0.0, tl.where(b == float("-inf"), float("inf"), la - lb))
@@ -67,7 +69,7 @@ def _kd_elem_grad(la, lb, gq, S, inv_T, DIV: tl.constexpr):
 def _kd_fwd_kernel(
     s_ptr,  # [N, V] student logits (fp32 / bf16 / fp16), row stride s_stride, unit column stride
     t_ptr,  # [N, V] teacher logits (any float dtype), row stride t_stride
-    g_ptr,  # [N, V] gradient out, dtype of s; may alias s_ptr (inplace_grad); unused w/o COMPUTE_GRAD
+    g_ptr,  # [N, V] gradient out, dtype of s; may alias s_ptr (inplace_grad); if COMPUTE_GRAD
     loss_ptr,  # [N] fp32 out: scale * w_i * l_i, 0 for masked / all -inf rows
     w_ptr,  # [N] fp32 row weights (read only if HAS_W)
     m_ptr,  # [N] uint8 view of the bool row mask, 1 = keep (read only if HAS_MASK)
@@ -149,7 +151,7 @@ def _kd_fwd_kernel(
             mb = tl.where(mb > NEG, mb, 0.0)
             lsa = tl.log(sa)
             lsb = tl.log(sb)
-            # pass 2: loss (and for reverse KL / JSD the row sum S = sum_c q_c gq_c the gradient needs)
+            # pass 2: loss (reverse KL / JSD: also S = sum_c q_c gq_c for the gradient)
             loss = tl.full([], 0.0, tl.float32)
             S = tl.full([], 0.0, tl.float32)  # sum_c q_c gq_c (= loss for reverse KL)
             if (DIV != 0) or (not COMPUTE_GRAD):
@@ -224,12 +226,20 @@ def kd_rows_triton(
     if N == 0:
         return loss, (g if compute_grad else None)
     _kd_fwd_kernel[(N,)](
-        s, t, g, loss,
+        s,
+        t,
+        g,
+        loss,
         weights if weights is not None else loss,
         mask.view(torch.uint8) if mask is not None else loss,  # bool loads: uint8 view
         gscale,
-        s.stride(0), t.stride(0), g.stride(0), V,
-        inv_T, beta, lscale,
+        s.stride(0),
+        t.stride(0),
+        g.stride(0),
+        V,
+        inv_T,
+        beta,
+        lscale,
         DIV=DIV_CODES[div],
         HAS_W=weights is not None,
         HAS_MASK=mask is not None,
@@ -237,5 +247,5 @@ def kd_rows_triton(
         SINGLE=single,
         BLOCK=block,
         num_warps=_warps(block),
-    )  # fmt: skip
+    )
     return loss, (g if compute_grad else None)

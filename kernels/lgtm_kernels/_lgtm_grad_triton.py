@@ -91,8 +91,9 @@ def _lgtm_grad_kernel(
         ls = tl.log(tl.sum(tl.exp(s * inv_T - ms), 0))
         lp = tl.log(tl.sum(tl.exp(sp * inv_T - mp), 0))
         ln = tl.log(tl.sum(tl.exp(sm * inv_T - mn), 0))
-        g, d = _lgtm_block(z, s, sp, sm, offs, y, mzt, lzt, mz, lz, ms, ls, mp, lp, mn, ln,
-                           inv_T, c1, c2, c3)  # fmt: skip
+        g, d = _lgtm_block(
+            z, s, sp, sm, offs, y, mzt, lzt, mz, lz, ms, ls, mp, lp, mn, ln, inv_T, c1, c2, c3
+        )
         tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=ld)
         diff = tl.sum(tl.where(ld, d, 0.0), 0)
     else:
@@ -131,8 +132,9 @@ def _lgtm_grad_kernel(
             s = tl.load(s_row + cols, mask=ld, other=NEG).to(tl.float32)
             sp = tl.load(sp_row + cols, mask=ld, other=NEG).to(tl.float32)
             sm = tl.load(sm_row + cols, mask=ld, other=NEG).to(tl.float32)
-            g, d = _lgtm_block(z, s, sp, sm, cols, y, mzt, lzt, mz, lz, ms, ls, mp, lp, mn, ln,
-                               inv_T, c1, c2, c3)  # fmt: skip
+            g, d = _lgtm_block(
+                z, s, sp, sm, cols, y, mzt, lzt, mz, lz, ms, ls, mp, lp, mn, ln, inv_T, c1, c2, c3
+            )
             tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=ld)
             diff += tl.sum(tl.where(ld, d, 0.0), 0)
     # l+ - l- = sum_c pT_c (log q-_c - log q+_c)
@@ -154,8 +156,22 @@ def lgtm_grad_triton(z, s, sp, sm, y, coef, inv_T):
     if not single:
         block = min(LOOP_BLOCK, MAX_FUSED_V)
     _lgtm_grad_kernel[(N,)](
-        z, s, sp, sm, y, g, infl, coef,
-        z.stride(0), s.stride(0), sp.stride(0), sm.stride(0), V, inv_T,
-        SINGLE=single, BLOCK=block, num_warps=_warps(block),
-    )  # fmt: skip
+        z,
+        s,
+        sp,
+        sm,
+        y,
+        g,
+        infl,
+        coef,
+        z.stride(0),
+        s.stride(0),
+        sp.stride(0),
+        sm.stride(0),
+        V,
+        inv_T,
+        SINGLE=single,
+        BLOCK=block,
+        num_warps=_warps(block),
+    )
     return g, infl

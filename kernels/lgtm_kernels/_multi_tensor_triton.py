@@ -1,9 +1,9 @@
 """Triton kernels over a *list* of tensors in one launch: perturbation, squared norm, AdamW
 look-ahead.
 
-Each launch gets device-side pointer tables (int64 element offsets from the role's first tensor, one per tensor and role) plus the
-cumulative block count per tensor; program ``pid`` finds its tensor by a binary search over that
-table (log2(#tensors) scalar loads, L2-resident), then streams one BLOCK of it. Full blocks use
+Each launch gets device-side tables (int64 element offsets from the role's first tensor, one
+per tensor and role) plus the cumulative block count per tensor; program ``pid`` finds its
+tensor by a binary search over that table (log2(#tensors) scalar loads, L2-resident), then streams one BLOCK of it. Full blocks use
 unmasked accesses (the per-tensor length is a loaded value, so a masked access could not be
 vectorised); only a tensor's last block is masked. Tensors must be contiguous. Element types are
 taken from a "type witness" pointer argument (the first tensor of the group).
@@ -225,13 +225,24 @@ def perturb_triton(params, direction, alpha, source=None) -> None:
     a_ptr = alpha if isinstance(alpha, torch.Tensor) else numel
     src_tab = addr[2] if source is not None else addr[0]
     _perturb_kernel[(nblk,)](
-        addr[0], addr[1], src_tab, numel, bstart,
-        a_ptr, 0.0 if isinstance(alpha, torch.Tensor) else float(alpha),
-        params[0], direction[0], (source or params)[0],
+        addr[0],
+        addr[1],
+        src_tab,
+        numel,
+        bstart,
+        a_ptr,
+        0.0 if isinstance(alpha, torch.Tensor) else float(alpha),
+        params[0],
+        direction[0],
+        (source or params)[0],
         len(params),
-        HAS_SRC=source is not None, ALPHA_PTR=isinstance(alpha, torch.Tensor), ALIGNED=aligned,
-        LOG_T=log_t, BLOCK=BLOCK, num_warps=NUM_WARPS,
-    )  # fmt: skip
+        HAS_SRC=source is not None,
+        ALPHA_PTR=isinstance(alpha, torch.Tensor),
+        ALIGNED=aligned,
+        LOG_T=log_t,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
+    )
 
 
 def sq_norm_triton(tensors) -> torch.Tensor:
@@ -240,25 +251,51 @@ def sq_norm_triton(tensors) -> torch.Tensor:
     if nblk == 0:
         return part.zero_().sum()
     _sq_norm_kernel[(nblk,)](
-        addr[0], numel, bstart, part, tensors[0], len(tensors),
-        ALIGNED=aligned, LOG_T=log_t, BLOCK=BLOCK, num_warps=NUM_WARPS,
-    )  # fmt: skip
+        addr[0],
+        numel,
+        bstart,
+        part,
+        tensors[0],
+        len(tensors),
+        ALIGNED=aligned,
+        LOG_T=log_t,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
+    )
     return part.sum()  # deterministic second stage (n_blocks fp32 partials)
 
 
-def adamw_lookahead_triton(params, grads, exp_avg, exp_avg_sq, source, *, decay, beta1, beta2,
-                           step_size, bc2_sqrt, eps) -> None:  # fmt: skip
+def adamw_lookahead_triton(
+    params, grads, exp_avg, exp_avg_sq, source, *, decay, beta1, beta2, step_size, bc2_sqrt, eps
+) -> None:
     roles = [params, grads, exp_avg, exp_avg_sq] + ([source] if source is not None else [])
     addr, numel, bstart, nblk, aligned, log_t = _tables(roles)
     if nblk == 0:
         return
     src = source if source is not None else params
     _adamw_lookahead_kernel[(nblk,)](
-        addr[0], addr[1], addr[2], addr[3], addr[4] if source is not None else addr[0],
-        numel, bstart,
-        params[0], grads[0], exp_avg[0], exp_avg_sq[0], src[0],
+        addr[0],
+        addr[1],
+        addr[2],
+        addr[3],
+        addr[4] if source is not None else addr[0],
+        numel,
+        bstart,
+        params[0],
+        grads[0],
+        exp_avg[0],
+        exp_avg_sq[0],
+        src[0],
         len(params),
-        decay, beta1, beta2, step_size, bc2_sqrt, eps,
-        HAS_SRC=source is not None, ALIGNED=aligned, LOG_T=log_t, BLOCK=BLOCK,
+        decay,
+        beta1,
+        beta2,
+        step_size,
+        bc2_sqrt,
+        eps,
+        HAS_SRC=source is not None,
+        ALIGNED=aligned,
+        LOG_T=log_t,
+        BLOCK=BLOCK,
         num_warps=NUM_WARPS,
-    )  # fmt: skip
+    )

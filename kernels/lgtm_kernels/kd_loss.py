@@ -126,9 +126,18 @@ class _KDLossFunction(torch.autograd.Function):
             if need:
                 gbuf = s if inplace else torch.empty_like(s)
             rows, grad = kd_rows_triton(
-                s, t, div=div, inv_T=inv_T, beta=beta, lscale=lscale, weights=w, mask=m,
-                gscale=gscale, compute_grad=need, grad_out=gbuf,
-            )  # fmt: skip
+                s,
+                t,
+                div=div,
+                inv_T=inv_T,
+                beta=beta,
+                lscale=lscale,
+                weights=w,
+                mask=m,
+                gscale=gscale,
+                compute_grad=need,
+                grad_out=gbuf,
+            )
         else:
             loss, g32, ok = kd_rows_ref(s, t, div=div, inv_T=inv_T, beta=beta, compute_grad=need)
             keep = ok if m is None else ok & m
@@ -206,9 +215,19 @@ def kd_loss(
     w, m, gscale = _row_factors(n, s.device, weights, mask, reduction, lscale)
     backend = backend_for(s, t)
     return _KDLossFunction.apply(
-        s, t.detach(), div, 1.0 / float(temperature), float(beta), w, m, gscale, lscale,
-        reduction, bool(inplace_grad), backend,
-    )  # fmt: skip
+        s,
+        t.detach(),
+        div,
+        1.0 / float(temperature),
+        float(beta),
+        w,
+        m,
+        gscale,
+        lscale,
+        reduction,
+        bool(inplace_grad),
+        backend,
+    )
 
 
 def kd_loss_ref(logits, target_logits, **kw) -> torch.Tensor:

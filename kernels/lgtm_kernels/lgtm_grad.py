@@ -33,8 +33,9 @@ def _coefs(alpha_teacher, temperature, eta, radius, n, device):
     return c.to(torch.float32)
 
 
-def lgtm_teacher_logit_grad_ref(z, s, sp, sm, labels, *, alpha_teacher, temperature, eta, radius,
-                                n_rows=None):  # fmt: skip
+def lgtm_teacher_logit_grad_ref(
+    z, s, sp, sm, labels, *, alpha_teacher, temperature, eta, radius, n_rows=None
+):
     """Pure torch (math in fp32, or float64 for float64 inputs). Traffic: ~12 fp32 N x V
     temporaries (log-softmaxes, probabilities, the sum), then one cast into z's dtype."""
     V = z.shape[-1]
@@ -54,15 +55,29 @@ def lgtm_teacher_logit_grad_ref(z, s, sp, sm, labels, *, alpha_teacher, temperat
     valid = y >= 0
     onehot[valid] = torch.nn.functional.one_hot(y[valid], V).to(ct)
     ce = (p1 - onehot) * valid[:, None].to(ct)
-    g = a * (pt - q) / (T * n) + (1 - a) * ce / n + eta * a * (lqp.exp() - lqm.exp()) / (2 * R * T * n)
+    g = (
+        a * (pt - q) / (T * n)
+        + (1 - a) * ce / n
+        + eta * a * (lqp.exp() - lqm.exp()) / (2 * R * T * n)
+    )
     diff = torch.where(z == float("-inf"), 0.0, pt * (lqm - lqp)).sum(-1)
     infl = -eta * diff / (2 * R)
     return g, infl.to(torch.float32) if ct == torch.float32 else infl
 
 
-def lgtm_teacher_logit_grad(teacher_logits, student_logits, student_logits_plus,
-                            student_logits_minus, labels, *, alpha_teacher: float,
-                            temperature: float, eta: float, radius, n_rows: int | None = None):  # fmt: skip
+def lgtm_teacher_logit_grad(
+    teacher_logits,
+    student_logits,
+    student_logits_plus,
+    student_logits_minus,
+    labels,
+    *,
+    alpha_teacher: float,
+    temperature: float,
+    eta: float,
+    radius,
+    n_rows: int | None = None,
+):
     """Returns (dL/dz in teacher_logits' dtype and shape, per-row influence fp32 [rows]).
 
     Feed the gradient to the teacher backward, e.g. ``(z * dLdz.detach()).sum().backward()``.
@@ -71,8 +86,10 @@ def lgtm_teacher_logit_grad(teacher_logits, student_logits, student_logits_plus,
     """
     V = teacher_logits.shape[-1]
     shape = teacher_logits.shape
-    ins = [x.reshape(-1, V) for x in (teacher_logits, student_logits, student_logits_plus,
-                                      student_logits_minus)]  # fmt: skip
+    ins = [
+        x.reshape(-1, V)
+        for x in (teacher_logits, student_logits, student_logits_plus, student_logits_minus)
+    ]
     for x in ins[1:]:
         if x.shape != ins[0].shape:
             raise ValueError(f"shape mismatch: {tuple(x.shape)} vs {tuple(ins[0].shape)}")
@@ -89,8 +106,13 @@ def lgtm_teacher_logit_grad(teacher_logits, student_logits, student_logits_plus,
         g, infl = lgtm_grad_triton(*ins, y, coef, 1.0 / float(temperature))
     else:
         g, infl = lgtm_teacher_logit_grad_ref(
-            *ins, y, alpha_teacher=alpha_teacher, temperature=temperature, eta=eta,
-            radius=radius, n_rows=max(n, 1),
-        )  # fmt: skip
+            *ins,
+            y,
+            alpha_teacher=alpha_teacher,
+            temperature=temperature,
+            eta=eta,
+            radius=radius,
+            n_rows=max(n, 1),
+        )
         g = g.to(teacher_logits.dtype)
     return g.reshape(shape), infl

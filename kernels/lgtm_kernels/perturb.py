@@ -61,8 +61,9 @@ def global_sq_norm_ref(tensors: Tensors) -> torch.Tensor:
     return torch.stack(parts).sum()
 
 
-def adamw_lookahead_ref_(params, grads, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps,
-                         weight_decay, source=None):  # fmt: skip
+def adamw_lookahead_ref_(
+    params, grads, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay, source=None
+):
     """torch.optim.AdamW's update applied to p (from source if given) with the moments left as
     they are. Traffic: read p|source, g, m, v; ~6 fp32 temporaries per element; write p."""
     c = _adam_consts(step, lr, beta1, beta2, weight_decay)
@@ -132,8 +133,20 @@ def global_sq_norm(tensors) -> torch.Tensor:
     return global_sq_norm_ref(tensors)
 
 
-def adamw_lookahead_(params, grads, exp_avg, exp_avg_sq, *, step: int, lr: float, beta1: float,
-                     beta2: float, eps: float, weight_decay: float, source=None) -> None:  # fmt: skip
+def adamw_lookahead_(
+    params,
+    grads,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    source=None,
+) -> None:
     """Write into ``params`` what one torch.optim.AdamW step would give, without touching the
     moments: ``p = p_or_source * (1 - lr wd) - lr / bc1 * m' / (sqrt(v') / sqrt(bc2) + eps)``
     with m' = b1 m + (1 - b1) g, v' = b2 v + (1 - b2) g^2, bc_k = 1 - beta_k^step, ``step`` the
@@ -155,10 +168,29 @@ def adamw_lookahead_(params, grads, exp_avg, exp_avg_sq, *, step: int, lr: float
 
         for grp in _groups(lists):
             adamw_lookahead_triton(
-                grp[0], grp[1], grp[2], grp[3], grp[4] if source is not None else None,
-                decay=c["decay"], beta1=beta1, beta2=beta2, step_size=c["step_size"],
-                bc2_sqrt=c["bc2_sqrt"], eps=eps,
-            )  # fmt: skip
+                grp[0],
+                grp[1],
+                grp[2],
+                grp[3],
+                grp[4] if source is not None else None,
+                decay=c["decay"],
+                beta1=beta1,
+                beta2=beta2,
+                step_size=c["step_size"],
+                bc2_sqrt=c["bc2_sqrt"],
+                eps=eps,
+            )
         return
-    adamw_lookahead_ref_(params, grads, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1,
-                         beta2=beta2, eps=eps, weight_decay=weight_decay, source=source)  # fmt: skip
+    adamw_lookahead_ref_(
+        params,
+        grads,
+        exp_avg,
+        exp_avg_sq,
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        source=source,
+    )

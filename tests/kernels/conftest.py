@@ -13,9 +13,8 @@ if importlib.util.find_spec("lgtm_kernels") is None:  # not pip-installed: use t
 if not torch.cuda.is_available():  # run the Triton kernels through the interpreter on the CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-
 import lgtm_kernels._backend as _backend  # noqa: E402
+import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -18,8 +18,11 @@ def test_compile_for_sm90():
     env["PYTHONPATH"] = KERNELS + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run(
         [sys.executable, "-m", "lgtm_kernels._compile_check", "--arch", "90"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     out = r.stdout
     if "No module named 'triton.backends.nvidia'" in r.stderr:
         pytest.skip("triton without the NVIDIA backend")

@@ -2,11 +2,10 @@
 ``python -m pytest -q -m gpu tests/kernels`` on the GPU machine (``launch/bench_kernels.py
 --check`` does this before benchmarking)."""
 
+import lgtm_kernels
 import pytest
 import torch
 import torch.nn.functional as F
-
-import lgtm_kernels
 
 from .conftest import assert_close_verbose
 from .test_kd_loss import check
@@ -30,8 +29,17 @@ def test_kd_full_size(backend, V, div, beta):
         s[:, -7:] = float("-inf")
         m = torch.rand(n, device="cuda") > 0.2
         w = torch.rand(n, device="cuda") + 0.5
-        check(s, t, T=2.0, div=div, beta=beta, w=w, m=m, reduction="batchmean",
-              name=f"{backend}/{V}/{dtype}/{div}")  # fmt: skip
+        check(
+            s,
+            t,
+            T=2.0,
+            div=div,
+            beta=beta,
+            w=w,
+            m=m,
+            reduction="batchmean",
+            name=f"{backend}/{V}/{dtype}/{div}",
+        )
 
 
 def test_kd_backends_agree_bf16(monkeypatch):
@@ -62,19 +70,28 @@ def test_lgtm_grad_full_size(backend, V):
     s = s.bfloat16()
     y = torch.randint(0, V, (n,), device="cuda")
     y[3] = -100
-    G, I = definition64(z, s, sp, sm, y, a_t=0.4, T=2.0, eta=0.03, R=R, n=n)
+    G, I_ref = definition64(z, s, sp, sm, y, a_t=0.4, T=2.0, eta=0.03, R=R, n=n)
     g, infl = lgtm_kernels.lgtm_teacher_logit_grad(
         z, s, sp, sm, y, alpha_teacher=0.4, temperature=2.0, eta=0.03, radius=R
     )
     assert_close_verbose(g, G, 1e-4 * G.abs().amax() + (1e-4 + 2.0**-7) * G.abs(), "dL/dz")
-    assert F.cosine_similarity(infl.double(), I, dim=0) > 0.9999
+    assert F.cosine_similarity(infl.double(), I_ref, dim=0) > 0.9999
 
 
 def llama_like(n_layers=2, device="cuda", dtype=torch.bfloat16):
     shapes = [(128256, 2048)]
     for _ in range(n_layers):
-        shapes += [(2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048),
-                   (8192, 2048), (2048, 8192), (2048,), (2048,)]  # fmt: skip
+        shapes += [
+            (2048, 2048),
+            (512, 2048),
+            (512, 2048),
+            (2048, 2048),
+            (8192, 2048),
+            (8192, 2048),
+            (2048, 8192),
+            (2048,),
+            (2048,),
+        ]
     shapes.append((2048,))
     return [torch.randn(s, device=device).to(dtype) for s in shapes]
 
@@ -84,9 +101,9 @@ def test_perturb_norm_full_size(backend):
     for vdt in (torch.bfloat16, torch.float32):
         p = llama_like()
         v = [torch.randn_like(x, dtype=vdt) for x in p]
-        ref = [x.double() + 1e-3 * y.double() for x, y in zip(p, v)]
+        ref = [x.double() + 1e-3 * y.double() for x, y in zip(p, v, strict=True)]
         lgtm_kernels.perturb_(p, v, 1e-3)
-        for i, (x, r) in enumerate(zip(p, ref)):
+        for i, (x, r) in enumerate(zip(p, ref, strict=True)):
             assert_close_verbose(x, r, 2.0**-7 * r.abs() + 1e-30, f"perturb {i}")
         got = lgtm_kernels.global_sq_norm(v)
         want = sum((y.double() ** 2).sum() for y in v)
@@ -103,13 +120,14 @@ def test_adamw_lookahead_full_size(backend):
     v = [0.01 * torch.rand_like(x) + 1e-4 for x in params]
     real = [torch.nn.Parameter(x.clone()) for x in params]
     opt = torch.optim.AdamW(real, lr=1e-3, weight_decay=0.1)
-    for p, g, a, b in zip(real, grads, m, v):
+    for p, g, a, b in zip(real, grads, m, v, strict=True):
         p.grad = g.clone()
         opt.state[p] = {"step": torch.tensor(9.0), "exp_avg": a.clone(), "exp_avg_sq": b.clone()}
     m0 = [a.clone() for a in m]
-    lgtm_kernels.adamw_lookahead_(params, grads, m, v, step=10, lr=1e-3, beta1=0.9, beta2=0.999,
-                                  eps=1e-8, weight_decay=0.1)  # fmt: skip
+    lgtm_kernels.adamw_lookahead_(
+        params, grads, m, v, step=10, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1
+    )
     opt.step()
-    for i, (x, r) in enumerate(zip(params, real)):
+    for i, (x, r) in enumerate(zip(params, real, strict=True)):
         assert_close_verbose(x, r.detach(), 1e-6 * r.detach().abs() + 1e-7, f"adamw {i}")
-    assert all(torch.equal(a, b) for a, b in zip(m, m0))
+    assert all(torch.equal(a, b) for a, b in zip(m, m0, strict=True))

@@ -4,11 +4,10 @@ CPU), odd shapes, +-1e4 logits, -inf entries, masked rows, all divergences and r
 import math
 import zlib
 
+import lgtm_kernels
 import pytest
 import torch
 import torch.nn.functional as F
-
-import lgtm_kernels
 from lgtm_kernels import _backend
 
 from .conftest import assert_close_verbose
@@ -89,16 +88,27 @@ def naive(s, t, *, T, div, beta=0.5):
 def run(s, t, **kw):
     x = s.detach().clone().requires_grad_(True)
     out = lgtm_kernels.kd_loss(x, t, **kw)
-    g = torch.randn(out.shape, device=out.device) if out.dim() else torch.tensor(1.7, device=out.device)
+    g = (
+        torch.randn(out.shape, device=out.device)
+        if out.dim()
+        else torch.tensor(1.7, device=out.device)
+    )
     (out * g).sum().backward()
     return out.detach(), x.grad, g.double()
 
 
 def check(s, t, *, T, div, beta=0.5, w=None, m=None, reduction="batchmean", t2=False, name=""):
     out, grad, g = run(
-        s, t, temperature=T, divergence=div, beta=beta, weights=w, mask=m,
-        reduction=reduction, scale_by_t2=t2,
-    )  # fmt: skip
+        s,
+        t,
+        temperature=T,
+        divergence=div,
+        beta=beta,
+        weights=w,
+        mask=m,
+        reduction=reduction,
+        scale_by_t2=t2,
+    )
     ref, rowf, rgrad = ref64(s, t, T=T, div=div, beta=beta, w=w, m=m, reduction=reduction, t2=t2)
     rowf = (rowf * g)[:, None]
     rgrad = rgrad * (g[:, None] if reduction == "none" else g)
@@ -154,8 +164,18 @@ def test_kd_random(backend, path, dtype, div, beta, T):
     m = torch.rand(n) > 0.3
     m[0] = False
     for red in ("batchmean", "sum", "none"):
-        check(s, t, T=T, div=div, beta=beta, w=w, m=m, reduction=red, t2=red == "none",
-              name=f"{name}/{red}")  # fmt: skip
+        check(
+            s,
+            t,
+            T=T,
+            div=div,
+            beta=beta,
+            w=w,
+            m=m,
+            reduction=red,
+            t2=red == "none",
+            name=f"{name}/{red}",
+        )
 
 
 @pytest.mark.parametrize("div,beta", DIVS[:3], ids=[d for d, _ in DIVS[:3]])
@@ -191,12 +211,20 @@ def test_kd_neg_inf(backend, path, div, beta):
         t2[only] = NEG
         s2[torch.rand(n, V) < 0.2] = NEG
     for dtype in (torch.float32, torch.bfloat16):
-        check(s2.to(dtype), t2.to(dtype), T=2.0, div=div, beta=beta, w=torch.rand(n) + 0.1,
-              reduction="sum", name=f"one-sided/{dtype}")  # fmt: skip
+        check(
+            s2.to(dtype),
+            t2.to(dtype),
+            T=2.0,
+            div=div,
+            beta=beta,
+            w=torch.rand(n) + 0.1,
+            reduction="sum",
+            name=f"one-sided/{dtype}",
+        )
 
 
 def test_kd_infinite_loss(backend, path):
-    """Forward KL is +inf where the teacher puts mass on a student -inf; its gradient stays finite."""
+    """Forward KL is +inf where the teacher has mass on a student -inf; the gradient is finite."""
     s, t = rand((3, 300), torch.float32), rand((3, 300), torch.float32)
     s[1, 7] = NEG
     out, grad, _ = run(s, t, reduction="none")
@@ -268,3 +296,25 @@ def test_backend_env(monkeypatch):
         _backend.backend_for(torch.ones(1))
     monkeypatch.delenv("LGTM_KERNELS_BACKEND")
     assert _backend.backend_for(torch.ones(1)) == "torch"  # CPU tensors default to torch
+
+
+def test_import_without_triton():
+    """`import lgtm_kernels` and the torch path work when triton cannot be imported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "sys.modules['triton'] = None  # any `import triton` now raises ImportError\n"
+        "import torch, lgtm_kernels as K\n"
+        "assert not K.triton_available()\n"
+        "x = torch.randn(3, 50, requires_grad=True)\n"
+        "K.kd_loss(x, torch.randn(3, 50)).backward()\n"
+        "p = [torch.randn(5)]\n"
+        "K.perturb_(p, [torch.randn(5)], 0.1)\n"
+        "print('ok')\n"
+    )
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2] / "kernels"), "PATH": "/usr/bin"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.stdout.strip() == "ok", r.stderr[-2000:]

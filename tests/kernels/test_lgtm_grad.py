@@ -2,11 +2,10 @@
 G = grad_z L_t(theta) - eta (grad_z L_t(theta+) - grad_z L_t(theta-)) / (2R) by autograd, and
 the per-row influence -eta (l(+) - l(-)) / (2R)."""
 
+import lgtm_kernels
 import pytest
 import torch
 import torch.nn.functional as F
-
-import lgtm_kernels
 
 from .conftest import assert_close_verbose
 
@@ -30,10 +29,10 @@ def definition64(z, s, sp, sm, y, *, a_t, T, eta, R, n):
     G = grad(s) - eta * (grad(sp) - grad(sm)) / (2 * R)
     lpt = F.log_softmax(z.double() / T, -1)
 
-    def l(student):
+    def kl_row(student):
         return (lpt.exp() * (lpt - F.log_softmax(student.double() / T, -1))).sum(-1)
 
-    return G, -eta * (l(sp) - l(sm)) / (2 * R)
+    return G, -eta * (kl_row(sp) - kl_row(sm)) / (2 * R)
 
 
 def make(n, V, dtype, R, seed):
@@ -65,32 +64,40 @@ def test_lgtm_grad(backend, path, dtype, T):
     n, V, R = 7, 1001, 0.05
     z, s, sp, sm, y = make(n, V, dtype, R, seed=int(T * 10))
     kw = dict(a_t=0.4, T=T, eta=3e-5 * 1e3, R=R, n=n + 3)
-    G, I = definition64(z, s, sp, sm, y, **kw)
+    G, I_ref = definition64(z, s, sp, sm, y, **kw)
     radius = torch.tensor(R) if T == 1.0 else R  # device-tensor radius, as from r / ||v||
     g, infl = lgtm_kernels.lgtm_teacher_logit_grad(
-        z, s, sp, sm, y, alpha_teacher=kw["a_t"], temperature=T, eta=kw["eta"], radius=radius,
+        z,
+        s,
+        sp,
+        sm,
+        y,
+        alpha_teacher=kw["a_t"],
+        temperature=T,
+        eta=kw["eta"],
+        radius=radius,
         n_rows=kw["n"],
-    )  # fmt: skip
+    )
     assert g.dtype == dtype and infl.dtype == torch.float32 and g.shape == z.shape
     tol = 1e-4 * G.abs().amax() + 1e-4 * G.abs()
     if dtype == torch.bfloat16:
         tol = tol + 2.0**-7 * G.abs()
     assert_close_verbose(g, G, tol, f"{backend}/{path}/{dtype}/T{T} dL/dz")
     # influence: a difference of two near-equal KLs, amplified by 1 / (2R)
-    assert_close_verbose(infl, I, 2e-3 * I.abs().amax() + 1e-3 * I.abs(), "influence")
-    cos = F.cosine_similarity(infl.double(), I, dim=0)
+    assert_close_verbose(infl, I_ref, 2e-3 * I_ref.abs().amax() + 1e-3 * I_ref.abs(), "influence")
+    cos = F.cosine_similarity(infl.double(), I_ref, dim=0)
     assert cos > 0.9999, cos
 
 
 def test_lgtm_grad_ref_float64_exact():
     """The float64 reference reproduces the definition to rounding (relative 1e-10)."""
     z, s, sp, sm, y = make(5, 97, torch.float64, 1e-3, seed=9)
-    G, I = definition64(z, s, sp, sm, y, a_t=0.4, T=2.0, eta=0.1, R=1e-3, n=5)
+    G, I_ref = definition64(z, s, sp, sm, y, a_t=0.4, T=2.0, eta=0.1, R=1e-3, n=5)
     g, infl = lgtm_kernels.lgtm_teacher_logit_grad_ref(
         z, s, sp, sm, y, alpha_teacher=0.4, temperature=2.0, eta=0.1, radius=1e-3
     )
     assert torch.allclose(g, G, rtol=1e-10, atol=1e-14)
-    assert torch.allclose(infl, I, rtol=1e-8, atol=1e-14)
+    assert torch.allclose(infl, I_ref, rtol=1e-8, atol=1e-14)
 
 
 def test_lgtm_grad_masked_vocab(backend):
@@ -101,11 +108,12 @@ def test_lgtm_grad_masked_vocab(backend):
     for x in (z, s, sp, sm):
         x[:, cut] = float("-inf")
     y = y.clamp(max=249)
-    G, I = definition64(z[:, :250], s[:, :250], sp[:, :250], sm[:, :250], y,
-                        a_t=0.4, T=2.0, eta=0.03, R=0.05, n=4)  # fmt: skip
+    G, I_ref = definition64(
+        z[:, :250], s[:, :250], sp[:, :250], sm[:, :250], y, a_t=0.4, T=2.0, eta=0.03, R=0.05, n=4
+    )
     g, infl = lgtm_kernels.lgtm_teacher_logit_grad(
         z, s, sp, sm, y, alpha_teacher=0.4, temperature=2.0, eta=0.03, radius=0.05
     )
     assert (g[:, cut] == 0).all()
     assert_close_verbose(g[:, :250], G, 1e-4 * G.abs().amax() + 1e-4 * G.abs(), "dL/dz")
-    assert_close_verbose(infl, I, 2e-3 * I.abs().amax(), "influence")
+    assert_close_verbose(infl, I_ref, 2e-3 * I_ref.abs().amax(), "influence")

@@ -3,10 +3,9 @@ for lists of odd-sized tensors with bf16 / fp32 mixes, with and without fp32 sou
 
 import copy
 
+import lgtm_kernels
 import pytest
 import torch
-
-import lgtm_kernels
 
 from .conftest import assert_close_verbose
 
@@ -55,11 +54,12 @@ def test_perturb(backend, device, mix, with_source, alpha_kind):
     params = rand_list(pd, device, seed=1)
     direction = rand_list(vd, device, scale=1e-2, seed=2)
     source = rand_list([torch.float32], device, seed=3) if with_source else None
-    base = [(s if with_source else p).double() for p, s in zip(params, source or params)]
+    src = source if with_source else params
+    base = [s.double() for s in src]
     alpha = 0.37
     a = torch.tensor(alpha, device=device) if alpha_kind == "tensor" else alpha
     lgtm_kernels.perturb_(params, direction, a, source=source)
-    for i, (p, b, v) in enumerate(zip(params, base, direction)):
+    for i, (p, b, v) in enumerate(zip(params, base, direction, strict=True)):
         ref = b + alpha * v.double()
         assert p.dtype == pd[i % len(pd)]
         assert_close_verbose(p, ref, ulp_tol(p.dtype, ref), f"tensor {i}")
@@ -76,15 +76,19 @@ def test_perturb_restore_bitwise(backend, device):
     saved = [p.clone() for p in params]
     lgtm_kernels.perturb_(params, v, 1e-5, source=masters)
     lgtm_kernels.perturb_(params, v, 0.0, source=masters)
-    for p, s in zip(params, saved):
+    for p, s in zip(params, saved, strict=True):
         assert torch.equal(p, s)
-    for m, k in zip(masters, keep):
+    for m, k in zip(masters, keep, strict=True):
         assert torch.equal(m, k)  # the sources are read only
 
 
 @pytest.mark.parametrize("mix", ["bf16", "fp32", "mixed"])
 def test_global_sq_norm(backend, device, mix):
-    dt = {"bf16": [torch.bfloat16], "fp32": [torch.float32], "mixed": [torch.bfloat16, torch.float32]}
+    dt = {
+        "bf16": [torch.bfloat16],
+        "fp32": [torch.float32],
+        "mixed": [torch.bfloat16, torch.float32],
+    }
     xs = rand_list(dt[mix], device, scale=3.0, seed=6)
     got = lgtm_kernels.global_sq_norm(xs)
     ref = sum((x.double() ** 2).sum() for x in xs)
@@ -113,9 +117,15 @@ def test_adamw_lookahead_equals_real_step(backend, device, with_source):
     step 5), and the moments are unchanged."""
     params, grads, m, v = _adam_setup(device, torch.float32, 7)
     real = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = torch.optim.AdamW(real, lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"],
-                            weight_decay=HP["weight_decay"], foreach=False)  # fmt: skip
-    for p, g, ea, es in zip(real, grads, m, v):
+    opt = torch.optim.AdamW(
+        real,
+        lr=HP["lr"],
+        betas=(HP["beta1"], HP["beta2"]),
+        eps=HP["eps"],
+        weight_decay=HP["weight_decay"],
+        foreach=False,
+    )
+    for p, g, ea, es in zip(real, grads, m, v, strict=True):
         p.grad = g.clone()
         opt.state[p] = {"step": torch.tensor(4.0), "exp_avg": ea.clone(), "exp_avg_sq": es.clone()}
     m0, v0 = copy.deepcopy(m), copy.deepcopy(v)
@@ -125,14 +135,14 @@ def test_adamw_lookahead_equals_real_step(backend, device, with_source):
         params = [p.to(torch.bfloat16) for p in params]
     lgtm_kernels.adamw_lookahead_(params, grads, m, v, step=5, source=source, **HP)
     opt.step()
-    for i, (p, r) in enumerate(zip(params, real)):
+    for i, (p, r) in enumerate(zip(params, real, strict=True)):
         ref = r.detach()
         if with_source:
             ref = ref.to(torch.bfloat16).double()
             assert_close_verbose(p, ref, 2.0**-7 * ref.abs(), f"param {i}")
         else:
             assert_close_verbose(p, ref, 1e-6 * ref.abs() + 1e-7, f"param {i}")
-    for a, b in zip(m + v, m0 + v0):
+    for a, b in zip(m + v, m0 + v0, strict=True):
         assert torch.equal(a, b)
 
 
@@ -143,7 +153,7 @@ def test_adamw_lookahead_float64(backend, device):
     p0 = [p.double() for p in params]
     lgtm_kernels.adamw_lookahead_(params, grads, m, v, step=3, **HP)
     b1, b2, lr = HP["beta1"], HP["beta2"], HP["lr"]
-    for i, (p, x, g, ea, es) in enumerate(zip(params, p0, grads, m, v)):
+    for i, (p, x, g, ea, es) in enumerate(zip(params, p0, grads, m, v, strict=True)):
         g = g.double()
         m2 = b1 * ea.double() + (1 - b1) * g
         v2 = b2 * es.double() + (1 - b2) * g * g
