@@ -3,10 +3,11 @@ look-ahead.
 
 Each launch gets device-side tables (int64 element offsets from the role's first tensor, one
 per tensor and role) plus the cumulative block count per tensor; program ``pid`` finds its
-tensor by a binary search over that table (log2(#tensors) scalar loads, L2-resident), then streams one BLOCK of it. Full blocks use
-unmasked accesses (the per-tensor length is a loaded value, so a masked access could not be
-vectorised); only a tensor's last block is masked. Tensors must be contiguous. Element types are
-taken from a "type witness" pointer argument (the first tensor of the group).
+tensor by a binary search over that table (log2(#tensors) scalar loads, L2-resident), then
+streams one BLOCK of it. Full blocks use unmasked accesses (the per-tensor length is a loaded
+value, so a masked access could not be vectorised); only a tensor's last block is masked.
+Tensors must be contiguous. Element types come from a "type witness" pointer argument (the
+first tensor of each role).
 
 Bytes per element (the floor): perturb p += a v: read p, read v, write p; with ``source``:
 read source, read v, write p; sq-norm: read once; AdamW look-ahead: read p|source, g, m, v,
@@ -181,6 +182,7 @@ def _tables(groups: list[list[torch.Tensor]]):
     first = groups[0]
     key = (
         tuple(tuple(t.data_ptr() for t in g) for g in groups),
+        tuple(g[0].dtype for g in groups),
         tuple(t.numel() for t in first),
         BLOCK,
     )

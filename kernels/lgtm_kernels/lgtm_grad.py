@@ -65,6 +65,7 @@ def lgtm_teacher_logit_grad_ref(
     return g, infl.to(torch.float32) if ct == torch.float32 else infl
 
 
+@torch.no_grad()
 def lgtm_teacher_logit_grad(
     teacher_logits,
     student_logits,

@@ -49,7 +49,11 @@ def perturb_ref_(params: Tensors, direction: Tensors, alpha, *, source: Tensors 
     Traffic per element: read p|source, read v, write fp32 temp, read it, write p."""
     src = source if source is not None else params
     for p, v, s in zip(params, direction, src, strict=True):
-        p.copy_(torch.add(s.float(), v.float().reshape(s.shape), alpha=alpha))  # never into s
+        v32 = v.float().reshape(s.shape)
+        if isinstance(alpha, torch.Tensor):  # device scalar: no host sync
+            p.copy_(torch.addcmul(s.float(), v32, alpha.to(device=s.device, dtype=torch.float32)))
+        else:
+            p.copy_(torch.add(s.float(), v32, alpha=alpha))  # a new tensor, never written into s
 
 
 def global_sq_norm_ref(tensors: Tensors) -> torch.Tensor:
