@@ -229,6 +229,11 @@ def bench_kd(b: Bench, K):
     compiled = torch.compile(eager_kldiv) if not DRYRUN else eager_kldiv
     impls = [
         ("ours kd_loss", lambda s, t: K.kd_loss(s, t, temperature=T)),
+        (
+            "ours kd_loss reverse_kl",
+            lambda s, t: K.kd_loss(s, t, temperature=T, divergence="reverse_kl"),
+        ),
+        ("ours kd_loss jsd(0.5)", lambda s, t: K.kd_loss(s, t, temperature=T, divergence="jsd")),
         ("eager reference formula", eager_ref),
         ("eager F.kl_div(log_target)", eager_kldiv),
         ("torch.compile F.kl_div", compiled),

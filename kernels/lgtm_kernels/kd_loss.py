@@ -104,9 +104,10 @@ def _row_factors(n, device, weights, mask, reduction, lscale):
         if m.numel() != n:
             raise ValueError(f"mask has {m.numel()} entries, expected {n} rows")
     if reduction == "batchmean":
-        # stays on device: no host sync for the count of kept rows
-        cnt = m.sum().clamp_min(1).float() if m is not None else torch.tensor(float(max(n, 1)))
-        gscale = (1.0 / cnt.to(device)).reshape(1)
+        if m is not None:  # stays on device: no host sync for the count of kept rows
+            gscale = (1.0 / m.sum().clamp_min(1).float()).reshape(1)
+        else:
+            gscale = torch.full((1,), 1.0 / max(n, 1), dtype=torch.float32, device=device)
     else:
         gscale = torch.ones(1, dtype=torch.float32, device=device)
     return w, m, gscale

@@ -123,6 +123,8 @@ def check(s, t, *, T, div, beta=0.5, w=None, m=None, reduction="batchmean", t2=F
     tol = 2 * err * rowf.abs() + 2e-4 * rgrad.abs().amax(-1, keepdim=True).clamp_min(1e-9)
     if s.dtype == torch.float32:
         tol = tol + 1e-5 * rgrad.abs()
+    elif s.dtype == torch.float16:
+        tol = tol + 2**-10 * rgrad.abs()
     else:
         tol = tol + 2**-7 * rgrad.abs()
     assert_close_verbose(grad, rgrad, tol, f"{name} grad")
@@ -253,6 +255,14 @@ def test_kd_jsd_limits_and_shapes(backend, path):
         assert torch.equal(a, b)
     big = rand((6, 600), torch.float32)
     check(big[:, :257], t.reshape(6, 257), T=1.0, div="jsd", name="strided")
+
+
+@pytest.mark.parametrize("div,beta", [("forward_kl", 0.5), ("jsd", 0.3)])
+def test_kd_fp16(backend, path, div, beta):
+    torch.manual_seed(6)
+    s, t = rand((5, 411), torch.float16), rand((5, 411), torch.float16)
+    m = torch.tensor([True, False, True, True, True])
+    check(s, t, T=2.0, div=div, beta=beta, m=m, reduction="batchmean", name=f"fp16/{div}")
 
 
 def test_kd_inplace_grad(backend, path):
