@@ -269,8 +269,29 @@ def bench_kd(b: Bench, K):
             f"# Liger LigerJSD(beta=0) unavailable ({type(e).__name__}: {e}): skipped", flush=True
         )
 
+    def tuned(max_fused=None, loop_block=None):
+        """kd_loss with the Triton block-size knobs changed for the call (tuning rows)."""
+        from lgtm_kernels import _kd_triton as kt
+
+        def f(s, t):
+            old = (kt.MAX_FUSED_V, kt.LOOP_BLOCK)
+            kt.MAX_FUSED_V = max_fused or old[0]
+            kt.LOOP_BLOCK = loop_block or old[1]
+            try:
+                return K.kd_loss(s, t, temperature=T)
+            finally:
+                kt.MAX_FUSED_V, kt.LOOP_BLOCK = old
+
+        return f
+
     for V in vocabs:
         case = f"kd fwd+bwd bf16 N={N} V={V} T=2"
+        extra_impls = [
+            ("tune: ours loop block 8192", tuned(max_fused=1, loop_block=8192)),
+            ("tune: ours loop block 2048", tuned(max_fused=1, loop_block=2048)),
+        ]
+        if V <= 32768:  # the whole row in registers (spills on sm_90: measure the cost)
+            extra_impls.append(("tune: ours single block 32768", tuned(max_fused=32768)))
         floor = 6 * N * V  # read s, read t, write the bf16 gradient
         try:
             s = (torch.randn(N, V, device=DEV) * 3).bfloat16().requires_grad_(True)
@@ -278,7 +299,7 @@ def bench_kd(b: Bench, K):
         except Exception as e:  # noqa: BLE001
             b.record("inputs", case, None, floor, None, note=f"{type(e).__name__}: {e}"[:200])
             continue
-        for name, f in impls:
+        for name, f in impls + extra_impls:
 
             def step(f=f, s=s, t=t):
                 f(s, t).backward()
@@ -433,8 +454,9 @@ def main(argv=None) -> int:
     except ImportError:
         print("bench_kernels: triton is not installed")
         return 1
-    os.environ.pop("LGTM_KERNELS_BACKEND", None)
-    os.environ.pop("TRITON_INTERPRET", None)
+    if not DRYRUN:  # the dry run may force the Triton interpreter to exercise the kernels
+        os.environ.pop("LGTM_KERNELS_BACKEND", None)
+        os.environ.pop("TRITON_INTERPRET", None)
     K = _import_kernels()
     check_rc = run_checks() if args.check else None
     b = Bench(args.out, args.quick)

@@ -221,7 +221,7 @@ def kd_rows_triton(
     block = triton.next_power_of_2(V)
     single = block <= MAX_FUSED_V
     if not single:
-        block = min(LOOP_BLOCK, MAX_FUSED_V)
+        block = LOOP_BLOCK
     g = grad_out if compute_grad else s
     if N == 0:
         return loss, (g if compute_grad else None)

@@ -154,7 +154,7 @@ def lgtm_grad_triton(z, s, sp, sm, y, coef, inv_T):
     block = triton.next_power_of_2(V)
     single = block <= MAX_FUSED_V
     if not single:
-        block = min(LOOP_BLOCK, MAX_FUSED_V)
+        block = LOOP_BLOCK
     _lgtm_grad_kernel[(N,)](
         z,
         s,

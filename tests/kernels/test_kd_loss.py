@@ -145,6 +145,7 @@ def path(request, monkeypatch, backend):
         from lgtm_kernels import _kd_triton
 
         monkeypatch.setattr(_kd_triton, "MAX_FUSED_V", 256)
+        monkeypatch.setattr(_kd_triton, "LOOP_BLOCK", 256)  # several blocks per row
     return request.param
 
 

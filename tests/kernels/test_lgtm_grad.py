@@ -53,6 +53,7 @@ def path(request, monkeypatch, backend):
         from lgtm_kernels import _lgtm_grad_triton
 
         monkeypatch.setattr(_lgtm_grad_triton, "MAX_FUSED_V", 256)
+        monkeypatch.setattr(_lgtm_grad_triton, "LOOP_BLOCK", 256)  # several blocks per row
     return request.param
 
 
