@@ -257,13 +257,18 @@ class Trainer:
         root = self.out / "checkpoints"
         self.teacher.save_checkpoint(str(root / "teacher"), tag)
         self.student.save_checkpoint(str(root / "student"), tag)
+        (root / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   root / tag / f"rng_rank{self.rank}.pt")  # dropout streams differ per rank
         if self.is_main:
             _write_json(root / tag / "trainer_state.json", {
                 "step": self.step, "stage1_done": self.stage1_done,
                 "train": self.train_batches.inner.state_dict(),
-                "quiz": self.quiz_batches.inner.state_dict() if self.quiz_batches else None,
-                "rng": {"torch": torch.get_rng_state().tolist()}})
-            (root / "latest").write_text(tag)
+                "quiz": self.quiz_batches.inner.state_dict() if self.quiz_batches else None})
+        _barrier()
+        if self.is_main:
+            (root / "latest").write_text(tag)  # last: a checkpoint named here is complete
 
     def _resume(self, where: str) -> None:
         root = self.out / "checkpoints"
@@ -284,7 +289,12 @@ class Trainer:
         self.train_batches.inner.load_state_dict(st["train"])
         if self.quiz_batches is not None and st["quiz"]:
             self.quiz_batches.inner.load_state_dict(st["quiz"])
-        torch.set_rng_state(torch.tensor(st["rng"]["torch"], dtype=torch.uint8))
+        rng_file = root / tag / f"rng_rank{self.rank}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file)
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
     # -- final outputs ---------------------------------------------------------------------------
     def finish(self, result: dict) -> dict:
@@ -334,6 +344,13 @@ def format_summary(s: dict, out: Path) -> str:
         "=" * 64,
     ]
     return "\n".join(line for line in lines if line)
+
+
+def _barrier() -> None:
+    import deepspeed.comm as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def _write_json(path: Path, obj) -> None:

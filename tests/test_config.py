@@ -56,7 +56,7 @@ def test_default_experiment_file():
     assert cfg.model.tokenizer == "embedded"
     assert cfg.data.source == "synthetic" and cfg.data.synthetic_examples == 3000
     m = cfg.method
-    assert (m.name, m.alpha_student, m.alpha_teacher) == ("lgtm", 1.0, 0.4)
+    assert (m.name, m.alpha_student, m.alpha_teacher) == ("lgtm", 0.5, 0.4)
     assert cfg.method.temperature == 1.0 and cfg.method.fd_radius == pytest.approx(1e-2)
     t = cfg.train
     assert (t.micro_batch_size, t.max_steps, t.eval_every, t.precision) == (32, 150, 50, "fp32")

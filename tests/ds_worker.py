@@ -1,0 +1,147 @@
+"""Runs 3 distillation steps for a list of engine configurations, in one process per rank, and
+saves the final full fp32 parameters of teacher and student (rank 0) for the equivalence tests.
+
+    deepspeed --num_gpus N tests/ds_worker.py --out DIR [--cases a,b,...]
+"""
+
+import argparse
+import copy
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lgtm_ds import Distiller  # noqa: E402
+from lgtm_ds.ds_engine import build_engine, init_distributed  # noqa: E402
+from lgtm_ds.errors import ConfigError  # noqa: E402
+from lgtm_ds.optim import build_adamw, warmup_linear  # noqa: E402
+from tests.helpers import random_batch, tiny_model  # noqa: E402
+
+GLOBAL_BATCH, STEPS = 8, 3
+# name: (method, teacher stage, student stage, precision, gradient accumulation steps)
+CASES = {
+    "z0_0": ("lgtm", 0, 0, "fp32", 1),
+    "z1_1": ("lgtm", 1, 1, "fp32", 1),
+    "z2_2": ("lgtm", 2, 2, "fp32", 1),
+    "z3_2": ("lgtm", 3, 2, "fp32", 1),
+    "z3_1": ("lgtm", 3, 1, "fp32", 1),
+    "z2_0": ("lgtm", 2, 0, "fp32", 1),
+    "z2_2_gas2": ("lgtm", 2, 2, "fp32", 2),
+    "z3_0_gas2": ("lgtm", 3, 0, "fp32", 2),
+    "z0_0_bf16": ("lgtm", 0, 0, "bf16", 1),
+    "z1_1_bf16": ("lgtm", 1, 1, "bf16", 1),
+    "z2_2_bf16": ("lgtm", 2, 2, "bf16", 1),
+    "z3_2_bf16": ("lgtm", 3, 2, "bf16", 1),
+    "online_z2_2": ("online_kd", 2, 2, "fp32", 1),
+    "online_z3_2": ("online_kd", 3, 2, "fp32", 1),
+    "z3_3": ("lgtm", 3, 3, "fp32", 1),  # refused: the LGTM student needs full params
+}
+
+
+def ds_config(stage, precision, micro, gas, world):
+    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
+            "train_batch_size": micro * gas * world, "zero_optimization": {"stage": stage},
+            "bf16": {"enabled": precision == "bf16"}, "gradient_clipping": 1.0,
+            "steps_per_print": 10**9}
+
+
+def batches(step, rank, world, gas):
+    """This rank's micro-batches of global batch ``step`` (train and quiz)."""
+    out = []
+    for seed in (1000 + step, 2000 + step):
+        b = random_batch(GLOBAL_BATCH, seed)
+        mine = {k: v[rank::world] for k, v in b.items()}
+        n = GLOBAL_BATCH // world // gas
+        out.append([{k: v[i * n:(i + 1) * n] for k, v in mine.items()} for i in range(gas)])
+    return out
+
+
+def full_params(adapter):
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = []
+    for p in adapter.module.parameters():
+        full = safe_get_full_fp32_param(p)  # collective under ZeRO-1/2/3 and bf16
+        out.append((full if full is not None else p.detach()).float().cpu().clone())
+    return out
+
+
+def run_case(name, rank, world):
+    method, ts, ss, precision, gas = CASES[name]
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    teacher, student = tiny_model(seed=1, size="student"), tiny_model(seed=2)
+    init = {"teacher": [p.detach().clone() for p in teacher.parameters()],
+            "student": [p.detach().clone() for p in student.parameters()]}
+    micro = GLOBAL_BATCH // world // gas
+    engines = {}
+    for role, model, stage, lr in (("teacher", teacher, ts, 3e-3), ("student", student, ss, 5e-3)):
+        opt = build_adamw(model, lr, 0.01)
+        engines[role] = build_engine(model, opt, warmup_linear(opt, 10, 0.2),
+                                     ds_config(stage, precision, micro, gas, world), role)
+    d = Distiller(method, teacher=engines["teacher"], student=engines["student"])
+    restored = True
+    influence = []
+    for step in range(STEPS):
+        train, quiz = batches(step, rank, world, gas)
+        if method == "lgtm":
+            before = [p.detach().clone() for p in student.parameters()]
+            m = d._lgtm_teacher_update(train, quiz)
+            restored &= all(torch.equal(p, b) for p, b in zip(student.parameters(), before))
+            influence.append(m["influence"])
+        else:
+            d._online_teacher_update(train)
+        d._student_update(train)
+    assert all(p.dtype == dtype for p in student.parameters())
+    return {"teacher": full_params(engines["teacher"]), "student": full_params(engines["student"]),
+            "init": init, "restored": restored,
+            "influence": torch.cat(influence) if influence else None}
+
+
+def run_torch(method, gas=1):
+    """The plain-module path over the whole global batch (reference for every case)."""
+    teacher, student = tiny_model(seed=1, size="student"), tiny_model(seed=2)
+    opts = {}
+    for role, model, lr in (("teacher", teacher, 3e-3), ("student", student, 5e-3)):
+        opt = build_adamw(model, lr, 0.01)
+        opts[role] = (opt, warmup_linear(opt, 10, 0.2))
+    d = Distiller(method, teacher=teacher, student=student, teacher_optimizer=opts["teacher"][0],
+                  student_optimizer=opts["student"][0], teacher_scheduler=opts["teacher"][1],
+                  student_scheduler=opts["student"][1], gradient_accumulation_steps=gas,
+                  max_grad_norm=1.0)
+    for step in range(STEPS):
+        train, quiz = batches(step, 0, 1, gas)
+        d.step(train, quiz)
+    return {"teacher": [p.detach().clone() for p in teacher.parameters()],
+            "student": [p.detach().clone() for p in student.parameters()]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--local_rank", type=int, default=0)
+    args = ap.parse_args()
+    rank, world = init_distributed(timeout_s=300)
+    tag = f"w{world}"
+    for name in args.cases.split(","):
+        try:
+            res = run_case(name, rank, world)
+        except ConfigError as e:
+            res = {"error": str(e)}
+        except Exception:
+            traceback.print_exc()
+            res = {"error": "crash: " + traceback.format_exc(limit=3)}
+        if rank == 0:
+            torch.save(res, os.path.join(args.out, f"{name}.{tag}.pt"))
+    if rank == 0:
+        torch.save({"lgtm": run_torch("lgtm"), "online_kd": run_torch("online_kd"),
+                    "lgtm_gas2": run_torch("lgtm", gas=2)},
+                   os.path.join(args.out, f"torch.{tag}.pt"))
+    print(f"rank {rank}: done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

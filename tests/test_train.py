@@ -1,0 +1,195 @@
+"""The training run end to end: the README command through the deepspeed launcher (2 CPU
+ranks), resume from a checkpoint, the three methods, and bad inputs (one clear error each,
+no output folder that looks complete)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from lgtm_ds import ConfigError, DataError, ModelError
+from lgtm_ds.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["data.synthetic_examples=400", "train.micro_batch_size=8", "train.eval_batch_size=64",
+         "train.log_every=2"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _deepspeed(args, ranks=2, port=29650):
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+           "--master_port", str(port), os.path.join(ROOT, "launch", "train.py")] + args
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+@pytest.fixture
+def dist_env(monkeypatch):
+    """In-process runs: a one-rank process group."""
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT="29680").items():
+        monkeypatch.setenv(k, v)
+
+
+def _run(tmp_path, *overrides):
+    from lgtm_ds.trainer import run
+
+    cfg = load_config(None, [f"output.dir={tmp_path / 'out'}", *SMALL, *overrides])
+    return run(cfg)
+
+
+@pytest.mark.slow
+def test_readme_command_two_ranks(tmp_path):
+    out = tmp_path / "run"
+    proc = _deepspeed(["--ds_config", "ds_configs/zero2.json", f"--output.dir={out}",
+                       "--train.max_steps=12", "--train.eval_every=6", *[f"--{o}" for o in SMALL]])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 12
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert set(resolved) == {"experiment", "deepspeed_teacher", "deepspeed_student"}
+    assert resolved["deepspeed_student"]["train_batch_size"] == 16  # 8 x 1 x 2 ranks
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r.get("eval")]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert all(0 <= r["student/accuracy"] <= 1 for r in evals)
+    train_rows = [r for r in rows if not r.get("eval")]
+    assert all(r["v_norm"] > 0 and "influence_mean" in r for r in train_rows)
+    split = json.loads((out / "data_split.json").read_text())
+    assert split["n_quiz"] == len(split["quiz_indices"]) > 0
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(out / "student")
+    tok = AutoTokenizer.from_pretrained(out / "student")
+    logits = model(**tok(["the battery is not bad at all"], return_tensors="pt")).logits
+    assert logits.shape == (1, 3)
+    assert (out / "teacher" / "config.json").exists()
+    assert "LGTM-DS run: lgtm" in proc.stdout
+
+
+@pytest.mark.slow
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, dist_env):
+    from lgtm_ds.trainer import Trainer
+
+    common = [*SMALL, "model.dropout=0.1", "train.max_steps=6", "train.eval_every=0",
+              "output.checkpoint_every=3"]
+    a = load_config(None, [f"output.dir={tmp_path / 'a'}", *common])
+    ta = Trainer(a)
+    ta.finish(ta.train())
+    full = [p.detach().clone() for p in ta.student.module.parameters()]
+    teacher_full = [p.detach().clone() for p in ta.teacher.module.parameters()]
+    assert (tmp_path / "a" / "checkpoints" / "latest").read_text() == "step3"
+
+    b = load_config(None, [f"output.dir={tmp_path / 'a'}", *common, "output.resume=auto"])
+    tb = Trainer(b)
+    assert tb.step == 3
+    tb.finish(tb.train())
+    for p, q in zip(tb.student.module.parameters(), full):
+        assert torch.equal(p, q)
+    for p, q in zip(tb.teacher.module.parameters(), teacher_full):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["online_kd", "vanilla_kd"])
+def test_baseline_methods_train(tmp_path, dist_env, method):
+    s = _run(tmp_path, f"method.name={method}", "train.max_steps=4", "train.eval_every=0",
+             "method.teacher_stage1_epochs=0.1")
+    assert s["method"] == method and s["steps"] == 4
+    assert (s["stage1_steps"] > 0) == (method == "vanilla_kd")
+    assert (tmp_path / "out" / "summary.json").exists()
+
+
+# -- bad inputs -------------------------------------------------------------------------------
+def _no_complete_output(tmp_path):
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_unknown_config_key_through_the_cli(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"),
+                           f"--output.dir={tmp_path / 'out'}", "--train.micro_batchsize=4"],
+                          env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "train.micro_batchsize" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_ds_json_conflicting_with_yaml(tmp_path, dist_env):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16,
+                               "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu.*train.micro_batch_size"):
+        _run(tmp_path, f"deepspeed.config={bad}")
+    _no_complete_output(tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_teacher_student_label_count_mismatch(tmp_path, dist_env):
+    from transformers import AutoModelForSequenceClassification
+
+    from lgtm_ds.models import embedded_config
+
+    path = tmp_path / "two_label_teacher"
+    cfg = embedded_config("tiny", vocab_size=1000, num_labels=2)
+    cfg.architectures = ["BertForSequenceClassification"]
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(path)
+    with pytest.raises(ModelError, match="teacher.*2-label.*3 labels"):
+        _run(tmp_path, f"model.teacher={path}", "model.tokenizer=embedded")
+    assert not (tmp_path / "out").exists()
+
+
+def _csv(tmp_path, text, name="train.csv"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_missing_text_column(tmp_path, dist_env):
+    f = _csv(tmp_path, "sentence,label\n" + "".join(f"good movie {i},1\nbad film {i},0\n"
+                                                     for i in range(20)))
+    with pytest.raises(DataError, match="'text'"):
+        _run(tmp_path, "data.source=files", f"data.train_file={f}", "model.tokenizer=embedded")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_label_column(tmp_path, dist_env):
+    f = _csv(tmp_path, "text,y\n" + "".join(f"good movie {i},1\n" for i in range(20)))
+    with pytest.raises(DataError, match="'label'"):
+        _run(tmp_path, "data.source=files", f"data.train_file={f}", "model.tokenizer=embedded")
+
+
+def test_unknown_glue_task(tmp_path, dist_env):
+    with pytest.raises(DataError, match="sst3"):
+        _run(tmp_path, "data.source=glue", "data.task=sst3", "model.tokenizer=embedded")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_dataset(tmp_path, dist_env):
+    f = _csv(tmp_path, "text,label\n")
+    with pytest.raises(DataError, match="empty|0 rows|no rows"):
+        _run(tmp_path, "data.source=files", f"data.train_file={f}", "model.tokenizer=embedded")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fraction", ["0", "0.7", "-0.1"])
+def test_quiz_fraction_out_of_range(tmp_path, fraction):
+    with pytest.raises(ConfigError, match="data.quiz_fraction"):
+        load_config(None, [f"data.quiz_fraction={fraction}"])
+
+
+def test_finished_run_is_not_overwritten(tmp_path, dist_env):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="output.overwrite"):
+        _run(tmp_path)
