@@ -2,12 +2,15 @@
 
 Conventions (lgtm-method.md): ``KL_T(p || q)`` is the mean over rows of
 ``sum_c p_c (log p_c - log q_c)`` with both distributions ``softmax(logits / T)``; no T^2 factor
-unless ``scale_by_t2``. The fused Triton versions live in ``lgtm_kernels``; these are the
-reference path that every engine and test uses on CPU.
+unless ``scale_by_t2``. The KD divergence and the fused teacher logit-gradient come from
+``lgtm_kernels`` (Triton on CUDA, its torch reference on CPU); this module composes them into
+the student and teacher objectives. Rows whose label is < 0 get no CE term; every mean divides
+by the number of rows.
 """
 
 from __future__ import annotations
 
+import lgtm_kernels
 import torch
 import torch.nn.functional as F
 
@@ -15,12 +18,15 @@ import torch.nn.functional as F
 def kd_per_row(logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-row ``KL(softmax(target/T) || softmax(logits/T))``; gradient flows to ``logits`` only.
 
-    Math in fp32 (or fp64 for fp64 inputs). Shapes [N, C] -> [N].
+    fp64 inputs take a float64 torch formula (the test oracle: the kernels compute in fp32);
+    everything else goes through ``lgtm_kernels.kd_loss``. Shapes [N, C] -> [N].
     """
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    log_q = F.log_softmax(logits.to(dtype) / temperature, dim=-1)
-    log_p = F.log_softmax(target_logits.detach().to(dtype) / temperature, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if logits.dtype == torch.float64:
+        log_q = F.log_softmax(logits / temperature, dim=-1)
+        log_p = F.log_softmax(target_logits.detach().double() / temperature, dim=-1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    return lgtm_kernels.kd_loss(logits, target_logits.detach().to(logits.dtype),
+                                temperature=temperature, reduction="none")
 
 
 def _t2(temperature: float, scale_by_t2: bool) -> float:
@@ -28,9 +34,10 @@ def _t2(temperature: float, scale_by_t2: bool) -> float:
 
 
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy; labels < 0 (e.g. -100) are ignored."""
+    """Cross-entropy summed over rows / number of rows; labels < 0 (e.g. -100) add nothing."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    return F.cross_entropy(logits.to(dtype), labels, ignore_index=-100)
+    ce = F.cross_entropy(logits.to(dtype), labels, ignore_index=-100, reduction="sum")
+    return ce / max(labels.shape[0], 1)
 
 
 def student_loss(
@@ -90,27 +97,20 @@ def lgtm_teacher_logit_grad(
     with ``q`` (``q+``, ``q-``) the student probabilities at theta (theta +- R v). Feeding this
     into one teacher backward equals ``grad_phi L_t(theta) - eta * h`` of the reference form.
     Influence ``I_i = -eta (l_i(+) - l_i(-)) / (2R)``, ``l_i`` the student's per-row KD loss.
-    Rows whose label is < 0 drop their CE term (``n`` still counts every row, as the mean does).
-    Returns (dL/dz in fp32/fp64 [N, C], influence [N]).
+    One fused pass (``lgtm_kernels``). Returns (dL/dz in z's dtype [N, C], influence [N]).
+
+    ``scale_by_t2`` multiplies both KD terms by T^2: the kernel's single ``alpha`` is rescaled to
+    ``a' = a T^2 / s`` with ``s = a T^2 + 1 - a`` and its gradient multiplied by ``s`` (so the
+    KD terms get ``a T^2``, the CE term ``1 - a``); the influence is multiplied by ``T^2``.
     """
-    dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
-    T = float(temperature)
-    z = teacher_logits.detach().to(dtype)
-    n = z.shape[0]
-    t2 = _t2(T, scale_by_t2)
-    p_t = torch.softmax(z / T, dim=-1)
-    q = torch.softmax(student_logits.detach().to(dtype) / T, dim=-1)
-    q_plus = torch.softmax(student_logits_plus.detach().to(dtype) / T, dim=-1)
-    q_minus = torch.softmax(student_logits_minus.detach().to(dtype) / T, dim=-1)
-    grad = alpha_teacher * t2 * (p_t - q) / (T * n)
-    if alpha_teacher < 1:
-        valid = labels >= 0
-        p1 = torch.softmax(z, dim=-1)
-        onehot = F.one_hot(labels.clamp_min(0), z.shape[-1]).to(dtype)
-        n_valid = max(int(valid.sum()), 1)  # note: host sync, n is tiny
-        grad = grad + (1 - alpha_teacher) * (p1 - onehot) * valid[:, None] / n_valid
-    grad = grad + eta * alpha_teacher * t2 * (q_plus - q_minus) / (2 * radius * T * n)
-    l_plus = kd_per_row(student_logits_plus.detach(), z, T)
-    l_minus = kd_per_row(student_logits_minus.detach(), z, T)
-    influence = -eta * t2 * (l_plus - l_minus) / (2 * radius)
+    a, t2 = float(alpha_teacher), _t2(temperature, scale_by_t2)
+    scale = a * t2 + (1 - a)
+    grad, influence = lgtm_kernels.lgtm_teacher_logit_grad(
+        teacher_logits.detach(), student_logits.detach(), student_logits_plus.detach(),
+        student_logits_minus.detach(), labels, alpha_teacher=a * t2 / scale,
+        temperature=temperature, eta=eta, radius=radius)
+    if scale != 1.0:
+        grad = grad * scale
+    if t2 != 1.0:
+        influence = influence * t2
     return grad, influence

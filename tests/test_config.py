@@ -59,8 +59,8 @@ def test_default_experiment_file():
     assert (m.name, m.alpha_student, m.alpha_teacher) == ("lgtm", 0.5, 0.4)
     assert cfg.method.temperature == 1.0 and cfg.method.fd_radius == pytest.approx(1e-2)
     t = cfg.train
-    assert (t.micro_batch_size, t.max_steps, t.eval_every, t.precision) == (32, 150, 50, "fp32")
-    assert t.student_lr == pytest.approx(1e-3) and t.teacher_lr == pytest.approx(5e-4)
+    assert (t.micro_batch_size, t.max_steps, t.eval_every, t.precision) == (32, 300, 100, "fp32")
+    assert t.student_lr == pytest.approx(1e-3) and t.teacher_lr == pytest.approx(1e-3)
     assert t.warmup_ratio == pytest.approx(0.1)
     assert cfg.output.dir == "outputs/lgtm-default"
     assert cfg.deepspeed.config is None and cfg.deepspeed.teacher == {}
