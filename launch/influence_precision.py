@@ -63,6 +63,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--warm_steps", type=int, default=100,
+                    help="online-KD steps (fp32) before measuring, so that biases and norms "
+                         "move off their exact initial values (zero biases absorb any R v)")
     args = ap.parse_args()
     cfg = load_config(None)
     args.teacher_lr, args.student_lr = cfg.train.teacher_lr, cfg.train.student_lr
@@ -75,12 +78,19 @@ def main() -> int:
     mk = lambda ds, seed: data_lib.InfiniteLoader(data_lib.make_loader(  # noqa: E731
         ds, args.batch, shuffle=True, seed=seed, drop_last=True, pad_token_id=0))
     tr, qz = mk(task.train, 1), mk(task.quiz, 2)
+    if args.warm_steps:
+        warm = Distiller("online_kd", teacher=teacher, student=student,
+                         teacher_optimizer=build_adamw(teacher, args.teacher_lr, 0.0),
+                         student_optimizer=build_adamw(student, args.student_lr, 0.0))
+        for _ in range(args.warm_steps):
+            warm.step(next(tr))
     batches = [next(tr) for _ in range(args.steps)]
     quiz = [next(qz) for _ in range(args.steps)]
     ref_term, ref_infl = influence("fp64", teacher, student, batches, quiz, args)
     print(f"default models: teacher {sum(p.numel() for p in teacher.parameters())/1e6:.2f}M, "
           f"student {sum(p.numel() for p in student.parameters())/1e6:.2f}M params; "
-          f"{args.steps} LGTM steps, batch {args.batch}")
+          f"{args.warm_steps} warm-up online-KD steps, then {args.steps} LGTM steps, "
+          f"batch {args.batch}")
     cos = torch.nn.functional.cosine_similarity
     for mode in ("bf16", "bf16_rounded"):
         term, infl = influence(mode, teacher, student, batches, quiz, args)
