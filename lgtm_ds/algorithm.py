@@ -20,6 +20,7 @@ E. per micro-batch: teacher forward (no grad) with the updated teacher, real stu
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +120,11 @@ class Distiller:
             metrics = self._online_teacher_update(micro)
         else:
             metrics = {}
+        teacher_stepped = self.method != "vanilla_kd"
+        if metrics.get("skipped") or (teacher_stepped and self.teacher.step_skipped):
+            # fp16 overflow in the teacher (or a non-finite influence pass): skip both steps
+            metrics["skipped"] = True
+            return metrics
         metrics.update(self._student_update(micro))
         return metrics
 
@@ -212,8 +218,13 @@ class Distiller:
         student.all_reduce_mean_(v)
         v_norm = torch.sqrt(sum((vi.double() ** 2).sum() for vi in v))
         v_norm_f = float(v_norm)  # note: host sync, R is a python scalar for the kernels
-        if not v_norm_f > 0:
-            raise FloatingPointError(f"quiz gradient norm is {v_norm_f}; cannot form R = r/||v||")
+        if not math.isfinite(v_norm_f):
+            # fp16 overflow in the student's passes: skip this step in both engines (the
+            # teacher has not been touched yet)
+            return {"skipped": True, "v_norm": v_norm_f}
+        if v_norm_f == 0:
+            raise FloatingPointError("quiz gradient is exactly zero; cannot form R = r/||v|| "
+                                     "(is the student's classifier frozen or zero?)")
         radius = hp.fd_radius / v_norm_f
 
         # D. perturbed student forwards, then one teacher backward per micro-batch.

@@ -233,3 +233,15 @@ def test_methods_and_api():
         Distiller("lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so).step(b)
     with pytest.raises(ConfigError, match="method"):
         Distiller("lgtm2", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so)
+
+
+def test_teacher_overflow_skips_the_student_step_too():
+    class Overflowing(TorchEngine):
+        step_skipped = True  # as a DeepSpeed fp16 engine reports after an overflow
+
+    t, s, to, so = _pair(torch.float32)
+    s0 = [p.detach().clone() for p in s.parameters()]
+    d = Distiller("online_kd", teacher=Overflowing(t, to), student=s, student_optimizer=so)
+    m = d.step(random_batch(8, 1))
+    assert m["skipped"] and "student_loss" not in m
+    assert all(torch.equal(p, p0) for p, p0 in zip(s.parameters(), s0))
