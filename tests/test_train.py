@@ -193,3 +193,25 @@ def test_finished_run_is_not_overwritten(tmp_path, dist_env):
     (out / "summary.json").write_text("{}")
     with pytest.raises(ConfigError, match="output.overwrite"):
         _run(tmp_path)
+
+
+@pytest.mark.slow
+def test_local_hf_models_and_tokenizer(tmp_path, dist_env):
+    """Bring your own models: save_pretrained folders for teacher, student and tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lgtm_ds import data as data_lib
+    from lgtm_ds.models import embedded_config
+
+    cfg = load_config(None, SMALL)
+    tok = data_lib.build_tokenizer("embedded", data_lib.synthetic_corpus_texts(cfg.data, 42))
+    paths = {}
+    for role, size in (("teacher", "student"), ("student", "tiny")):
+        mcfg = embedded_config(size, vocab_size=len(tok), num_labels=3)
+        mcfg.architectures = ["BertForSequenceClassification"]
+        paths[role] = tmp_path / role
+        AutoModelForSequenceClassification.from_config(mcfg).save_pretrained(paths[role])
+    tok.save_pretrained(paths["teacher"])
+    s = _run(tmp_path, f"model.teacher={paths['teacher']}", f"model.student={paths['student']}",
+             "model.tokenizer=null", "train.max_steps=3", "train.eval_every=0")
+    assert s["steps"] == 3 and s["params"]["student"] < s["params"]["teacher"]
