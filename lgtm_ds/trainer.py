@@ -145,8 +145,8 @@ class Trainer:
                                    scale_by_t2=m.scale_by_t2)
         pad = self.tokenizer.pad_token_id or 0
         self.train_batches = _Batches(self.task.train, cfg, self.rank, self.world, pad)
-        quiz_cfg = cfg
-        self.quiz_batches = _Batches(self.task.quiz, quiz_cfg, self.rank, self.world, pad) \
+        # quiz batches: same micro-batch size and accumulation as training batches
+        self.quiz_batches = _Batches(self.task.quiz, cfg, self.rank, self.world, pad) \
             if m.name == "lgtm" else None
         self.pad = pad
         self.step = 0

@@ -37,6 +37,7 @@ CASES = {
     "z3_2_bf16": ("lgtm", 3, 2, "bf16", 1),
     "online_z2_2": ("online_kd", 2, 2, "fp32", 1),
     "online_z3_2": ("online_kd", 3, 2, "fp32", 1),
+    "online_z2_3": ("online_kd", 2, 3, "fp32", 1),  # a ZeRO-3 student is fine without influence
     "z3_3": ("lgtm", 3, 3, "fp32", 1),  # refused: the LGTM student needs full params
 }
 
@@ -83,7 +84,7 @@ def run_case(name, rank, world):
                                      ds_config(stage, precision, micro, gas, world), role)
     d = Distiller(method, teacher=engines["teacher"], student=engines["student"])
     restored = True
-    influence = []
+    influence, radii = [], []
     for step in range(STEPS):
         train, quiz = batches(step, rank, world, gas)
         if method == "lgtm":
@@ -91,11 +92,16 @@ def run_case(name, rank, world):
             m = d._lgtm_teacher_update(train, quiz)
             restored &= all(torch.equal(p, b) for p, b in zip(student.parameters(), before))
             influence.append(m["influence"])
+            radii.append(m["fd_R"])
         else:
             d._online_teacher_update(train)
         d._student_update(train)
     assert all(p.dtype == dtype for p in student.parameters())
-    return {"teacher": full_params(engines["teacher"]), "student": full_params(engines["student"]),
+    import deepspeed.comm as dist
+
+    all_radii = [None] * world
+    dist.all_gather_object(all_radii, radii)  # R = r / ||v|| must agree bitwise on all ranks
+    return {"radius_agrees": all(r == all_radii[0] for r in all_radii), "radii": radii,"teacher": full_params(engines["teacher"]), "student": full_params(engines["student"]),
             "init": init, "restored": restored,
             "influence": torch.cat(influence) if influence else None}
 

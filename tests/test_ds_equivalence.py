@@ -51,7 +51,7 @@ def _rel_update(a, b, init):
 
 
 FP32 = ["z0_0", "z1_1", "z2_2", "z3_2", "z3_1", "z2_0", "z2_2_gas2", "z3_0_gas2",
-        "online_z2_2", "online_z3_2"]
+        "online_z2_2", "online_z3_2", "online_z2_3"]
 
 
 def _reference(load, name):
@@ -86,6 +86,12 @@ def test_student_bit_exact_after_influence_passes(results, name, world):
     res = results(name, world)
     assert res["restored"], f"{name}: student params changed by the influence passes"
     assert torch.isfinite(res["influence"]).all() and res["influence"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["z0_0", "z1_1", "z2_2", "z3_2_bf16"])
+def test_radius_agrees_on_all_ranks(results, name):
+    res = results(name, 2)
+    assert res["radius_agrees"] and len(res["radii"]) == 3 and all(r > 0 for r in res["radii"])
 
 
 @pytest.mark.parametrize("name", ["z1_1_bf16", "z2_2_bf16", "z3_2_bf16"])

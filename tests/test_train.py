@@ -215,3 +215,27 @@ def test_local_hf_models_and_tokenizer(tmp_path, dist_env):
     s = _run(tmp_path, f"model.teacher={paths['teacher']}", f"model.student={paths['student']}",
              "model.tokenizer=null", "train.max_steps=3", "train.eval_every=0")
     assert s["steps"] == 3 and s["params"]["student"] < s["params"]["teacher"]
+
+
+@pytest.mark.slow
+def test_zero3_teacher_is_saved_whole_and_wandb_logs_offline(tmp_path, dist_env, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    from transformers import AutoModelForSequenceClassification
+
+    from lgtm_ds.trainer import Trainer
+
+    cfg = load_config(None, [f"output.dir={tmp_path / 'out'}", *SMALL, "train.max_steps=2",
+                             "train.eval_every=0", "output.wandb=true",
+                             "deepspeed.teacher.zero_optimization.stage=3"])
+    tr = Trainer(cfg)
+    assert tr.teacher.stage == 3 and tr.student.stage == 2
+    tr.finish(tr.train())
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "teacher")
+    import deepspeed
+
+    params = list(tr.teacher.module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        live = {n: p.detach().clone() for n, p in tr.teacher.module.named_parameters()}
+    for n, p in saved.named_parameters():
+        assert p.shape == live[n].shape and torch.equal(p, live[n]), n
+    assert list((tmp_path / "out" / "wandb").glob("offline-run-*"))
