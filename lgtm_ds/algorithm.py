@@ -182,7 +182,7 @@ class Distiller:
         keep_graph = n_micro == 1  # one micro-batch: reuse the teacher forward's graph in D
 
         # A. student gradient on the training batch, at theta, w.r.t. the current teacher.
-        g = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+        g = None  # full-size fp32 gradients (ZeRO-3 params are empty placeholders: no zeros_like)
         t_graph, t_logits, s_logits = [], [], []
         for mb in micro:
             if keep_graph:
@@ -195,25 +195,24 @@ class Distiller:
             s = student.raw_forward(mb)
             ls = losses.student_loss(s, t_logits[-1], mb["labels"], alpha=hp.alpha_student,
                                      temperature=hp.temperature, scale_by_t2=hp.scale_by_t2)
-            for acc, gi in zip(g, torch.autograd.grad(ls / n_micro, params)):
-                acc.add_(gi)
+            gs = torch.autograd.grad(ls / n_micro, params)
+            if g is None:
+                g = [gi.to(torch.promote_types(gi.dtype, torch.float32)).clone() for gi in gs]
+            else:
+                for acc, gi in zip(g, gs):
+                    acc.add_(gi)
             s_logits.append(s.detach())
         student.all_reduce_mean_(g)
 
         # B. look-ahead student theta' (fp32 work tensors, optimizer state untouched).
         theta = student.master_params()
         state = student.adam_state()
-        look = [t.requires_grad_() for t in adamw_lookahead(theta, g, state)]
+        look = adamw_lookahead(theta, g, state)
         del g
 
         # C. quiz gradient v at theta'.
-        v = [torch.zeros_like(t) for t in look]
-        quiz_ce = 0.0
-        for qb in quiz:
-            ce = losses.ce_loss(student.functional_forward(look, qb), qb["labels"])
-            for acc, gi in zip(v, torch.autograd.grad(ce / len(quiz), look)):
-                acc.add_(gi)
-            quiz_ce += ce.detach()
+        v, quiz_ce = student.grad_at(
+            look, quiz, lambda logits, qb: losses.ce_loss(logits, qb["labels"]))
         del look
         student.all_reduce_mean_(v)
         v_norm = torch.sqrt(sum((vi.double() ** 2).sum() for vi in v))
@@ -236,10 +235,10 @@ class Distiller:
         for j, mb in enumerate(micro):
             with torch.no_grad(), _same_rng(device) as replay:
                 _axpy(work, theta, v, radius)
-                s_plus = student.functional_forward(work, mb)
+                s_plus = student.forward_at(work, mb)
                 replay()
                 _axpy(work, theta, v, -radius)
-                s_minus = student.functional_forward(work, mb)
+                s_minus = student.forward_at(work, mb)
             z = t_graph[j] if keep_graph else teacher.forward(mb)
             dz, infl = losses.lgtm_teacher_logit_grad(
                 z, s_logits[j], s_plus, s_minus, mb["labels"], alpha_teacher=hp.alpha_teacher,
@@ -254,7 +253,7 @@ class Distiller:
         del work
         return {
             "teacher_loss": float(t_total) / n_micro,
-            "quiz_ce_lookahead": float(quiz_ce) / len(quiz),
+            "quiz_ce_lookahead": float(quiz_ce),
             "v_norm": v_norm_f,
             "fd_R": radius,
             "eta": eta,

@@ -7,6 +7,7 @@ once per role, each with its own config dict (DeepSpeed-Chat's ``rlhf_engine.py`
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -52,7 +53,7 @@ class DeepSpeedEngineAdapter(Engine):
         return get_logits(self.engine(**model_inputs(batch)))
 
     def raw_forward(self, batch: dict) -> torch.Tensor:
-        self._need_full_params("the student gradient for the look-ahead")
+        # ZeRO-3 included: the module's own hooks gather the parameters
         return get_logits(self.module(**model_inputs(batch)))
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -73,17 +74,20 @@ class DeepSpeedEngineAdapter(Engine):
         return int(self.engine.global_steps)
 
     # -- influence passes ----------------------------------------------------------------------
-    def _need_full_params(self, what: str) -> None:
-        if self.stage == 3:
+    def _need_fp32_zero3(self, what: str) -> None:
+        if self.stage == 3 and self.module_dtype != torch.float32:
             raise ConfigError(
-                f"{what} needs the {self.role}'s full parameters on every rank; ZeRO-3 shards them. "
-                f"Use ZeRO stage 0-2 for the student (deepspeed.student.zero_optimization.stage); "
-                f"the teacher may use ZeRO-3.")
+                f"{what}: a ZeRO-3 {self.role} in {self.module_dtype} would round theta +- R v "
+                f"to its shards' dtype and lose the perturbation; use fp32 or ZeRO stage 0-2 for "
+                f"the student (deepspeed.student.zero_optimization.stage)")
+
+    @property
+    def module_dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
 
     def master_params(self) -> list[torch.Tensor]:
-        self._need_full_params("the look-ahead")
         params = self.params()
-        if all(p.dtype == torch.float32 for p in params):
+        if self.stage < 3 and all(p.dtype == torch.float32 for p in params):
             # ZeRO-0/1/2 in fp32: the module's params hold the master values (every rank).
             return [p.detach() for p in params]
         views = _fp16_optimizer_views(self.engine.optimizer, params)
@@ -95,7 +99,6 @@ class DeepSpeedEngineAdapter(Engine):
         return [safe_get_full_fp32_param(p).detach() for p in params]
 
     def adam_state(self) -> AdamState:
-        self._need_full_params("the look-ahead")
         basic = self.engine.basic_optimizer
         params = self.params()
         if self.engine.optimizer is basic:  # ZeRO-0, fp32: the torch optimizer sees our params
@@ -137,6 +140,62 @@ class DeepSpeedEngineAdapter(Engine):
             m = [safe_get_full_optimizer_state(p, "exp_avg") for p in params]
             v = [safe_get_full_optimizer_state(p, "exp_avg_sq") for p in params]
         return AdamState(m, v, step, lr, betas, eps, wd)
+
+    # -- ZeRO-3: run the student at other parameter values through its own shards ----------------
+    def forward_at(self, params: list[torch.Tensor], batch: dict) -> torch.Tensor:
+        if self.stage < 3:
+            return super().forward_at(params, batch)
+        self._need_fp32_zero3("the perturbed student forwards")
+        with self._zero3_params_set_to(params), torch.no_grad():
+            return get_logits(self.module(**model_inputs(batch)))
+
+    def grad_at(self, params, batches, loss_fn):
+        if self.stage < 3:
+            return super().grad_at(params, batches, loss_fn)
+        self._need_fp32_zero3("the quiz gradient at the look-ahead student")
+        module_params = self.params()
+        grads, total = None, 0.0
+        with self._zero3_params_set_to(params):
+            for b in batches:
+                loss = loss_fn(get_logits(self.module(**model_inputs(b))), b)
+                # autograd.grad: the ZeRO-3 reduce-scatter hooks (on AccumulateGrad) do not fire
+                gs = torch.autograd.grad(loss / len(batches), module_params)
+                grads = [g.clone() for g in gs] if grads is None else [
+                    a.add_(g) for a, g in zip(grads, gs)]
+                total += loss.detach()
+        return grads, total / len(batches)
+
+    @contextlib.contextmanager
+    def _zero3_params_set_to(self, params: list[torch.Tensor]):
+        """Write ``params`` (full tensors) into this rank's ZeRO-3 shards, in place, and restore
+        the shards bit for bit on exit.
+
+        Gathered full copies (persistent params, params still gathered after a forward) would
+        hide the write from the next forward, so every parameter is released first and again
+        before the restore; the next forward re-gathers from the shards.
+        """
+        import deepspeed.comm as dist
+
+        offload = self.engine.optimizer.parameter_offload
+        module_params = self.params()
+        offload.empty_partition_cache()  # release all gathered params (persistent ones too)
+        saved = [p.ds_tensor.detach().clone() for p in module_params]  # 1/world of the student
+        try:
+            with torch.no_grad():
+                for p, new in zip(module_params, params):
+                    shard = p.ds_tensor
+                    n = shard.ds_numel
+                    start = dist.get_rank(group=p.ds_process_group) * n
+                    flat = new.reshape(-1)
+                    end = min(start + n, flat.numel())
+                    if end > start:  # the tail of the last shard is padding
+                        shard.narrow(0, 0, end - start).copy_(flat[start:end])
+            yield
+        finally:
+            offload.empty_partition_cache()
+            with torch.no_grad():
+                for p, shard in zip(module_params, saved):
+                    p.ds_tensor.copy_(shard)
 
     def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
         import deepspeed.comm as dist
@@ -184,8 +243,10 @@ def _link_moments(opt, basic) -> None:
 
     if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
         lp, hp = opt.bit16_groups, opt.single_partition_of_fp32_groups
-    else:  # bf16 optimizer (ZeRO-0 + bf16)
+    elif hasattr(opt, "bf16_groups"):  # bf16 optimizer
         lp, hp = opt.bf16_groups, opt.fp32_groups_flat_partition
+    else:  # ZeRO-3 reads its fp32 partitions directly
+        return
     for lp_group, hp_flat in zip(lp, hp):
         if hp_flat in basic.state:
             lazy_init_hp_params_optimizer_state(lp_group, hp_flat, basic.state)

@@ -99,6 +99,25 @@ class Engine:
         return get_logits(functional_call(self.module, dict(zip(names, params)), args=(),
                                           kwargs=model_inputs(batch), strict=False))
 
+    def forward_at(self, params: list[torch.Tensor], batch: dict) -> torch.Tensor:
+        """No-grad forward of the module as if its parameters were ``params`` (full tensors)."""
+        with torch.no_grad():
+            return self.functional_forward(params, batch)
+
+    def grad_at(self, params: list[torch.Tensor], batches: list[dict], loss_fn
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``sum_j grad loss_fn(f(x_j; params), x_j) / len(batches)`` at ``params`` (full tensors),
+        and the mean loss. Not averaged over ranks."""
+        leaves = [p.detach().requires_grad_() for p in params]
+        grads = [torch.zeros_like(p) for p in leaves]
+        total = 0.0
+        for b in batches:
+            loss = loss_fn(self.functional_forward(leaves, b), b)
+            for acc, g in zip(grads, torch.autograd.grad(loss / len(batches), leaves)):
+                acc.add_(g)
+            total += loss.detach()
+        return grads, total / len(batches)
+
     def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
         """Average tensors over data-parallel ranks, in place (no-op on one process)."""
 

@@ -96,11 +96,11 @@ class Trainer:
         self.ds_teacher = build_ds_config(cfg, "teacher", self.world)
         self.ds_student = build_ds_config(cfg, "student", self.world)
         s_stage = self.ds_student.get("zero_optimization", {}).get("stage", 0)
-        if cfg.method.name == "lgtm" and s_stage == 3:
-            raise ConfigError("method lgtm: the student must use ZeRO stage 0-2 (its influence "
-                              "passes need full parameters); set "
-                              "deepspeed.student.zero_optimization.stage to 2 (the teacher may "
-                              "use ZeRO-3)")
+        if cfg.method.name == "lgtm" and s_stage == 3 and cfg.train.precision != "fp32":
+            raise ConfigError(
+                f"method lgtm with a ZeRO-3 student needs train.precision=fp32 (got "
+                f"{cfg.train.precision}): its shards would round theta +- R v and lose the "
+                f"perturbation; use deepspeed.student.zero_optimization.stage<=2 for bf16/fp16")
         tok_name = _tokenizer_name(cfg)
         corpus = (data_lib.synthetic_corpus_texts(cfg.data, cfg.train.seed)
                   if tok_name == "embedded" and cfg.data.source == "synthetic" else None)

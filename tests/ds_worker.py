@@ -38,13 +38,20 @@ CASES = {
     "online_z2_2": ("online_kd", 2, 2, "fp32", 1),
     "online_z3_2": ("online_kd", 3, 2, "fp32", 1),
     "online_z2_3": ("online_kd", 2, 3, "fp32", 1),  # a ZeRO-3 student is fine without influence
-    "z3_3": ("lgtm", 3, 3, "fp32", 1),  # refused: the LGTM student needs full params
+    "z2_3": ("lgtm", 2, 3, "fp32", 1),
+    "z0_3_gas2": ("lgtm", 0, 3, "fp32", 2),
+    "z2_3_np": ("lgtm", 2, 3, "fp32", 1),  # no persistent params: every forward re-gathers
+    "z3_3": ("lgtm", 3, 3, "fp32", 1),  # two ZeRO-3 engines in one process
+    "z2_3_bf16": ("lgtm", 2, 3, "bf16", 1),  # refused: bf16 shards would round theta +- R v
 }
 
 
-def ds_config(stage, precision, micro, gas, world):
+def ds_config(stage, precision, micro, gas, world, persistence=None):
+    zero = {"stage": stage}
+    if persistence is not None:
+        zero["stage3_param_persistence_threshold"] = persistence
     return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
-            "train_batch_size": micro * gas * world, "zero_optimization": {"stage": stage},
+            "train_batch_size": micro * gas * world, "zero_optimization": zero,
             "bf16": {"enabled": precision == "bf16"}, "gradient_clipping": 1.0,
             "steps_per_print": 10**9}
 
@@ -58,6 +65,11 @@ def batches(step, rank, world, gas):
         n = GLOBAL_BATCH // world // gas
         out.append([{k: v[i * n:(i + 1) * n] for k, v in mine.items()} for i in range(gas)])
     return out
+
+
+def local_storage(p):
+    """What this rank stores of a parameter: its ZeRO-3 shard, else the full tensor."""
+    return (p.ds_tensor if hasattr(p, "ds_tensor") else p).detach()
 
 
 def full_params(adapter):
@@ -81,16 +93,18 @@ def run_case(name, rank, world):
     for role, model, stage, lr in (("teacher", teacher, ts, 3e-3), ("student", student, ss, 5e-3)):
         opt = build_adamw(model, lr, 0.01)
         engines[role] = build_engine(model, opt, warmup_linear(opt, 10, 0.2),
-                                     ds_config(stage, precision, micro, gas, world), role)
+                                     ds_config(stage, precision, micro, gas, world,
+                                               0 if name.endswith("_np") else None), role)
     d = Distiller(method, teacher=engines["teacher"], student=engines["student"])
     restored = True
     influence, radii = [], []
     for step in range(STEPS):
         train, quiz = batches(step, rank, world, gas)
         if method == "lgtm":
-            before = [p.detach().clone() for p in student.parameters()]
+            before = [local_storage(p).clone() for p in student.parameters()]
             m = d._lgtm_teacher_update(train, quiz)
-            restored &= all(torch.equal(p, b) for p, b in zip(student.parameters(), before))
+            restored &= all(torch.equal(local_storage(p), b)
+                            for p, b in zip(student.parameters(), before))
             influence.append(m["influence"])
             radii.append(m["fd_R"])
         else:

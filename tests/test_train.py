@@ -239,3 +239,21 @@ def test_zero3_teacher_is_saved_whole_and_wandb_logs_offline(tmp_path, dist_env,
     for n, p in saved.named_parameters():
         assert p.shape == live[n].shape and torch.equal(p, live[n]), n
     assert list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+
+
+def test_bf16_zero3_lgtm_student_is_refused(tmp_path, dist_env):
+    with pytest.raises(ConfigError, match="ZeRO-3 student.*precision=fp32"):
+        _run(tmp_path, "train.precision=bf16", "deepspeed.student.zero_optimization.stage=3")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_lgtm_with_zero3_teacher_and_zero3_student(tmp_path, dist_env):
+    s = _run(tmp_path, "train.max_steps=3", "train.eval_every=0",
+             "deepspeed.teacher.zero_optimization.stage=3",
+             "deepspeed.student.zero_optimization.stage=3")
+    assert s["zero_stage"] == {"teacher": 3, "student": 3} and s["steps"] == 3
+    from transformers import AutoModelForSequenceClassification
+
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "student")
+    assert all(p.numel() > 0 for p in student.parameters())
