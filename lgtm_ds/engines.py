@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import lgtm_kernels
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -215,9 +216,25 @@ def adamw_lookahead(params: list[torch.Tensor], grads: list[torch.Tensor],
 
     Same order of operations as ``torch.optim.AdamW`` (decoupled weight decay first, then
     ``m_hat / (sqrt(v') / sqrt(bc2) + eps)``); moments are read, never written. Returns new
-    tensors in fp32 (fp64 for fp64 params).
+    tensors in fp32 (fp64 for fp64 params). fp32 goes through ``lgtm_kernels.adamw_lookahead_``
+    (one launch per hyper-parameter group on CUDA); fp64 (the test oracle) through the loop below.
     """
     t = state.step + 1
+    if all(p.dtype == torch.float32 for p in params):
+        out = [torch.empty_like(p) for p in params]
+        zeros = None if state.exp_avg is not None else [torch.zeros_like(p) for p in params]
+        m_all = state.exp_avg if state.exp_avg is not None else zeros
+        v_all = state.exp_avg_sq if state.exp_avg_sq is not None else zeros
+        groups: dict[tuple, list[int]] = {}
+        for i in range(len(params)):
+            key = (state.lr[i], *state.betas[i], state.eps[i], state.weight_decay[i])
+            groups.setdefault(key, []).append(i)
+        for (lr, b1, b2, eps, wd), idx in groups.items():
+            pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+            lgtm_kernels.adamw_lookahead_(
+                pick(out), [g.float() for g in pick(grads)], pick(m_all), pick(v_all), step=t,
+                lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, source=pick(params))
+        return out
     out = []
     for i, (p, g) in enumerate(zip(params, grads)):
         dtype = torch.promote_types(p.dtype, torch.float32)
@@ -231,6 +248,5 @@ def adamw_lookahead(params: list[torch.Tensor], grads: list[torch.Tensor],
         bc1 = 1 - b1**t
         bc2 = 1 - b2**t
         denom = v.sqrt() / (bc2**0.5) + eps
-        new = p.to(dtype) * (1 - lr * wd) - (lr / bc1) * (m / denom)
-        out.append(new)
+        out.append(p.to(dtype) * (1 - lr * wd) - (lr / bc1) * (m / denom))
     return out
