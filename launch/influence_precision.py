@@ -39,15 +39,20 @@ def influence(mode, teacher, student, batches, quiz, args):
     t_opt, s_opt = build_adamw(t, args.teacher_lr, 0.0), build_adamw(s, args.student_lr, 0.0)
     s_engine = (RoundedPerturbation if mode == "bf16_rounded" else TorchEngine)(s, s_opt)
     d = Distiller("lgtm", teacher=t, student=s_engine, teacher_optimizer=t_opt)
-    seen = []
+    seen, in_grad = [], []
     orig = losses.lgtm_teacher_logit_grad
 
     def spy(z, s_logits, s_plus, s_minus, labels, **kw):
         q = torch.softmax(s_plus.double() / kw["temperature"], -1) - torch.softmax(
             s_minus.double() / kw["temperature"], -1)
-        seen.append((kw["eta"] * kw["alpha_teacher"] * q / (2 * kw["radius"] * kw["temperature"]
-                                                            * z.shape[0])).reshape(-1))
-        return orig(z, s_logits, s_plus, s_minus, labels, **kw)
+        term = kw["eta"] * kw["alpha_teacher"] * q / (2 * kw["radius"] * kw["temperature"]
+                                                      * z.shape[0])
+        seen.append(term.reshape(-1))
+        grad, infl = orig(z, s_logits, s_plus, s_minus, labels, **kw)
+        # what the teacher backward receives of the term, after dL/dz is cast to z's dtype
+        without = (grad.double() - term).to(z.dtype)
+        in_grad.append((grad.to(z.dtype).double() - without.double()).reshape(-1))
+        return grad, infl
 
     losses.lgtm_teacher_logit_grad = spy
     infl = []
@@ -56,7 +61,7 @@ def influence(mode, teacher, student, batches, quiz, args):
             infl.append(d.step(b, q)["influence"].double())
     finally:
         losses.lgtm_teacher_logit_grad = orig
-    return torch.cat(seen), torch.cat(infl)
+    return torch.cat(seen), torch.cat(infl), torch.cat(in_grad)
 
 
 def main() -> int:
@@ -86,19 +91,20 @@ def main() -> int:
             warm.step(next(tr))
     batches = [next(tr) for _ in range(args.steps)]
     quiz = [next(qz) for _ in range(args.steps)]
-    ref_term, ref_infl = influence("fp64", teacher, student, batches, quiz, args)
+    ref_term, ref_infl, _ = influence("fp64", teacher, student, batches, quiz, args)
     print(f"default models: teacher {sum(p.numel() for p in teacher.parameters())/1e6:.2f}M, "
           f"student {sum(p.numel() for p in student.parameters())/1e6:.2f}M params; "
           f"{args.warm_steps} warm-up online-KD steps, then {args.steps} LGTM steps, "
           f"batch {args.batch}")
     cos = torch.nn.functional.cosine_similarity
     for mode in ("bf16", "bf16_rounded"):
-        term, infl = influence(mode, teacher, student, batches, quiz, args)
+        term, infl, in_grad = influence(mode, teacher, student, batches, quiz, args)
         label = ("bf16, LGTM-DS (fp32 work tensors)" if mode == "bf16"
                  else "bf16, theta +- Rv rounded to bf16")
         print(f"{label:<36} cosine vs fp64: influence term "
               f"{float(cos(term, ref_term, dim=0)):.4f}, per-sample influence "
-              f"{float(cos(infl, ref_infl, dim=0)):.4f}")
+              f"{float(cos(infl, ref_infl, dim=0)):.4f}, the term as the teacher backward "
+              f"receives it (dL/dz in bf16) {float(cos(in_grad, ref_term, dim=0)):.4f}")
     return 0
 
 
