@@ -4,7 +4,8 @@ Runs one LGTM step of the default embedded teacher/student on synthetic batches 
 float64 (reference), bf16 as LGTM-DS does it (perturbed student forwards from fp32 work
 tensors), and bf16 with theta +- R v rounded to bf16 (what an in-place bf16 perturbation sees).
 Reports the cosine of the logit-space influence term eta a_t (q+ - q-) / (2 R T n) and of the
-per-sample influence against float64.
+per-sample influence against float64, and what is left of the term once it is summed into one
+bf16 dL/dz tensor (as a single bf16 teacher backward would receive it).
 
     python launch/influence_precision.py [--steps 3] [--batch 32]
 """
@@ -103,8 +104,10 @@ def main() -> int:
                  else "bf16, theta +- Rv rounded to bf16")
         print(f"{label:<36} cosine vs fp64: influence term "
               f"{float(cos(term, ref_term, dim=0)):.4f}, per-sample influence "
-              f"{float(cos(infl, ref_infl, dim=0)):.4f}, the term as the teacher backward "
-              f"receives it (dL/dz in bf16) {float(cos(in_grad, ref_term, dim=0)):.4f}")
+              f"{float(cos(infl, ref_infl, dim=0)):.4f}; the term inside one bf16 dL/dz "
+              f"{float(cos(in_grad, ref_term, dim=0)):.4f}")
+    print("(the last figure is why bf16 DeepSpeed teachers backpropagate the influence term on "
+          "its own and add it to fp32-accumulated gradients: tests/test_ds_equivalence.py)")
     return 0
 
 

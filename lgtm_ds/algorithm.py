@@ -180,7 +180,10 @@ class Distiller:
         student.module.train()
         params = student.params()
         n_micro = len(micro)
-        keep_graph = n_micro == 1  # one micro-batch: reuse the teacher forward's graph in D
+        split = teacher.split_influence_backward
+        # one micro-batch: reuse the teacher forward's graph in D (not when the influence term is
+        # backpropagated on its own: that pass replays the dropout mask of D's forward)
+        keep_graph = n_micro == 1 and not split
 
         # A. student gradient on the training batch, at theta, w.r.t. the current teacher.
         g = None  # full-size fp32 gradients (ZeRO-3 params are empty placeholders: no zeros_like)
@@ -233,6 +236,8 @@ class Distiller:
         t_total = 0.0
         work = [torch.empty_like(t) for t in theta]
         device = _device_of(student)
+        t_params = teacher.params() if split else None
+        g_infl = None
         for j, mb in enumerate(micro):
             with torch.no_grad(), _same_rng(device) as replay:
                 _axpy(work, theta, v, radius)
@@ -240,11 +245,33 @@ class Distiller:
                 replay()
                 _axpy(work, theta, v, -radius)
                 s_minus = student.forward_at(work, mb)
-            z = t_graph[j] if keep_graph else teacher.forward(mb)
-            dz, infl = losses.lgtm_teacher_logit_grad(
-                z, s_logits[j], s_plus, s_minus, mb["labels"], alpha_teacher=hp.alpha_teacher,
-                temperature=hp.temperature, eta=eta, radius=radius, scale_by_t2=hp.scale_by_t2)
+            with _same_rng(device) as replay_teacher:
+                z = t_graph[j] if keep_graph else teacher.forward(mb)
+            kw = dict(alpha_teacher=hp.alpha_teacher, temperature=hp.temperature, eta=eta,
+                      radius=radius, scale_by_t2=hp.scale_by_t2)
+            dz, infl = losses.lgtm_teacher_logit_grad(z, s_logits[j], s_plus, s_minus,
+                                                      mb["labels"], **kw)
+            if split:
+                # bf16 teacher: the influence part of dL/dz is ~1e-5 of the rest and would vanish
+                # in one bf16 tensor. Backpropagate it on its own (module forward with the same
+                # dropout mask, torch.autograd.grad: the engine's buffers and hooks untouched)
+                # and add it to the fp32-accumulated gradients before the step.
+                # the main part with eta = 0: bitwise what it would be without the influence term
+                dz, _ = losses.lgtm_teacher_logit_grad(z, s_logits[j], s_plus, s_minus,
+                                                       mb["labels"], **{**kw, "eta": 0.0})
+                term = losses.influence_logit_term(s_plus, s_minus, **kw)
+                replay_teacher()
+                z_alone = teacher.raw_forward(mb)
+                gs = torch.autograd.grad(z_alone, t_params, grad_outputs=term.to(z_alone.dtype))
+                if g_infl is None:
+                    g_infl = [gi.float() / n_micro for gi in gs]
+                else:
+                    for acc, gi in zip(g_infl, gs):
+                        acc.add_(gi.float(), alpha=1.0 / n_micro)
+                del z_alone, gs
             teacher.backward((z * dz.to(z.dtype)).sum())
+            if split and j == n_micro - 1:
+                teacher.add_grads_(g_infl)  # boundary micro-batch: before the optimizer step
             teacher.step()
             influences.append(infl.detach())
             with torch.no_grad():

@@ -141,6 +141,38 @@ class DeepSpeedEngineAdapter(Engine):
             v = [safe_get_full_optimizer_state(p, "exp_avg_sq") for p in params]
         return AdamState(m, v, step, lr, betas, eps, wd)
 
+    # -- teacher: influence gradient added in fp32 (bf16 engines) -------------------------------
+    @property
+    def split_influence_backward(self) -> bool:
+        return self.module_dtype == torch.bfloat16
+
+    def add_grads_(self, grads: list[torch.Tensor]) -> None:
+        """Add rank-local fp32 ``grads`` (already divided by the accumulation steps) to the
+        engine's reduced gradients, which must be fp32 (``data_types.grad_accum_dtype``)."""
+        from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+        if self.stage < 2 or self.engine.get_data_types()[1] != torch.float32:
+            raise ConfigError(
+                f"LGTM with a bf16 {self.role} needs ZeRO stage 2 or 3 and "
+                f'"data_types": {{"grad_accum_dtype": "fp32"}} for it (got stage {self.stage}, '
+                f"{self.engine.get_data_types()[1]}): bf16 gradients round the influence term away")
+        self.all_reduce_mean_(grads)  # one collective for the whole list
+        for p, g in zip(self.params(), grads):
+            # note: collectives, one per tensor (every rank calls them in the same order)
+            full = safe_get_full_grad(p)
+            if full is None:
+                raise ConfigError(f"the {self.role}'s DeepSpeed optimizer exposes no fp32 "
+                                  f"gradients (ZeRO stage {self.stage})")
+            new = (full.float() + g.reshape(full.shape)).reshape(-1)
+            if self.stage == 3:
+                # DeepSpeed slices rank r's partition as value[r*n:(r+1)*n] without padding the
+                # tail: pad to world * partition size ourselves
+                import deepspeed.comm as dist
+
+                total = p.ds_tensor.ds_numel * dist.get_world_size(group=p.ds_process_group)
+                new = torch.nn.functional.pad(new, (0, total - new.numel()))
+            safe_set_full_grad(p, new)
+
     # -- ZeRO-3: run the student at other parameter values through its own shards ----------------
     def forward_at(self, params: list[torch.Tensor], batch: dict) -> torch.Tensor:
         if self.stage < 3:

@@ -122,6 +122,18 @@ class Engine:
     def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
         """Average tensors over data-parallel ranks, in place (no-op on one process)."""
 
+    # -- teacher: the influence term's gradient, kept apart from the main term -----------------
+    @property
+    def split_influence_backward(self) -> bool:
+        """True when a single low-precision backward would round the (tiny) influence term of
+        dL/dz away: the algorithm then backpropagates it separately and calls
+        :meth:`add_grads_` before the boundary step."""
+        return False
+
+    def add_grads_(self, grads: list[torch.Tensor]) -> None:
+        """Add (rank-local) ``grads`` to the accumulated gradients, before the boundary step."""
+        raise NotImplementedError
+
     def _param_names(self) -> list[str]:
         if not hasattr(self, "_names_cache"):
             self._names_cache = [n for n, p in self.module.named_parameters() if p.requires_grad]

@@ -114,3 +114,15 @@ def lgtm_teacher_logit_grad(
     if t2 != 1.0:
         influence = influence * t2
     return grad, influence
+
+
+def influence_logit_term(student_logits_plus: torch.Tensor, student_logits_minus: torch.Tensor, *,
+                         alpha_teacher: float, temperature: float, eta: float, radius: float,
+                         scale_by_t2: bool = False) -> torch.Tensor:
+    """The influence part of dL/dz alone: ``eta a_t (q+ - q-) / (2 R T n)`` (fp32)."""
+    dtype = torch.promote_types(student_logits_plus.dtype, torch.float32)
+    T = float(temperature)
+    n = student_logits_plus.shape[0]
+    q_plus = torch.softmax(student_logits_plus.detach().to(dtype) / T, dim=-1)
+    q_minus = torch.softmax(student_logits_minus.detach().to(dtype) / T, dim=-1)
+    return (eta * alpha_teacher * _t2(T, scale_by_t2) / (2 * radius * T * n)) * (q_plus - q_minus)

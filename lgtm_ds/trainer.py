@@ -101,6 +101,8 @@ class Trainer:
                 f"method lgtm with a ZeRO-3 student needs train.precision=fp32 (got "
                 f"{cfg.train.precision}): its shards would round theta +- R v and lose the "
                 f"perturbation; use deepspeed.student.zero_optimization.stage<=2 for bf16/fp16")
+        if cfg.method.name == "lgtm" and cfg.train.precision == "bf16":
+            _fp32_teacher_grads(self.ds_teacher)
         tok_name = _tokenizer_name(cfg)
         corpus = (data_lib.synthetic_corpus_texts(cfg.data, cfg.train.seed)
                   if tok_name == "embedded" and cfg.data.source == "synthetic" else None)
@@ -344,6 +346,24 @@ def format_summary(s: dict, out: Path) -> str:
         "=" * 64,
     ]
     return "\n".join(line for line in lines if line)
+
+
+def _fp32_teacher_grads(ds_teacher: dict) -> None:
+    """bf16 LGTM: the influence part of the teacher gradient is ~1e-5 of the rest and vanishes in
+    bf16 gradients; it is backpropagated on its own and added to fp32-accumulated gradients,
+    which DeepSpeed offers at ZeRO-2/3 with ``data_types.grad_accum_dtype = fp32``."""
+    stage = ds_teacher.get("zero_optimization", {}).get("stage", 0)
+    if stage < 2:
+        raise ConfigError(
+            f"method lgtm with train.precision=bf16 needs the teacher at ZeRO stage 2 or 3 (got "
+            f"{stage}; deepspeed.teacher.zero_optimization.stage): at stage 0/1 DeepSpeed keeps "
+            f"bf16 gradients, which round the influence term away")
+    data_types = ds_teacher.setdefault("data_types", {})
+    if data_types.get("grad_accum_dtype", "fp32") != "fp32":
+        raise ConfigError(
+            f"method lgtm with bf16 needs the teacher's data_types.grad_accum_dtype = fp32, got "
+            f"{data_types['grad_accum_dtype']!r}")
+    data_types["grad_accum_dtype"] = "fp32"
 
 
 def _barrier() -> None:

@@ -31,8 +31,9 @@ CASES = {
     "z2_0": ("lgtm", 2, 0, "fp32", 1),
     "z2_2_gas2": ("lgtm", 2, 2, "fp32", 2),
     "z3_0_gas2": ("lgtm", 3, 0, "fp32", 2),
-    "z0_0_bf16": ("lgtm", 0, 0, "bf16", 1),
-    "z1_1_bf16": ("lgtm", 1, 1, "bf16", 1),
+    "z2_0_bf16": ("lgtm", 2, 0, "bf16", 1),
+    "z2_1_bf16": ("lgtm", 2, 1, "bf16", 1),
+    "z1_1_bf16": ("lgtm", 1, 1, "bf16", 1),  # refused: a bf16 ZeRO-1 teacher keeps bf16 grads
     "z2_2_bf16": ("lgtm", 2, 2, "bf16", 1),
     "z3_2_bf16": ("lgtm", 3, 2, "bf16", 1),
     "online_z2_2": ("online_kd", 2, 2, "fp32", 1),
@@ -43,14 +44,19 @@ CASES = {
     "z2_3_np": ("lgtm", 2, 3, "fp32", 1),  # no persistent params: every forward re-gathers
     "z3_3": ("lgtm", 3, 3, "fp32", 1),  # two ZeRO-3 engines in one process
     "z2_3_bf16": ("lgtm", 2, 3, "bf16", 1),  # refused: bf16 shards would round theta +- R v
+    "infl_bf16_z2": None,  # the influence part of the bf16 teacher gradient (ZeRO-2 teacher)
+    "infl_bf16_z3": None,
 }
 
 
-def ds_config(stage, precision, micro, gas, world, persistence=None):
+def ds_config(stage, precision, micro, gas, world, persistence=None, role="student"):
     zero = {"stage": stage}
     if persistence is not None:
         zero["stage3_param_persistence_threshold"] = persistence
-    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
+    extra = {}
+    if precision == "bf16" and role == "teacher" and stage >= 2:
+        extra["data_types"] = {"grad_accum_dtype": "fp32"}  # as the trainer sets for bf16 LGTM
+    return {**extra,"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
             "train_batch_size": micro * gas * world, "zero_optimization": zero,
             "bf16": {"enabled": precision == "bf16"}, "gradient_clipping": 1.0,
             "steps_per_print": 10**9}
@@ -94,7 +100,7 @@ def run_case(name, rank, world):
         opt = build_adamw(model, lr, 0.01)
         engines[role] = build_engine(model, opt, warmup_linear(opt, 10, 0.2),
                                      ds_config(stage, precision, micro, gas, world,
-                                               0 if name.endswith("_np") else None), role)
+                                               0 if name.endswith("_np") else None, role), role)
     d = Distiller(method, teacher=engines["teacher"], student=engines["student"])
     restored = True
     influence, radii = [], []
@@ -118,6 +124,60 @@ def run_case(name, rank, world):
     return {"radius_agrees": all(r == all_radii[0] for r in all_radii), "radii": radii,"teacher": full_params(engines["teacher"]), "student": full_params(engines["student"]),
             "init": init, "restored": restored,
             "influence": torch.cat(influence) if influence else None}
+
+
+def influence_gradient(teacher_stage, rank, world):
+    """The influence part of the teacher gradient (G with eta minus G with eta = 0, one LGTM
+    step) of a bf16 engine pair vs float64 plain modules: its cosine and norm ratio."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from lgtm_ds.engines import TorchEngine
+
+    def run(engine_kind, eta_on):
+        teacher, student = tiny_model(seed=1, size="student"), tiny_model(seed=2)
+        captured = {}
+        if engine_kind == "ds":
+            t_opt, s_opt = build_adamw(teacher, 3e-3, 0.01), build_adamw(student, 5e-3, 0.01)
+            micro = GLOBAL_BATCH // world
+            te = build_engine(teacher, t_opt, None,
+                              ds_config(teacher_stage, "bf16", micro, 1, world, role="teacher"),
+                              "teacher")
+            se = build_engine(student, s_opt, None, ds_config(2, "bf16", micro, 1, world),
+                              "student")
+            orig = te.step
+
+            def step():
+                if te.engine.is_gradient_accumulation_boundary():
+                    captured["G"] = [safe_get_full_grad(p).double().cpu().clone()
+                                     for p in teacher.parameters()]
+                orig()
+
+            te.step = step
+            train, quiz = batches(0, rank, world, 1)
+        else:
+            teacher, student = teacher.double(), student.double()
+            t_opt, s_opt = build_adamw(teacher, 3e-3, 0.01), build_adamw(student, 5e-3, 0.01)
+            te, se = TorchEngine(teacher, t_opt), TorchEngine(student, s_opt)
+            orig = t_opt.step
+
+            def opt_step(*a, **k):
+                captured["G"] = [p.grad.detach().clone() for p in teacher.parameters()]
+                return orig(*a, **k)
+
+            t_opt.step = opt_step
+            train, quiz = batches(0, 0, 1, 1)
+        if not eta_on:
+            te.lr = lambda: 0.0  # eta = 0: the influence term vanishes, the rest is unchanged
+        Distiller("lgtm", teacher=te, student=se)._lgtm_teacher_update(train, quiz)
+        return captured["G"]
+
+    diff = [a - b for a, b in zip(run("ds", True), run("ds", False))]
+    if rank != 0:
+        return {}
+    ref = [a - b for a, b in zip(run("torch", True), run("torch", False))]
+    d, r = torch.cat([x.reshape(-1) for x in diff]), torch.cat([x.reshape(-1) for x in ref])
+    return {"cos": float(torch.nn.functional.cosine_similarity(d, r, dim=0)),
+            "norm_ratio": float(d.norm() / r.norm())}
 
 
 def run_torch(method, gas=1):
@@ -148,7 +208,10 @@ def main():
     tag = f"w{world}"
     for name in args.cases.split(","):
         try:
-            res = run_case(name, rank, world)
+            if name.startswith("infl_bf16_z"):
+                res = influence_gradient(int(name[-1]), rank, world)
+            else:
+                res = run_case(name, rank, world)
         except ConfigError as e:
             res = {"error": str(e)}
         except Exception:

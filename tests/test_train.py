@@ -257,3 +257,18 @@ def test_lgtm_with_zero3_teacher_and_zero3_student(tmp_path, dist_env):
 
     student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "student")
     assert all(p.numel() > 0 for p in student.parameters())
+
+
+def test_bf16_lgtm_needs_a_zero2_teacher(tmp_path, dist_env):
+    with pytest.raises(ConfigError, match="teacher at ZeRO stage 2 or 3"):
+        _run(tmp_path, "train.precision=bf16", "deepspeed.teacher.zero_optimization.stage=1")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_bf16_lgtm_run_accumulates_teacher_grads_in_fp32(tmp_path, dist_env):
+    s = _run(tmp_path, "train.precision=bf16", "train.max_steps=2", "train.eval_every=0")
+    assert s["precision"] == "bf16" and s["steps"] == 2
+    resolved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert resolved["deepspeed_teacher"]["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert resolved["deepspeed_teacher"]["bf16"]["enabled"] is True
