@@ -13,7 +13,8 @@ C. ``v = grad_theta' CE(y_q, f(x_q; theta'))`` over the quiz micro-batches, rank
    ``||v||`` and ``R = r / ||v||`` agree on every rank.
 D. per micro-batch: student forwards at ``theta +- R v`` (fp32 work tensors, same dropout mask
    on both sides), one teacher forward with graph and ONE teacher backward of
-   ``(z * dL/dz).sum()``; teacher step.
+   ``(z * dL/dz).sum()``; teacher step. (bf16 teachers: the influence part of dL/dz is
+   backpropagated on its own and added to fp32-accumulated gradients, see ``split`` below.)
 E. per micro-batch: teacher forward (no grad) with the updated teacher, real student step.
 """
 
