@@ -101,6 +101,11 @@ class Trainer:
                 f"method lgtm with a ZeRO-3 student needs train.precision=fp32 (got "
                 f"{cfg.train.precision}): its shards would round theta +- R v and lose the "
                 f"perturbation; use deepspeed.student.zero_optimization.stage<=2 for bf16/fp16")
+        if cfg.method.name == "lgtm" and cfg.train.precision == "fp16":
+            raise ConfigError(
+                "method lgtm with train.precision=fp16 is not supported yet: the influence part of "
+                "the teacher gradient (~1e-5 of the rest) is below fp16 resolution and the "
+                "fp32-accumulation path is bf16-only; use bf16 or fp32 (the baselines run in fp16)")
         if cfg.method.name == "lgtm" and cfg.train.precision == "bf16":
             _fp32_teacher_grads(self.ds_teacher)
         tok_name = _tokenizer_name(cfg)

@@ -272,3 +272,9 @@ def test_bf16_lgtm_run_accumulates_teacher_grads_in_fp32(tmp_path, dist_env):
     resolved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert resolved["deepspeed_teacher"]["data_types"] == {"grad_accum_dtype": "fp32"}
     assert resolved["deepspeed_teacher"]["bf16"]["enabled"] is True
+
+
+def test_fp16_lgtm_is_refused_with_a_reason(tmp_path, dist_env):
+    with pytest.raises(ConfigError, match="fp16.*not supported yet"):
+        _run(tmp_path, "train.precision=fp16")
+    assert not (tmp_path / "out").exists()
