@@ -23,10 +23,12 @@ sys.path.insert(0, ROOT)
 
 PRESETS = {
     # name: (teacher BertConfig kwargs, student kwargs, batch, seq)
-    "cpu": (dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 intermediate_size=512),
-            dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 intermediate_size=256), 32, 64),
+    "cpu": (
+        dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
+        32,
+        64,
+    ),
     "bert-base": (dict(), dict(num_hidden_layers=6), 32, 128),
 }
 METHODS = ["vanilla_kd", "online_kd", "lgtm", "naive"]
@@ -55,10 +57,14 @@ def child(args) -> dict:
     g = torch.Generator().manual_seed(0)
 
     def data(n):
-        return [{"input_ids": torch.randint(0, 30522, (batch, seq), generator=g).to(dev),
-                 "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=dev),
-                 "labels": torch.randint(0, 3, (batch,), generator=g).to(dev)}
-                for _ in range(n)]
+        return [
+            {
+                "input_ids": torch.randint(0, 30522, (batch, seq), generator=g).to(dev),
+                "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=dev),
+                "labels": torch.randint(0, 3, (batch,), generator=g).to(dev),
+            }
+            for _ in range(n)
+        ]
 
     t_opt, s_opt = build_adamw(teacher, 3e-5, 0.01), build_adamw(student, 5e-5, 0.01)
     method = args.method
@@ -66,11 +72,18 @@ def child(args) -> dict:
         from lgtm_ds.ds_engine import build_engine, init_distributed
 
         init_distributed()
-        ds = json.load(open(args.ds_config)) if args.ds_config else {"zero_optimization":
-                                                                       {"stage": 2}}
-        ds.update(train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1,
-                  train_batch_size=batch, steps_per_print=10**9,
-                  bf16={"enabled": args.precision == "bf16"})
+        ds = (
+            json.load(open(args.ds_config))
+            if args.ds_config
+            else {"zero_optimization": {"stage": 2}}
+        )
+        ds.update(
+            train_micro_batch_size_per_gpu=batch,
+            gradient_accumulation_steps=1,
+            train_batch_size=batch,
+            steps_per_print=10**9,
+            bf16={"enabled": args.precision == "bf16"},
+        )
         for k in [k for k, v in ds.items() if v == "auto"]:
             ds.pop(k)
         ds.pop("gradient_clipping", None)
@@ -78,8 +91,13 @@ def child(args) -> dict:
         student_e = build_engine(student, s_opt, None, ds, "student")
         d = Distiller(method, teacher=teacher_e, student=student_e)
     elif method != "naive":
-        d = Distiller(method, teacher=teacher, student=student, teacher_optimizer=t_opt,
-                      student_optimizer=s_opt)
+        d = Distiller(
+            method,
+            teacher=teacher,
+            student=student,
+            teacher_optimizer=t_opt,
+            student_optimizer=s_opt,
+        )
 
     batches, quiz = data(args.warmup + args.steps), data(args.warmup + args.steps)
 
@@ -108,14 +126,34 @@ def child(args) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB, process
         device = f"cpu x{torch.get_num_threads()} threads"
     q = statistics.quantiles(times, n=5) if len(times) >= 5 else [min(times)] * 4
-    return {"method": method, "ms_median": statistics.median(times), "ms_p20": q[0],
-            "ms_p80": q[3], "peak_mib": peak, "device": device, "batch": batch, "seq": seq}
+    return {
+        "method": method,
+        "ms_median": statistics.median(times),
+        "ms_p20": q[0],
+        "ms_p80": q[3],
+        "peak_mib": peak,
+        "device": device,
+        "batch": batch,
+        "seq": seq,
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ).stdout.strip()
+            or "unknown"
+        )
     except OSError:
         return "unknown"
 
@@ -123,8 +161,12 @@ def _commit() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    ap.add_argument("--engine", choices=["deepspeed", "torch"], default="deepspeed",
-                    help="engines for vanilla/online/lgtm; naive always runs on plain modules")
+    ap.add_argument(
+        "--engine",
+        choices=["deepspeed", "torch"],
+        default="deepspeed",
+        help="engines for vanilla/online/lgtm; naive always runs on plain modules",
+    )
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--ds_config", default=None)
@@ -146,9 +188,16 @@ def main() -> int:
             print(f"error: unknown method {method!r}; choose from {METHODS}", file=sys.stderr)
             return 2
         cmd = [sys.executable, os.path.abspath(__file__), "--method", method] + [
-            a for a in sys.argv[1:] if not a.startswith("--methods")]
-        env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29700 + len(rows)))
+            a for a in sys.argv[1:] if not a.startswith("--methods")
+        ]
+        env = dict(
+            os.environ,
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -163,23 +212,58 @@ def main() -> int:
     with open(args.csv, "a", newline="") as fh:
         w = csv.writer(fh)
         if new:
-            w.writerow(["date", "commit", "machine", "device", "engine", "preset", "precision",
-                        "batch", "seq", "method", "ms_median", "ms_p20", "ms_p80", "x_vanilla",
-                        "peak_mib"])
+            w.writerow(
+                [
+                    "date",
+                    "commit",
+                    "machine",
+                    "device",
+                    "engine",
+                    "preset",
+                    "precision",
+                    "batch",
+                    "seq",
+                    "method",
+                    "ms_median",
+                    "ms_p20",
+                    "ms_p80",
+                    "x_vanilla",
+                    "peak_mib",
+                ]
+            )
         for r in rows:
             engine = "torch" if r["method"] == "naive" else args.engine
             x = r["ms_median"] / base if base else float("nan")
-            w.writerow([stamp, commit, machine, r["device"], engine, args.preset, args.precision,
-                        r["batch"], r["seq"], r["method"], f"{r['ms_median']:.2f}",
-                        f"{r['ms_p20']:.2f}", f"{r['ms_p80']:.2f}", f"{x:.2f}",
-                        f"{r['peak_mib']:.0f}"])
-    print(f"\n{args.preset} preset, batch {rows[0]['batch']} x {rows[0]['seq']}, "
-          f"{args.precision}, {rows[0]['device']}, engine {args.engine} (naive: plain torch)")
+            w.writerow(
+                [
+                    stamp,
+                    commit,
+                    machine,
+                    r["device"],
+                    engine,
+                    args.preset,
+                    args.precision,
+                    r["batch"],
+                    r["seq"],
+                    r["method"],
+                    f"{r['ms_median']:.2f}",
+                    f"{r['ms_p20']:.2f}",
+                    f"{r['ms_p80']:.2f}",
+                    f"{x:.2f}",
+                    f"{r['peak_mib']:.0f}",
+                ]
+            )
+    print(
+        f"\n{args.preset} preset, batch {rows[0]['batch']} x {rows[0]['seq']}, "
+        f"{args.precision}, {rows[0]['device']}, engine {args.engine} (naive: plain torch)"
+    )
     print(f"{'method':<12}{'ms/step':>10}{'p20':>9}{'p80':>9}{'x vanilla':>11}{'peak MiB':>10}")
     for r in rows:
         x = r["ms_median"] / base if base else float("nan")
-        print(f"{r['method']:<12}{r['ms_median']:>10.1f}{r['ms_p20']:>9.1f}{r['ms_p80']:>9.1f}"
-              f"{x:>11.2f}{r['peak_mib']:>10.0f}")
+        print(
+            f"{r['method']:<12}{r['ms_median']:>10.1f}{r['ms_p20']:>9.1f}{r['ms_p80']:>9.1f}"
+            f"{x:>11.2f}{r['peak_mib']:>10.0f}"
+        )
     print("peak MiB: CUDA max allocated on GPU; process max RSS on CPU (includes the runtime).")
     return 0
 

@@ -45,9 +45,14 @@ def influence(mode, teacher, student, batches, quiz, args):
 
     def spy(z, s_logits, s_plus, s_minus, labels, **kw):
         q = torch.softmax(s_plus.double() / kw["temperature"], -1) - torch.softmax(
-            s_minus.double() / kw["temperature"], -1)
-        term = kw["eta"] * kw["alpha_teacher"] * q / (2 * kw["radius"] * kw["temperature"]
-                                                      * z.shape[0])
+            s_minus.double() / kw["temperature"], -1
+        )
+        term = (
+            kw["eta"]
+            * kw["alpha_teacher"]
+            * q
+            / (2 * kw["radius"] * kw["temperature"] * z.shape[0])
+        )
         seen.append(term.reshape(-1))
         grad, infl = orig(z, s_logits, s_plus, s_minus, labels, **kw)
         # what the teacher backward receives of the term, after dL/dz is cast to z's dtype
@@ -69,45 +74,68 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--warm_steps", type=int, default=100,
-                    help="online-KD steps (fp32) before measuring, so that biases and norms "
-                         "move off their exact initial values (zero biases absorb any R v)")
+    ap.add_argument(
+        "--warm_steps",
+        type=int,
+        default=100,
+        help="online-KD steps (fp32) before measuring, so that biases and norms "
+        "move off their exact initial values (zero biases absorb any R v)",
+    )
     args = ap.parse_args()
     cfg = load_config(None)
     args.teacher_lr, args.student_lr = cfg.train.teacher_lr, cfg.train.student_lr
     tok = data_lib.build_tokenizer("embedded", data_lib.synthetic_corpus_texts(cfg.data, 42))
     task = data_lib.load_task(cfg.data, tok, 42)
-    kw = dict(num_labels=task.num_labels, vocab_size=len(tok), dropout=0.0,
-              zero_init_classifier=False)
+    kw = dict(
+        num_labels=task.num_labels, vocab_size=len(tok), dropout=0.0, zero_init_classifier=False
+    )
     teacher = build_model(cfg.model.teacher, role="teacher", **kw)
     student = build_model(cfg.model.student, role="student", **kw)
-    mk = lambda ds, seed: data_lib.InfiniteLoader(data_lib.make_loader(  # noqa: E731
-        ds, args.batch, shuffle=True, seed=seed, drop_last=True, pad_token_id=0))
+
+    def mk(ds, seed):
+        loader = data_lib.make_loader(
+            ds, args.batch, shuffle=True, seed=seed, drop_last=True, pad_token_id=0
+        )
+        return data_lib.InfiniteLoader(loader)
+
     tr, qz = mk(task.train, 1), mk(task.quiz, 2)
     if args.warm_steps:
-        warm = Distiller("online_kd", teacher=teacher, student=student,
-                         teacher_optimizer=build_adamw(teacher, args.teacher_lr, 0.0),
-                         student_optimizer=build_adamw(student, args.student_lr, 0.0))
+        warm = Distiller(
+            "online_kd",
+            teacher=teacher,
+            student=student,
+            teacher_optimizer=build_adamw(teacher, args.teacher_lr, 0.0),
+            student_optimizer=build_adamw(student, args.student_lr, 0.0),
+        )
         for _ in range(args.warm_steps):
             warm.step(next(tr))
     batches = [next(tr) for _ in range(args.steps)]
     quiz = [next(qz) for _ in range(args.steps)]
     ref_term, ref_infl, _ = influence("fp64", teacher, student, batches, quiz, args)
-    print(f"default models: teacher {sum(p.numel() for p in teacher.parameters())/1e6:.2f}M, "
-          f"student {sum(p.numel() for p in student.parameters())/1e6:.2f}M params; "
-          f"{args.warm_steps} warm-up online-KD steps, then {args.steps} LGTM steps, "
-          f"batch {args.batch}")
+    print(
+        f"default models: teacher {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M, "
+        f"student {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params; "
+        f"{args.warm_steps} warm-up online-KD steps, then {args.steps} LGTM steps, "
+        f"batch {args.batch}"
+    )
     cos = torch.nn.functional.cosine_similarity
     for mode in ("bf16", "bf16_rounded"):
         term, infl, in_grad = influence(mode, teacher, student, batches, quiz, args)
-        label = ("bf16, LGTM-DS (fp32 work tensors)" if mode == "bf16"
-                 else "bf16, theta +- Rv rounded to bf16")
-        print(f"{label:<36} cosine vs fp64: influence term "
-              f"{float(cos(term, ref_term, dim=0)):.4f}, per-sample influence "
-              f"{float(cos(infl, ref_infl, dim=0)):.4f}; the term inside one bf16 dL/dz "
-              f"{float(cos(in_grad, ref_term, dim=0)):.4f}")
-    print("(the last figure is why bf16 DeepSpeed teachers backpropagate the influence term on "
-          "its own and add it to fp32-accumulated gradients: tests/test_ds_equivalence.py)")
+        label = (
+            "bf16, LGTM-DS (fp32 work tensors)"
+            if mode == "bf16"
+            else "bf16, theta +- Rv rounded to bf16"
+        )
+        print(
+            f"{label:<36} cosine vs fp64: influence term "
+            f"{float(cos(term, ref_term, dim=0)):.4f}, per-sample influence "
+            f"{float(cos(infl, ref_infl, dim=0)):.4f}; the term inside one bf16 dL/dz "
+            f"{float(cos(in_grad, ref_term, dim=0)):.4f}"
+        )
+    print(
+        "(the last figure is why bf16 DeepSpeed teachers backpropagate the influence term on "
+        "its own and add it to fp32-accumulated gradients: tests/test_ds_equivalence.py)"
+    )
     return 0
 
 

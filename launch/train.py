@@ -1,6 +1,6 @@
 """Train teacher and student with LGTM (or a baseline) on two DeepSpeed engines.
 
-    deepspeed launch/train.py --ds_config ds_configs/zero2.json [--config exp.yaml] [--a.b=c ...]
+deepspeed launch/train.py --ds_config ds_configs/zero2.json [--config exp.yaml] [--a.b=c ...]
 """
 
 import sys

@@ -77,30 +77,62 @@ class Distiller:
     ``eta`` (the teacher learning rate in the influence term) is read from the teacher optimizer.
     """
 
-    def __init__(self, method: str = "lgtm", *, teacher, student, teacher_optimizer=None,
-                 student_optimizer=None, alpha_student: float = 1.0, alpha_teacher: float = 0.4,
-                 temperature: float = 1.0, fd_radius: float = 1e-2, scale_by_t2: bool = False,
-                 teacher_scheduler=None, student_scheduler=None,
-                 gradient_accumulation_steps: int = 1, max_grad_norm: float = 0.0):
+    def __init__(
+        self,
+        method: str = "lgtm",
+        *,
+        teacher,
+        student,
+        teacher_optimizer=None,
+        student_optimizer=None,
+        alpha_student: float = 1.0,
+        alpha_teacher: float = 0.4,
+        temperature: float = 1.0,
+        fd_radius: float = 1e-2,
+        scale_by_t2: bool = False,
+        teacher_scheduler=None,
+        student_scheduler=None,
+        gradient_accumulation_steps: int = 1,
+        max_grad_norm: float = 0.0,
+    ):
         if method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
         if fd_radius <= 0:
             raise ConfigError(f"fd_radius must be > 0, got {fd_radius}")
         self.method = method
         self.hp = DistillHParams(alpha_student, alpha_teacher, temperature, fd_radius, scale_by_t2)
-        self.teacher = self._wrap(teacher, teacher_optimizer, teacher_scheduler,
-                                  gradient_accumulation_steps, max_grad_norm, "teacher")
-        self.student = self._wrap(student, student_optimizer, student_scheduler,
-                                  gradient_accumulation_steps, max_grad_norm, "student")
+        self.teacher = self._wrap(
+            teacher,
+            teacher_optimizer,
+            teacher_scheduler,
+            gradient_accumulation_steps,
+            max_grad_norm,
+            "teacher",
+        )
+        self.student = self._wrap(
+            student,
+            student_optimizer,
+            student_scheduler,
+            gradient_accumulation_steps,
+            max_grad_norm,
+            "student",
+        )
 
     @staticmethod
     def _wrap(model, optimizer, scheduler, gas, max_grad_norm, role) -> Engine:
         if isinstance(model, Engine):
             return model
         if not isinstance(model, nn.Module):
-            raise ConfigError(f"{role} must be an nn.Module or an Engine, got {type(model).__name__}")
-        return TorchEngine(model, optimizer, scheduler, gradient_accumulation_steps=gas,
-                           max_grad_norm=max_grad_norm)
+            raise ConfigError(
+                f"{role} must be an nn.Module or an Engine, got {type(model).__name__}"
+            )
+        return TorchEngine(
+            model,
+            optimizer,
+            scheduler,
+            gradient_accumulation_steps=gas,
+            max_grad_norm=max_grad_norm,
+        )
 
     # ------------------------------------------------------------------------------------------
     def step(self, batch, quiz_batch=None) -> dict:
@@ -112,8 +144,10 @@ class Distiller:
         """
         micro = _as_list(batch)
         if len(micro) != self.student.gradient_accumulation_steps:
-            raise ConfigError(f"got {len(micro)} micro-batches, but the engines accumulate "
-                              f"{self.student.gradient_accumulation_steps}")
+            raise ConfigError(
+                f"got {len(micro)} micro-batches, but the engines accumulate "
+                f"{self.student.gradient_accumulation_steps}"
+            )
         if self.method == "lgtm":
             if quiz_batch is None:
                 raise ConfigError("method 'lgtm' needs a quiz_batch (held-out data)")
@@ -151,8 +185,14 @@ class Distiller:
             with torch.no_grad():
                 t_logits = self.teacher.forward(mb)
             s_logits = self.student.forward(mb)
-            loss = losses.student_loss(s_logits, t_logits, mb["labels"], alpha=hp.alpha_student,
-                                       temperature=hp.temperature, scale_by_t2=hp.scale_by_t2)
+            loss = losses.student_loss(
+                s_logits,
+                t_logits,
+                mb["labels"],
+                alpha=hp.alpha_student,
+                temperature=hp.temperature,
+                scale_by_t2=hp.scale_by_t2,
+            )
             self.student.backward(loss)
             self.student.step()
             total += loss.detach()
@@ -167,8 +207,14 @@ class Distiller:
             with torch.no_grad():
                 s_logits = self.student.forward(mb)
             z = self.teacher.forward(mb)
-            loss = losses.teacher_loss(z, s_logits, mb["labels"], alpha=hp.alpha_teacher,
-                                       temperature=hp.temperature, scale_by_t2=hp.scale_by_t2)
+            loss = losses.teacher_loss(
+                z,
+                s_logits,
+                mb["labels"],
+                alpha=hp.alpha_teacher,
+                temperature=hp.temperature,
+                scale_by_t2=hp.scale_by_t2,
+            )
             self.teacher.backward(loss)
             self.teacher.step()
             total += loss.detach()
@@ -198,8 +244,14 @@ class Distiller:
                 with torch.no_grad():
                     t_logits.append(teacher.forward(mb))
             s = student.raw_forward(mb)
-            ls = losses.student_loss(s, t_logits[-1], mb["labels"], alpha=hp.alpha_student,
-                                     temperature=hp.temperature, scale_by_t2=hp.scale_by_t2)
+            ls = losses.student_loss(
+                s,
+                t_logits[-1],
+                mb["labels"],
+                alpha=hp.alpha_student,
+                temperature=hp.temperature,
+                scale_by_t2=hp.scale_by_t2,
+            )
             gs = torch.autograd.grad(ls / n_micro, params)
             if g is None:
                 g = [gi.to(torch.promote_types(gi.dtype, torch.float32)).clone() for gi in gs]
@@ -217,7 +269,8 @@ class Distiller:
 
         # C. quiz gradient v at theta'.
         v, quiz_ce = student.grad_at(
-            look, quiz, lambda logits, qb: losses.ce_loss(logits, qb["labels"]))
+            look, quiz, lambda logits, qb: losses.ce_loss(logits, qb["labels"])
+        )
         del look
         student.all_reduce_mean_(v)
         v_norm = torch.sqrt(sum((vi.double() ** 2).sum() for vi in v))
@@ -227,8 +280,10 @@ class Distiller:
             # teacher has not been touched yet)
             return {"skipped": True, "v_norm": v_norm_f}
         if v_norm_f == 0:
-            raise FloatingPointError("quiz gradient is exactly zero; cannot form R = r/||v|| "
-                                     "(is the student's classifier frozen or zero?)")
+            raise FloatingPointError(
+                "quiz gradient is exactly zero; cannot form R = r/||v|| "
+                "(is the student's classifier frozen or zero?)"
+            )
         radius = hp.fd_radius / v_norm_f
 
         # D. perturbed student forwards, then one teacher backward per micro-batch.
@@ -248,18 +303,25 @@ class Distiller:
                 s_minus = student.forward_at(work, mb)
             with _same_rng(device) as replay_teacher:
                 z = t_graph[j] if keep_graph else teacher.forward(mb)
-            kw = dict(alpha_teacher=hp.alpha_teacher, temperature=hp.temperature, eta=eta,
-                      radius=radius, scale_by_t2=hp.scale_by_t2)
-            dz, infl = losses.lgtm_teacher_logit_grad(z, s_logits[j], s_plus, s_minus,
-                                                      mb["labels"], **kw)
+            kw = dict(
+                alpha_teacher=hp.alpha_teacher,
+                temperature=hp.temperature,
+                eta=eta,
+                radius=radius,
+                scale_by_t2=hp.scale_by_t2,
+            )
+            dz, infl = losses.lgtm_teacher_logit_grad(
+                z, s_logits[j], s_plus, s_minus, mb["labels"], **kw
+            )
             if split:
                 # bf16 teacher: the influence part of dL/dz is ~1e-5 of the rest and would vanish
                 # in one bf16 tensor. Backpropagate it on its own (module forward with the same
                 # dropout mask, torch.autograd.grad: the engine's buffers and hooks untouched)
                 # and add it to the fp32-accumulated gradients before the step.
                 # the main part with eta = 0: bitwise what it would be without the influence term
-                dz, _ = losses.lgtm_teacher_logit_grad(z, s_logits[j], s_plus, s_minus,
-                                                       mb["labels"], **{**kw, "eta": 0.0})
+                dz, _ = losses.lgtm_teacher_logit_grad(
+                    z, s_logits[j], s_plus, s_minus, mb["labels"], **{**kw, "eta": 0.0}
+                )
                 term = losses.influence_logit_term(s_plus, s_minus, **kw)
                 replay_teacher()
                 z_alone = teacher.raw_forward(mb)
@@ -276,9 +338,14 @@ class Distiller:
             teacher.step()
             influences.append(infl.detach())
             with torch.no_grad():
-                t_total += losses.teacher_loss(z.detach(), s_logits[j], mb["labels"],
-                                               alpha=hp.alpha_teacher, temperature=hp.temperature,
-                                               scale_by_t2=hp.scale_by_t2)
+                t_total += losses.teacher_loss(
+                    z.detach(),
+                    s_logits[j],
+                    mb["labels"],
+                    alpha=hp.alpha_teacher,
+                    temperature=hp.temperature,
+                    scale_by_t2=hp.scale_by_t2,
+                )
         del work
         return {
             "teacher_loss": float(t_total) / n_micro,

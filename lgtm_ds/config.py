@@ -49,8 +49,13 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _check_range(
-    key: str, value: float, lo: float | None = None, hi: float | None = None, *,
-    lo_open: bool = False, hi_open: bool = False,
+    key: str,
+    value: float,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
 ) -> None:
     """lo/hi bounds, closed unless *_open; also rejects nan / inf."""
     ok = math.isfinite(value)
@@ -142,22 +147,39 @@ class DataConfig(_Section):
     def _validate(self) -> None:
         _check_choice("data.source", self.source, DATA_SOURCES)
         if self.source == "glue":
-            _check(self.task is not None and self.task.strip() != "", "data.task",
-                   "must name a GLUE task when data.source is 'glue'", self.task)
+            _check(
+                self.task is not None and self.task.strip() != "",
+                "data.task",
+                "must name a GLUE task when data.source is 'glue'",
+                self.task,
+            )
         if self.source == "files":
-            _check(self.train_file is not None and self.train_file.strip() != "",
-                   "data.train_file", "must be set when data.source is 'files'", self.train_file)
-        _check(1 <= len(self.text_columns) <= 2
-               and all(isinstance(c, str) and c.strip() for c in self.text_columns),
-               "data.text_columns", "must be 1 or 2 non-empty column names", self.text_columns)
+            _check(
+                self.train_file is not None and self.train_file.strip() != "",
+                "data.train_file",
+                "must be set when data.source is 'files'",
+                self.train_file,
+            )
+        _check(
+            1 <= len(self.text_columns) <= 2
+            and all(isinstance(c, str) and c.strip() for c in self.text_columns),
+            "data.text_columns",
+            "must be 1 or 2 non-empty column names",
+            self.text_columns,
+        )
         _check_nonempty("data.label_column", self.label_column)
         _check(self.max_length >= 8, "data.max_length", "must be >= 8", self.max_length)
         _check_choice("data.quiz_source", self.quiz_source, QUIZ_SOURCES)
         _check_range("data.quiz_fraction", self.quiz_fraction, 0.0, 0.5, lo_open=True)
-        _check(self.synthetic_examples > 0, "data.synthetic_examples", "must be > 0",
-               self.synthetic_examples)
-        _check_range("data.synthetic_label_noise", self.synthetic_label_noise, 0.0, 1.0,
-                     hi_open=True)
+        _check(
+            self.synthetic_examples > 0,
+            "data.synthetic_examples",
+            "must be > 0",
+            self.synthetic_examples,
+        )
+        _check_range(
+            "data.synthetic_label_noise", self.synthetic_label_noise, 0.0, 1.0, hi_open=True
+        )
         for name in ("max_train_examples", "max_eval_examples"):
             v = getattr(self, name)
             _check(v is None or v > 0, f"data.{name}", "must be null or > 0", v)
@@ -210,10 +232,18 @@ class TrainConfig(_Section):
     def _validate(self) -> None:
         _check(self.seed >= 0, "train.seed", "must be >= 0", self.seed)
         _check_range("train.epochs", self.epochs, 0.0, lo_open=True)
-        _check(self.max_steps is None or self.max_steps > 0, "train.max_steps",
-               "must be null or > 0", self.max_steps)
-        for name in ("micro_batch_size", "gradient_accumulation_steps", "eval_batch_size",
-                     "log_every"):
+        _check(
+            self.max_steps is None or self.max_steps > 0,
+            "train.max_steps",
+            "must be null or > 0",
+            self.max_steps,
+        )
+        for name in (
+            "micro_batch_size",
+            "gradient_accumulation_steps",
+            "eval_batch_size",
+            "log_every",
+        ):
             _check(getattr(self, name) > 0, f"train.{name}", "must be > 0", getattr(self, name))
         for name in ("student_lr", "teacher_lr", "weight_decay", "max_grad_norm"):
             _check_range(f"train.{name}", getattr(self, name), 0.0)
@@ -258,8 +288,12 @@ class OutputConfig(_Section):
 
     def _validate(self) -> None:
         _check_nonempty("output.dir", self.dir)
-        _check(self.checkpoint_every >= 0, "output.checkpoint_every", "must be >= 0",
-               self.checkpoint_every)
+        _check(
+            self.checkpoint_every >= 0,
+            "output.checkpoint_every",
+            "must be >= 0",
+            self.checkpoint_every,
+        )
         if self.resume is not None:
             _check_nonempty("output.resume", self.resume)
         _check_nonempty("output.wandb_project", self.wandb_project)
@@ -480,8 +514,9 @@ def _field_type(dotted: str) -> tuple[Any, list[str]]:
         raise _unknown_key(f"{parts[0]}.{parts[1]}", _field_names(cls))
     tp = hints[parts[1]]
     if len(parts) > 2 and not (tp is dict or typing.get_origin(tp) is dict):
-        raise ConfigError(f"{dotted!r}: {parts[0]}.{parts[1]} is a {_type_name(tp)}, "
-                          "it has no sub-keys")
+        raise ConfigError(
+            f"{dotted!r}: {parts[0]}.{parts[1]} is a {_type_name(tp)}, it has no sub-keys"
+        )
     return tp, parts[2:]
 
 
@@ -541,8 +576,10 @@ def _read_yaml(path: str | os.PathLike) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"experiment YAML {str(path)!r}: the top level must be a mapping of "
-                          f"sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"experiment YAML {str(path)!r}: the top level must be a mapping of "
+            f"sections, got {type(data).__name__}"
+        )
     return data
 
 
@@ -608,8 +645,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExperimentConfig, argpars
             print(_USAGE)
             raise SystemExit(0)
         if not tok.startswith("--") or tok == "--":
-            raise ConfigError(f"unexpected command-line argument {tok!r} (flags look like "
-                              "--section.key=value)")
+            raise ConfigError(
+                f"unexpected command-line argument {tok!r} (flags look like --section.key=value)"
+            )
         name, eq, value = tok[2:].partition("=")
         has_value = bool(eq)
         if not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
@@ -627,9 +665,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExperimentConfig, argpars
                 local_rank = _coerce(value, int, f"--{name}")
             continue
         if "." not in name:
-            raise ConfigError(f"unknown flag '--{name}' (known: --config, --ds_config, "
-                              "--local_rank, --section.key=value with sections "
-                              f"{', '.join(_field_names(ExperimentConfig))})")
+            raise ConfigError(
+                f"unknown flag '--{name}' (known: --config, --ds_config, "
+                "--local_rank, --section.key=value with sections "
+                f"{', '.join(_field_names(ExperimentConfig))})"
+            )
         try:
             tp, deep = _field_type(name)
         except ConfigError as e:
@@ -643,8 +683,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExperimentConfig, argpars
     if local_rank is None:
         local_rank = _coerce(os.environ.get("LOCAL_RANK", "-1"), int, "env LOCAL_RANK")
     cfg = load_config(config_path, overrides)
-    ns = argparse.Namespace(config=config_path, ds_config=ds_config, local_rank=local_rank,
-                            overrides=overrides)
+    ns = argparse.Namespace(
+        config=config_path, ds_config=ds_config, local_rank=local_rank, overrides=overrides
+    )
     return cfg, ns
 
 
@@ -658,8 +699,9 @@ def config_to_dict(cfg: ExperimentConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_resolved(cfg: ExperimentConfig, teacher_ds: dict, student_ds: dict,
-                  path: str | os.PathLike) -> None:
+def save_resolved(
+    cfg: ExperimentConfig, teacher_ds: dict, student_ds: dict, path: str | os.PathLike
+) -> None:
     """Write ``{experiment, deepspeed_teacher, deepspeed_student}`` as one YAML, atomically
     (temp file in the same directory, fsync, ``os.replace``). Call it on rank 0 only."""
     path = Path(path)
@@ -715,8 +757,9 @@ ROLES = ("teacher", "student")
 def _load_ds_json(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"DeepSpeed config {path!r} does not exist (deepspeed.config / "
-                          "--ds_config)")
+        raise ConfigError(
+            f"DeepSpeed config {path!r} does not exist (deepspeed.config / --ds_config)"
+        )
     try:
         data = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -784,21 +827,32 @@ def build_ds_config(cfg: ExperimentConfig, role: str, world_size: int) -> dict:
             if section in d:
                 raise ConfigError(
                     f"{src}: has a section {section!r}, but the {section} is built by LGTM-DS "
-                    f"from train.* (client torch AdamW + LR schedule); remove the section")
+                    f"from train.* (client torch AdamW + LR schedule); remove the section"
+                )
         if "amp" in d:
-            raise ConfigError(f"{src}: 'amp' is not supported; set train.precision "
-                              "(fp32 | bf16 | fp16) and remove the section")
+            raise ConfigError(
+                f"{src}: 'amp' is not supported; set train.precision "
+                "(fp32 | bf16 | fp16) and remove the section"
+            )
         if "bfloat16" in d:
-            raise ConfigError(f"{src}: use the 'bf16' section (set by train.precision), "
-                              "not 'bfloat16'")
+            raise ConfigError(
+                f"{src}: use the 'bf16' section (set by train.precision), not 'bfloat16'"
+            )
 
     t = cfg.train
     owned: list[tuple[tuple[str, ...], Any, str]] = [
         (("train_micro_batch_size_per_gpu",), t.micro_batch_size, "train.micro_batch_size"),
-        (("gradient_accumulation_steps",), t.gradient_accumulation_steps,
-         "train.gradient_accumulation_steps"),
-        (("train_batch_size",), t.micro_batch_size * t.gradient_accumulation_steps * world_size,
-         f"train.micro_batch_size * train.gradient_accumulation_steps * world_size({world_size})"),
+        (
+            ("gradient_accumulation_steps",),
+            t.gradient_accumulation_steps,
+            "train.gradient_accumulation_steps",
+        ),
+        (
+            ("train_batch_size",),
+            t.micro_batch_size * t.gradient_accumulation_steps * world_size,
+            "train.micro_batch_size * train.gradient_accumulation_steps * "
+            f"world_size({world_size})",
+        ),
         (("gradient_clipping",), t.max_grad_norm, "train.max_grad_norm"),
         (("bf16", "enabled"), t.precision == "bf16", "train.precision"),
         (("fp16", "enabled"), t.precision == "fp16", "train.precision"),
@@ -810,10 +864,11 @@ def build_ds_config(cfg: ExperimentConfig, role: str, world_size: int) -> dict:
                 continue
             if not _same(got, want):
                 shown = t.precision if yaml_key == "train.precision" else want
-                hint = "write \"auto\"" if src != role_source else "remove the key"
+                hint = 'write "auto"' if src != role_source else "remove the key"
                 raise ConfigError(
                     f"{src}: {'.'.join(keys)}={json.dumps(got)} conflicts with "
-                    f"{yaml_key}={shown} (the experiment YAML owns it; {hint})")
+                    f"{yaml_key}={shown} (the experiment YAML owns it; {hint})"
+                )
 
     ds = _deep_merge(base, role_over)
     for keys, want, _ in owned:
@@ -833,16 +888,20 @@ def build_ds_config(cfg: ExperimentConfig, role: str, world_size: int) -> dict:
     if "stage" in zero:
         stage = zero["stage"]
         if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
-            raise ConfigError(f"{source} + deepspeed.{role}: zero_optimization.stage must be "
-                              f"0, 1, 2 or 3, got {json.dumps(stage)}")
+            raise ConfigError(
+                f"{source} + deepspeed.{role}: zero_optimization.stage must be "
+                f"0, 1, 2 or 3, got {json.dumps(stage)}"
+            )
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
 
     leftover = _find_auto(ds)
     if leftover:
-        raise ConfigError(f"{source} + deepspeed.{role}: {leftover}=\"auto\" is not resolved by "
-                          "LGTM-DS (only batch sizes, accumulation, clipping and precision are); "
-                          "give a value")
+        raise ConfigError(
+            f'{source} + deepspeed.{role}: {leftover}="auto" is not resolved by '
+            "LGTM-DS (only batch sizes, accumulation, clipping and precision are); "
+            "give a value"
+        )
     return ds
 
 

@@ -35,8 +35,9 @@ def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict, 
     """``deepspeed.initialize`` for one role, with a client optimizer and LR scheduler."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=scheduler, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
     return DeepSpeedEngineAdapter(engine, role)
 
 
@@ -79,7 +80,8 @@ class DeepSpeedEngineAdapter(Engine):
             raise ConfigError(
                 f"{what}: a ZeRO-3 {self.role} in {self.module_dtype} would round theta +- R v "
                 f"to its shards' dtype and lose the perturbation; use fp32 or ZeRO stage 0-2 for "
-                f"the student (deepspeed.student.zero_optimization.stage)")
+                f"the student (deepspeed.student.zero_optimization.stage)"
+            )
 
     @property
     def module_dtype(self) -> torch.dtype:
@@ -104,11 +106,16 @@ class DeepSpeedEngineAdapter(Engine):
         if self.engine.optimizer is basic:  # ZeRO-0, fp32: the torch optimizer sees our params
             return adam_state_from_torch(basic, params)
         if not isinstance(basic, torch.optim.Adam | torch.optim.AdamW):
-            raise ConfigError(f"the LGTM look-ahead simulates Adam/AdamW; the student's optimizer "
-                              f"is {type(basic).__name__}")
+            raise ConfigError(
+                f"the LGTM look-ahead simulates Adam/AdamW; the student's optimizer "
+                f"is {type(basic).__name__}"
+            )
         opt = self.engine.optimizer
-        lp_groups = (getattr(opt, "bit16_groups", None) or getattr(opt, "bf16_groups", None)
-                     or getattr(opt, "fp16_groups", None))
+        lp_groups = (
+            getattr(opt, "bit16_groups", None)
+            or getattr(opt, "bf16_groups", None)
+            or getattr(opt, "fp16_groups", None)
+        )
         if lp_groups is None or len(lp_groups) != len(basic.param_groups):
             raise RuntimeError(f"unsupported DeepSpeed optimizer wrapper {type(opt).__name__}")
         group_of = {id(p): basic.param_groups[i] for i, grp in enumerate(lp_groups) for p in grp}
@@ -155,14 +162,17 @@ class DeepSpeedEngineAdapter(Engine):
             raise ConfigError(
                 f"LGTM with a bf16 {self.role} needs ZeRO stage 2 or 3 and "
                 f'"data_types": {{"grad_accum_dtype": "fp32"}} for it (got stage {self.stage}, '
-                f"{self.engine.get_data_types()[1]}): bf16 gradients round the influence term away")
+                f"{self.engine.get_data_types()[1]}): bf16 gradients round the influence term away"
+            )
         self.all_reduce_mean_(grads)  # one collective for the whole list
         for p, g in zip(self.params(), grads):
             # note: collectives, one per tensor (every rank calls them in the same order)
             full = safe_get_full_grad(p)
             if full is None:
-                raise ConfigError(f"the {self.role}'s DeepSpeed optimizer exposes no fp32 "
-                                  f"gradients (ZeRO stage {self.stage})")
+                raise ConfigError(
+                    f"the {self.role}'s DeepSpeed optimizer exposes no fp32 "
+                    f"gradients (ZeRO stage {self.stage})"
+                )
             new = (full.float() + g.reshape(full.shape)).reshape(-1)
             if self.stage == 3:
                 # DeepSpeed slices rank r's partition as value[r*n:(r+1)*n] without padding the
@@ -192,8 +202,11 @@ class DeepSpeedEngineAdapter(Engine):
                 loss = loss_fn(get_logits(self.module(**model_inputs(b))), b)
                 # autograd.grad: the ZeRO-3 reduce-scatter hooks (on AccumulateGrad) do not fire
                 gs = torch.autograd.grad(loss / len(batches), module_params)
-                grads = [g.clone() for g in gs] if grads is None else [
-                    a.add_(g) for a, g in zip(grads, gs)]
+                grads = (
+                    [g.clone() for g in gs]
+                    if grads is None
+                    else [a.add_(g) for a, g in zip(grads, gs)]
+                )
                 total += loss.detach()
         return grads, total / len(batches)
 
@@ -239,7 +252,7 @@ class DeepSpeedEngineAdapter(Engine):
         flat.div_(dist.get_world_size())
         offset = 0
         for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
     # -- saving ----------------------------------------------------------------------------------
@@ -251,7 +264,9 @@ class DeepSpeedEngineAdapter(Engine):
             params = list(self.module.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 if is_main:
-                    state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+                    state = {
+                        k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()
+                    }
                     self.module.save_pretrained(path, state_dict=state, **kwargs)
         elif is_main:
             self.module.save_pretrained(path, **kwargs)

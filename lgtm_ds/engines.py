@@ -88,25 +88,35 @@ class Engine:
 
     def master_params(self) -> list[torch.Tensor]:
         """fp32 values of ``params()`` (the masters in mixed precision; the params in fp32)."""
-        return [p.detach() if p.dtype in (torch.float32, torch.float64) else p.detach().float()
-                for p in self.params()]
+        return [
+            p.detach() if p.dtype in (torch.float32, torch.float64) else p.detach().float()
+            for p in self.params()
+        ]
 
     def adam_state(self) -> AdamState:
         raise NotImplementedError
 
     def functional_forward(self, params: list[torch.Tensor], batch: dict) -> torch.Tensor:
-        """Forward with ``params`` substituted for ``params()`` (any dtype; fp32 for bf16 models)."""
+        """Forward with ``params`` in place of ``params()`` (any dtype; fp32 for bf16 models)."""
         names = self._param_names()
-        return get_logits(functional_call(self.module, dict(zip(names, params)), args=(),
-                                          kwargs=model_inputs(batch), strict=False))
+        return get_logits(
+            functional_call(
+                self.module,
+                dict(zip(names, params)),
+                args=(),
+                kwargs=model_inputs(batch),
+                strict=False,
+            )
+        )
 
     def forward_at(self, params: list[torch.Tensor], batch: dict) -> torch.Tensor:
         """No-grad forward of the module as if its parameters were ``params`` (full tensors)."""
         with torch.no_grad():
             return self.functional_forward(params, batch)
 
-    def grad_at(self, params: list[torch.Tensor], batches: list[dict], loss_fn
-                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def grad_at(
+        self, params: list[torch.Tensor], batches: list[dict], loss_fn
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``sum_j grad loss_fn(f(x_j; params), x_j) / len(batches)`` at ``params`` (full tensors),
         and the mean loss. Not averaged over ranks."""
         leaves = [p.detach().requires_grad_() for p in params]
@@ -147,9 +157,15 @@ class TorchEngine(Engine):
     ``step`` is called every micro-batch and only steps at the boundary.
     """
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer | None,
-                 scheduler=None, *, gradient_accumulation_steps: int = 1,
-                 max_grad_norm: float = 0.0):
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        scheduler=None,
+        *,
+        gradient_accumulation_steps: int = 1,
+        max_grad_norm: float = 0.0,
+    ):
         self.module = module
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -185,12 +201,15 @@ class TorchEngine(Engine):
         return adam_state_from_torch(self.optimizer, self.params())
 
 
-def adam_state_from_torch(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> AdamState:
+def adam_state_from_torch(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
+) -> AdamState:
     """Read a torch Adam/AdamW optimizer's state for ``params`` without changing it."""
     if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         raise ConfigError(
             f"the LGTM look-ahead simulates Adam/AdamW; the student optimizer is "
-            f"{type(optimizer).__name__}")
+            f"{type(optimizer).__name__}"
+        )
     group_of = {}
     for g in optimizer.param_groups:
         if g.get("amsgrad", False):
@@ -222,8 +241,9 @@ def adam_state_from_torch(optimizer: torch.optim.Optimizer, params: list[torch.T
     return AdamState(m or None, v or None, steps.pop() if steps else 0, lr, betas, eps, wd)
 
 
-def adamw_lookahead(params: list[torch.Tensor], grads: list[torch.Tensor],
-                    state: AdamState) -> list[torch.Tensor]:
+def adamw_lookahead(
+    params: list[torch.Tensor], grads: list[torch.Tensor], state: AdamState
+) -> list[torch.Tensor]:
     """``theta + AdamW_update(g)``: one simulated step of the student's own optimizer.
 
     Same order of operations as ``torch.optim.AdamW`` (decoupled weight decay first, then
@@ -242,10 +262,20 @@ def adamw_lookahead(params: list[torch.Tensor], grads: list[torch.Tensor],
             key = (state.lr[i], *state.betas[i], state.eps[i], state.weight_decay[i])
             groups.setdefault(key, []).append(i)
         for (lr, b1, b2, eps, wd), idx in groups.items():
-            pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+            pick = lambda xs, idx=idx: [xs[i] for i in idx]  # noqa: E731
             lgtm_kernels.adamw_lookahead_(
-                pick(out), [g.float() for g in pick(grads)], pick(m_all), pick(v_all), step=t,
-                lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, source=pick(params))
+                pick(out),
+                [g.float() for g in pick(grads)],
+                pick(m_all),
+                pick(v_all),
+                step=t,
+                lr=lr,
+                beta1=b1,
+                beta2=b2,
+                eps=eps,
+                weight_decay=wd,
+                source=pick(params),
+            )
         return out
     out = []
     for i, (p, g) in enumerate(zip(params, grads)):

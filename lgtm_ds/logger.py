@@ -8,9 +8,17 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, path: Path, *, enabled: bool, wandb: bool = False,
-                 project: str = "lgtm-ds", run_name: str | None = None,
-                 config: dict | None = None, resume: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        enabled: bool,
+        wandb: bool = False,
+        project: str = "lgtm-ds",
+        run_name: str | None = None,
+        config: dict | None = None,
+        resume: bool = False,
+    ):
         self.enabled = enabled
         self.fh = open(path, "a" if resume else "w") if enabled else None  # noqa: SIM115
         self.run = None
@@ -20,10 +28,10 @@ class MetricsLogger:
             except ImportError as e:
                 from .errors import ConfigError
 
-                raise ConfigError("output.wandb=true but wandb is not installed "
-                                  "(pip install 'lgtm-ds[wandb]')") from e
-            self.run = wb.init(project=project, name=run_name, config=config,
-                               dir=str(path.parent))
+                raise ConfigError(
+                    "output.wandb=true but wandb is not installed (pip install 'lgtm-ds[wandb]')"
+                ) from e
+            self.run = wb.init(project=project, name=run_name, config=config, dir=str(path.parent))
 
     def log(self, row: dict) -> None:
         if not self.enabled:

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 
-def kd_per_row(logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def kd_per_row(
+    logits: torch.Tensor, target_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Per-row ``KL(softmax(target/T) || softmax(logits/T))``; gradient flows to ``logits`` only.
 
     fp64 inputs take a float64 torch formula (the test oracle: the kernels compute in fp32);
@@ -25,8 +27,9 @@ def kd_per_row(logits: torch.Tensor, target_logits: torch.Tensor, temperature: f
         log_q = F.log_softmax(logits / temperature, dim=-1)
         log_p = F.log_softmax(target_logits.detach().double() / temperature, dim=-1)
         return (log_p.exp() * (log_p - log_q)).sum(-1)
-    return lgtm_kernels.kd_loss(logits, target_logits.detach().to(logits.dtype),
-                                temperature=temperature, reduction="none")
+    return lgtm_kernels.kd_loss(
+        logits, target_logits.detach().to(logits.dtype), temperature=temperature, reduction="none"
+    )
 
 
 def _t2(temperature: float, scale_by_t2: bool) -> float:
@@ -50,7 +53,9 @@ def student_loss(
     scale_by_t2: bool = False,
 ) -> torch.Tensor:
     """``L_s = a_s KL_T(p_teacher || p_student) + (1 - a_s) CE(y, p_student)``."""
-    loss = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
+    loss = student_logits.new_zeros(
+        (), dtype=torch.promote_types(student_logits.dtype, torch.float32)
+    )
     if alpha > 0:
         kd = kd_per_row(student_logits, teacher_logits, temperature).mean()
         loss = loss + alpha * _t2(temperature, scale_by_t2) * kd
@@ -73,7 +78,12 @@ def teacher_loss(
     The teacher's distillation term treats the *student's* prediction as the target.
     """
     return student_loss(
-        teacher_logits, student_logits, labels, alpha=alpha, temperature=temperature, scale_by_t2=scale_by_t2
+        teacher_logits,
+        student_logits,
+        labels,
+        alpha=alpha,
+        temperature=temperature,
+        scale_by_t2=scale_by_t2,
     )
 
 
@@ -106,9 +116,16 @@ def lgtm_teacher_logit_grad(
     a, t2 = float(alpha_teacher), _t2(temperature, scale_by_t2)
     scale = a * t2 + (1 - a)
     grad, influence = lgtm_kernels.lgtm_teacher_logit_grad(
-        teacher_logits.detach(), student_logits.detach(), student_logits_plus.detach(),
-        student_logits_minus.detach(), labels, alpha_teacher=a * t2 / scale,
-        temperature=temperature, eta=eta, radius=radius)
+        teacher_logits.detach(),
+        student_logits.detach(),
+        student_logits_plus.detach(),
+        student_logits_minus.detach(),
+        labels,
+        alpha_teacher=a * t2 / scale,
+        temperature=temperature,
+        eta=eta,
+        radius=radius,
+    )
     if scale != 1.0:
         grad = grad * scale
     if t2 != 1.0:
@@ -116,9 +133,16 @@ def lgtm_teacher_logit_grad(
     return grad, influence
 
 
-def influence_logit_term(student_logits_plus: torch.Tensor, student_logits_minus: torch.Tensor, *,
-                         alpha_teacher: float, temperature: float, eta: float, radius: float,
-                         scale_by_t2: bool = False) -> torch.Tensor:
+def influence_logit_term(
+    student_logits_plus: torch.Tensor,
+    student_logits_minus: torch.Tensor,
+    *,
+    alpha_teacher: float,
+    temperature: float,
+    eta: float,
+    radius: float,
+    scale_by_t2: bool = False,
+) -> torch.Tensor:
     """The influence part of dL/dz alone: ``eta a_t (q+ - q-) / (2 R T n)`` (fp32)."""
     dtype = torch.promote_types(student_logits_plus.dtype, torch.float32)
     T = float(temperature)

@@ -24,11 +24,21 @@ def _add_(params, vec, alpha):
         p.add_(v, alpha=alpha)
 
 
-def naive_lgtm_step(teacher: nn.Module, student: nn.Module, teacher_opt: torch.optim.Optimizer,
-                    student_opt: torch.optim.Optimizer, batch: dict, quiz_batch: dict, *,
-                    alpha_student: float = 1.0, alpha_teacher: float = 0.4,
-                    temperature: float = 1.0, fd_radius: float = 1e-2,
-                    scale_by_t2: bool = False, student_step: bool = True) -> dict:
+def naive_lgtm_step(
+    teacher: nn.Module,
+    student: nn.Module,
+    teacher_opt: torch.optim.Optimizer,
+    student_opt: torch.optim.Optimizer,
+    batch: dict,
+    quiz_batch: dict,
+    *,
+    alpha_student: float = 1.0,
+    alpha_teacher: float = 0.4,
+    temperature: float = 1.0,
+    fd_radius: float = 1e-2,
+    scale_by_t2: bool = False,
+    student_step: bool = True,
+) -> dict:
     """One LGTM step in the reference form. Returns the teacher gradient ``G`` and the losses."""
     kw = dict(temperature=temperature, scale_by_t2=scale_by_t2)
     x, y = model_inputs(batch), batch["labels"]

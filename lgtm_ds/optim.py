@@ -13,8 +13,14 @@ def build_adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if any(k in name for k in _NO_DECAY) else decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = [
+        g
+        for g in (
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        )
+        if g["params"]
+    ]
     # foreach=False: identical arithmetic on every backend, so engine paths compare bit for bit
     return torch.optim.AdamW(groups, lr=lr, foreach=False)
 

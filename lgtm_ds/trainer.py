@@ -38,8 +38,10 @@ def seed_everything(seed: int) -> None:
 def _check_output_dir(cfg: ExperimentConfig) -> Path:
     out = Path(cfg.output.dir)
     if (out / "summary.json").exists() and not (cfg.output.overwrite or cfg.output.resume):
-        raise ConfigError(f"output.dir {str(out)!r} already holds a finished run (summary.json); "
-                          f"set output.overwrite=true or pick another folder")
+        raise ConfigError(
+            f"output.dir {str(out)!r} already holds a finished run (summary.json); "
+            f"set output.overwrite=true or pick another folder"
+        )
     return out
 
 
@@ -58,7 +60,8 @@ def _steps(n_train: int, cfg: ExperimentConfig, world: int, epochs: float) -> tu
         raise ConfigError(
             f"the training split has {n_train} examples: fewer than one optimizer step of "
             f"train.micro_batch_size={cfg.train.micro_batch_size} x "
-            f"gradient_accumulation_steps={cfg.train.gradient_accumulation_steps} x {world} ranks")
+            f"gradient_accumulation_steps={cfg.train.gradient_accumulation_steps} x {world} ranks"
+        )
     return batches, max(1, math.ceil(epochs * steps_per_epoch))
 
 
@@ -67,9 +70,16 @@ class _Batches:
     epoch, deterministic in (seed, epoch), resumable by (epoch, position)."""
 
     def __init__(self, ds, cfg: ExperimentConfig, rank: int, world: int, pad_id: int):
-        self.loader = data_lib.make_loader(ds, cfg.train.micro_batch_size, shuffle=True,
-                                           seed=cfg.train.seed, rank=rank, world_size=world,
-                                           drop_last=True, pad_token_id=pad_id)
+        self.loader = data_lib.make_loader(
+            ds,
+            cfg.train.micro_batch_size,
+            shuffle=True,
+            seed=cfg.train.seed,
+            rank=rank,
+            world_size=world,
+            drop_last=True,
+            pad_token_id=pad_id,
+        )
         self.gas = cfg.train.gradient_accumulation_steps
         self.inner = data_lib.InfiniteLoader(self.loader)
 
@@ -100,61 +110,90 @@ class Trainer:
             raise ConfigError(
                 f"method lgtm with a ZeRO-3 student needs train.precision=fp32 (got "
                 f"{cfg.train.precision}): its shards would round theta +- R v and lose the "
-                f"perturbation; use deepspeed.student.zero_optimization.stage<=2 for bf16/fp16")
+                f"perturbation; use deepspeed.student.zero_optimization.stage<=2 for bf16/fp16"
+            )
         if cfg.method.name == "lgtm" and cfg.train.precision == "fp16":
             raise ConfigError(
                 "method lgtm with train.precision=fp16 is not supported yet: the influence part of "
                 "the teacher gradient (~1e-5 of the rest) is below fp16 resolution and the "
-                "fp32-accumulation path is bf16-only; use bf16 or fp32 (the baselines run in fp16)")
+                "fp32-accumulation path is bf16-only; use bf16 or fp32 (the baselines run in fp16)"
+            )
         if cfg.method.name == "lgtm" and cfg.train.precision == "bf16":
             _fp32_teacher_grads(self.ds_teacher)
         tok_name = _tokenizer_name(cfg)
-        corpus = (data_lib.synthetic_corpus_texts(cfg.data, cfg.train.seed)
-                  if tok_name == "embedded" and cfg.data.source == "synthetic" else None)
+        corpus = (
+            data_lib.synthetic_corpus_texts(cfg.data, cfg.train.seed)
+            if tok_name == "embedded" and cfg.data.source == "synthetic"
+            else None
+        )
         self.tokenizer = data_lib.build_tokenizer(tok_name, corpus)
         self.task = data_lib.load_task(cfg.data, self.tokenizer, cfg.train.seed)
         if self.task.is_regression:
-            raise ModelError(f"task {self.task.name!r} is a regression task: the KD losses are "
-                             f"classification-only in this version")
-        kw = dict(num_labels=self.task.num_labels, vocab_size=len(self.tokenizer),
-                  dropout=cfg.model.dropout, zero_init_classifier=cfg.model.zero_init_classifier)
+            raise ModelError(
+                f"task {self.task.name!r} is a regression task: the KD losses are "
+                f"classification-only in this version"
+            )
+        kw = dict(
+            num_labels=self.task.num_labels,
+            vocab_size=len(self.tokenizer),
+            dropout=cfg.model.dropout,
+            zero_init_classifier=cfg.model.zero_init_classifier,
+        )
         teacher = build_model(cfg.model.teacher, role="teacher", **kw)
         student = build_model(cfg.model.student, role="student", **kw)
         check_pair(teacher, student, cfg.model.teacher, cfg.model.student)
-        self.n_params = {"teacher": sum(p.numel() for p in teacher.parameters()),
-                         "student": sum(p.numel() for p in student.parameters())}
+        self.n_params = {
+            "teacher": sum(p.numel() for p in teacher.parameters()),
+            "student": sum(p.numel() for p in student.parameters()),
+        }
 
         self.batches_per_epoch, self.total_steps = _steps(
-            len(self.task.train), cfg, self.world, cfg.train.epochs)
+            len(self.task.train), cfg, self.world, cfg.train.epochs
+        )
         if cfg.train.max_steps:
             self.total_steps = cfg.train.max_steps
         self.stage1_steps = 0
         if cfg.method.name == "vanilla_kd":
-            _, self.stage1_steps = _steps(len(self.task.train), cfg, self.world,
-                                          cfg.method.teacher_stage1_epochs)
+            _, self.stage1_steps = _steps(
+                len(self.task.train), cfg, self.world, cfg.method.teacher_stage1_epochs
+            )
             if cfg.train.max_steps:
                 self.stage1_steps = min(self.stage1_steps, cfg.train.max_steps)
         teacher_steps = self.stage1_steps if cfg.method.name == "vanilla_kd" else self.total_steps
 
         t_opt = build_adamw(teacher, cfg.train.teacher_lr, cfg.train.weight_decay)
         s_opt = build_adamw(student, cfg.train.student_lr, cfg.train.weight_decay)
-        self.teacher = build_engine(teacher, t_opt,
-                                    warmup_linear(t_opt, max(teacher_steps, 1),
-                                                  cfg.train.warmup_ratio),
-                                    self.ds_teacher, "teacher")
-        self.student = build_engine(student, s_opt,
-                                    warmup_linear(s_opt, self.total_steps, cfg.train.warmup_ratio),
-                                    self.ds_student, "student")
+        self.teacher = build_engine(
+            teacher,
+            t_opt,
+            warmup_linear(t_opt, max(teacher_steps, 1), cfg.train.warmup_ratio),
+            self.ds_teacher,
+            "teacher",
+        )
+        self.student = build_engine(
+            student,
+            s_opt,
+            warmup_linear(s_opt, self.total_steps, cfg.train.warmup_ratio),
+            self.ds_student,
+            "student",
+        )
         m = cfg.method
-        self.distiller = Distiller(m.name, teacher=self.teacher, student=self.student,
-                                   alpha_student=m.alpha_student, alpha_teacher=m.alpha_teacher,
-                                   temperature=m.temperature, fd_radius=m.fd_radius,
-                                   scale_by_t2=m.scale_by_t2)
+        self.distiller = Distiller(
+            m.name,
+            teacher=self.teacher,
+            student=self.student,
+            alpha_student=m.alpha_student,
+            alpha_teacher=m.alpha_teacher,
+            temperature=m.temperature,
+            fd_radius=m.fd_radius,
+            scale_by_t2=m.scale_by_t2,
+        )
         pad = self.tokenizer.pad_token_id or 0
         self.train_batches = _Batches(self.task.train, cfg, self.rank, self.world, pad)
         # quiz batches: same micro-batch size and accumulation as training batches
-        self.quiz_batches = _Batches(self.task.quiz, cfg, self.rank, self.world, pad) \
-            if m.name == "lgtm" else None
+        self.quiz_batches = (
+            _Batches(self.task.quiz, cfg, self.rank, self.world, pad) if m.name == "lgtm" else None
+        )
         self.pad = pad
         self.step = 0
         self.stage1_done = 0
@@ -166,15 +205,27 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "summary.json").unlink(missing_ok=True)
             save_resolved(cfg, self.ds_teacher, self.ds_student, self.out / "config.yaml")
-            _write_json(self.out / "data_split.json", {
-                "task": self.task.name, "quiz_source": self.task.quiz_source,
-                "quiz_indices": self.task.quiz_indices, "eval_indices": self.task.eval_indices,
-                "n_train": len(self.task.train), "n_quiz": len(self.task.quiz),
-                "n_eval": len(self.task.eval)})
-        self.logger = MetricsLogger(self.out / "metrics.jsonl", enabled=self.is_main,
-                                    wandb=cfg.output.wandb, project=cfg.output.wandb_project,
-                                    run_name=cfg.output.run_name or self.out.name,
-                                    config=config_to_dict(cfg), resume=bool(cfg.output.resume))
+            _write_json(
+                self.out / "data_split.json",
+                {
+                    "task": self.task.name,
+                    "quiz_source": self.task.quiz_source,
+                    "quiz_indices": self.task.quiz_indices,
+                    "eval_indices": self.task.eval_indices,
+                    "n_train": len(self.task.train),
+                    "n_quiz": len(self.task.quiz),
+                    "n_eval": len(self.task.eval),
+                },
+            )
+        self.logger = MetricsLogger(
+            self.out / "metrics.jsonl",
+            enabled=self.is_main,
+            wandb=cfg.output.wandb,
+            project=cfg.output.wandb_project,
+            run_name=cfg.output.run_name or self.out.name,
+            config=config_to_dict(cfg),
+            resume=bool(cfg.output.resume),
+        )
         if cfg.output.resume:
             self._resume(cfg.output.resume)
 
@@ -187,10 +238,15 @@ class Trainer:
         idx = list(range(n))
         per = math.ceil(n / self.world)
         idx += idx[: per * self.world - n]  # pad so every rank runs the same number of batches
-        mine = idx[self.rank::self.world]
-        loader = data_lib.make_loader(self.task.eval.select(mine), self.cfg.train.eval_batch_size,
-                                      shuffle=False, seed=0, drop_last=False,
-                                      pad_token_id=self.pad)
+        mine = idx[self.rank :: self.world]
+        loader = data_lib.make_loader(
+            self.task.eval.select(mine),
+            self.cfg.train.eval_batch_size,
+            shuffle=False,
+            seed=0,
+            drop_last=False,
+            pad_token_id=self.pad,
+        )
         res = {}
         labels = np.asarray(self.task.eval["labels"])
         for role, eng in (("teacher", self.teacher), ("student", self.student)):
@@ -219,8 +275,13 @@ class Trainer:
         from tqdm.auto import tqdm
 
         total = self.stage1_steps + self.total_steps
-        bar = tqdm(total=total, initial=self.stage1_done + self.step, disable=not self.is_main,
-                   desc=cfg.method.name, dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=self.stage1_done + self.step,
+            disable=not self.is_main,
+            desc=cfg.method.name,
+            dynamic_ncols=True,
+        )
         # vanilla KD stage 1: the teacher alone
         while self.stage1_done < self.stage1_steps:
             m = self.distiller.teacher_finetune_step(self.train_batches.next())
@@ -229,8 +290,7 @@ class Trainer:
             if self.stage1_done % cfg.train.log_every == 0:
                 self.logger.log({"stage": 1, "step": self.stage1_done, **m})
         if self.stage1_steps and self.step == 0:
-            self.logger.log({"stage": 1, "step": self.stage1_done, "eval": True,
-                             **self.evaluate()})
+            self.logger.log({"stage": 1, "step": self.stage1_done, "eval": True, **self.evaluate()})
         history = []
         while self.step < self.total_steps:
             quiz = self.quiz_batches.next() if self.quiz_batches is not None else None
@@ -247,13 +307,17 @@ class Trainer:
             if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in m.items() if "loss" in k})
                 self.logger.log({"step": self.step, "epoch": self.train_batches.epoch, **m})
-            if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) \
-                    or self.step == self.total_steps:
+            if (
+                cfg.train.eval_every and self.step % cfg.train.eval_every == 0
+            ) or self.step == self.total_steps:
                 ev = self.evaluate()
                 history.append({"step": self.step, **ev})
                 self.logger.log({"step": self.step, "eval": True, **ev})
-            if cfg.output.checkpoint_every and self.step % cfg.output.checkpoint_every == 0 \
-                    and self.step < self.total_steps:
+            if (
+                cfg.output.checkpoint_every
+                and self.step % cfg.output.checkpoint_every == 0
+                and self.step < self.total_steps
+            ):
                 self.save_checkpoint()
         bar.close()
         return {"wall_s": time.time() - t0, "history": history}
@@ -265,14 +329,23 @@ class Trainer:
         self.teacher.save_checkpoint(str(root / "teacher"), tag)
         self.student.save_checkpoint(str(root / "student"), tag)
         (root / tag).mkdir(parents=True, exist_ok=True)
-        torch.save({"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                   root / tag / f"rng_rank{self.rank}.pt")  # dropout streams differ per rank
+        torch.save(
+            {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            root / tag / f"rng_rank{self.rank}.pt",
+        )  # dropout streams differ per rank
         if self.is_main:
-            _write_json(root / tag / "trainer_state.json", {
-                "step": self.step, "stage1_done": self.stage1_done,
-                "train": self.train_batches.inner.state_dict(),
-                "quiz": self.quiz_batches.inner.state_dict() if self.quiz_batches else None})
+            _write_json(
+                root / tag / "trainer_state.json",
+                {
+                    "step": self.step,
+                    "stage1_done": self.stage1_done,
+                    "train": self.train_batches.inner.state_dict(),
+                    "quiz": self.quiz_batches.inner.state_dict() if self.quiz_batches else None,
+                },
+            )
         _barrier()
         if self.is_main:
             (root / "latest").write_text(tag)  # last: a checkpoint named here is complete
@@ -311,15 +384,21 @@ class Trainer:
         if cfg.output.save_teacher:
             self.teacher.save_pretrained(str(self.out / "teacher"), self.is_main)
         summary = {
-            "method": cfg.method.name, "task": self.task.name, "steps": self.step,
-            "stage1_steps": self.stage1_done, "world_size": self.world,
-            "wall_s": round(result["wall_s"], 2), "params": self.n_params,
+            "method": cfg.method.name,
+            "task": self.task.name,
+            "steps": self.step,
+            "stage1_steps": self.stage1_done,
+            "world_size": self.world,
+            "wall_s": round(result["wall_s"], 2),
+            "params": self.n_params,
             "zero_stage": {"teacher": self.teacher.stage, "student": self.student.stage},
             "precision": cfg.train.precision,
             "primary_metric": primary_metric(self.task.metric_names),
             "final": {k: v for k, v in final.items() if k != "step"},
-            "best_student": max((h[f"student/{primary_metric(self.task.metric_names)}"]
-                                 for h in result["history"]), default=None),
+            "best_student": max(
+                (h[f"student/{primary_metric(self.task.metric_names)}"] for h in result["history"]),
+                default=None,
+            ),
         }
         if self.is_main:
             self.tokenizer.save_pretrained(str(self.out / "student"))
@@ -347,7 +426,8 @@ def format_summary(s: dict, out: Path) -> str:
         "final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(s["final"].items())),
         f"best student {pm}: {s['best_student']:.4f}" if s["best_student"] is not None else "",
         f"outputs: {out}/ (config.yaml, metrics.jsonl, data_split.json, student/, "
-        + ("teacher/, " if (out / "teacher").exists() else "") + "summary.json)",
+        + ("teacher/, " if (out / "teacher").exists() else "")
+        + "summary.json)",
         "=" * 64,
     ]
     return "\n".join(line for line in lines if line)
@@ -362,12 +442,14 @@ def _fp32_teacher_grads(ds_teacher: dict) -> None:
         raise ConfigError(
             f"method lgtm with train.precision=bf16 needs the teacher at ZeRO stage 2 or 3 (got "
             f"{stage}; deepspeed.teacher.zero_optimization.stage): at stage 0/1 DeepSpeed keeps "
-            f"bf16 gradients, which round the influence term away")
+            f"bf16 gradients, which round the influence term away"
+        )
     data_types = ds_teacher.setdefault("data_types", {})
     if data_types.get("grad_accum_dtype", "fp32") != "fp32":
         raise ConfigError(
             f"method lgtm with bf16 needs the teacher's data_types.grad_accum_dtype = fp32, got "
-            f"{data_types['grad_accum_dtype']!r}")
+            f"{data_types['grad_accum_dtype']!r}"
+        )
     data_types["grad_accum_dtype"] = "fp32"
 
 

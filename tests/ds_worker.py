@@ -5,7 +5,6 @@ saves the final full fp32 parameters of teacher and student (rank 0) for the equ
 """
 
 import argparse
-import copy
 import os
 import sys
 import traceback
@@ -56,10 +55,16 @@ def ds_config(stage, precision, micro, gas, world, persistence=None, role="stude
     extra = {}
     if precision == "bf16" and role == "teacher" and stage >= 2:
         extra["data_types"] = {"grad_accum_dtype": "fp32"}  # as the trainer sets for bf16 LGTM
-    return {**extra,"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
-            "train_batch_size": micro * gas * world, "zero_optimization": zero,
-            "bf16": {"enabled": precision == "bf16"}, "gradient_clipping": 1.0,
-            "steps_per_print": 10**9}
+    return {
+        **extra,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": micro * gas * world,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+    }
 
 
 def batches(step, rank, world, gas):
@@ -69,7 +74,7 @@ def batches(step, rank, world, gas):
         b = random_batch(GLOBAL_BATCH, seed)
         mine = {k: v[rank::world] for k, v in b.items()}
         n = GLOBAL_BATCH // world // gas
-        out.append([{k: v[i * n:(i + 1) * n] for k, v in mine.items()} for i in range(gas)])
+        out.append([{k: v[i * n : (i + 1) * n] for k, v in mine.items()} for i in range(gas)])
     return out
 
 
@@ -92,15 +97,23 @@ def run_case(name, rank, world):
     method, ts, ss, precision, gas = CASES[name]
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     teacher, student = tiny_model(seed=1, size="student"), tiny_model(seed=2)
-    init = {"teacher": [p.detach().clone() for p in teacher.parameters()],
-            "student": [p.detach().clone() for p in student.parameters()]}
+    init = {
+        "teacher": [p.detach().clone() for p in teacher.parameters()],
+        "student": [p.detach().clone() for p in student.parameters()],
+    }
     micro = GLOBAL_BATCH // world // gas
     engines = {}
     for role, model, stage, lr in (("teacher", teacher, ts, 3e-3), ("student", student, ss, 5e-3)):
         opt = build_adamw(model, lr, 0.01)
-        engines[role] = build_engine(model, opt, warmup_linear(opt, 10, 0.2),
-                                     ds_config(stage, precision, micro, gas, world,
-                                               0 if name.endswith("_np") else None, role), role)
+        engines[role] = build_engine(
+            model,
+            opt,
+            warmup_linear(opt, 10, 0.2),
+            ds_config(
+                stage, precision, micro, gas, world, 0 if name.endswith("_np") else None, role
+            ),
+            role,
+        )
     d = Distiller(method, teacher=engines["teacher"], student=engines["student"])
     restored = True
     influence, radii = [], []
@@ -109,8 +122,9 @@ def run_case(name, rank, world):
         if method == "lgtm":
             before = [local_storage(p).clone() for p in student.parameters()]
             m = d._lgtm_teacher_update(train, quiz)
-            restored &= all(torch.equal(local_storage(p), b)
-                            for p, b in zip(student.parameters(), before))
+            restored &= all(
+                torch.equal(local_storage(p), b) for p, b in zip(student.parameters(), before)
+            )
             influence.append(m["influence"])
             radii.append(m["fd_R"])
         else:
@@ -121,9 +135,15 @@ def run_case(name, rank, world):
 
     all_radii = [None] * world
     dist.all_gather_object(all_radii, radii)  # R = r / ||v|| must agree bitwise on all ranks
-    return {"radius_agrees": all(r == all_radii[0] for r in all_radii), "radii": radii,"teacher": full_params(engines["teacher"]), "student": full_params(engines["student"]),
-            "init": init, "restored": restored,
-            "influence": torch.cat(influence) if influence else None}
+    return {
+        "radius_agrees": all(r == all_radii[0] for r in all_radii),
+        "radii": radii,
+        "teacher": full_params(engines["teacher"]),
+        "student": full_params(engines["student"]),
+        "init": init,
+        "restored": restored,
+        "influence": torch.cat(influence) if influence else None,
+    }
 
 
 def influence_gradient(teacher_stage, rank, world):
@@ -139,17 +159,23 @@ def influence_gradient(teacher_stage, rank, world):
         if engine_kind == "ds":
             t_opt, s_opt = build_adamw(teacher, 3e-3, 0.01), build_adamw(student, 5e-3, 0.01)
             micro = GLOBAL_BATCH // world
-            te = build_engine(teacher, t_opt, None,
-                              ds_config(teacher_stage, "bf16", micro, 1, world, role="teacher"),
-                              "teacher")
-            se = build_engine(student, s_opt, None, ds_config(2, "bf16", micro, 1, world),
-                              "student")
+            te = build_engine(
+                teacher,
+                t_opt,
+                None,
+                ds_config(teacher_stage, "bf16", micro, 1, world, role="teacher"),
+                "teacher",
+            )
+            se = build_engine(
+                student, s_opt, None, ds_config(2, "bf16", micro, 1, world), "student"
+            )
             orig = te.step
 
             def step():
                 if te.engine.is_gradient_accumulation_boundary():
-                    captured["G"] = [safe_get_full_grad(p).double().cpu().clone()
-                                     for p in teacher.parameters()]
+                    captured["G"] = [
+                        safe_get_full_grad(p).double().cpu().clone() for p in teacher.parameters()
+                    ]
                 orig()
 
             te.step = step
@@ -176,8 +202,10 @@ def influence_gradient(teacher_stage, rank, world):
         return {}
     ref = [a - b for a, b in zip(run("torch", True), run("torch", False))]
     d, r = torch.cat([x.reshape(-1) for x in diff]), torch.cat([x.reshape(-1) for x in ref])
-    return {"cos": float(torch.nn.functional.cosine_similarity(d, r, dim=0)),
-            "norm_ratio": float(d.norm() / r.norm())}
+    return {
+        "cos": float(torch.nn.functional.cosine_similarity(d, r, dim=0)),
+        "norm_ratio": float(d.norm() / r.norm()),
+    }
 
 
 def run_torch(method, gas=1):
@@ -187,15 +215,24 @@ def run_torch(method, gas=1):
     for role, model, lr in (("teacher", teacher, 3e-3), ("student", student, 5e-3)):
         opt = build_adamw(model, lr, 0.01)
         opts[role] = (opt, warmup_linear(opt, 10, 0.2))
-    d = Distiller(method, teacher=teacher, student=student, teacher_optimizer=opts["teacher"][0],
-                  student_optimizer=opts["student"][0], teacher_scheduler=opts["teacher"][1],
-                  student_scheduler=opts["student"][1], gradient_accumulation_steps=gas,
-                  max_grad_norm=1.0)
+    d = Distiller(
+        method,
+        teacher=teacher,
+        student=student,
+        teacher_optimizer=opts["teacher"][0],
+        student_optimizer=opts["student"][0],
+        teacher_scheduler=opts["teacher"][1],
+        student_scheduler=opts["student"][1],
+        gradient_accumulation_steps=gas,
+        max_grad_norm=1.0,
+    )
     for step in range(STEPS):
         train, quiz = batches(step, 0, 1, gas)
         d.step(train, quiz)
-    return {"teacher": [p.detach().clone() for p in teacher.parameters()],
-            "student": [p.detach().clone() for p in student.parameters()]}
+    return {
+        "teacher": [p.detach().clone() for p in teacher.parameters()],
+        "student": [p.detach().clone() for p in student.parameters()],
+    }
 
 
 def main():
@@ -220,9 +257,14 @@ def main():
         if rank == 0:
             torch.save(res, os.path.join(args.out, f"{name}.{tag}.pt"))
     if rank == 0:
-        torch.save({"lgtm": run_torch("lgtm"), "online_kd": run_torch("online_kd"),
-                    "lgtm_gas2": run_torch("lgtm", gas=2)},
-                   os.path.join(args.out, f"torch.{tag}.pt"))
+        torch.save(
+            {
+                "lgtm": run_torch("lgtm"),
+                "online_kd": run_torch("online_kd"),
+                "lgtm_gas2": run_torch("lgtm", gas=2),
+            },
+            os.path.join(args.out, f"torch.{tag}.pt"),
+        )
     print(f"rank {rank}: done", flush=True)
 
 

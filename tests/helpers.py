@@ -21,7 +21,18 @@ def tiny_model(dtype=torch.float32, seed=0, size="tiny"):
 def random_batch(n, seed, length=11):
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(n, length, dtype=torch.long)
-    mask[: n // 2, length - 3:] = 0  # some padding
-    return {"input_ids": torch.randint(5, VOCAB, (n, length), generator=g),
-            "attention_mask": mask,
-            "labels": torch.randint(0, LABELS, (n,), generator=g)}
+    mask[: n // 2, length - 3 :] = 0  # some padding
+    return {
+        "input_ids": torch.randint(5, VOCAB, (n, length), generator=g),
+        "attention_mask": mask,
+        "labels": torch.randint(0, LABELS, (n,), generator=g),
+    }
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (rendezvous of launched ranks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -45,14 +45,31 @@ def _pair(dtype=torch.float64, lr_t=3e-3, lr_s=5e-3):
 def test_cheap_form_matches_reference_form_fp64(alpha_teacher, temperature):
     t, s, to, so = _pair()
     t2, s2, to2, so2 = copy.deepcopy((t, s, to, so))
-    d = Distiller("lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so,
-                  alpha_student=0.8, alpha_teacher=alpha_teacher, temperature=temperature)
+    d = Distiller(
+        "lgtm",
+        teacher=t,
+        student=s,
+        teacher_optimizer=to,
+        student_optimizer=so,
+        alpha_student=0.8,
+        alpha_teacher=alpha_teacher,
+        temperature=temperature,
+    )
     cheap_g = _capture_grads(to, list(t.parameters()))
     for step in range(3):
         b, q = random_batch(9, 100 + step), random_batch(7, 200 + step)  # odd sizes
         m = d.step(b, q)
-        ref = naive_lgtm_step(t2, s2, to2, so2, b, q, alpha_student=0.8,
-                              alpha_teacher=alpha_teacher, temperature=temperature)
+        ref = naive_lgtm_step(
+            t2,
+            s2,
+            to2,
+            so2,
+            b,
+            q,
+            alpha_student=0.8,
+            alpha_teacher=alpha_teacher,
+            temperature=temperature,
+        )
         err = _rel(cheap_g[-1], ref["G"])
         assert err < 1e-6, f"step {step}: teacher gradient rel. error {err:.2e}"
         assert m["fd_R"] == pytest.approx(ref["fd_R"], rel=1e-10)
@@ -65,8 +82,9 @@ def _exact_hypergradient(t, s, batch, v, alpha_teacher, temperature):
     t_params = [p for p in t.parameters()]
     s_params = [p for p in s.parameters()]
     x, y = model_inputs(batch), batch["labels"]
-    lt = losses.teacher_loss(get_logits(t(**x)), get_logits(s(**x)), y, alpha=alpha_teacher,
-                             temperature=temperature)
+    lt = losses.teacher_loss(
+        get_logits(t(**x)), get_logits(s(**x)), y, alpha=alpha_teacher, temperature=temperature
+    )
     # L_t's student dependence is through the KD target: differentiate the target too
     z = get_logits(t(**x))
     s_logits = get_logits(s(**x))
@@ -88,20 +106,29 @@ def _fd_error(r):
     engine = TorchEngine(s, so)
     with torch.no_grad():
         t_logits = get_logits(t(**model_inputs(b)))
-    ls = losses.student_loss(get_logits(s(**model_inputs(b))), t_logits, b["labels"], alpha=1.0,
-                             temperature=1.0)
+    ls = losses.student_loss(
+        get_logits(s(**model_inputs(b))), t_logits, b["labels"], alpha=1.0, temperature=1.0
+    )
     g = torch.autograd.grad(ls, engine.params())
-    look = [x.requires_grad_() for x in adamw_lookahead(engine.master_params(), g,
-                                                       engine.adam_state())]
+    look = [
+        x.requires_grad_() for x in adamw_lookahead(engine.master_params(), g, engine.adam_state())
+    ]
     ce = losses.ce_loss(engine.functional_forward(look, q), q["labels"])
     v = torch.autograd.grad(ce, look)
     exact = _exact_hypergradient(t, s, b, v, 0.4, 1.0)
-    g0 = torch.autograd.grad(losses.teacher_loss(get_logits(t(**model_inputs(b))),
-                                                 get_logits(s(**model_inputs(b))).detach(),
-                                                 b["labels"], alpha=0.4, temperature=1.0),
-                             list(t.parameters()))
-    d = Distiller("lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so,
-                  fd_radius=r)
+    g0 = torch.autograd.grad(
+        losses.teacher_loss(
+            get_logits(t(**model_inputs(b))),
+            get_logits(s(**model_inputs(b))).detach(),
+            b["labels"],
+            alpha=0.4,
+            temperature=1.0,
+        ),
+        list(t.parameters()),
+    )
+    d = Distiller(
+        "lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so, fd_radius=r
+    )
     rec = _capture_grads(to, list(t.parameters()))
     m = d.step(b, q)
     eta, R = m["eta"], m["fd_R"]
@@ -128,8 +155,9 @@ def test_lookahead_equals_a_real_adamw_step_and_leaves_state_alone(dtype, tol):
     opt = build_adamw(s, 1e-2, 0.1)
     engine = TorchEngine(s, opt)
     for k in range(2):  # non-trivial moments and step count
-        loss = losses.ce_loss(get_logits(s(**model_inputs(random_batch(5, k)))),
-                              random_batch(5, k)["labels"])
+        loss = losses.ce_loss(
+            get_logits(s(**model_inputs(random_batch(5, k)))), random_batch(5, k)["labels"]
+        )
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -156,8 +184,13 @@ def test_lookahead_equals_a_real_adamw_step_and_leaves_state_alone(dtype, tol):
 def test_student_bit_identical_after_influence_passes(dtype):
     t, s = tiny_model(dtype, seed=1), tiny_model(dtype, seed=2)
     so = build_adamw(s, 1e-3, 0.01)
-    d = Distiller("lgtm", teacher=t, student=s, teacher_optimizer=build_adamw(t, 1e-3, 0.0),
-                  student_optimizer=so)
+    d = Distiller(
+        "lgtm",
+        teacher=t,
+        student=s,
+        teacher_optimizer=build_adamw(t, 1e-3, 0.0),
+        student_optimizer=so,
+    )
     d.step(random_batch(8, 1), random_batch(8, 2))  # moments exist
     before = [p.detach().clone() for p in s.parameters()]
     state = copy.deepcopy(so.state_dict())
@@ -178,8 +211,12 @@ def _influence_term(dtype, t64, s64, b, q, eta=1e-3):
     orig = losses.lgtm_teacher_logit_grad
 
     def spy(z, s_logits, s_plus, s_minus, labels, **kw):
-        seen["term"] = (torch.softmax(s_plus.double(), -1) - torch.softmax(s_minus.double(), -1)
-                        ) * kw["eta"] * 0.4 / (2 * kw["radius"] * z.shape[0])
+        seen["term"] = (
+            (torch.softmax(s_plus.double(), -1) - torch.softmax(s_minus.double(), -1))
+            * kw["eta"]
+            * 0.4
+            / (2 * kw["radius"] * z.shape[0])
+        )
         return orig(z, s_logits, s_plus, s_minus, labels, **kw)
 
     losses.lgtm_teacher_logit_grad = spy
@@ -197,7 +234,9 @@ def test_bf16_influence_term_agrees_with_fp64():
     term16, infl16 = _influence_term(torch.bfloat16, t64, s64, b, q)
     cos_term = float(torch.nn.functional.cosine_similarity(term16, term64, dim=0))
     cos_infl = float(torch.nn.functional.cosine_similarity(infl16, infl64, dim=0))
-    print(f"bf16 vs fp64 cosine: influence term {cos_term:.4f}, per-sample influence {cos_infl:.4f}")
+    print(
+        f"bf16 vs fp64 cosine: influence term {cos_term:.4f}, per-sample influence {cos_infl:.4f}"
+    )
     assert cos_term > 0.95 and cos_infl > 0.95
 
 
@@ -205,8 +244,14 @@ def test_accumulation_equals_one_big_batch_fp64():
     t, s, to, so = _pair()
     t2, s2, to2, so2 = copy.deepcopy((t, s, to, so))
     d1 = Distiller("lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so)
-    d2 = Distiller("lgtm", teacher=t2, student=s2, teacher_optimizer=to2, student_optimizer=so2,
-                   gradient_accumulation_steps=2)
+    d2 = Distiller(
+        "lgtm",
+        teacher=t2,
+        student=s2,
+        teacher_optimizer=to2,
+        student_optimizer=so2,
+        gradient_accumulation_steps=2,
+    )
     for step in range(2):
         b, q = random_batch(8, 30 + step), random_batch(8, 40 + step)
         half = [{k: v[:4] for k, v in x.items()} for x in (b, q)]
@@ -223,8 +268,17 @@ def test_methods_and_api():
         t, s, to, so = _pair(torch.float32)
         t0 = [p.detach().clone() for p in t.parameters()]
         s0 = [p.detach().clone() for p in s.parameters()]
-        d = Distiller(method, teacher=t, student=s, teacher_optimizer=to, student_optimizer=so,
-                      alpha_student=1.0, alpha_teacher=0.4, temperature=1.0, fd_radius=1e-2)
+        d = Distiller(
+            method,
+            teacher=t,
+            student=s,
+            teacher_optimizer=to,
+            student_optimizer=so,
+            alpha_student=1.0,
+            alpha_teacher=0.4,
+            temperature=1.0,
+            fd_radius=1e-2,
+        )
         m = d.step(b, q)
         assert "student_loss" in m
         teacher_moved = any(not torch.equal(p, p0) for p, p0 in zip(t.parameters(), t0))

@@ -78,10 +78,13 @@ def test_default_yaml_lists_every_key_with_a_comment():
 
 
 def test_yaml_then_overrides_later_wins(tmp_path):
-    path = write_yaml(tmp_path, {"train": {"micro_batch_size": 8, "student_lr": 2e-5},
-                                 "method": {"name": "online_kd"}})
-    cfg = load_config(path, ["train.micro_batch_size=4", "train.micro_batch_size=16",
-                             "method.temperature=2"])
+    path = write_yaml(
+        tmp_path,
+        {"train": {"micro_batch_size": 8, "student_lr": 2e-5}, "method": {"name": "online_kd"}},
+    )
+    cfg = load_config(
+        path, ["train.micro_batch_size=4", "train.micro_batch_size=16", "method.temperature=2"]
+    )
     assert cfg.train.micro_batch_size == 16  # later override wins over earlier and YAML
     assert cfg.train.student_lr == pytest.approx(2e-5)  # YAML kept
     assert cfg.method.name == "online_kd" and cfg.method.temperature == 2.0
@@ -143,8 +146,12 @@ def test_example_local_files_has_zero3_teacher(monkeypatch):
         ("data.text_columns=[a, b]", "data", "text_columns", ["a", "b"]),
         ("data.text_columns=question,passage", "data", "text_columns", ["question", "passage"]),
         ("data.text_columns=sentence", "data", "text_columns", ["sentence"]),
-        ("deepspeed.teacher={zero_optimization: {stage: 3}}", "deepspeed", "teacher",
-         {"zero_optimization": {"stage": 3}}),
+        (
+            "deepspeed.teacher={zero_optimization: {stage: 3}}",
+            "deepspeed",
+            "teacher",
+            {"zero_optimization": {"stage": 3}},
+        ),
     ],
 )
 def test_override_coercion(override, section, key, expected):
@@ -155,8 +162,11 @@ def test_override_coercion(override, section, key, expected):
 
 def test_yaml_values_are_coerced_too(tmp_path):
     # PyYAML reads 1e-3 (no dot) as a string and "8" quoted as a string: both become numbers.
-    path = write_yaml(tmp_path, "train:\n  student_lr: 1e-3\n  micro_batch_size: '8'\n"
-                                "data:\n  text_columns: premise, hypothesis\n")
+    path = write_yaml(
+        tmp_path,
+        "train:\n  student_lr: 1e-3\n  micro_batch_size: '8'\n"
+        "data:\n  text_columns: premise, hypothesis\n",
+    )
     cfg = load_config(path)
     assert cfg.train.student_lr == pytest.approx(1e-3) and cfg.train.micro_batch_size == 8
     assert cfg.data.text_columns == ["premise", "hypothesis"]
@@ -179,17 +189,30 @@ def test_bad_coercion_names_key_value_type(override, key, typename):
 
 
 def test_bool_yaml_value_for_int_is_rejected(tmp_path):
-    raises(["train.micro_batch_size", "True", "int"], load_config,
-           write_yaml(tmp_path, {"train": {"micro_batch_size": True}}))
+    raises(
+        ["train.micro_batch_size", "True", "int"],
+        load_config,
+        write_yaml(tmp_path, {"train": {"micro_batch_size": True}}),
+    )
 
 
 def test_deep_dict_override_merges_into_yaml_dict(tmp_path):
-    path = write_yaml(tmp_path, {"deepspeed": {"teacher": {"zero_optimization": {
-        "stage": 3, "stage3_param_persistence_threshold": 0}}}})
-    cfg = load_config(path, ["deepspeed.teacher.zero_optimization.stage=2",
-                             "deepspeed.student.bf16.enabled=auto"])
-    assert cfg.deepspeed.teacher == {"zero_optimization": {
-        "stage": 2, "stage3_param_persistence_threshold": 0}}
+    path = write_yaml(
+        tmp_path,
+        {
+            "deepspeed": {
+                "teacher": {
+                    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}
+                }
+            }
+        },
+    )
+    cfg = load_config(
+        path, ["deepspeed.teacher.zero_optimization.stage=2", "deepspeed.student.bf16.enabled=auto"]
+    )
+    assert cfg.deepspeed.teacher == {
+        "zero_optimization": {"stage": 2, "stage3_param_persistence_threshold": 0}
+    }
     assert cfg.deepspeed.student == {"bf16": {"enabled": "auto"}}
 
 
@@ -242,24 +265,51 @@ def test_cross_field_validation():
 
 
 def test_validation_runs_on_yaml_values_and_direct_construction(tmp_path):
-    raises(["method.alpha_teacher must be in [0, 1], got 1.5"], load_config,
-           write_yaml(tmp_path, {"method": {"alpha_teacher": 1.5}}))
+    raises(
+        ["method.alpha_teacher must be in [0, 1], got 1.5"],
+        load_config,
+        write_yaml(tmp_path, {"method": {"alpha_teacher": 1.5}}),
+    )
     raises(["train.precision"], TrainConfig, precision="fp64")
     # an override can repair a bad YAML value: validation sees the merged dict only
-    cfg = load_config(write_yaml(tmp_path, {"method": {"alpha_teacher": 1.5}}),
-                      ["method.alpha_teacher=0.5"])
+    cfg = load_config(
+        write_yaml(tmp_path, {"method": {"alpha_teacher": 1.5}}), ["method.alpha_teacher=0.5"]
+    )
     assert cfg.method.alpha_teacher == 0.5
 
 
 def test_unknown_keys_named_with_valid_keys_and_suggestion(tmp_path):
-    msg = raises(["'train.micro_batchsize'", "micro_batch_size", "student_lr",
-                  "did you mean 'micro_batch_size'"], load_config,
-                 write_yaml(tmp_path, {"train": {"micro_batchsize": 8}}))
+    msg = raises(
+        [
+            "'train.micro_batchsize'",
+            "micro_batch_size",
+            "student_lr",
+            "did you mean 'micro_batch_size'",
+        ],
+        load_config,
+        write_yaml(tmp_path, {"train": {"micro_batchsize": 8}}),
+    )
     assert "valid keys of train" in msg
-    raises(["'trian'", "model", "data", "method", "train", "deepspeed", "output",
-            "did you mean 'train'"], load_config, write_yaml(tmp_path, {"trian": {}}))
-    raises(["'method.alpha_techer'", "did you mean 'alpha_teacher'"], load_config, None,
-           ["method.alpha_techer=0.3"])
+    raises(
+        [
+            "'trian'",
+            "model",
+            "data",
+            "method",
+            "train",
+            "deepspeed",
+            "output",
+            "did you mean 'train'",
+        ],
+        load_config,
+        write_yaml(tmp_path, {"trian": {}}),
+    )
+    raises(
+        ["'method.alpha_techer'", "did you mean 'alpha_teacher'"],
+        load_config,
+        None,
+        ["method.alpha_techer=0.3"],
+    )
     raises(["'train.student_lr.x'", "no sub-keys"], load_config, None, ["train.student_lr.x=1"])
 
 
@@ -291,12 +341,22 @@ def test_parse_args_flags_and_overrides(tmp_path, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     path = write_yaml(tmp_path, {"train": {"micro_batch_size": 8}})
     ds = write_json(tmp_path, DEFAULT_DS_CONFIG)
-    cfg, args = parse_args([
-        "--config", path, "--local_rank=1", "--ds_config", ds,
-        "--train.micro_batch_size=4", "--method.temperature", "2.5",
-        "--deepspeed.teacher.zero_optimization.stage=3", "--output.overwrite",
-        "--train.micro_batch_size", "12",
-    ])
+    cfg, args = parse_args(
+        [
+            "--config",
+            path,
+            "--local_rank=1",
+            "--ds_config",
+            ds,
+            "--train.micro_batch_size=4",
+            "--method.temperature",
+            "2.5",
+            "--deepspeed.teacher.zero_optimization.stage=3",
+            "--output.overwrite",
+            "--train.micro_batch_size",
+            "12",
+        ]
+    )
     assert args.local_rank == 1 and args.config == path and args.ds_config == ds
     assert cfg.train.micro_batch_size == 12  # later flag wins
     assert cfg.method.temperature == 2.5
@@ -320,8 +380,11 @@ def test_parse_args_local_rank_forms_and_env(monkeypatch):
 
 def test_parse_args_errors():
     raises(["--bogus"], parse_args, ["--bogus=1"])
-    raises(["--trian.micro_batch_size", "did you mean 'train'"], parse_args,
-           ["--trian.micro_batch_size=1"])
+    raises(
+        ["--trian.micro_batch_size", "did you mean 'train'"],
+        parse_args,
+        ["--trian.micro_batch_size=1"],
+    )
     raises(["--train.micro_bs", "micro_batch_size"], parse_args, ["--train.micro_bs=1"])
     raises(["'stray'"], parse_args, ["stray"])
     raises(["--train.student_lr needs a value"], parse_args, ["--train.student_lr"])
@@ -337,11 +400,16 @@ def test_builtin_default_equals_zero2_json():
 
 
 def test_build_fills_autos_and_role_overrides():
-    cfg = load_config(None, [
-        "train.micro_batch_size=8", "train.gradient_accumulation_steps=3",
-        "train.max_grad_norm=1.0", "train.precision=bf16",
-        "deepspeed.teacher.zero_optimization.stage=3",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "train.micro_batch_size=8",
+            "train.gradient_accumulation_steps=3",
+            "train.max_grad_norm=1.0",
+            "train.precision=bf16",
+            "deepspeed.teacher.zero_optimization.stage=3",
+        ],
+    )
     t = build_ds_config(cfg, "teacher", world_size=2)
     s = build_ds_config(cfg, "student", world_size=2)
     for ds in (t, s):
@@ -371,9 +439,15 @@ def test_build_fp16_loss_scaling_defaults(tmp_path):
 
 
 def test_build_accepts_equal_hard_values_and_missing_keys(tmp_path):
-    js = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1,
-          "train_batch_size": 64, "gradient_clipping": 0, "bf16": {"enabled": False},
-          "zero_optimization": {"stage": 1}, "steps_per_print": 7}
+    js = {
+        "train_micro_batch_size_per_gpu": 32,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": 64,
+        "gradient_clipping": 0,
+        "bf16": {"enabled": False},
+        "zero_optimization": {"stage": 1},
+        "steps_per_print": 7,
+    }
     cfg = load_config(None, [f"deepspeed.config={write_json(tmp_path, js)}"])
     ds = build_ds_config(cfg, "teacher", world_size=2)
     assert ds["train_batch_size"] == 64 and ds["fp16"] == {"enabled": False}
@@ -386,11 +460,19 @@ def test_build_accepts_equal_hard_values_and_missing_keys(tmp_path):
 @pytest.mark.parametrize(
     "json_over, parts",
     [
-        ({"train_micro_batch_size_per_gpu": 16},
-         ["train_micro_batch_size_per_gpu=16", "train.micro_batch_size=32",
-          "the experiment YAML owns it", 'write "auto"']),
-        ({"gradient_accumulation_steps": 4},
-         ["gradient_accumulation_steps=4", "train.gradient_accumulation_steps=1"]),
+        (
+            {"train_micro_batch_size_per_gpu": 16},
+            [
+                "train_micro_batch_size_per_gpu=16",
+                "train.micro_batch_size=32",
+                "the experiment YAML owns it",
+                'write "auto"',
+            ],
+        ),
+        (
+            {"gradient_accumulation_steps": 4},
+            ["gradient_accumulation_steps=4", "train.gradient_accumulation_steps=1"],
+        ),
         ({"train_batch_size": 32}, ["train_batch_size=32", "world_size(2)"]),
         ({"gradient_clipping": 1.0}, ["gradient_clipping=1.0", "train.max_grad_norm=0.0"]),
         ({"bf16": {"enabled": True}}, ["bf16.enabled=true", "train.precision=fp32"]),
@@ -405,8 +487,13 @@ def test_build_rejects_conflicting_hard_value(tmp_path, json_over, parts):
 
 def test_build_rejects_conflict_from_role_override():
     cfg = load_config(None, ["deepspeed.teacher.train_micro_batch_size_per_gpu=4"])
-    raises(["deepspeed.teacher", "train_micro_batch_size_per_gpu=4",
-            "train.micro_batch_size=32"], build_ds_config, cfg, "teacher", 1)
+    raises(
+        ["deepspeed.teacher", "train_micro_batch_size_per_gpu=4", "train.micro_batch_size=32"],
+        build_ds_config,
+        cfg,
+        "teacher",
+        1,
+    )
     build_ds_config(cfg, "student", 1)  # the student's dict is not affected
 
 
@@ -420,8 +507,13 @@ def test_build_rejects_bad_stage(stage):
 def test_build_rejects_optimizer_and_scheduler_sections(tmp_path, section):
     path = write_json(tmp_path, dict(DEFAULT_DS_CONFIG, **{section: {"type": "AdamW"}}))
     cfg = load_config(None, [f"deepspeed.config={path}"])
-    raises([path, repr(section), "built by LGTM-DS", "remove the section"],
-           build_ds_config, cfg, "teacher", 1)
+    raises(
+        [path, repr(section), "built by LGTM-DS", "remove the section"],
+        build_ds_config,
+        cfg,
+        "teacher",
+        1,
+    )
 
 
 def test_build_rejects_leftover_auto_and_bad_json(tmp_path):
@@ -429,12 +521,22 @@ def test_build_rejects_leftover_auto_and_bad_json(tmp_path):
     cfg = load_config(None, [f"deepspeed.config={write_json(tmp_path, js)}"])
     raises(["zero_optimization.reduce_bucket_size", "auto"], build_ds_config, cfg, "student", 1)
     missing = str(tmp_path / "nope.json")
-    raises([missing, "does not exist"], build_ds_config,
-           load_config(None, [f"deepspeed.config={missing}"]), "student", 1)
+    raises(
+        [missing, "does not exist"],
+        build_ds_config,
+        load_config(None, [f"deepspeed.config={missing}"]),
+        "student",
+        1,
+    )
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    raises([str(bad), "not valid JSON"], build_ds_config,
-           load_config(None, [f"deepspeed.config={bad}"]), "student", 1)
+    raises(
+        [str(bad), "not valid JSON"],
+        build_ds_config,
+        load_config(None, [f"deepspeed.config={bad}"]),
+        "student",
+        1,
+    )
     raises(["role"], build_ds_config, load_config(), "critic", 1)
     raises(["world_size"], build_ds_config, load_config(), "student", 0)
 

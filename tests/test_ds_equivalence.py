@@ -18,6 +18,8 @@ import sys
 import pytest
 import torch
 
+from .helpers import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 pytestmark = pytest.mark.slow
@@ -26,9 +28,18 @@ pytestmark = pytest.mark.slow
 def _launch(out, ranks):
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(29600 + ranks), os.path.join(ROOT, "tests", "ds_worker.py"),
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        os.path.join(ROOT, "tests", "ds_worker.py"),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -52,8 +63,23 @@ def _rel_update(a, b, init):
     return float((ua - ub).norm() / ub.norm())
 
 
-FP32 = ["z0_0", "z1_1", "z2_2", "z3_2", "z3_1", "z2_0", "z2_3", "z2_3_np", "z3_3", "z2_2_gas2",
-        "z3_0_gas2", "z0_3_gas2", "online_z2_2", "online_z3_2", "online_z2_3"]
+FP32 = [
+    "z0_0",
+    "z1_1",
+    "z2_2",
+    "z3_2",
+    "z3_1",
+    "z2_0",
+    "z2_3",
+    "z2_3_np",
+    "z3_3",
+    "z2_2_gas2",
+    "z3_0_gas2",
+    "z0_3_gas2",
+    "online_z2_2",
+    "online_z3_2",
+    "online_z2_3",
+]
 
 
 def _reference(load, name):
@@ -82,8 +108,21 @@ def test_one_rank_equals_two_ranks(results, name):
 
 
 @pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("name", ["z0_0", "z1_1", "z2_2", "z2_3", "z2_3_np", "z3_3", "z2_0_bf16",
-                                  "z2_1_bf16", "z2_2_bf16", "z3_2_bf16"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "z0_0",
+        "z1_1",
+        "z2_2",
+        "z2_3",
+        "z2_3_np",
+        "z3_3",
+        "z2_0_bf16",
+        "z2_1_bf16",
+        "z2_2_bf16",
+        "z3_2_bf16",
+    ],
+)
 def test_student_bit_exact_after_influence_passes(results, name, world):
     res = results(name, world)
     assert res["restored"], f"{name}: student params changed by the influence passes"

@@ -21,16 +21,30 @@ def test_teacher_logit_grad_matches_autograd(temperature, scale_by_t2):
     kw = dict(alpha=a, temperature=temperature, scale_by_t2=scale_by_t2)
     # G = grad L_t(theta) - eta * (grad L_t(theta+) - grad L_t(theta-)) / 2R, in logit space
     obj = losses.teacher_loss(z, s, y, **kw) - eta * (
-        losses.teacher_loss(z, sp, y, **kw) - losses.teacher_loss(z, sm, y, **kw)) / (2 * R)
+        losses.teacher_loss(z, sp, y, **kw) - losses.teacher_loss(z, sm, y, **kw)
+    ) / (2 * R)
     (expected,) = torch.autograd.grad(obj, z)
-    got, infl = losses.lgtm_teacher_logit_grad(z, s, sp, sm, y, alpha_teacher=a,
-                                               temperature=temperature, eta=eta, radius=R,
-                                               scale_by_t2=scale_by_t2)
+    got, infl = losses.lgtm_teacher_logit_grad(
+        z,
+        s,
+        sp,
+        sm,
+        y,
+        alpha_teacher=a,
+        temperature=temperature,
+        eta=eta,
+        radius=R,
+        scale_by_t2=scale_by_t2,
+    )
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-13)
     t2 = temperature**2 if scale_by_t2 else 1.0
-    ref_infl = -eta * t2 * (losses.kd_per_row(sp, z, temperature)
-                            - losses.kd_per_row(sm, z, temperature)) / (2 * R)
+    ref_infl = (
+        -eta
+        * t2
+        * (losses.kd_per_row(sp, z, temperature) - losses.kd_per_row(sm, z, temperature))
+        / (2 * R)
+    )
     torch.testing.assert_close(infl, ref_infl.detach(), rtol=1e-10, atol=1e-14)
 
 

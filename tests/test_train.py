@@ -14,9 +14,15 @@ import yaml
 from lgtm_ds import ConfigError, DataError, ModelError
 from lgtm_ds.config import load_config
 
+from .helpers import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["data.synthetic_examples=400", "train.micro_batch_size=8", "train.eval_batch_size=64",
-         "train.log_every=2"]
+SMALL = [
+    "data.synthetic_examples=400",
+    "train.micro_batch_size=8",
+    "train.eval_batch_size=64",
+    "train.log_every=2",
+]
 
 
 def _env():
@@ -27,17 +33,31 @@ def _env():
     return env
 
 
-def _deepspeed(args, ranks=2, port=29650):
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(port), os.path.join(ROOT, "launch", "train.py")] + args
+def _deepspeed(args, ranks=2):
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(port),
+        os.path.join(ROOT, "launch", "train.py"),
+    ] + args
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
 
 
 @pytest.fixture
 def dist_env(monkeypatch):
     """In-process runs: a one-rank process group."""
-    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT="29680").items():
+    for k, v in dict(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    ).items():
         monkeypatch.setenv(k, v)
 
 
@@ -51,8 +71,16 @@ def _run(tmp_path, *overrides):
 @pytest.mark.slow
 def test_readme_command_two_ranks(tmp_path):
     out = tmp_path / "run"
-    proc = _deepspeed(["--ds_config", "ds_configs/zero2.json", f"--output.dir={out}",
-                       "--train.max_steps=12", "--train.eval_every=6", *[f"--{o}" for o in SMALL]])
+    proc = _deepspeed(
+        [
+            "--ds_config",
+            "ds_configs/zero2.json",
+            f"--output.dir={out}",
+            "--train.max_steps=12",
+            "--train.eval_every=6",
+            *[f"--{o}" for o in SMALL],
+        ]
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 12
@@ -81,8 +109,13 @@ def test_readme_command_two_ranks(tmp_path):
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, dist_env):
     from lgtm_ds.trainer import Trainer
 
-    common = [*SMALL, "model.dropout=0.1", "train.max_steps=6", "train.eval_every=0",
-              "output.checkpoint_every=3"]
+    common = [
+        *SMALL,
+        "model.dropout=0.1",
+        "train.max_steps=6",
+        "train.eval_every=0",
+        "output.checkpoint_every=3",
+    ]
     a = load_config(None, [f"output.dir={tmp_path / 'a'}", *common])
     ta = Trainer(a)
     ta.finish(ta.train())
@@ -103,8 +136,13 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, dist_env):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["online_kd", "vanilla_kd"])
 def test_baseline_methods_train(tmp_path, dist_env, method):
-    s = _run(tmp_path, f"method.name={method}", "train.max_steps=4", "train.eval_every=0",
-             "method.teacher_stage1_epochs=0.1")
+    s = _run(
+        tmp_path,
+        f"method.name={method}",
+        "train.max_steps=4",
+        "train.eval_every=0",
+        "method.teacher_stage1_epochs=0.1",
+    )
     assert s["method"] == method and s["steps"] == 4
     assert (s["stage1_steps"] > 0) == (method == "vanilla_kd")
     assert (tmp_path / "out" / "summary.json").exists()
@@ -116,9 +154,19 @@ def _no_complete_output(tmp_path):
 
 
 def test_unknown_config_key_through_the_cli(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"),
-                           f"--output.dir={tmp_path / 'out'}", "--train.micro_batchsize=4"],
-                          env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "launch", "train.py"),
+            f"--output.dir={tmp_path / 'out'}",
+            "--train.micro_batchsize=4",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
     assert "train.micro_batchsize" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -126,8 +174,9 @@ def test_unknown_config_key_through_the_cli(tmp_path):
 
 def test_ds_json_conflicting_with_yaml(tmp_path, dist_env):
     bad = tmp_path / "ds.json"
-    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16,
-                               "zero_optimization": {"stage": 2}}))
+    bad.write_text(
+        json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}})
+    )
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu.*train.micro_batch_size"):
         _run(tmp_path, f"deepspeed.config={bad}")
     _no_complete_output(tmp_path)
@@ -155,8 +204,10 @@ def _csv(tmp_path, text, name="train.csv"):
 
 
 def test_missing_text_column(tmp_path, dist_env):
-    f = _csv(tmp_path, "sentence,label\n" + "".join(f"good movie {i},1\nbad film {i},0\n"
-                                                     for i in range(20)))
+    f = _csv(
+        tmp_path,
+        "sentence,label\n" + "".join(f"good movie {i},1\nbad film {i},0\n" for i in range(20)),
+    )
     with pytest.raises(DataError, match="'text'"):
         _run(tmp_path, "data.source=files", f"data.train_file={f}", "model.tokenizer=embedded")
     assert not (tmp_path / "out").exists()
@@ -212,8 +263,14 @@ def test_local_hf_models_and_tokenizer(tmp_path, dist_env):
         paths[role] = tmp_path / role
         AutoModelForSequenceClassification.from_config(mcfg).save_pretrained(paths[role])
     tok.save_pretrained(paths["teacher"])
-    s = _run(tmp_path, f"model.teacher={paths['teacher']}", f"model.student={paths['student']}",
-             "model.tokenizer=null", "train.max_steps=3", "train.eval_every=0")
+    s = _run(
+        tmp_path,
+        f"model.teacher={paths['teacher']}",
+        f"model.student={paths['student']}",
+        "model.tokenizer=null",
+        "train.max_steps=3",
+        "train.eval_every=0",
+    )
     assert s["steps"] == 3 and s["params"]["student"] < s["params"]["teacher"]
 
 
@@ -224,9 +281,17 @@ def test_zero3_teacher_is_saved_whole_and_wandb_logs_offline(tmp_path, dist_env,
 
     from lgtm_ds.trainer import Trainer
 
-    cfg = load_config(None, [f"output.dir={tmp_path / 'out'}", *SMALL, "train.max_steps=2",
-                             "train.eval_every=0", "output.wandb=true",
-                             "deepspeed.teacher.zero_optimization.stage=3"])
+    cfg = load_config(
+        None,
+        [
+            f"output.dir={tmp_path / 'out'}",
+            *SMALL,
+            "train.max_steps=2",
+            "train.eval_every=0",
+            "output.wandb=true",
+            "deepspeed.teacher.zero_optimization.stage=3",
+        ],
+    )
     tr = Trainer(cfg)
     assert tr.teacher.stage == 3 and tr.student.stage == 2
     tr.finish(tr.train())
@@ -249,9 +314,13 @@ def test_bf16_zero3_lgtm_student_is_refused(tmp_path, dist_env):
 
 @pytest.mark.slow
 def test_lgtm_with_zero3_teacher_and_zero3_student(tmp_path, dist_env):
-    s = _run(tmp_path, "train.max_steps=3", "train.eval_every=0",
-             "deepspeed.teacher.zero_optimization.stage=3",
-             "deepspeed.student.zero_optimization.stage=3")
+    s = _run(
+        tmp_path,
+        "train.max_steps=3",
+        "train.eval_every=0",
+        "deepspeed.teacher.zero_optimization.stage=3",
+        "deepspeed.student.zero_optimization.stage=3",
+    )
     assert s["zero_stage"] == {"teacher": 3, "student": 3} and s["steps"] == 3
     from transformers import AutoModelForSequenceClassification
 
