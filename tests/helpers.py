@@ -1,4 +1,6 @@
-"""Tiny models and random batches shared by the algorithm tests."""
+"""Tiny models, random batches and launch helpers shared by the tests."""
+
+import os
 
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -36,3 +38,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def clean_env() -> dict:
+    """This process's environment without rank variables, with the repo on PYTHONPATH."""
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def run_deepspeed(script: str, args: list[str], ranks: int, timeout: int = 900):
+    """``deepspeed --num_gpus ranks script args`` (CPU ranks here), on a free port."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        script,
+        *args,
+    ]
+    return subprocess.run(
+        cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )

@@ -12,35 +12,19 @@ elements. Measured on the 2-core CPU machine: at most 4.6e-6 (fp32, all cases, 1
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from .helpers import free_port
+from .helpers import ROOT, run_deepspeed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 pytestmark = pytest.mark.slow
 
 
 def _launch(out, ranks):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        os.path.join(ROOT, "tests", "ds_worker.py"),
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    script = os.path.join(ROOT, "tests", "ds_worker.py")
+    proc = run_deepspeed(script, ["--out", str(out)], ranks)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

@@ -14,9 +14,8 @@ import yaml
 from lgtm_ds import ConfigError, DataError, ModelError
 from lgtm_ds.config import load_config
 
-from .helpers import free_port
+from .helpers import ROOT, clean_env, free_port, run_deepspeed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
     "data.synthetic_examples=400",
     "train.micro_batch_size=8",
@@ -25,27 +24,8 @@ SMALL = [
 ]
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
 def _deepspeed(args, ranks=2):
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(port),
-        os.path.join(ROOT, "launch", "train.py"),
-    ] + args
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    return run_deepspeed(os.path.join(ROOT, "launch", "train.py"), args, ranks)
 
 
 @pytest.fixture
@@ -161,7 +141,7 @@ def test_unknown_config_key_through_the_cli(tmp_path):
             f"--output.dir={tmp_path / 'out'}",
             "--train.micro_batchsize=4",
         ],
-        env=_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=300,
