@@ -327,3 +327,20 @@ def test_fp16_lgtm_is_refused_with_a_reason(tmp_path, dist_env):
     with pytest.raises(ConfigError, match="fp16.*not supported yet"):
         _run(tmp_path, "train.precision=fp16")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_accumulation_through_the_trainer_updates_both_models(tmp_path, dist_env):
+    """Distiller.step's overflow check reads the engine after the boundary micro-step."""
+    _run(
+        tmp_path,
+        "train.max_steps=2",
+        "train.eval_every=0",
+        "train.log_every=1",
+        "train.gradient_accumulation_steps=2",
+        "train.micro_batch_size=4",
+    )
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if not r.get("eval")]
+    assert len(train_rows) == 2
+    assert all("student_loss" in r and "skipped" not in r for r in train_rows)
