@@ -169,7 +169,7 @@ class Distiller:
         self.teacher.module.train()
         total = 0.0
         for mb in _as_list(batch):
-            loss = losses.ce_loss(self.teacher.forward(mb), mb["labels"])
+            loss = losses.task_loss(self.teacher.forward(mb), mb["labels"])
             self.teacher.backward(loss)
             self.teacher.step()
             total += loss.detach()
@@ -269,7 +269,7 @@ class Distiller:
 
         # C. quiz gradient v at theta'.
         v, quiz_ce = student.grad_at(
-            look, quiz, lambda logits, qb: losses.ce_loss(logits, qb["labels"])
+            look, quiz, lambda logits, qb: losses.task_loss(logits, qb["labels"])
         )
         del look
         student.all_reduce_mean_(v)

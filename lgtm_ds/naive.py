@@ -59,7 +59,7 @@ def naive_lgtm_step(
 
     # 3-4. quiz gradient at theta', radius.
     opt_copy.zero_grad(set_to_none=True)
-    ce = losses.ce_loss(get_logits(s_copy(**model_inputs(quiz_batch))), quiz_batch["labels"])
+    ce = losses.task_loss(get_logits(s_copy(**model_inputs(quiz_batch))), quiz_batch["labels"])
     v = torch.autograd.grad(ce, [p for p in s_copy.parameters() if p.requires_grad])
     radius = fd_radius / float(torch.sqrt(sum((vi.double() ** 2).sum() for vi in v)))
     del s_copy, opt_copy

@@ -22,7 +22,7 @@ from . import data as data_lib
 from .algorithm import Distiller
 from .config import ExperimentConfig, build_ds_config, config_to_dict, save_resolved
 from .ds_engine import build_engine, init_distributed
-from .errors import ConfigError, ModelError
+from .errors import ConfigError
 from .logger import MetricsLogger
 from .metrics import compute_metrics, primary_metric
 from .models import build_model, check_pair
@@ -128,16 +128,12 @@ class Trainer:
         )
         self.tokenizer = data_lib.build_tokenizer(tok_name, corpus)
         self.task = data_lib.load_task(cfg.data, self.tokenizer, cfg.train.seed)
-        if self.task.is_regression:
-            raise ModelError(
-                f"task {self.task.name!r} is a regression task: the KD losses are "
-                f"classification-only in this version"
-            )
         kw = dict(
             num_labels=self.task.num_labels,
             vocab_size=len(self.tokenizer),
             dropout=cfg.model.dropout,
             zero_init_classifier=cfg.model.zero_init_classifier,
+            is_regression=self.task.is_regression,
         )
         teacher = build_model(cfg.model.teacher, role="teacher", **kw)
         student = build_model(cfg.model.student, role="student", **kw)

@@ -10,9 +10,9 @@ from lgtm_ds.models import embedded_config
 VOCAB, LABELS = 61, 3
 
 
-def tiny_model(dtype=torch.float32, seed=0, size="tiny"):
+def tiny_model(dtype=torch.float32, seed=0, size="tiny", num_labels=LABELS):
     torch.manual_seed(seed)
-    cfg = embedded_config(size, vocab_size=VOCAB, num_labels=LABELS, dropout=0.0)
+    cfg = embedded_config(size, vocab_size=VOCAB, num_labels=num_labels, dropout=0.0)
     m = AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager")
     # fresh, non-zero classifier: a zero head makes several gradients vanish (tests need no zeros)
     torch.nn.init.normal_(m.classifier.weight, std=0.3)
@@ -20,14 +20,18 @@ def tiny_model(dtype=torch.float32, seed=0, size="tiny"):
     return m.to(dtype)
 
 
-def random_batch(n, seed, length=11):
+def random_batch(n, seed, length=11, regression=False):
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(n, length, dtype=torch.long)
     mask[: n // 2, length - 3 :] = 0  # some padding
     return {
         "input_ids": torch.randint(5, VOCAB, (n, length), generator=g),
         "attention_mask": mask,
-        "labels": torch.randint(0, LABELS, (n,), generator=g),
+        "labels": (
+            torch.rand(n, generator=g) * 5
+            if regression
+            else torch.randint(0, LABELS, (n,), generator=g)
+        ),
     }
 
 

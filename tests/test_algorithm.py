@@ -91,7 +91,7 @@ def _exact_hypergradient(t, s, batch, v, alpha_teacher, temperature):
     log_q = torch.log_softmax(z / temperature, -1)
     p_s = torch.softmax(s_logits / temperature, -1)
     kd = (p_s * (torch.log_softmax(s_logits / temperature, -1) - log_q)).sum(-1).mean()
-    lt = alpha_teacher * kd + (1 - alpha_teacher) * losses.ce_loss(z, y)
+    lt = alpha_teacher * kd + (1 - alpha_teacher) * losses.task_loss(z, y)
     g_theta = torch.autograd.grad(lt, s_params, create_graph=True)
     dot = sum((gi * vi).sum() for gi, vi in zip(g_theta, v))
     return torch.autograd.grad(dot, t_params)
@@ -113,7 +113,7 @@ def _fd_error(r):
     look = [
         x.requires_grad_() for x in adamw_lookahead(engine.master_params(), g, engine.adam_state())
     ]
-    ce = losses.ce_loss(engine.functional_forward(look, q), q["labels"])
+    ce = losses.task_loss(engine.functional_forward(look, q), q["labels"])
     v = torch.autograd.grad(ce, look)
     exact = _exact_hypergradient(t, s, b, v, 0.4, 1.0)
     g0 = torch.autograd.grad(
@@ -155,14 +155,14 @@ def test_lookahead_equals_a_real_adamw_step_and_leaves_state_alone(dtype, tol):
     opt = build_adamw(s, 1e-2, 0.1)
     engine = TorchEngine(s, opt)
     for k in range(2):  # non-trivial moments and step count
-        loss = losses.ce_loss(
+        loss = losses.task_loss(
             get_logits(s(**model_inputs(random_batch(5, k)))), random_batch(5, k)["labels"]
         )
         loss.backward()
         opt.step()
         opt.zero_grad()
     b = random_batch(6, 9)
-    g = torch.autograd.grad(losses.ce_loss(engine.forward(b), b["labels"]), engine.params())
+    g = torch.autograd.grad(losses.task_loss(engine.forward(b), b["labels"]), engine.params())
     state_before = copy.deepcopy(opt.state_dict())
     look = adamw_lookahead(engine.master_params(), g, engine.adam_state())
     s2, opt2 = copy.deepcopy((s, opt))
@@ -305,3 +305,26 @@ def test_teacher_overflow_skips_the_student_step_too():
     m = d.step(random_batch(8, 1))
     assert m["skipped"] and "student_loss" not in m
     assert all(torch.equal(p, p0) for p, p0 in zip(s.parameters(), s0))
+
+
+def test_cheap_form_matches_reference_form_regression_fp64():
+    """GLUE stsb-style heads (one output, float labels): MSE distillation, same exact form."""
+    t, s = (
+        tiny_model(torch.float64, seed=1, num_labels=1),
+        tiny_model(torch.float64, seed=2, num_labels=1),
+    )
+    to, so = build_adamw(t, 3e-3, 0.01), build_adamw(s, 5e-3, 0.01)
+    t2, s2, to2, so2 = copy.deepcopy((t, s, to, so))
+    d = Distiller(
+        "lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so, alpha_student=0.5
+    )
+    cheap_g = _capture_grads(to, list(t.parameters()))
+    for step in range(3):
+        b = random_batch(9, 100 + step, regression=True)
+        q = random_batch(7, 200 + step, regression=True)
+        m = d.step(b, q)
+        ref = naive_lgtm_step(t2, s2, to2, so2, b, q, alpha_student=0.5)
+        err = _rel(cheap_g[-1], ref["G"])
+        assert err < 1e-6, f"step {step}: teacher gradient rel. error {err:.2e}"
+        assert m["influence"].shape == (9,) and m["influence"].abs().sum() > 0
+        assert _rel(list(s.parameters()), list(s2.parameters())) < 1e-10

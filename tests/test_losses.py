@@ -60,3 +60,33 @@ def test_student_loss_fp32_path_matches_fp64_oracle():
     l32.backward()
     assert abs(float(l32) - float(l64)) < 1e-6
     torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_regression_teacher_logit_grad_matches_autograd():
+    g = torch.Generator().manual_seed(11)
+    n = 9
+    z = torch.randn(n, 1, generator=g, dtype=torch.float64).requires_grad_()
+    s = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    sp = s + 0.01 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    sm = s - 0.01 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    y = torch.rand(n, generator=g, dtype=torch.float64) * 5
+    a, eta, R = 0.4, 3e-2, 1.7e-2
+    kw = dict(alpha=a, temperature=2.0)  # temperature does not apply to regression
+    obj = losses.teacher_loss(z, s, y, **kw) - eta * (
+        losses.teacher_loss(z, sp, y, **kw) - losses.teacher_loss(z, sm, y, **kw)
+    ) / (2 * R)
+    (expected,) = torch.autograd.grad(obj, z)
+    got, infl = losses.lgtm_teacher_logit_grad(
+        z, s, sp, sm, y, alpha_teacher=a, temperature=2.0, eta=eta, radius=R
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-13)
+    ref = -eta * ((sp - z) ** 2 - (sm - z) ** 2).sum(-1) / (2 * R)
+    torch.testing.assert_close(infl, ref.detach(), rtol=1e-10, atol=1e-14)
+    term = losses.influence_logit_term(sp, sm, alpha_teacher=a, temperature=2.0, eta=eta, radius=R)
+    (term_expected,) = torch.autograd.grad(
+        -eta
+        * (losses.teacher_loss(z, sp, y, **kw) - losses.teacher_loss(z, sm, y, **kw))
+        / (2 * R),
+        z,
+    )
+    torch.testing.assert_close(term, term_expected, rtol=1e-10, atol=1e-13)

@@ -344,3 +344,27 @@ def test_accumulation_through_the_trainer_updates_both_models(tmp_path, dist_env
     train_rows = [r for r in rows if not r.get("eval")]
     assert len(train_rows) == 2
     assert all("student_loss" in r and "skipped" not in r for r in train_rows)
+
+
+@pytest.mark.slow
+def test_regression_task_distills_with_mse(tmp_path, dist_env):
+    """stsb-style data (float labels): one-output heads, MSE distillation, Pearson/Spearman."""
+    rows = "".join(
+        f"the film was {'great' if i % 3 else 'awful'} number {i},{(i % 5) + 0.5 * (i % 3)}\n"
+        for i in range(120)
+    )
+    f = _csv(tmp_path, "text,label\n" + rows)
+    s = _run(
+        tmp_path,
+        "data.source=files",
+        f"data.train_file={f}",
+        "model.tokenizer=embedded",
+        "train.max_steps=3",
+        "train.eval_every=0",
+    )
+    assert s["primary_metric"] in ("pearson", "spearman")
+    assert {"student/pearson", "student/spearman", "teacher/pearson"} <= set(s["final"])
+    from transformers import AutoModelForSequenceClassification
+
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "student")
+    assert student.config.num_labels == 1
