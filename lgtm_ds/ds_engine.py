@@ -156,32 +156,36 @@ class DeepSpeedEngineAdapter(Engine):
     def add_grads_(self, grads: list[torch.Tensor]) -> None:
         """Add rank-local fp32 ``grads`` (already divided by the accumulation steps) to the
         engine's reduced gradients, which must be fp32 (``data_types.grad_accum_dtype``)."""
-        from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
-
         if self.stage < 2 or self.engine.get_data_types()[1] != torch.float32:
             raise ConfigError(
                 f"LGTM with a bf16 {self.role} needs ZeRO stage 2 or 3 and "
                 f'"data_types": {{"grad_accum_dtype": "fp32"}} for it (got stage {self.stage}, '
                 f"{self.engine.get_data_types()[1]}): bf16 gradients round the influence term away"
             )
-        self.all_reduce_mean_(grads)  # one collective for the whole list
-        for p, g in zip(self.params(), grads):
-            # note: collectives, one per tensor (every rank calls them in the same order)
-            full = safe_get_full_grad(p)
-            if full is None:
-                raise ConfigError(
-                    f"the {self.role}'s DeepSpeed optimizer exposes no fp32 "
-                    f"gradients (ZeRO stage {self.stage})"
-                )
-            new = (full.float() + g.reshape(full.shape)).reshape(-1)
-            if self.stage == 3:
-                # DeepSpeed slices rank r's partition as value[r*n:(r+1)*n] without padding the
-                # tail: pad to world * partition size ourselves
-                import deepspeed.comm as dist
+        self.all_reduce_mean_(grads)  # one collective for the whole list; the rest is local
+        import deepspeed.comm as dist
 
-                total = p.ds_tensor.ds_numel * dist.get_world_size(group=p.ds_process_group)
-                new = torch.nn.functional.pad(new, (0, total - new.numel()))
-            safe_set_full_grad(p, new)
+        for p, g in zip(self.params(), grads):
+            flat = g.reshape(-1)
+            if self.stage == 3:
+                from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+                n = p.ds_tensor.ds_numel  # this rank's partition: flat[r*n:(r+1)*n], tail padded
+                lo = dist.get_rank(group=p.ds_process_group) * n
+                hi = min(lo + n, flat.numel())
+                local = safe_get_local_grad(p)
+                if hi > lo:
+                    local[: hi - lo] += flat[lo:hi].to(local.dtype)
+                safe_set_local_grad(p, local)
+                continue
+            mapping = p._hp_mapping  # ZeRO-1/2: this rank's fragment of p's fp32 gradient
+            if mapping is None:
+                continue  # no part of p lives on this rank
+            frag = mapping.get_lp_grad_fragment(p._index_in_param_group)
+            addr = mapping.lp_fragment_address
+            if frag.numel() != addr.numel:
+                raise RuntimeError(f"unexpected gradient fragment layout for a {self.role} param")
+            frag.view(-1).add_(flat.narrow(0, addr.start, addr.numel).to(frag.dtype))
 
     # -- ZeRO-3: run the student at other parameter values through its own shards ----------------
     def forward_at(self, params: list[torch.Tensor], batch: dict) -> torch.Tensor:
