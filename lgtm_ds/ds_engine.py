@@ -95,6 +95,8 @@ class DeepSpeedEngineAdapter(Engine):
         views = _fp16_optimizer_views(self.engine.optimizer, params)
         if views is not None:  # ZeRO-0 + bf16/fp16: full fp32 flat masters on every rank
             return [views[id(p)][0].view_as(p) for p in params]
+        if self.stage in (1, 2):
+            return self._zero12_gather(None)
         from deepspeed.utils import safe_get_full_fp32_param
 
         # note: one all-reduce per tensor (collective: every rank calls it in the same order)
@@ -139,6 +141,8 @@ class DeepSpeedEngineAdapter(Engine):
                 _, flat, lo, hi = views[id(p)]
                 m.append(basic.state[flat]["exp_avg"].view(-1)[lo:hi].view_as(p))
                 v.append(basic.state[flat]["exp_avg_sq"].view(-1)[lo:hi].view_as(p))
+        elif step > 0 and self.stage in (1, 2):
+            m, v = self._zero12_gather("exp_avg"), self._zero12_gather("exp_avg_sq")
         elif step > 0:
             from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -147,6 +151,27 @@ class DeepSpeedEngineAdapter(Engine):
             m = [safe_get_full_optimizer_state(p, "exp_avg") for p in params]
             v = [safe_get_full_optimizer_state(p, "exp_avg_sq") for p in params]
         return AdamState(m, v, step, lr, betas, eps, wd)
+
+    def _zero12_gather(self, key: str | None) -> list[torch.Tensor]:
+        """Full fp32 masters (``key`` None) or Adam moments of ``params()`` under ZeRO-1/2: one
+        all-gather of each group's flat fp32 partitions (rank r holds elements [r*ps, (r+1)*ps)
+        of the group's flat buffer, in which every param is a view at a fixed offset)."""
+        import deepspeed.comm as dist
+
+        opt, basic = self.engine.optimizer, self.engine.basic_optimizer
+        where = {}
+        for i, lp_group in enumerate(opt.bit16_groups):
+            part = opt.single_partition_of_fp32_groups[i]
+            src = (part if key is None else basic.state[part][key]).detach().contiguous()
+            group = opt.real_dp_process_group[i]
+            pieces = [torch.empty_like(src) for _ in range(dist.get_world_size(group=group))]
+            dist.all_gather(pieces, src, group=group)  # note: one collective per group
+            full = torch.cat(pieces)
+            base = opt.bit16_groups_flat[i]
+            for p in lp_group:
+                offset = (p.data_ptr() - base.data_ptr()) // p.element_size()
+                where[id(p)] = full.narrow(0, offset, p.numel()).view_as(p)
+        return [where[id(p)] for p in self.params()]
 
     # -- teacher: influence gradient added in fp32 (bf16 engines) -------------------------------
     @property

@@ -45,6 +45,10 @@ CASES = {
     "z2_3_bf16": ("lgtm", 2, 3, "bf16", 1),  # refused: bf16 shards would round theta +- R v
     "infl_bf16_z2": None,  # the influence part of the bf16 teacher gradient (ZeRO-2 teacher)
     "infl_bf16_z3": None,
+    "state_z0": None,  # the look-ahead's inputs (masters, moments) read through each ZeRO stage
+    "state_z1": None,
+    "state_z2": None,
+    "state_z3": None,
 }
 
 
@@ -208,6 +212,56 @@ def influence_gradient(teacher_stage, rank, world):
     }
 
 
+def student_state(student_stage, precision, rank, world):
+    """After 2 LGTM steps: the student's masters and Adam moments as the DeepSpeed adapter reads
+    them (the look-ahead's inputs) vs the plain-module twin's. Max relative error per kind."""
+    teacher, student = tiny_model(seed=1, size="student"), tiny_model(seed=2)
+    micro = GLOBAL_BATCH // world
+    engines = {}
+    for role, model, stage, lr in (
+        ("teacher", teacher, 2, 3e-3),
+        ("student", student, student_stage, 5e-3),
+    ):
+        opt = build_adamw(model, lr, 0.01)
+        engines[role] = build_engine(
+            model, opt, None, ds_config(stage, precision, micro, 1, world, role=role), role
+        )
+    d = Distiller("lgtm", teacher=engines["teacher"], student=engines["student"])
+    for step in range(2):
+        train, quiz = batches(step, rank, world, 1)
+        d.step(train, quiz)
+    se = engines["student"]
+    got = {"master": se.master_params(), **dict(zip(("m", "v"), _moments(se.adam_state())))}
+    got["step"] = se.adam_state().step
+    if rank != 0:
+        return {}
+    t2, s2 = tiny_model(seed=1, size="student"), tiny_model(seed=2)
+    to, so = build_adamw(t2, 3e-3, 0.01), build_adamw(s2, 5e-3, 0.01)
+    d2 = Distiller(
+        "lgtm",
+        teacher=t2,
+        student=s2,
+        teacher_optimizer=to,
+        student_optimizer=so,
+        max_grad_norm=1.0,
+    )  # as ds_config's gradient_clipping
+    for step in range(2):
+        train, quiz = batches(step, 0, 1, 1)
+        d2.step(train, quiz)
+    ref = d2.student
+    want = {"master": ref.master_params(), **dict(zip(("m", "v"), _moments(ref.adam_state())))}
+    out = {"step": got["step"], "ref_step": ref.adam_state().step}
+    for k in ("master", "m", "v"):
+        a = torch.cat([x.reshape(-1).double().cpu() for x in got[k]])
+        b = torch.cat([x.reshape(-1).double().cpu() for x in want[k]])
+        out[k] = float((a - b).norm() / b.norm())
+    return out
+
+
+def _moments(state):
+    return state.exp_avg, state.exp_avg_sq
+
+
 def run_torch(method, gas=1):
     """The plain-module path over the whole global batch (reference for every case)."""
     teacher, student = tiny_model(seed=1, size="student"), tiny_model(seed=2)
@@ -247,6 +301,8 @@ def main():
         try:
             if name.startswith("infl_bf16_z"):
                 res = influence_gradient(int(name[-1]), rank, world)
+            elif name.startswith("state_z"):
+                res = student_state(int(name[7]), "fp32", rank, world)
             else:
                 res = run_case(name, rank, world)
         except ConfigError as e:
