@@ -7,6 +7,7 @@ each, a table last.
 """
 
 import argparse
+import copy
 import csv
 import datetime
 import json
@@ -87,7 +88,12 @@ def child(args) -> dict:
         for k in [k for k, v in ds.items() if v == "auto"]:
             ds.pop(k)
         ds.pop("gradient_clipping", None)
-        teacher_e = build_engine(teacher, t_opt, None, ds, "teacher")
+        ds_teacher = copy.deepcopy(ds)
+        if method == "lgtm" and args.precision == "bf16":
+            from lgtm_ds.trainer import fp32_teacher_grads_
+
+            fp32_teacher_grads_(ds_teacher)  # as the trainer does: fp32 teacher gradients
+        teacher_e = build_engine(teacher, t_opt, None, ds_teacher, "teacher")
         student_e = build_engine(student, s_opt, None, ds, "student")
         d = Distiller(method, teacher=teacher_e, student=student_e)
     elif method != "naive":
@@ -187,9 +193,11 @@ def main() -> int:
         if method not in METHODS:
             print(f"error: unknown method {method!r}; choose from {METHODS}", file=sys.stderr)
             return 2
-        cmd = [sys.executable, os.path.abspath(__file__), "--method", method] + [
-            a for a in sys.argv[1:] if not a.startswith("--methods")
-        ]
+        cmd = [sys.executable, os.path.abspath(__file__), "--method", method]
+        for key in ("preset", "engine", "precision", "batch", "seq", "steps", "warmup"):
+            cmd += [f"--{key}", str(getattr(args, key))]
+        if args.ds_config:
+            cmd += ["--ds_config", args.ds_config]
         env = dict(
             os.environ,
             RANK="0",

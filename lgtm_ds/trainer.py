@@ -119,7 +119,7 @@ class Trainer:
                 "fp32-accumulation path is bf16-only; use bf16 or fp32 (the baselines run in fp16)"
             )
         if cfg.method.name == "lgtm" and cfg.train.precision == "bf16":
-            _fp32_teacher_grads(self.ds_teacher)
+            fp32_teacher_grads_(self.ds_teacher)
         tok_name = _tokenizer_name(cfg)
         corpus = (
             data_lib.synthetic_corpus_texts(cfg.data, cfg.train.seed)
@@ -429,10 +429,12 @@ def format_summary(s: dict, out: Path) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def _fp32_teacher_grads(ds_teacher: dict) -> None:
-    """bf16 LGTM: the influence part of the teacher gradient is ~1e-5 of the rest and vanishes in
-    bf16 gradients; it is backpropagated on its own and added to fp32-accumulated gradients,
-    which DeepSpeed offers at ZeRO-2/3 with ``data_types.grad_accum_dtype = fp32``."""
+def fp32_teacher_grads_(ds_teacher: dict) -> None:
+    """Make a teacher DeepSpeed dict fit for bf16 LGTM (in place).
+
+    The influence part of the teacher gradient is ~1e-5 of the rest and vanishes in bf16
+    gradients; it is backpropagated on its own and added to fp32-accumulated gradients, which
+    DeepSpeed offers at ZeRO-2/3 with ``data_types.grad_accum_dtype = fp32``."""
     stage = ds_teacher.get("zero_optimization", {}).get("stage", 0)
     if stage < 2:
         raise ConfigError(
