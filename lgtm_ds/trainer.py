@@ -45,6 +45,24 @@ def _check_output_dir(cfg: ExperimentConfig) -> Path:
     return out
 
 
+def _resolve_resume(cfg: ExperimentConfig, out: Path) -> tuple[Path, str]:
+    """(checkpoints root, tag) of ``output.resume``: "auto" (latest under output.dir) or a
+    checkpoint folder ``.../checkpoints/<tag>``."""
+    where = cfg.output.resume
+    if where == "auto":
+        root = out / "checkpoints"
+        if not (root / "latest").exists():
+            raise ConfigError(f"output.resume=auto: no finished checkpoint under {root}")
+        tag = (root / "latest").read_text().strip()
+    else:
+        root, tag = Path(where).parent, Path(where).name
+    if not (root / tag / "trainer_state.json").exists():
+        raise ConfigError(
+            f"output.resume: {root / tag} is not a checkpoint folder (no trainer_state.json)"
+        )
+    return root, tag
+
+
 def _tokenizer_name(cfg: ExperimentConfig) -> str:
     if cfg.model.tokenizer:
         return cfg.model.tokenizer
@@ -101,6 +119,8 @@ class Trainer:
         self.is_main = self.rank == 0
         seed_everything(cfg.train.seed)
         self.out = _check_output_dir(cfg)
+        # a bad resume target must fail before anything in the run folder is touched
+        self.resume_from = _resolve_resume(cfg, self.out) if cfg.output.resume else None
 
         # -- everything that can fail on bad input, before any output is written ----------------
         self.ds_teacher = build_ds_config(cfg, "teacher", self.world)
@@ -222,8 +242,8 @@ class Trainer:
             config=config_to_dict(cfg),
             resume=bool(cfg.output.resume),
         )
-        if cfg.output.resume:
-            self._resume(cfg.output.resume)
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
 
     # ------------------------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -346,18 +366,9 @@ class Trainer:
         if self.is_main:
             (root / "latest").write_text(tag)  # last: a checkpoint named here is complete
 
-    def _resume(self, where: str) -> None:
-        root = self.out / "checkpoints"
-        if where == "auto":
-            if not (root / "latest").exists():
-                raise ConfigError(f"output.resume=auto: no checkpoint under {root}")
-            tag = (root / "latest").read_text().strip()
-        else:
-            tag = Path(where).name
-            root = Path(where).parent
+    def _resume(self, where: tuple[Path, str]) -> None:
+        root, tag = where
         state_file = root / tag / "trainer_state.json"
-        if not state_file.exists():
-            raise ConfigError(f"output.resume: {state_file} does not exist")
         self.teacher.load_checkpoint(str(root / "teacher"), tag)
         self.student.load_checkpoint(str(root / "student"), tag)
         st = json.loads(state_file.read_text())
