@@ -7,7 +7,6 @@ each, a table last.
 """
 
 import argparse
-import copy
 import csv
 import datetime
 import json
@@ -70,28 +69,26 @@ def child(args) -> dict:
     t_opt, s_opt = build_adamw(teacher, 3e-5, 0.01), build_adamw(student, 5e-5, 0.01)
     method = args.method
     if args.engine == "deepspeed" and method != "naive":
+        from lgtm_ds.config import build_ds_config, load_config
         from lgtm_ds.ds_engine import build_engine, init_distributed
+        from lgtm_ds.trainer import fp32_teacher_grads_
 
-        init_distributed()
-        ds = (
-            json.load(open(args.ds_config))
-            if args.ds_config
-            else {"zero_optimization": {"stage": 2}}
+        _, world = init_distributed()
+        # the DeepSpeed dicts exactly as the trainer resolves them ("auto" filled from the YAML)
+        cfg = load_config(
+            None,
+            [
+                f"method.name={method}",
+                f"train.micro_batch_size={batch}",
+                "train.gradient_accumulation_steps=1",
+                "train.max_grad_norm=0",
+                f"train.precision={args.precision}",
+                *([f"deepspeed.config={args.ds_config}"] if args.ds_config else []),
+            ],
         )
-        ds.update(
-            train_micro_batch_size_per_gpu=batch,
-            gradient_accumulation_steps=1,
-            train_batch_size=batch,
-            steps_per_print=10**9,
-            bf16={"enabled": args.precision == "bf16"},
-        )
-        for k in [k for k, v in ds.items() if v == "auto"]:
-            ds.pop(k)
-        ds.pop("gradient_clipping", None)
-        ds_teacher = copy.deepcopy(ds)
+        ds_teacher = build_ds_config(cfg, "teacher", world)
+        ds = build_ds_config(cfg, "student", world)
         if method == "lgtm" and args.precision == "bf16":
-            from lgtm_ds.trainer import fp32_teacher_grads_
-
             fp32_teacher_grads_(ds_teacher)  # as the trainer does: fp32 teacher gradients
         teacher_e = build_engine(teacher, t_opt, None, ds_teacher, "teacher")
         student_e = build_engine(student, s_opt, None, ds, "student")
