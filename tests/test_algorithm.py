@@ -237,7 +237,7 @@ def test_bf16_influence_term_agrees_with_fp64():
     print(
         f"bf16 vs fp64 cosine: influence term {cos_term:.4f}, per-sample influence {cos_infl:.4f}"
     )
-    assert cos_term > 0.95 and cos_infl > 0.95
+    assert cos_term > 0.999 and cos_infl > 0.999  # measured 1.0000 / 0.9999
 
 
 def test_accumulation_equals_one_big_batch_fp64():

@@ -368,3 +368,16 @@ def test_regression_task_distills_with_mse(tmp_path, dist_env):
 
     student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "student")
     assert student.config.num_labels == 1
+
+
+def test_bad_resume_target_leaves_a_finished_run_alone(tmp_path, dist_env):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match="output.resume"):
+        _run(tmp_path, f"output.resume={tmp_path / 'nope' / 'step3'}")
+    with pytest.raises(ConfigError, match="output.resume=auto"):
+        _run(tmp_path, "output.resume=auto")
+    assert (out / "summary.json").read_text() == "{}"
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
