@@ -6,6 +6,7 @@ deepspeed launch/train.py --ds_config ds_configs/zero2.json [--config exp.yaml] 
 import sys
 
 from lgtm_ds.config import parse_args
+from lgtm_ds.ds_engine import shutdown_distributed
 from lgtm_ds.errors import LGTMError
 from lgtm_ds.trainer import run
 
@@ -17,6 +18,7 @@ def main() -> int:
     except LGTMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    shutdown_distributed()
     return 0
 
 

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lgtm_ds import Distiller  # noqa: E402
-from lgtm_ds.ds_engine import build_engine, init_distributed  # noqa: E402
+from lgtm_ds.ds_engine import build_engine, init_distributed, shutdown_distributed  # noqa: E402
 from lgtm_ds.errors import ConfigError  # noqa: E402
 from lgtm_ds.optim import build_adamw, warmup_linear  # noqa: E402
 from tests.helpers import random_batch, tiny_model  # noqa: E402
@@ -322,6 +322,7 @@ def main():
             os.path.join(args.out, f"torch.{tag}.pt"),
         )
     print(f"rank {rank}: done", flush=True)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

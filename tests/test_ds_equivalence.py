@@ -25,16 +25,9 @@ pytestmark = pytest.mark.slow
 def _launch(out, ranks):
     script = os.path.join(ROOT, "tests", "ds_worker.py")
     proc = run_deepspeed(script, ["--out", str(out)], ranks)
-    if proc.returncode != 0:
-        # One intermittent launch failure (all ranks' output lost) was seen in ~10 full runs on
-        # the 2-core machine and not reproduced since: retry once on a fresh port, and report
-        # both attempts if the retry fails too.
-        first = proc.stdout[-3000:] + proc.stderr[-3000:]
-        print(f"ds_worker launch with {ranks} rank(s) failed, retrying:\n{first}")
-        proc = run_deepspeed(script, ["--out", str(out)], ranks)
-        assert proc.returncode == 0, (
-            first + "\n--- retry ---\n" + proc.stdout[-3000:] + (proc.stderr[-3000:])
-        )
+    # a non-zero exit here was once an abort at interpreter exit ("terminate called without an
+    # active exception"); the worker now tears the process group down (shutdown_distributed)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
