@@ -1,6 +1,8 @@
 """Backend selection shared by every op: Triton on CUDA tensors, the torch reference elsewhere.
 
-``LGTM_KERNELS_BACKEND=triton|torch`` (read at every call) overrides the choice. Forcing
+``LGTM_KERNELS_BACKEND=triton|torch`` (read at every call) overrides the choice; an explicit
+``choice`` (``kd_loss(backend=...)``, ``kd_loss_ref``) overrides the variable. Nothing in the
+package writes the environment. Forcing
 ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` in the environment before triton is first
 imported (the interpreter runs the same kernels serially on the host, ~100x slower than torch).
 Triton is imported lazily, so ``import lgtm_kernels`` works on a machine without it.
@@ -30,20 +32,26 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def backend_for(*tensors: torch.Tensor) -> str:
-    """Return "triton" or "torch" for an op whose operands are ``tensors``."""
-    choice = os.environ.get(_ENV, "").strip().lower()
+def backend_for(*tensors: torch.Tensor, choice: str | None = None) -> str:
+    """Return "triton" or "torch" for an op whose operands are ``tensors``.
+
+    ``choice`` ("triton", "torch" or "auto") takes the place of ``LGTM_KERNELS_BACKEND`` for
+    this call (the ``*_ref`` entry points pass "torch"); None reads the variable."""
+    src = _ENV if choice is None else "backend"
+    if choice is None:
+        choice = os.environ.get(_ENV, "")
+    choice = choice.strip().lower()
     if choice not in ("", "auto", "triton", "torch"):
-        raise ValueError(f"{_ENV} must be 'triton', 'torch' or unset, got {choice!r}")
+        raise ValueError(f"{src} must be 'triton', 'torch' or unset, got {choice!r}")
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if choice == "torch":
         return "torch"
     if choice == "triton":
         if not triton_available():
-            raise RuntimeError(f"{_ENV}=triton but triton is not installed")
+            raise RuntimeError(f"{src}=triton but triton is not installed")
         if not on_cuda and not interpreter_on():
             raise RuntimeError(
-                f"{_ENV}=triton on CPU tensors needs TRITON_INTERPRET=1 (set before triton "
+                f"{src}=triton on CPU tensors needs TRITON_INTERPRET=1 (set before triton "
                 "is imported)"
             )
         return "triton"

@@ -39,6 +39,18 @@ def _locate(bstart_ptr, pid, LOG_T: tl.constexpr, N_T):
 
 
 @triton.jit
+def _block(bstart_ptr, numel_ptr, N_T, LOG_T: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's share of the list: (pid, tensor index i, first element ``start`` of the
+    block within tensor i, numel n of tensor i, element offsets start + [0, BLOCK))."""
+    pid = tl.program_id(0).to(tl.int64)
+    i = _locate(bstart_ptr, pid, LOG_T, N_T)
+    start = (pid - tl.load(bstart_ptr + i)) * BLOCK
+    n = tl.load(numel_ptr + i)
+    offs = start + tl.arange(0, BLOCK)
+    return pid, i, start, n, offs
+
+
+@triton.jit
 def _ptr(tab_ptr, i, witness, ALIGNED: tl.constexpr):
     """Pointer to tensor i of a role: the witness (the role's first tensor, a kernel argument that
     Triton knows to be 16-byte aligned) plus a loaded element offset. Casting a loaded address to
@@ -68,11 +80,7 @@ def _perturb_kernel(
     LOG_T: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    i = _locate(bstart_ptr, pid, LOG_T, N_T)
-    start = (pid - tl.load(bstart_ptr + i)) * BLOCK
-    n = tl.load(numel_ptr + i)
-    offs = start + tl.arange(0, BLOCK)
+    pid, i, start, n, offs = _block(bstart_ptr, numel_ptr, N_T, LOG_T, BLOCK)
     p = _ptr(p_tab, i, p_w, ALIGNED) + offs
     v = _ptr(v_tab, i, v_w, ALIGNED) + offs
     src = p
@@ -103,11 +111,7 @@ def _sq_norm_kernel(
     LOG_T: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    i = _locate(bstart_ptr, pid, LOG_T, N_T)
-    start = (pid - tl.load(bstart_ptr + i)) * BLOCK
-    n = tl.load(numel_ptr + i)
-    offs = start + tl.arange(0, BLOCK)
+    pid, i, start, n, offs = _block(bstart_ptr, numel_ptr, N_T, LOG_T, BLOCK)
     x = _ptr(x_tab, i, x_w, ALIGNED) + offs
     if start + BLOCK <= n:
         v = tl.load(x).to(tl.float32)
@@ -142,11 +146,7 @@ def _adamw_lookahead_kernel(
     LOG_T: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    i = _locate(bstart_ptr, pid, LOG_T, N_T)
-    start = (pid - tl.load(bstart_ptr + i)) * BLOCK
-    n = tl.load(numel_ptr + i)
-    offs = start + tl.arange(0, BLOCK)
+    pid, i, start, n, offs = _block(bstart_ptr, numel_ptr, N_T, LOG_T, BLOCK)
     msk = offs < n
     p = _ptr(p_tab, i, p_w, ALIGNED) + offs
     src = p

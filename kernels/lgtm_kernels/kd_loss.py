@@ -187,13 +187,16 @@ def kd_loss(
     reduction: str = "batchmean",
     scale_by_t2: bool = False,
     inplace_grad: bool = False,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Distillation loss between student ``logits`` and teacher ``target_logits`` (see module doc).
 
     The gradient flows to ``logits`` only and is returned in its dtype. With ``inplace_grad`` the
     gradient is written into the storage of ``logits`` (its values are destroyed by the forward;
     use only when nothing else reads them). The gradient is computed during the forward when
-    ``logits`` requires grad, so calling backward twice is not supported.
+    ``logits`` requires grad, so calling backward twice is not supported. ``backend`` overrides
+    ``LGTM_KERNELS_BACKEND`` for this call: "triton", "torch", or "auto" (Triton on CUDA
+    tensors, torch elsewhere); None (default) reads the variable.
     """
     if reduction not in _REDS:
         raise ValueError(f"reduction must be one of {_REDS}, got {reduction!r}")
@@ -214,7 +217,7 @@ def kd_loss(
     n = s.shape[0]
     lscale = float(temperature) ** 2 if scale_by_t2 else 1.0
     w, m, gscale = _row_factors(n, s.device, weights, mask, reduction, lscale)
-    backend = backend_for(s, t)
+    backend = backend_for(s, t, choice=backend)
     return _KDLossFunction.apply(
         s,
         t.detach(),
@@ -233,14 +236,4 @@ def kd_loss(
 
 def kd_loss_ref(logits, target_logits, **kw) -> torch.Tensor:
     """kd_loss forced onto the pure-torch path (same semantics, fp32 temporaries)."""
-    import os
-
-    old = os.environ.get("LGTM_KERNELS_BACKEND")
-    os.environ["LGTM_KERNELS_BACKEND"] = "torch"
-    try:
-        return kd_loss(logits, target_logits, **kw)
-    finally:
-        if old is None:
-            del os.environ["LGTM_KERNELS_BACKEND"]
-        else:
-            os.environ["LGTM_KERNELS_BACKEND"] = old
+    return kd_loss(logits, target_logits, backend="torch", **kw)

@@ -30,6 +30,17 @@ def _check(name: str, ref: list[torch.Tensor], other: list[torch.Tensor]) -> Non
             raise ValueError(f"{name}: numel {b.numel()} != {a.numel()}")
 
 
+def _with_source(lists: list[list[torch.Tensor]], source) -> list[torch.Tensor] | None:
+    """Check ``source`` (None, a tensor or a list) against the params ``lists[0]`` and append it
+    to ``lists`` as the last role; return it as a list (None if not given)."""
+    if source is None:
+        return None
+    source = _as_list(source)
+    _check("source", lists[0], source)
+    lists.append(source)
+    return source
+
+
 def _groups(lists: list[list[torch.Tensor]]):
     """Split parallel lists into groups with one dtype per role (one launch per group)."""
     out: dict = {}
@@ -102,10 +113,7 @@ def perturb_(params, direction, alpha, *, source=None) -> None:
     params, direction = _as_list(params), _as_list(direction)
     _check("direction", params, direction)
     lists = [params, direction]
-    if source is not None:
-        source = _as_list(source)
-        _check("source", params, source)
-        lists.append(source)
+    source = _with_source(lists, source)
     if not params:
         return
     if backend_for(*params) == "triton" and _triton_ok(lists):
@@ -160,10 +168,7 @@ def adamw_lookahead_(
     for name, lst in (("grads", grads), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         _check(name, params, lst)
     lists = [params, grads, exp_avg, exp_avg_sq]
-    if source is not None:
-        source = _as_list(source)
-        _check("source", params, source)
-        lists.append(source)
+    source = _with_source(lists, source)
     if not params:
         return
     c = _adam_consts(step, lr, beta1, beta2, weight_decay)

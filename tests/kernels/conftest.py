@@ -1,5 +1,6 @@
 """Fixtures for the kernel tests: backend selection and verbose float64 comparisons."""
 
+import importlib
 import importlib.util
 import os
 import sys
@@ -35,6 +36,19 @@ def backend(request, monkeypatch):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+def row_path(request, monkeypatch, backend, module: str) -> str:
+    """Body of the ``path`` fixtures: 'loop' forces the online-softmax path of the Triton kernel
+    in ``lgtm_kernels.<module>`` (blocks of 256, so rows span several blocks); 'single' keeps
+    the launcher's sizes."""
+    if request.param == "loop":
+        if backend != "triton":
+            pytest.skip("the loop path exists only in the Triton kernel")
+        mod = importlib.import_module(f"lgtm_kernels.{module}")
+        monkeypatch.setattr(mod, "MAX_FUSED_V", 256)
+        monkeypatch.setattr(mod, "LOOP_BLOCK", 256)  # several blocks per row
+    return request.param
 
 
 def assert_close_verbose(actual, expected, tol, name=""):

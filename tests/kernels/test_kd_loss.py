@@ -2,6 +2,7 @@
 CPU), odd shapes, +-1e4 logits, -inf entries, masked rows, all divergences and reductions."""
 
 import math
+import os
 import zlib
 
 import lgtm_kernels
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from lgtm_kernels import _backend
 
-from .conftest import assert_close_verbose
+from .conftest import assert_close_verbose, row_path
 
 NEG = float("-inf")
 # numpy warnings from the Triton interpreter on -inf arithmetic that the kernels mask out
@@ -139,14 +140,7 @@ def rand(shape, dtype, scale=3.0):
 @pytest.fixture(params=["single", "loop"])
 def path(request, monkeypatch, backend):
     """'loop' forces the online-softmax path of the Triton kernel (row longer than a block)."""
-    if request.param == "loop":
-        if backend != "triton":
-            pytest.skip("the loop path exists only in the Triton kernel")
-        from lgtm_kernels import _kd_triton
-
-        monkeypatch.setattr(_kd_triton, "MAX_FUSED_V", 256)
-        monkeypatch.setattr(_kd_triton, "LOOP_BLOCK", 256)  # several blocks per row
-    return request.param
+    return row_path(request, monkeypatch, backend, "_kd_triton")
 
 
 DIVS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2)]
@@ -307,6 +301,29 @@ def test_backend_env(monkeypatch):
         _backend.backend_for(torch.ones(1))
     monkeypatch.delenv("LGTM_KERNELS_BACKEND")
     assert _backend.backend_for(torch.ones(1)) == "torch"  # CPU tensors default to torch
+    assert _backend.backend_for(torch.ones(1), choice="auto") == "torch"
+    with pytest.raises(ValueError):
+        _backend.backend_for(torch.ones(1), choice="bogus")
+
+
+def test_kd_loss_ref_leaves_environment(monkeypatch):
+    """kd_loss_ref / backend= take the torch path without reading or writing the variable."""
+    monkeypatch.setenv("LGTM_KERNELS_BACKEND", "bogus")  # kd_loss would raise on it
+    before = dict(os.environ)
+    s, t = torch.randn(4, 37, dtype=torch.float64), torch.randn(4, 37, dtype=torch.float64)
+    x = s.clone().requires_grad_(True)
+    loss = lgtm_kernels.kd_loss_ref(x, t, temperature=2.0, divergence="jsd")
+    loss.backward()
+    assert dict(os.environ) == before
+    ref, _, grad = ref64(s, t, T=2.0, div="jsd")
+    assert torch.allclose(loss.double(), ref, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(x.grad.double(), grad, rtol=1e-6, atol=1e-9)
+    y = lgtm_kernels.kd_loss(s, t, temperature=2.0, divergence="jsd", backend="torch")
+    assert torch.equal(y, loss.detach())
+    with pytest.raises(ValueError):
+        lgtm_kernels.kd_loss(s, t)  # the variable is still "bogus" for the default path
+    with pytest.raises(ValueError):
+        lgtm_kernels.kd_loss(s, t, backend="bogus")
 
 
 def test_import_without_triton():

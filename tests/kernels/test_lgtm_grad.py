@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .conftest import assert_close_verbose
+from .conftest import assert_close_verbose, row_path
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -47,14 +47,8 @@ def make(n, V, dtype, R, seed):
 
 @pytest.fixture(params=["single", "loop"])
 def path(request, monkeypatch, backend):
-    if request.param == "loop":
-        if backend != "triton":
-            pytest.skip("the loop path exists only in the Triton kernel")
-        from lgtm_kernels import _lgtm_grad_triton
-
-        monkeypatch.setattr(_lgtm_grad_triton, "MAX_FUSED_V", 256)
-        monkeypatch.setattr(_lgtm_grad_triton, "LOOP_BLOCK", 256)  # several blocks per row
-    return request.param
+    """'loop' forces the online-softmax path of the Triton kernel (row longer than a block)."""
+    return row_path(request, monkeypatch, backend, "_lgtm_grad_triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -1,0 +1,1 @@
+"""Benchmarks and diagnostics behind the launch/ entry points."""
