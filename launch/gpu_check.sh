@@ -9,7 +9,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --platform manylinux_2_17_x86_64 -d .whl hjson pydantic pydantic-core annotated-types \
 #     typing-inspection typing-extensions transformers tokenizers safetensors huggingface-hub \
-#     pyyaml tqdm regex filelock packaging
+#     pyyaml tqdm regex filelock packaging scikit-learn scipy joblib threadpoolctl
 # then call the device tool with: bash launch/gpu_check.sh   (carry: [".whl"], timeout_s 600)
 set -u
 OUT=${OUT:-/tmp/lgtm_gpu_out}

@@ -1,26 +1,17 @@
 """Train teacher and student with LGTM (or a baseline) on two DeepSpeed engines.
 
-deepspeed launch/train.py --ds_config ds_configs/zero2.json [--config exp.yaml] [--a.b=c ...]
+    deepspeed launch/train.py --ds_config ds_configs/zero2.json [--config exp.yaml] [--a.b=c ...]
+
+With no argument: the embedded default experiment (``python -m lgtm_ds.config`` prints it).
 """
 
+import os
 import sys
 
-from lgtm_ds.config import parse_args
-from lgtm_ds.ds_engine import shutdown_distributed
-from lgtm_ds.errors import LGTMError
-from lgtm_ds.trainer import run
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "kernels")]  # runs from a plain checkout too
 
-
-def main() -> int:
-    try:
-        cfg, _ = parse_args(sys.argv[1:])
-        run(cfg)
-    except LGTMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    shutdown_distributed()
-    return 0
-
+from lgtm_ds.training.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,17 +1,31 @@
-"""LGTM-DS: LGTM knowledge distillation at large-model scale on DeepSpeed."""
+"""LGTM-DS: LGTM knowledge distillation at large-model scale on DeepSpeed.
 
-from .algorithm import METHODS, Distiller
-from .engines import Engine, TorchEngine
+The public API is imported lazily, so ``import lgtm_ds.config`` (the launcher's argument parsing)
+does not import torch models, kernels or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .errors import ConfigError, DataError, LGTMError, ModelError
 
-__all__ = [
-    "Distiller",
-    "Engine",
-    "TorchEngine",
-    "METHODS",
-    "LGTMError",
-    "ConfigError",
-    "DataError",
-    "ModelError",
-]
-__version__ = "0.1.0"
+_LAZY = {
+    "Distiller": "lgtm_ds.methods",
+    "get_method": "lgtm_ds.methods",
+    "method_names": "lgtm_ds.methods",
+    "get_task": "lgtm_ds.tasks",
+    "task_names": "lgtm_ds.tasks",
+    "Engine": "lgtm_ds.engines",
+    "TorchEngine": "lgtm_ds.engines",
+}
+
+__all__ = ["LGTMError", "ConfigError", "DataError", "ModelError", *_LAZY]
+__version__ = "0.2.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lgtm_ds' has no attribute {name!r}")

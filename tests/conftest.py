@@ -21,3 +21,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def dist_env(monkeypatch):
+    """In-process runs of the trainer: a one-rank process group on a free port."""
+    from .helpers import free_port
+
+    for k, v in dict(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    ).items():
+        monkeypatch.setenv(k, v)

@@ -14,9 +14,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lgtm_ds import Distiller  # noqa: E402
-from lgtm_ds.ds_engine import build_engine, init_distributed, shutdown_distributed  # noqa: E402
+from lgtm_ds.engines.deepspeed import (  # noqa: E402
+    build_engine,
+    init_distributed,
+    shutdown_distributed,
+)
+from lgtm_ds.engines.optim import build_adamw, warmup_linear  # noqa: E402
 from lgtm_ds.errors import ConfigError  # noqa: E402
-from lgtm_ds.optim import build_adamw, warmup_linear  # noqa: E402
 from tests.helpers import random_batch, tiny_model  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 3
@@ -125,15 +129,15 @@ def run_case(name, rank, world):
         train, quiz = batches(step, rank, world, gas)
         if method == "lgtm":
             before = [local_storage(p).clone() for p in student.parameters()]
-            m = d._lgtm_teacher_update(train, quiz)
+            m = d.method.teacher_update(train, quiz)
             restored &= all(
                 torch.equal(local_storage(p), b) for p, b in zip(student.parameters(), before)
             )
             influence.append(m["influence"])
             radii.append(m["fd_R"])
         else:
-            d._online_teacher_update(train)
-        d._student_update(train)
+            d.method.teacher_update(train, None)
+        d.method.student_update(train)
     assert all(p.dtype == dtype for p in student.parameters())
     import deepspeed.comm as dist
 
@@ -198,7 +202,7 @@ def influence_gradient(teacher_stage, rank, world):
             train, quiz = batches(0, 0, 1, 1)
         if not eta_on:
             te.lr = lambda: 0.0  # eta = 0: the influence term vanishes, the rest is unchanged
-        Distiller("lgtm", teacher=te, student=se)._lgtm_teacher_update(train, quiz)
+        Distiller("lgtm", teacher=te, student=se).method.teacher_update(train, quiz)
         return captured["G"]
 
     diff = [a - b for a, b in zip(run("ds", True), run("ds", False))]

@@ -5,14 +5,14 @@ import os
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from lgtm_ds.models import embedded_config
+from lgtm_ds.tasks.hf import embedded_bert_config
 
 VOCAB, LABELS = 61, 3
 
 
 def tiny_model(dtype=torch.float32, seed=0, size="tiny", num_labels=LABELS):
     torch.manual_seed(seed)
-    cfg = embedded_config(size, vocab_size=VOCAB, num_labels=num_labels, dropout=0.0)
+    cfg = embedded_bert_config(size, vocab_size=VOCAB, num_labels=num_labels, dropout=0.0)
     m = AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager")
     # fresh, non-zero classifier: a zero head makes several gradients vanish (tests need no zeros)
     torch.nn.init.normal_(m.classifier.weight, std=0.3)

@@ -6,12 +6,16 @@ import copy
 import pytest
 import torch
 
-from lgtm_ds import ConfigError, Distiller, losses
-from lgtm_ds.engines import TorchEngine, adamw_lookahead, get_logits, model_inputs
-from lgtm_ds.naive import naive_lgtm_step
-from lgtm_ds.optim import build_adamw
+from lgtm_ds import ConfigError, Distiller
+from lgtm_ds.engines import TorchEngine, get_logits, model_inputs
+from lgtm_ds.engines.optim import build_adamw
+from lgtm_ds.methods.lookahead import adamw_lookahead
+from lgtm_ds.methods.naive import naive_lgtm_step
+from lgtm_ds.tasks import get_task
 
 from .helpers import random_batch, tiny_model
+
+CLS = get_task("classification")()
 
 
 def _flat(tensors):
@@ -82,7 +86,7 @@ def _exact_hypergradient(t, s, batch, v, alpha_teacher, temperature):
     t_params = [p for p in t.parameters()]
     s_params = [p for p in s.parameters()]
     x, y = model_inputs(batch), batch["labels"]
-    lt = losses.teacher_loss(
+    lt = CLS.distill_loss(
         get_logits(t(**x)), get_logits(s(**x)), y, alpha=alpha_teacher, temperature=temperature
     )
     # L_t's student dependence is through the KD target: differentiate the target too
@@ -91,7 +95,7 @@ def _exact_hypergradient(t, s, batch, v, alpha_teacher, temperature):
     log_q = torch.log_softmax(z / temperature, -1)
     p_s = torch.softmax(s_logits / temperature, -1)
     kd = (p_s * (torch.log_softmax(s_logits / temperature, -1) - log_q)).sum(-1).mean()
-    lt = alpha_teacher * kd + (1 - alpha_teacher) * losses.task_loss(z, y)
+    lt = alpha_teacher * kd + (1 - alpha_teacher) * CLS.task_loss(z, y)
     g_theta = torch.autograd.grad(lt, s_params, create_graph=True)
     dot = sum((gi * vi).sum() for gi, vi in zip(g_theta, v))
     return torch.autograd.grad(dot, t_params)
@@ -106,18 +110,18 @@ def _fd_error(r):
     engine = TorchEngine(s, so)
     with torch.no_grad():
         t_logits = get_logits(t(**model_inputs(b)))
-    ls = losses.student_loss(
+    ls = CLS.distill_loss(
         get_logits(s(**model_inputs(b))), t_logits, b["labels"], alpha=1.0, temperature=1.0
     )
     g = torch.autograd.grad(ls, engine.params())
     look = [
         x.requires_grad_() for x in adamw_lookahead(engine.master_params(), g, engine.adam_state())
     ]
-    ce = losses.task_loss(engine.functional_forward(look, q), q["labels"])
+    ce = CLS.task_loss(engine.functional_forward(look, q), q["labels"])
     v = torch.autograd.grad(ce, look)
     exact = _exact_hypergradient(t, s, b, v, 0.4, 1.0)
     g0 = torch.autograd.grad(
-        losses.teacher_loss(
+        CLS.distill_loss(
             get_logits(t(**model_inputs(b))),
             get_logits(s(**model_inputs(b))).detach(),
             b["labels"],
@@ -155,14 +159,14 @@ def test_lookahead_equals_a_real_adamw_step_and_leaves_state_alone(dtype, tol):
     opt = build_adamw(s, 1e-2, 0.1)
     engine = TorchEngine(s, opt)
     for k in range(2):  # non-trivial moments and step count
-        loss = losses.task_loss(
+        loss = CLS.task_loss(
             get_logits(s(**model_inputs(random_batch(5, k)))), random_batch(5, k)["labels"]
         )
         loss.backward()
         opt.step()
         opt.zero_grad()
     b = random_batch(6, 9)
-    g = torch.autograd.grad(losses.task_loss(engine.forward(b), b["labels"]), engine.params())
+    g = torch.autograd.grad(CLS.task_loss(engine.forward(b), b["labels"]), engine.params())
     state_before = copy.deepcopy(opt.state_dict())
     look = adamw_lookahead(engine.master_params(), g, engine.adam_state())
     s2, opt2 = copy.deepcopy((s, opt))
@@ -194,7 +198,7 @@ def test_student_bit_identical_after_influence_passes(dtype):
     d.step(random_batch(8, 1), random_batch(8, 2))  # moments exist
     before = [p.detach().clone() for p in s.parameters()]
     state = copy.deepcopy(so.state_dict())
-    d._lgtm_teacher_update([random_batch(8, 3)], [random_batch(8, 4)])
+    d.method.teacher_update([random_batch(8, 3)], [random_batch(8, 4)])
     for p, p0 in zip(s.parameters(), before):
         assert torch.equal(p, p0)  # bitwise
     for k, st in state["state"].items():
@@ -206,24 +210,22 @@ def _influence_term(dtype, t64, s64, b, q, eta=1e-3):
     t, s = copy.deepcopy(t64).to(dtype), copy.deepcopy(s64).to(dtype)
     to = torch.optim.AdamW(t.parameters(), lr=eta)
     so = torch.optim.AdamW(s.parameters(), lr=1e-3)
-    d = Distiller("lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so)
     seen = {}
-    orig = losses.lgtm_teacher_logit_grad
 
-    def spy(z, s_logits, s_plus, s_minus, labels, **kw):
-        seen["term"] = (
-            (torch.softmax(s_plus.double(), -1) - torch.softmax(s_minus.double(), -1))
-            * kw["eta"]
-            * 0.4
-            / (2 * kw["radius"] * z.shape[0])
-        )
-        return orig(z, s_logits, s_plus, s_minus, labels, **kw)
+    class Spy(type(CLS)):
+        def lgtm_logit_grad(self, z, s_logits, s_plus, s_minus, labels, p):
+            seen["term"] = (
+                (torch.softmax(s_plus.double(), -1) - torch.softmax(s_minus.double(), -1))
+                * p.eta
+                * 0.4
+                / (2 * p.radius * z.shape[0])
+            )
+            return super().lgtm_logit_grad(z, s_logits, s_plus, s_minus, labels, p)
 
-    losses.lgtm_teacher_logit_grad = spy
-    try:
-        m = d.step(b, q)
-    finally:
-        losses.lgtm_teacher_logit_grad = orig
+    d = Distiller(
+        "lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so, task=Spy()
+    )
+    m = d.step(b, q)
     return seen["term"].reshape(-1), m["influence"].double()
 
 
@@ -291,7 +293,7 @@ def test_methods_and_api():
     assert ft["teacher_ce"] > 0
     with pytest.raises(ConfigError, match="quiz_batch"):
         Distiller("lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so).step(b)
-    with pytest.raises(ConfigError, match="method"):
+    with pytest.raises(ConfigError, match="method.name must be one of .*did you mean 'lgtm'"):
         Distiller("lgtm2", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so)
 
 
@@ -316,14 +318,20 @@ def test_cheap_form_matches_reference_form_regression_fp64():
     to, so = build_adamw(t, 3e-3, 0.01), build_adamw(s, 5e-3, 0.01)
     t2, s2, to2, so2 = copy.deepcopy((t, s, to, so))
     d = Distiller(
-        "lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so, alpha_student=0.5
+        "lgtm",
+        teacher=t,
+        student=s,
+        teacher_optimizer=to,
+        student_optimizer=so,
+        alpha_student=0.5,
+        task="regression",
     )
     cheap_g = _capture_grads(to, list(t.parameters()))
     for step in range(3):
         b = random_batch(9, 100 + step, regression=True)
         q = random_batch(7, 200 + step, regression=True)
         m = d.step(b, q)
-        ref = naive_lgtm_step(t2, s2, to2, so2, b, q, alpha_student=0.5)
+        ref = naive_lgtm_step(t2, s2, to2, so2, b, q, alpha_student=0.5, task="regression")
         err = _rel(cheap_g[-1], ref["G"])
         assert err < 1e-6, f"step {step}: teacher gradient rel. error {err:.2e}"
         assert m["influence"].shape == (9,) and m["influence"].abs().sum() > 0

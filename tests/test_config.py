@@ -1,4 +1,5 @@
-"""Experiment config: YAML + overrides, coercion, validation, CLI, DeepSpeed dict resolution."""
+"""Experiment config: schema defaults, YAML + overrides, coercion, validation, CLI, DeepSpeed dict
+resolution, export."""
 
 from __future__ import annotations
 
@@ -12,18 +13,24 @@ import yaml
 from lgtm_ds.config import (
     DEFAULT_DS_CONFIG,
     ExperimentConfig,
+    MethodConfig,
     TrainConfig,
     build_ds_config,
     config_to_dict,
+    deep_merge,
+    dump_default_yaml,
     load_config,
     parse_args,
     save_resolved,
 )
+from lgtm_ds.config.schema import SECTIONS
 from lgtm_ds.errors import ConfigError
+from lgtm_ds.io import atomic_write_text, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DS_JSONS = sorted((REPO / "ds_configs").glob("*.json"))
 EXAMPLES = sorted((REPO / "configs" / "examples").glob("*.yaml"))
+DEFAULT_YAML = REPO / "configs" / "default.yaml"
 
 
 def write_yaml(tmp_path: Path, data, name: str = "exp.yaml") -> str:
@@ -50,11 +57,14 @@ def raises(match_all: list[str], fn, *args, **kwargs) -> str:
 # ---------------------------------------------------------------------------------- loading
 
 
-def test_default_experiment_file():
+def test_default_experiment():
     cfg = load_config()
+    assert cfg == ExperimentConfig()
     assert cfg.model.teacher == "embedded:teacher" and cfg.model.student == "embedded:student"
-    assert cfg.model.tokenizer == "embedded"
+    assert cfg.model.tokenizer is None  # with an embedded: teacher = the embedded tokenizer
+    assert cfg.model.zero_init_classifier is False
     assert cfg.data.source == "synthetic" and cfg.data.synthetic_examples == 3000
+    assert cfg.data.max_length == 64
     m = cfg.method
     assert (m.name, m.alpha_student, m.alpha_teacher) == ("lgtm", 0.5, 0.4)
     assert cfg.method.temperature == 1.0 and cfg.method.fd_radius == pytest.approx(1e-2)
@@ -66,15 +76,38 @@ def test_default_experiment_file():
     assert cfg.deepspeed.config is None and cfg.deepspeed.teacher == {}
 
 
+def test_default_yaml_is_generated_from_the_schema():
+    assert DEFAULT_YAML.read_text() == dump_default_yaml(), (
+        "configs/default.yaml is out of date with lgtm_ds/config/schema.py; regenerate it: "
+        "python -m lgtm_ds.config > configs/default.yaml"
+    )
+    assert load_config(str(DEFAULT_YAML)) == ExperimentConfig()
+
+
 def test_default_yaml_lists_every_key_with_a_comment():
-    text = (REPO / "lgtm_ds" / "assets" / "default.yaml").read_text()
+    text = DEFAULT_YAML.read_text()
     data = yaml.safe_load(text)
     assert set(data) == set(config_to_dict(ExperimentConfig()))
     for section, values in config_to_dict(ExperimentConfig()).items():
         assert set(data[section]) == set(values), section
     for line in text.splitlines():
-        if line.startswith("  ") and ":" in line:
+        assert len(line) <= 100, line
+        if line.startswith("  ") and ":" in line.split("#")[0]:
             assert "#" in line, f"uncommented key: {line!r}"
+
+
+def test_every_field_has_a_description():
+    for name, field in ExperimentConfig.model_fields.items():
+        assert field.description, name
+        for key, sub in SECTIONS[name].model_fields.items():
+            assert sub.description and sub.description.strip(), f"{name}.{key}"
+
+
+def test_yaml_with_one_change_is_the_default_experiment_with_that_change(tmp_path):
+    cfg = load_config(write_yaml(tmp_path, {"method": {"name": "online_kd"}}))
+    assert cfg == ExperimentConfig(method=MethodConfig(name="online_kd"))
+    assert cfg == ExperimentConfig(method={"name": "online_kd"})
+    assert cfg.train == ExperimentConfig().train and cfg.method.alpha_student == 0.5
 
 
 def test_yaml_then_overrides_later_wins(tmp_path):
@@ -88,13 +121,13 @@ def test_yaml_then_overrides_later_wins(tmp_path):
     assert cfg.train.micro_batch_size == 16  # later override wins over earlier and YAML
     assert cfg.train.student_lr == pytest.approx(2e-5)  # YAML kept
     assert cfg.method.name == "online_kd" and cfg.method.temperature == 2.0
-    assert cfg.train.teacher_lr == TrainConfig().teacher_lr  # absent in YAML -> dataclass default
+    assert cfg.train.teacher_lr == TrainConfig().teacher_lr  # absent in YAML -> schema default
     # dict overrides: dotted and nested
     cfg = load_config(path, {"train.micro_batch_size": 2, "data": {"max_length": 64}})
     assert cfg.train.micro_batch_size == 2 and cfg.data.max_length == 64
 
 
-def test_empty_yaml_gives_dataclass_defaults(tmp_path):
+def test_empty_yaml_gives_the_defaults(tmp_path):
     cfg = load_config(write_yaml(tmp_path, ""))
     assert cfg == ExperimentConfig()
 
@@ -111,6 +144,40 @@ def test_example_yamls_load(path, monkeypatch):
     monkeypatch.chdir(REPO)  # example ds_config paths are relative to the repo root
     for role in ("teacher", "student"):
         build_ds_config(cfg, role, world_size=2)
+
+
+# What the old config code (dataclass defaults = the LGTM reference values) resolved each example
+# to, for the keys whose default changed to the embedded experiment's.
+OLD_RESOLUTION = {
+    "glue_sst2.yaml": {
+        "model.tokenizer": None,
+        "model.zero_init_classifier": True,
+        "data.max_length": 128,
+        "method.alpha_student": 1.0,
+        "train.max_steps": None,
+        "train.student_lr": 5e-5,
+        "train.teacher_lr": 3e-5,
+        "train.warmup_ratio": 0.0,
+    },
+    "local_files.yaml": {
+        "model.tokenizer": None,
+        "model.zero_init_classifier": True,
+        "data.max_length": 256,
+        "method.alpha_student": 1.0,
+        "train.max_steps": None,
+        "train.student_lr": 5e-5,
+        "train.teacher_lr": 2e-5,
+        "train.warmup_ratio": 0.06,
+    },
+}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_resolve_as_before_the_default_change(path):
+    cfg = config_to_dict(load_config(str(path)))
+    expected = OLD_RESOLUTION[path.name]
+    got = {key: cfg[key.split(".")[0]][key.split(".")[1]] for key in expected}
+    assert got == expected
 
 
 def test_example_local_files_has_zero3_teacher(monkeypatch):
@@ -141,6 +208,11 @@ def test_example_local_files_has_zero3_teacher(monkeypatch):
         ("model.tokenizer=None", "model", "tokenizer", None),
         ("model.dropout=0.1", "model", "dropout", 0.1),
         ("model.dropout=none", "model", "dropout", None),
+        ("model.dropout=~", "model", "dropout", None),
+        ("model.dropout=", "model", "dropout", None),
+        ("output.overwrite=false", "output", "overwrite", False),
+        ("output.resume=auto", "output", "resume", "auto"),
+        ("train.seed= 7 ", "train", "seed", 7),
         ("train.max_steps=null", "train", "max_steps", None),
         ("train.max_steps=20", "train", "max_steps", 20),
         ("data.text_columns=[a, b]", "data", "text_columns", ["a", "b"]),
@@ -165,11 +237,15 @@ def test_yaml_values_are_coerced_too(tmp_path):
     path = write_yaml(
         tmp_path,
         "train:\n  student_lr: 1e-3\n  micro_batch_size: '8'\n"
-        "data:\n  text_columns: premise, hypothesis\n",
+        "data:\n  text_columns: premise, hypothesis\n"
+        "deepspeed:\n  teacher: '{zero_optimization: {stage: 3}}'\n"
+        "output:\n  run_name: 2024\n  overwrite: yes\n",
     )
     cfg = load_config(path)
     assert cfg.train.student_lr == pytest.approx(1e-3) and cfg.train.micro_batch_size == 8
     assert cfg.data.text_columns == ["premise", "hypothesis"]
+    assert cfg.deepspeed.teacher == {"zero_optimization": {"stage": 3}}
+    assert cfg.output.run_name == "2024" and cfg.output.overwrite is True
 
 
 @pytest.mark.parametrize(
@@ -214,6 +290,17 @@ def test_deep_dict_override_merges_into_yaml_dict(tmp_path):
         "zero_optimization": {"stage": 2, "stage3_param_persistence_threshold": 0}
     }
     assert cfg.deepspeed.student == {"bf16": {"enabled": "auto"}}
+    # a value for the field itself replaces the YAML's dict; later deep keys merge into it
+    cfg = load_config(path, ["deepspeed.teacher={}", "deepspeed.teacher.bf16={enabled: auto}"])
+    assert cfg.deepspeed.teacher == {"bf16": {"enabled": "auto"}}
+    cfg = load_config(
+        None,
+        [
+            "deepspeed.teacher={zero_optimization: {stage: 3}}",
+            "deepspeed.teacher.zero_optimization.overlap_comm=false",
+        ],
+    )
+    assert cfg.deepspeed.teacher == {"zero_optimization": {"stage": 3, "overlap_comm": False}}
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -255,6 +342,67 @@ def test_deep_dict_override_merges_into_yaml_dict(tmp_path):
 )
 def test_validation_errors_name_the_dotted_key(override, parts):
     raises(parts, load_config, None, [override])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.alpha_teacher=1.5", "method.alpha_teacher must be in [0, 1], got 1.5"),
+        ("train.micro_batch_size=0", "train.micro_batch_size must be > 0, got 0"),
+        ("data.quiz_fraction=0.6", "data.quiz_fraction must be in (0, 0.5], got 0.6"),
+        ("train.precision=fp8", "train.precision must be one of {fp32, bf16, fp16}, got 'fp8'"),
+        ("train.micro_batch_size=abc", "train.micro_batch_size: cannot convert 'abc' to int"),
+        ("train.max_steps=0", "train.max_steps must be null or > 0, got 0"),
+        ("model.dropout=1", "model.dropout must be null or in [0, 1), got 1.0"),
+        ("model.teacher= ", "model.teacher must be a non-empty string, got ' '"),
+        (
+            "method.name=lgtmm",
+            "method.name must be one of {lgtm, online_kd, vanilla_kd}, got 'lgtmm'; "
+            "did you mean 'lgtm'?",
+        ),
+    ],
+)
+def test_validation_messages(override, message):
+    assert raises([], load_config, None, [override]) == message
+
+
+def test_unknown_key_message():
+    msg = raises([], load_config, None, ["train.micro_batchsize=8"])
+    valid = ", ".join(TrainConfig.model_fields)
+    assert msg == (
+        f"unknown key 'train.micro_batchsize' (valid keys of train: {valid}); "
+        "did you mean 'micro_batch_size'?"
+    )
+
+
+def test_error_from_yaml_names_the_file_and_lists_every_bad_key(tmp_path):
+    path = write_yaml(tmp_path, {"train": {"micro_batch_size": 0, "seed": -1}})
+    msg = raises([], load_config, path, ["method.temperature=0"])
+    assert msg.splitlines() == [
+        "method.temperature must be > 0, got 0.0",  # from the command line: no file
+        f"train.seed must be >= 0, got -1 (in {path})",
+        f"train.micro_batch_size must be > 0, got 0 (in {path})",
+    ]
+
+
+def test_method_checks_its_config_at_load_time():
+    raises(["method lgtm", "train.precision=fp16"], load_config, None, ["train.precision=fp16"])
+    assert load_config(None, ["train.precision=fp16", "method.name=online_kd"])
+
+
+def test_direct_construction_is_validated_and_configs_are_frozen():
+    raises(
+        ["train.micro_batch_size must be > 0, got 0"],
+        ExperimentConfig,
+        train={"micro_batch_size": 0},
+    )
+    raises(["method.alpha_student must be in [0, 1], got 2"], MethodConfig, alpha_student=2)
+    raises(["unknown key 'train.bogus'"], TrainConfig, bogus=1)
+    raises(["data must be a mapping, got 3"], ExperimentConfig, data=3)
+    cfg = load_config()
+    with pytest.raises(ValueError):
+        cfg.train.seed = 1  # type: ignore[misc]
+    assert cfg == load_config() and cfg != load_config(None, ["train.seed=1"])
 
 
 def test_cross_field_validation():
@@ -392,7 +540,50 @@ def test_parse_args_errors():
     raises(["does not exist", "nope.yaml"], parse_args, ["--config", "nope.yaml"])
 
 
+def test_parse_args_forms(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    cfg, args = parse_args(
+        [
+            "--local-rank=2",
+            "--deepspeed.teacher.zero_optimization.stage",
+            "3",
+            "--train.seed",
+            "-1",  # a negative number is a value, not a flag
+            "--train.seed=5",
+            "--output.overwrite",
+        ]
+    )
+    assert args.local_rank == 2 and args.config is None and args.ds_config is None
+    assert cfg.deepspeed.teacher == {"zero_optimization": {"stage": 3}}
+    assert cfg.train.seed == 5 and cfg.output.overwrite is True
+    assert args.overrides[-1] == "output.overwrite=true"
+    raises(["--local_rank", "'x'"], parse_args, ["--local_rank=x"])
+    raises(["--output.dir needs a value"], parse_args, ["--output.dir"])
+    raises(["'--'"], parse_args, ["--"])
+
+
+def test_parse_args_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as ei:
+        parse_args(["--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--config", "--ds_config", "--local_rank"):
+        assert flag in out
+    for section, cls in SECTIONS.items():
+        for key in cls.model_fields:
+            assert f"--{section}.{key}=" in out, f"{section}.{key}"
+    assert "--train.micro_batch_size=32" in out and "examples per rank" in out
+    assert "one of {fp32, bf16, fp16}" in out
+
+
 # ---------------------------------------------------------------------------------- DeepSpeed
+
+
+def test_deep_merge():
+    base = {"a": {"b": 1, "c": 2}, "d": [1]}
+    merged = deep_merge(base, {"a": {"b": 3}, "d": [2], "e": {}})
+    assert merged == {"a": {"b": 3, "c": 2}, "d": [2], "e": {}}
+    assert base == {"a": {"b": 1, "c": 2}, "d": [1]}  # not mutated
 
 
 def test_builtin_default_equals_zero2_json():
@@ -427,14 +618,16 @@ def test_build_fills_autos_and_role_overrides():
 
 
 def test_build_fp16_loss_scaling_defaults(tmp_path):
-    cfg = load_config(None, ["train.precision=fp16"])
+    cfg = load_config(None, ["train.precision=fp16", "method.name=online_kd"])
     ds = build_ds_config(cfg, "student", 1)
     assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     assert ds["bf16"]["enabled"] is False
     # user loss-scaling values are kept
     js = dict(DEFAULT_DS_CONFIG, fp16={"enabled": "auto", "initial_scale_power": 12})
     path = write_json(tmp_path, js)
-    cfg = load_config(None, ["train.precision=fp16", f"deepspeed.config={path}"])
+    cfg = load_config(
+        None, ["train.precision=fp16", "method.name=online_kd", f"deepspeed.config={path}"]
+    )
     assert build_ds_config(cfg, "student", 1)["fp16"]["initial_scale_power"] == 12
 
 
@@ -544,7 +737,11 @@ def test_build_rejects_leftover_auto_and_bad_json(tmp_path):
 @pytest.mark.parametrize("path", DS_JSONS, ids=lambda p: p.name)
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_every_ds_json_resolves_for_both_roles(path, precision):
-    cfg = load_config(None, [f"deepspeed.config={path}", f"train.precision={precision}"])
+    method = "online_kd" if precision == "fp16" else "lgtm"  # lgtm refuses fp16 (check_config)
+    cfg = load_config(
+        None,
+        [f"deepspeed.config={path}", f"train.precision={precision}", f"method.name={method}"],
+    )
     for role in ("teacher", "student"):
         ds = build_ds_config(cfg, role, world_size=2)
         assert ds["train_batch_size"] == 64
@@ -586,3 +783,14 @@ def test_save_resolved_failure_leaves_old_file(tmp_path):
     with pytest.raises(yaml.representer.RepresenterError):
         save_resolved(load_config(), {"bad": object()}, {}, out)
     assert out.read_text() == "old" and os.listdir(tmp_path) == ["resolved.yaml"]
+
+
+def test_atomic_writes(tmp_path):
+    out = tmp_path / "new" / "deeper" / "summary.json"
+    write_json_atomic(out, {"a": [1, 2], "b": None})
+    assert out.read_text() == json.dumps({"a": [1, 2], "b": None}, indent=1) + "\n"
+    atomic_write_text(out, "replaced")
+    assert out.read_text() == "replaced"
+    with pytest.raises(TypeError):
+        atomic_write_text(out, 5)  # type: ignore[arg-type]
+    assert out.read_text() == "replaced" and os.listdir(out.parent) == ["summary.json"]

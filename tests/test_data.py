@@ -9,21 +9,14 @@ import torch
 from lgtm_ds import data as D
 from lgtm_ds.config import DataConfig
 from lgtm_ds.errors import DataError
+from lgtm_ds.tasks import get_task
 
-
-def _cfg(**kw) -> DataConfig:
-    """A DataConfig with fields set after construction, bypassing the config's own validation
-    so load_task's checks (defence in depth for mutated configs) are exercised directly."""
-    cfg = DataConfig()
-    for k, v in kw.items():
-        object.__setattr__(cfg, k, v)
-    return cfg
+_cfg = DataConfig  # a validated data section
 
 
 @pytest.fixture(scope="module")
 def tok():
-    cfg = _cfg(synthetic_examples=400)
-    return D.build_tokenizer("embedded", D.synthetic_corpus_texts(cfg, 0))
+    return D.build_tokenizer("embedded", D.synthetic_corpus_texts(400, 0))
 
 
 # ------------------------------------------------------------------------------ synthetic corpus
@@ -123,7 +116,7 @@ def test_embedded_tokenizer_round_trip(tok, tmp_path):
     )
     assert again.pad_token_id == 0 and len(again) == len(tok)
     # deterministic build
-    tok2 = D.build_tokenizer("embedded", D.synthetic_corpus_texts(_cfg(synthetic_examples=400), 0))
+    tok2 = D.build_tokenizer("embedded", D.synthetic_corpus_texts(400, 0))
     assert tok2.get_vocab() == tok.get_vocab()
 
 
@@ -138,9 +131,9 @@ def test_build_tokenizer_bad_name():
 def test_load_synthetic_quiz_split(tok):
     cfg = _cfg(synthetic_examples=400, quiz_fraction=0.1, max_length=64)
     task = D.load_task(cfg, tok, seed=5)
-    assert task.name == "synthetic" and task.num_labels == 3 and not task.is_regression
-    assert task.metric_names == ["accuracy"]
-    assert task.label_names == ["negative", "neutral", "positive"]
+    assert task.name == "synthetic" and task.num_labels == 3
+    assert task.task.name == "classification" and task.task.metric_names == ["accuracy"]
+    assert task.task.label_names == ["negative", "neutral", "positive"]
     assert len(task.quiz) == 40 and len(task.train) == 360 and len(task.eval) == 200
     assert len(task.quiz_indices) == 40 and len(set(task.quiz_indices)) == 40
     assert set(task.train.column_names) == {
@@ -183,8 +176,8 @@ def test_quiz_source_validation(tok):
 
 
 def _fake_glue(task):
-    cols = D.GLUE_TASKS[task][0]
-    val_split = D.GLUE_TASKS[task][1]
+    cols = D.GLUE_TASKS[task].text_columns
+    val_split = D.GLUE_TASKS[task].eval_split
     reg = task == "stsb"
     label_feat = datasets.Value("float32") if reg else datasets.ClassLabel(names=["no", "yes"])
 
@@ -212,15 +205,16 @@ def test_glue_path_with_fake_hub(tok, task):
     assert calls == [("nyu-mll/glue", task)]
     assert t.name == task and len(t.train) == 30 and len(t.quiz) == 10 and len(t.eval) == 10
     if task == "stsb":
-        assert t.is_regression and t.num_labels == 1 and t.metric_names == ["pearson", "spearman"]
+        assert t.task.name == "regression" and t.num_labels == 1
+        assert t.task.metric_names == ["pearson", "spearman"]
         assert isinstance(t.train[0]["labels"], float)
     else:
-        assert t.label_names == ["no", "yes"] and t.num_labels == 2
+        assert t.task.label_names == ["no", "yes"] and t.num_labels == 2
     if task == "mrpc":
         assert set(t.train[0]["token_type_ids"]) == {0, 1}
-        assert t.metric_names == ["f1", "accuracy"]
+        assert t.task.metric_names == ["f1", "accuracy"]
     if task == "cola":
-        assert t.metric_names == ["matthews"]
+        assert t.task.metric_names == ["matthews"]
 
 
 def test_glue_unknown_task_and_hub_failure(tok):
@@ -284,7 +278,8 @@ def test_files_each_format_string_labels_and_pairs(tok, tmp_path, ext):
         quiz_fraction=0.2,
     )
     t = D.load_task(cfg, tok, seed=3)
-    assert t.name == "mytrain" and t.num_labels == 3 and t.label_names == ["meh", "neg", "pos"]
+    assert t.name == "mytrain" and t.num_labels == 3
+    assert t.task.label_names == ["meh", "neg", "pos"]
     assert len(t.train) == 24 and len(t.quiz) == 6 and len(t.eval) == 9
     assert t.eval["labels"] == [[0, 2][i % 2] for i in range(9)]
     assert set(t.train[0]["token_type_ids"]) == {0, 1}
@@ -299,7 +294,7 @@ def test_files_each_format_string_labels_and_pairs(tok, tmp_path, ext):
 def test_files_int_float_labels_and_carved_eval(tok, tmp_path):
     tr = _write(tmp_path / "ints.csv", _rows(50, label=lambda i: i % 2))
     t = D.load_task(_cfg(source="files", train_file=tr, text_columns=["review"]), tok, seed=0)
-    assert t.num_labels == 2 and t.label_names is None and not t.is_regression
+    assert t.num_labels == 2 and t.task.label_names is None and t.task.name == "classification"
     assert len(t.eval) == 5 and len(t.eval_indices) == 5 and len(t.quiz) == 4 and len(t.train) == 41
     assert not set(t.eval_indices) & set(t.quiz_indices)
     fl = _write(tmp_path / "floats.jsonl", _rows(20, label=lambda i: i / 4))
@@ -307,7 +302,8 @@ def test_files_int_float_labels_and_carved_eval(tok, tmp_path):
     t = D.load_task(
         _cfg(source="files", train_file=fl, validation_file=v, text_columns=["review"]), tok, seed=0
     )
-    assert t.is_regression and t.num_labels == 1 and t.metric_names == ["pearson", "spearman"]
+    assert t.task.name == "regression" and t.num_labels == 1
+    assert t.task.metric_names == ["pearson", "spearman"]
 
 
 def test_files_errors(tok, tmp_path):
@@ -348,24 +344,15 @@ def test_files_errors(tok, tmp_path):
             tok,
             0,
         )
-    with pytest.raises(DataError, match="training split.*empty"):
-        D.load_task(
-            _cfg(source="files", train_file=tr, text_columns=["review"], max_train_examples=0),
-            tok,
-            0,
-        )
 
 
-def test_config_errors(tok):
-    for frac in (0.0, 0.6, -1):
-        with pytest.raises(DataError, match="data.quiz_fraction"):
-            D.load_task(_cfg(quiz_fraction=frac), tok, 0)
-    with pytest.raises(DataError, match="data.source.*synthetic, glue, files"):
-        D.load_task(_cfg(source="hub"), tok, 0)
-    with pytest.raises(DataError, match="data.quiz_source.*train, validation"):
-        D.load_task(_cfg(quiz_source="dev"), tok, 0)
-    with pytest.raises(DataError, match="validation split.*empty"):
-        D.load_task(_cfg(synthetic_examples=100, max_eval_examples=0), tok, 0)
+def test_empty_validation_split(tok):
+    def fake(path, name=None, **kw):
+        d = _fake_glue("rte")
+        return datasets.DatasetDict({"train": d["train"], "validation": d["validation"].select([])})
+
+    with pytest.raises(DataError, match="validation split of 'rte' is empty"):
+        D.load_task(_cfg(source="glue", task="rte"), tok, 0, _load_dataset=fake)
 
 
 # ------------------------------------------------------------------------------ loaders
@@ -382,34 +369,39 @@ def _toy_ds(n, reg=False):
     )
 
 
-def test_loader_padding_and_dtypes():
+CLS, REG = get_task("classification")(), get_task("regression")()
+
+
+def test_loader_padding_and_dtypes(tok):
     ds = _toy_ds(10)
-    batches = list(D.make_loader(ds, 4, shuffle=False, seed=0, drop_last=False, pad_token_id=0))
+    pad = CLS.collator(tok)
+    batches = list(D.make_loader(ds, 4, shuffle=False, seed=0, drop_last=False, collate_fn=pad))
     b = batches[0]
     assert b["input_ids"].shape == (4, 6) and b["labels"].dtype == torch.long
     assert b["input_ids"][0].tolist() == [2, 10, 3, 0, 0, 0]
     assert b["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0]
+    assert b["token_type_ids"][0].tolist() == [0] * 6
     assert b["attention_mask"].sum().item() == sum(3 + i % 5 for i in range(4))
     assert [len(x["labels"]) for x in batches] == [4, 4, 2]
-    b8 = next(
-        iter(
-            D.make_loader(
-                ds, 4, shuffle=False, seed=0, drop_last=False, pad_token_id=0, pad_to_multiple_of=8
-            )
-        )
-    )
+    pad8 = CLS.collator(tok, pad_to_multiple_of=8)
+    b8 = next(iter(D.make_loader(ds, 4, shuffle=False, seed=0, drop_last=False, collate_fn=pad8)))
     assert b8["input_ids"].shape == (4, 8)
     reg = next(
         iter(
             D.make_loader(
-                _toy_ds(4, reg=True), 4, shuffle=False, seed=0, drop_last=False, pad_token_id=0
+                _toy_ds(4, reg=True),
+                4,
+                shuffle=False,
+                seed=0,
+                drop_last=False,
+                collate_fn=REG.collator(tok),
             )
         )
     )
     assert reg["labels"].dtype == torch.float32
 
 
-def test_two_ranks_cover_disjointly_and_reshuffle():
+def test_two_ranks_cover_disjointly_and_reshuffle(tok):
     ds = _toy_ds(20)
 
     def ids(rank, epoch):
@@ -421,7 +413,7 @@ def test_two_ranks_cover_disjointly_and_reshuffle():
             rank=rank,
             world_size=2,
             drop_last=False,
-            pad_token_id=0,
+            collate_fn=CLS.collator(tok),
             epoch=epoch,
         )
         return [int(x) for b in loader for x in b["input_ids"][:, 1]]
@@ -433,21 +425,23 @@ def test_two_ranks_cover_disjointly_and_reshuffle():
     assert ids(0, 1) != r0  # new epoch, new order
 
 
-def test_infinite_loader_cycles_deterministically():
+def test_infinite_loader_cycles_deterministically(tok):
     ds = _toy_ds(6)
-    loader = D.make_loader(ds, 4, shuffle=True, seed=1, drop_last=True, pad_token_id=0)
+    loader = D.make_loader(
+        ds, 4, shuffle=True, seed=1, drop_last=True, collate_fn=CLS.collator(tok)
+    )
     inf = D.InfiniteLoader(loader)
     seq = [next(inf)["labels"].tolist() for _ in range(5)]
     assert inf.epoch == 4  # one batch per epoch with drop_last
     assert len({tuple(s) for s in seq}) > 1
     inf2 = D.InfiniteLoader(
-        D.make_loader(ds, 4, shuffle=True, seed=1, drop_last=True, pad_token_id=0)
+        D.make_loader(ds, 4, shuffle=True, seed=1, drop_last=True, collate_fn=CLS.collator(tok))
     )
     assert [next(inf2)["labels"].tolist() for _ in range(5)] == seq
     state = inf.state_dict()
     nxt = next(inf)["labels"].tolist()
     inf3 = D.InfiniteLoader(
-        D.make_loader(ds, 4, shuffle=True, seed=1, drop_last=True, pad_token_id=0)
+        D.make_loader(ds, 4, shuffle=True, seed=1, drop_last=True, collate_fn=CLS.collator(tok))
     )
     inf3.load_state_dict(state)
     assert next(inf3)["labels"].tolist() == nxt

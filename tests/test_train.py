@@ -14,7 +14,7 @@ import yaml
 from lgtm_ds import ConfigError, DataError, ModelError
 from lgtm_ds.config import load_config
 
-from .helpers import ROOT, clean_env, free_port, run_deepspeed
+from .helpers import ROOT, clean_env, run_deepspeed
 
 SMALL = [
     "data.synthetic_examples=400",
@@ -28,21 +28,8 @@ def _deepspeed(args, ranks=2):
     return run_deepspeed(os.path.join(ROOT, "launch", "train.py"), args, ranks)
 
 
-@pytest.fixture
-def dist_env(monkeypatch):
-    """In-process runs: a one-rank process group."""
-    for k, v in dict(
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-    ).items():
-        monkeypatch.setenv(k, v)
-
-
 def _run(tmp_path, *overrides):
-    from lgtm_ds.trainer import run
+    from lgtm_ds.training import run
 
     cfg = load_config(None, [f"output.dir={tmp_path / 'out'}", *SMALL, *overrides])
     return run(cfg)
@@ -87,7 +74,7 @@ def test_readme_command_two_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, dist_env):
-    from lgtm_ds.trainer import Trainer
+    from lgtm_ds.training import Trainer
 
     common = [
         *SMALL,
@@ -166,10 +153,10 @@ def test_ds_json_conflicting_with_yaml(tmp_path, dist_env):
 def test_teacher_student_label_count_mismatch(tmp_path, dist_env):
     from transformers import AutoModelForSequenceClassification
 
-    from lgtm_ds.models import embedded_config
+    from lgtm_ds.tasks.hf import embedded_bert_config
 
     path = tmp_path / "two_label_teacher"
-    cfg = embedded_config("tiny", vocab_size=1000, num_labels=2)
+    cfg = embedded_bert_config("tiny", vocab_size=1000, num_labels=2)
     cfg.architectures = ["BertForSequenceClassification"]
     AutoModelForSequenceClassification.from_config(cfg).save_pretrained(path)
     with pytest.raises(ModelError, match="teacher.*2-label.*3 labels"):
@@ -232,13 +219,15 @@ def test_local_hf_models_and_tokenizer(tmp_path, dist_env):
     from transformers import AutoModelForSequenceClassification
 
     from lgtm_ds import data as data_lib
-    from lgtm_ds.models import embedded_config
+    from lgtm_ds.tasks.hf import embedded_bert_config
 
     cfg = load_config(None, SMALL)
-    tok = data_lib.build_tokenizer("embedded", data_lib.synthetic_corpus_texts(cfg.data, 42))
+    tok = data_lib.build_tokenizer(
+        "embedded", data_lib.synthetic_corpus_texts(cfg.data.synthetic_examples, 42)
+    )
     paths = {}
     for role, size in (("teacher", "student"), ("student", "tiny")):
-        mcfg = embedded_config(size, vocab_size=len(tok), num_labels=3)
+        mcfg = embedded_bert_config(size, vocab_size=len(tok), num_labels=3)
         mcfg.architectures = ["BertForSequenceClassification"]
         paths[role] = tmp_path / role
         AutoModelForSequenceClassification.from_config(mcfg).save_pretrained(paths[role])
@@ -259,7 +248,7 @@ def test_zero3_teacher_is_saved_whole_and_wandb_logs_offline(tmp_path, dist_env,
     monkeypatch.setenv("WANDB_MODE", "offline")
     from transformers import AutoModelForSequenceClassification
 
-    from lgtm_ds.trainer import Trainer
+    from lgtm_ds.training import Trainer
 
     cfg = load_config(
         None,

@@ -14,14 +14,8 @@ import copy
 import torch
 from torch import nn
 
-from . import losses
-from .engines import get_logits, model_inputs
-
-
-@torch.no_grad()
-def _add_(params, vec, alpha):
-    for p, v in zip(params, vec):
-        p.add_(v, alpha=alpha)
+from ..engines.base import get_logits, model_inputs
+from ..tasks import Task, get_task
 
 
 def naive_lgtm_step(
@@ -38,8 +32,10 @@ def naive_lgtm_step(
     fd_radius: float = 1e-2,
     scale_by_t2: bool = False,
     student_step: bool = True,
+    task: Task | str = "classification",
 ) -> dict:
     """One LGTM step in the reference form. Returns the teacher gradient ``G`` and the losses."""
+    task = get_task(task)() if isinstance(task, str) else task
     kw = dict(temperature=temperature, scale_by_t2=scale_by_t2)
     x, y = model_inputs(batch), batch["labels"]
     teacher.train()
@@ -53,41 +49,38 @@ def naive_lgtm_step(
     # one deepcopy of both keeps the optimizer pointing at the copied parameters
     s_copy, opt_copy = copy.deepcopy((student, student_opt))
     opt_copy.zero_grad(set_to_none=True)
-    ls = losses.student_loss(get_logits(s_copy(**x)), t_logits, y, alpha=alpha_student, **kw)
+    ls = task.distill_loss(get_logits(s_copy(**x)), t_logits, y, alpha=alpha_student, **kw)
     ls.backward()
     opt_copy.step()
 
     # 3-4. quiz gradient at theta', radius.
     opt_copy.zero_grad(set_to_none=True)
-    ce = losses.task_loss(get_logits(s_copy(**model_inputs(quiz_batch))), quiz_batch["labels"])
+    ce = task.task_loss(get_logits(s_copy(**model_inputs(quiz_batch))), quiz_batch["labels"])
     v = torch.autograd.grad(ce, [p for p in s_copy.parameters() if p.requires_grad])
     radius = fd_radius / float(torch.sqrt(sum((vi.double() ** 2).sum() for vi in v)))
     del s_copy, opt_copy
 
     def teacher_grad(s_logits):
         z = get_logits(teacher(**x))
-        lt = losses.teacher_loss(z, s_logits, y, alpha=alpha_teacher, **kw)
+        lt = task.distill_loss(z, s_logits, y, alpha=alpha_teacher, **kw)
         return torch.autograd.grad(lt, t_params), lt.detach()
 
     # 5-6. three teacher backward passes; saved copy of theta for an exact restore.
     saved = [p.detach().clone() for p in s_params]
-    with torch.no_grad():
-        s_logits = get_logits(student(**x))
-    g0, lt = teacher_grad(s_logits)
-    _add_(s_params, v, radius)
-    with torch.no_grad():
-        s_plus = get_logits(student(**x))
-    g_plus, _ = teacher_grad(s_plus)
-    with torch.no_grad():
+
+    @torch.no_grad()
+    def student_logits_at(shift: float) -> torch.Tensor:
+        """Student logits at theta + shift * v; theta restored from the saved copy after."""
+        for p, vi in zip(s_params, v):
+            p.add_(vi, alpha=shift)
+        logits = get_logits(student(**x))
         for p, s in zip(s_params, saved):
             p.copy_(s)
-    _add_(s_params, v, -radius)
-    with torch.no_grad():
-        s_minus = get_logits(student(**x))
-    g_minus, _ = teacher_grad(s_minus)
-    with torch.no_grad():
-        for p, s in zip(s_params, saved):
-            p.copy_(s)
+        return logits
+
+    g0, lt = teacher_grad(student_logits_at(0.0))
+    g_plus, _ = teacher_grad(student_logits_at(radius))
+    g_minus, _ = teacher_grad(student_logits_at(-radius))
 
     # 7. G = grad L_t(theta) - eta * h, teacher step.
     eta = float(teacher_opt.param_groups[0]["lr"])
@@ -102,7 +95,7 @@ def naive_lgtm_step(
     if student_step:
         with torch.no_grad():
             t_new = get_logits(teacher(**x))
-        ls = losses.student_loss(get_logits(student(**x)), t_new, y, alpha=alpha_student, **kw)
+        ls = task.distill_loss(get_logits(student(**x)), t_new, y, alpha=alpha_student, **kw)
         ls.backward()
         student_opt.step()
         student_opt.zero_grad(set_to_none=True)

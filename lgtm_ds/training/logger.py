@@ -26,7 +26,7 @@ class MetricsLogger:
             try:
                 import wandb as wb
             except ImportError as e:
-                from .errors import ConfigError
+                from ..errors import ConfigError
 
                 raise ConfigError(
                     "output.wandb=true but wandb is not installed (pip install 'lgtm-ds[wandb]')"

@@ -1,8 +1,10 @@
 """DeepSpeed engines for the teacher and the student, behind the :class:`Engine` interface.
 
-This is the only module that touches DeepSpeed (initialisation, ZeRO partitions, fp32 masters,
-optimizer state, gathers). ``build_engine`` is the one place that calls ``deepspeed.initialize``,
-once per role, each with its own config dict (DeepSpeed-Chat's ``rlhf_engine.py`` shape).
+This is the only module that touches DeepSpeed (process group, initialisation, ZeRO partitions,
+fp32 masters, optimizer state, gathers); everything else calls the functions below.
+``build_engine`` is the one place that calls ``deepspeed.initialize``, once per role, each with
+its own config dict (DeepSpeed-Chat's ``rlhf_engine.py`` shape); ``lgtm_ds.engines.build``
+assembles both roles.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import os
 
 import torch
 
-from .engines import AdamState, Engine, adam_state_from_torch, get_logits, model_inputs
-from .errors import ConfigError
+from ..errors import ConfigError
+from .base import AdamState, Engine, adam_hparams, adam_state_from_torch, get_logits, model_inputs
 
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
@@ -45,6 +47,25 @@ def shutdown_distributed() -> None:
             tdist.barrier()
         finally:
             tdist.destroy_process_group()
+
+
+def barrier() -> None:
+    """All ranks wait here (no-op on one process)."""
+    import deepspeed.comm as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (pickled; a collective: every rank calls it)."""
+    import deepspeed.comm as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict, role: str):
@@ -137,18 +158,11 @@ class DeepSpeedEngineAdapter(Engine):
         if lp_groups is None or len(lp_groups) != len(basic.param_groups):
             raise RuntimeError(f"unsupported DeepSpeed optimizer wrapper {type(opt).__name__}")
         group_of = {id(p): basic.param_groups[i] for i, grp in enumerate(lp_groups) for p in grp}
-        decoupled = isinstance(basic, torch.optim.AdamW)
+        hparams = adam_hparams(params, group_of, isinstance(basic, torch.optim.AdamW))
         steps = {int(s["step"]) for s in basic.state.values() if "step" in s}
         if len(steps) > 1:
             raise RuntimeError(f"student optimizer partitions disagree on the step count: {steps}")
         step = steps.pop() if steps else 0
-        lr, betas, eps, wd = [], [], [], []
-        for p in params:
-            g = group_of[id(p)]
-            lr.append(float(g["lr"]))
-            betas.append(tuple(float(b) for b in g["betas"]))
-            eps.append(float(g["eps"]))
-            wd.append(float(g["weight_decay"]) if decoupled else 0.0)
         m = v = None
         views = _fp16_optimizer_views(opt, params)
         if step > 0 and views is not None:
@@ -166,7 +180,7 @@ class DeepSpeedEngineAdapter(Engine):
             # note: collectives, one per tensor and moment
             m = [safe_get_full_optimizer_state(p, "exp_avg") for p in params]
             v = [safe_get_full_optimizer_state(p, "exp_avg_sq") for p in params]
-        return AdamState(m, v, step, lr, betas, eps, wd)
+        return AdamState(m, v, step, *hparams)
 
     def _zero12_gather(self, key: str | None) -> list[torch.Tensor]:
         """Full fp32 masters (``key`` None) or Adam moments of ``params()`` under ZeRO-1/2: one

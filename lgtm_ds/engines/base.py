@@ -1,9 +1,10 @@
 """The engine interface the algorithm talks to, and its plain-PyTorch implementation.
 
 An engine owns one model and its optimizer (and schedule, clipping, accumulation). The LGTM step
-(``lgtm_ds.algorithm``) only calls the methods below, so it runs unchanged on a plain module
+(``lgtm_ds.methods``) only calls the methods below, so it runs unchanged on a plain module
 (:class:`TorchEngine`, for notebooks and CPU tests) and on a DeepSpeed engine
-(``lgtm_ds.ds_engine.DeepSpeedEngineAdapter``, the only module that touches DeepSpeed internals).
+(``lgtm_ds.engines.deepspeed.DeepSpeedEngineAdapter``, the only module that touches DeepSpeed
+internals).
 
 Student-side influence passes never write into the engine's parameters: the look-ahead and the
 ``theta +- R v`` forwards run the module functionally (``torch.func.functional_call``) on fp32
@@ -15,12 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import lgtm_kernels
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def model_inputs(batch: dict) -> dict:
@@ -216,19 +216,14 @@ def adam_state_from_torch(
             raise ConfigError("the LGTM look-ahead does not support amsgrad=True")
         for p in g["params"]:
             group_of[id(p)] = g
+    if any(id(p) not in group_of for p in params):
+        raise ConfigError("a trainable student parameter is not in the student optimizer")
     decoupled = isinstance(optimizer, torch.optim.AdamW)
-    lr, betas, eps, wd = [], [], [], []
+    if not decoupled and any(group_of[id(p)]["weight_decay"] for p in params):
+        raise ConfigError("the look-ahead supports Adam without weight decay, or AdamW")
+    hparams = adam_hparams(params, group_of, decoupled)
     m, v, steps = [], [], set()
     for p in params:
-        g = group_of.get(id(p))
-        if g is None:
-            raise ConfigError("a trainable student parameter is not in the student optimizer")
-        lr.append(float(g["lr"]))
-        betas.append(tuple(float(b) for b in g["betas"]))
-        eps.append(float(g["eps"]))
-        wd.append(float(g["weight_decay"]) if decoupled else 0.0)
-        if not decoupled and g["weight_decay"]:
-            raise ConfigError("the look-ahead supports Adam without weight decay, or AdamW")
         st = optimizer.state.get(p, {})
         if "exp_avg" in st:
             m.append(st["exp_avg"])
@@ -238,57 +233,17 @@ def adam_state_from_torch(
         raise RuntimeError("some student parameters have optimizer state and some do not")
     if len(steps) > 1:
         raise RuntimeError(f"student parameters disagree on the optimizer step count: {steps}")
-    return AdamState(m or None, v or None, steps.pop() if steps else 0, lr, betas, eps, wd)
+    return AdamState(m or None, v or None, steps.pop() if steps else 0, *hparams)
 
 
-def adamw_lookahead(
-    params: list[torch.Tensor], grads: list[torch.Tensor], state: AdamState
-) -> list[torch.Tensor]:
-    """``theta + AdamW_update(g)``: one simulated step of the student's own optimizer.
-
-    Same order of operations as ``torch.optim.AdamW`` (decoupled weight decay first, then
-    ``m_hat / (sqrt(v') / sqrt(bc2) + eps)``); moments are read, never written. Returns new
-    tensors in fp32 (fp64 for fp64 params). fp32 goes through ``lgtm_kernels.adamw_lookahead_``
-    (one launch per hyper-parameter group on CUDA); fp64 (the test oracle) through the loop below.
-    """
-    t = state.step + 1
-    if all(p.dtype == torch.float32 for p in params):
-        out = [torch.empty_like(p) for p in params]
-        zeros = None if state.exp_avg is not None else [torch.zeros_like(p) for p in params]
-        m_all = state.exp_avg if state.exp_avg is not None else zeros
-        v_all = state.exp_avg_sq if state.exp_avg_sq is not None else zeros
-        groups: dict[tuple, list[int]] = {}
-        for i in range(len(params)):
-            key = (state.lr[i], *state.betas[i], state.eps[i], state.weight_decay[i])
-            groups.setdefault(key, []).append(i)
-        for (lr, b1, b2, eps, wd), idx in groups.items():
-            pick = lambda xs, idx=idx: [xs[i] for i in idx]  # noqa: E731
-            lgtm_kernels.adamw_lookahead_(
-                pick(out),
-                [g.float() for g in pick(grads)],
-                pick(m_all),
-                pick(v_all),
-                step=t,
-                lr=lr,
-                beta1=b1,
-                beta2=b2,
-                eps=eps,
-                weight_decay=wd,
-                source=pick(params),
-            )
-        return out
-    out = []
-    for i, (p, g) in enumerate(zip(params, grads)):
-        dtype = torch.promote_types(p.dtype, torch.float32)
-        b1, b2 = state.betas[i]
-        lr, eps, wd = state.lr[i], state.eps[i], state.weight_decay[i]
-        g = g.to(dtype)
-        m = state.exp_avg[i].to(dtype) if state.exp_avg is not None else torch.zeros_like(g)
-        v = state.exp_avg_sq[i].to(dtype) if state.exp_avg_sq is not None else torch.zeros_like(g)
-        m = m * b1 + (1 - b1) * g
-        v = v * b2 + (1 - b2) * g * g
-        bc1 = 1 - b1**t
-        bc2 = 1 - b2**t
-        denom = v.sqrt() / (bc2**0.5) + eps
-        out.append(p.to(dtype) * (1 - lr * wd) - (lr / bc1) * (m / denom))
-    return out
+def adam_hparams(params: list[torch.Tensor], group_of: dict[int, dict], decoupled: bool):
+    """Per-parameter (lr, betas, eps, weight_decay) lists from each parameter's optimizer group
+    (``group_of``: ``id(param) -> param_group``); weight decay is 0 unless ``decoupled``."""
+    lr, betas, eps, wd = [], [], [], []
+    for p in params:
+        g = group_of[id(p)]
+        lr.append(float(g["lr"]))
+        betas.append(tuple(float(b) for b in g["betas"]))
+        eps.append(float(g["eps"]))
+        wd.append(float(g["weight_decay"]) if decoupled else 0.0)
+    return lr, betas, eps, wd

@@ -1,0 +1,148 @@
+"""Loaders: rank-sharded, seeded, resumable batches of the task's collated tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import datasets
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..errors import DataError
+
+
+def make_loader(
+    ds: datasets.Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool,
+    collate_fn: Callable[[list[dict]], dict],
+    epoch: int = 0,
+) -> DataLoader:
+    """A DataLoader of ``collate_fn`` batches (the task's collator) over this rank's shard of
+    ``ds``.
+
+    Sharding is ``DistributedSampler(num_replicas=world_size, rank=rank, shuffle, seed,
+    drop_last)`` (also for one rank); call ``loader.sampler.set_epoch(e)`` for a new order. Note
+    that with ``drop_last=False`` and ``len(ds)`` not divisible by ``world_size`` the sampler
+    repeats a few rows so that every rank gets the same number.
+    """
+    if batch_size <= 0:
+        raise DataError(f"batch size must be positive, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+    sampler = DistributedSampler(
+        ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
+    sampler.set_epoch(epoch)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        collate_fn=collate_fn,
+        num_workers=0,
+    )
+
+
+class InfiniteLoader:
+    """Cycles a :func:`make_loader` loader forever; epoch ``e`` calls ``sampler.set_epoch(e)``, so
+    the order of each pass is a deterministic function of (seed, e).
+
+    ``state_dict()`` / ``load_state_dict()`` record (epoch, batches consumed in it) for resuming.
+    """
+
+    def __init__(self, loader: DataLoader, start_epoch: int = 0):
+        if len(loader) == 0:
+            raise DataError(
+                f"a split of {len(loader.dataset)} rows gives no batch of "
+                f"{loader.batch_size} per rank (drop_last); lower train.micro_batch_size or give "
+                "the split more rows"
+            )
+        self.loader = loader
+        self.epoch = start_epoch
+        self.position = 0
+        self._it: Iterator | None = None
+
+    def _start_epoch(self, skip: int = 0) -> None:
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        self._it = iter(self.loader)
+        for _ in range(skip):
+            next(self._it)
+        self.position = skip
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._it is None:
+            self._start_epoch()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self._start_epoch()
+            batch = next(self._it)
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        n = len(self.loader)
+        epoch, position = int(state["epoch"]), int(state["position"])
+        self.epoch = epoch + position // n  # a finished pass resumes at the next epoch
+        self._start_epoch(skip=position % n)
+
+
+class GlobalBatches:
+    """Global batches for the training loop: lists of ``gradient_accumulation_steps``
+    micro-batches, epoch after epoch, deterministic in (seed, epoch), resumable by
+    (epoch, position). A global batch never straddles two epochs: an epoch's incomplete tail
+    is dropped."""
+
+    def __init__(
+        self,
+        ds: datasets.Dataset,
+        *,
+        micro_batch_size: int,
+        gradient_accumulation_steps: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        collate_fn: Callable[[list[dict]], dict],
+    ):
+        self.loader = make_loader(
+            ds,
+            micro_batch_size,
+            shuffle=True,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            drop_last=True,
+            collate_fn=collate_fn,
+        )
+        self.gas = gradient_accumulation_steps
+        self.inner = InfiniteLoader(self.loader)
+
+    def next(self) -> list[dict]:
+        if len(self.loader) - self.inner.position < self.gas and self.inner.position > 0:
+            self.inner.load_state_dict({"epoch": self.inner.epoch + 1, "position": 0})
+        return [next(self.inner) for _ in range(self.gas)]
+
+    @property
+    def epoch(self) -> int:
+        return self.inner.epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.inner.load_state_dict(state)

@@ -1,0 +1,115 @@
+"""``Distiller``: a method, two engines and a task, stepped together."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..engines.base import Engine, TorchEngine
+from ..errors import ConfigError
+from ..tasks import Task, get_task
+from .base import METHODS, DistillHParams, Method
+
+
+def as_list(batch) -> list[dict]:
+    """A batch dict, or a list of micro-batch dicts -> a list of micro-batch dicts."""
+    return list(batch) if isinstance(batch, list | tuple) else [batch]
+
+
+class Distiller:
+    """Runs one distillation method step by step on a teacher and a student.
+
+    ``teacher`` / ``student`` are :class:`Engine` objects (the DeepSpeed adapters) or plain
+    ``nn.Module`` s, which are wrapped in :class:`TorchEngine` with ``teacher_optimizer`` /
+    ``student_optimizer`` (torch optimizers; AdamW for an LGTM student). ``task`` is a task type
+    name (``"classification"``, ``"regression"``) or a :class:`Task`. ``eta`` of the LGTM
+    influence term is the teacher optimizer's current learning rate.
+    """
+
+    def __init__(
+        self,
+        method: str = "lgtm",
+        *,
+        teacher: nn.Module | Engine,
+        student: nn.Module | Engine,
+        task: str | Task = "classification",
+        teacher_optimizer=None,
+        student_optimizer=None,
+        alpha_student: float = 1.0,
+        alpha_teacher: float = 0.4,
+        temperature: float = 1.0,
+        fd_radius: float = 1e-2,
+        scale_by_t2: bool = False,
+        teacher_scheduler=None,
+        student_scheduler=None,
+        gradient_accumulation_steps: int = 1,
+        max_grad_norm: float = 0.0,
+    ):
+        method_cls = METHODS.get(method)
+        if not fd_radius > 0:
+            raise ConfigError(f"fd_radius must be > 0, got {fd_radius}")
+        self.hp = DistillHParams(alpha_student, alpha_teacher, temperature, fd_radius, scale_by_t2)
+        self.task = get_task(task)() if isinstance(task, str) else task
+        wrap = dict(gradient_accumulation_steps=gradient_accumulation_steps)
+        wrap["max_grad_norm"] = max_grad_norm
+        self.teacher = _engine(teacher, teacher_optimizer, teacher_scheduler, "teacher", **wrap)
+        self.student = _engine(student, student_optimizer, student_scheduler, "student", **wrap)
+        self.method: Method = method_cls(self)
+
+    @classmethod
+    def from_config(cls, method_cfg: Any, *, teacher: Engine, student: Engine, task: Task):
+        """From the ``method`` section of an experiment config (the trainer, the benchmarks)."""
+        hp = DistillHParams.from_config(method_cfg)
+        return cls(method_cfg.name, teacher=teacher, student=student, task=task, **vars(hp))
+
+    # -- the objectives, with this run's hyper-parameters -------------------------------------
+    def student_loss(self, student_logits, teacher_logits, labels):
+        """``L_s = a_s KL_T(p_teacher || p_student) + (1 - a_s) task_loss``."""
+        return self._distill_loss(student_logits, teacher_logits, labels, self.hp.alpha_student)
+
+    def teacher_loss(self, teacher_logits, student_logits, labels):
+        """``L_t = a_t KL_T(p_student || p_teacher) + (1 - a_t) task_loss``: the teacher's
+        distillation term treats the *student's* prediction as the target."""
+        return self._distill_loss(teacher_logits, student_logits, labels, self.hp.alpha_teacher)
+
+    def _distill_loss(self, logits, target_logits, labels, alpha: float):
+        return self.task.distill_loss(
+            logits,
+            target_logits,
+            labels,
+            alpha=alpha,
+            temperature=self.hp.temperature,
+            scale_by_t2=self.hp.scale_by_t2,
+        )
+
+    # -- stepping ------------------------------------------------------------------------------
+    def step(self, batch, quiz_batch=None) -> dict:
+        """One full step: teacher update (if the method trains it), then student update.
+
+        ``batch`` / ``quiz_batch``: a dict of tensors, or a list of micro-batch dicts whose length
+        is the engines' gradient accumulation steps. Returns losses (floats) and, for LGTM, the
+        per-row ``influence`` of the batch (tensor, rows of all micro-batches concatenated).
+        """
+        micro = as_list(batch)
+        if len(micro) != self.student.gradient_accumulation_steps:
+            raise ConfigError(
+                f"got {len(micro)} micro-batches, but the engines accumulate "
+                f"{self.student.gradient_accumulation_steps}"
+            )
+        if self.method.needs_quiz and quiz_batch is None:
+            raise ConfigError(f"method {self.method.name!r} needs a quiz_batch (held-out data)")
+        quiz = as_list(quiz_batch) if quiz_batch is not None else None
+        return self.method.step(micro, quiz)
+
+    def teacher_finetune_step(self, batch) -> dict:
+        """A teacher-only step on its task loss (vanilla KD's stage 1)."""
+        return self.method.teacher_finetune_step(as_list(batch))
+
+
+def _engine(model, optimizer, scheduler, role: str, **kw) -> Engine:
+    if isinstance(model, Engine):
+        return model
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{role} must be an nn.Module or an Engine, got {type(model).__name__}")
+    return TorchEngine(model, optimizer, scheduler, **kw)

@@ -1,0 +1,17 @@
+"""Online KD (ProKT / DML style): the teacher learns from the student every step, no influence."""
+
+from __future__ import annotations
+
+from .base import METHODS, Method, distill_update
+
+
+@METHODS.register
+class OnlineKD(Method):
+    name = "online_kd"
+    summary = "each step: teacher on L_t = a_t KL_T(p_s || p_t) + (1 - a_t) CE, then student L_s"
+
+    def teacher_update(self, micro, quiz):
+        d = self.d
+        d.teacher.module.train()
+        d.student.module.train()
+        return {"teacher_loss": distill_update(d.teacher, d.student, micro, d.teacher_loss)}

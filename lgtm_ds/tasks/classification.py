@@ -1,0 +1,245 @@
+"""Sequence classification and regression (one-output heads): GLUE-style tasks.
+
+Conventions (lgtm-method.md): ``KL_T(p || q)`` is the mean over rows of
+``sum_c p_c (log p_c - log q_c)`` with both distributions ``softmax(logits / T)``; no T^2 factor
+unless ``scale_by_t2``. Rows whose label is < 0 get no CE term; every mean divides by the number
+of rows. The KD divergence and the fused teacher logit-gradient come from ``lgtm_kernels``
+(Triton on CUDA, its torch reference on CPU); float64 inputs take a float64 torch formula (the
+test oracle: the kernels compute in fp32).
+
+Regression (one output, float labels, e.g. GLUE stsb): the KD divergence is the squared error
+between the two predictions and the task loss the squared error to the label (no temperature);
+the cheap LGTM form carries over with ``softmax(z/T) - q`` replaced by ``2(z - s)``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import lgtm_kernels
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelError
+from . import hf
+from .base import TASKS, InfluenceParams, ModelOptions, Task
+
+
+@TASKS.register
+class ClassificationTask(Task):
+    name = "classification"
+    summary = "sequence classifier: KL_T distillation + cross-entropy; accuracy / F1 / Matthews"
+    default_metrics = ("accuracy",)
+    problem_type: ClassVar[str | None] = None  # HF config.problem_type
+    label_dtype: ClassVar[type] = int
+
+    # -- data ----------------------------------------------------------------------------------
+    def encode(self, ds, tokenizer, *, text_columns, max_length: int):
+        cols = list(text_columns)
+        cast = self.label_dtype
+
+        def fn(batch):
+            a = [str(x) for x in batch[cols[0]]]
+            b = [str(x) for x in batch[cols[1]]] if len(cols) == 2 else None
+            enc = tokenizer(a, b, truncation=True, max_length=max_length, padding=False)
+            out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+            out["labels"] = [cast(x) for x in batch["label"]]
+            return out
+
+        return ds.map(
+            fn,
+            batched=True,
+            remove_columns=ds.column_names,
+            keep_in_memory=True,
+            load_from_cache_file=False,
+        )
+
+    def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
+        """``transformers.DataCollatorWithPadding``: pads ``input_ids`` with the tokenizer's pad
+        id and the masks with 0 to the longest row (rounded up to ``pad_to_multiple_of``)."""
+        from transformers import DataCollatorWithPadding
+
+        pad = DataCollatorWithPadding(
+            tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt"
+        )
+        return lambda rows: dict(pad(rows))
+
+    # -- models ----------------------------------------------------------------------------------
+    def build_model(self, name_or_path: str, *, role: str, options: ModelOptions) -> nn.Module:
+        """``AutoModelForSequenceClassification`` from a hub name, a local folder or
+        ``embedded:<size>`` (a BERT built from a config, initialised from ``seed``)."""
+        from transformers import AutoModelForSequenceClassification
+
+        n, o = self.num_labels, options
+        if hf.is_embedded(name_or_path):
+            cfg = hf.embedded_bert_config(
+                name_or_path.removeprefix(hf.EMBEDDED_PREFIX),
+                vocab_size=o.vocab_size,
+                num_labels=n,
+                dropout=o.dropout,
+            )
+            cfg.problem_type = self.problem_type
+            with hf.seeded(hf.init_seed(o.seed, role)):
+                model = AutoModelForSequenceClassification.from_config(cfg)
+        else:
+            cfg = hf.load_config(name_or_path, role)
+            trained = any(
+                a.endswith("ForSequenceClassification") for a in (cfg.architectures or [])
+            )
+            if trained and cfg.num_labels != n:
+                raise ModelError(
+                    f"{role} {name_or_path!r} was trained with a {cfg.num_labels}-label "
+                    f"classification head but the task has {n} labels"
+                )
+            cfg.num_labels = n
+            if self.problem_type:
+                cfg.problem_type = self.problem_type
+            hf.set_dropout(cfg, o.dropout)
+            try:
+                with hf.seeded(hf.init_seed(o.seed, role)):  # a new head is initialised here
+                    model = AutoModelForSequenceClassification.from_pretrained(
+                        name_or_path, config=cfg
+                    )
+            except Exception as e:  # noqa: BLE001
+                raise ModelError(f"model.{role}: cannot load {name_or_path!r}: {e}") from e
+        if o.zero_init_head:
+            _zero_classifier_(model)
+        return model
+
+    def check_pair(self, teacher: nn.Module, student: nn.Module, t_name: str, s_name: str):
+        nt, ns = teacher.config.num_labels, student.config.num_labels
+        if nt != ns:
+            raise ModelError(
+                f"teacher {t_name!r} predicts {nt} labels but student {s_name!r} "
+                f"predicts {ns}: distillation needs the same label set"
+            )
+
+    # -- losses ----------------------------------------------------------------------------------
+    def kd_per_row(self, logits, target_logits, temperature):
+        """Per-row ``KL(softmax(target/T) || softmax(logits/T))``; gradient to ``logits`` only.
+        Shapes [N, C] -> [N]."""
+        if logits.dtype == torch.float64:
+            log_q = F.log_softmax(logits / temperature, dim=-1)
+            log_p = F.log_softmax(target_logits.detach().double() / temperature, dim=-1)
+            return (log_p.exp() * (log_p - log_q)).sum(-1)
+        return lgtm_kernels.kd_loss(
+            logits,
+            target_logits.detach().to(logits.dtype),
+            temperature=temperature,
+            reduction="none",
+        )
+
+    def task_loss(self, logits, labels):
+        """Cross-entropy summed over rows / number of rows; labels < 0 add nothing."""
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        ce = F.cross_entropy(logits.to(dtype), labels, ignore_index=-100, reduction="sum")
+        return ce / max(labels.shape[0], 1)
+
+    def lgtm_logit_grad(self, z, s, s_plus, s_minus, labels, p: InfluenceParams):
+        """dL/dz of the LGTM teacher objective, and the per-row distillation influence.
+
+        ``dL/dz = a_t (softmax(z/T) - q) / (T n) + (1 - a_t)(softmax(z) - onehot(y)) / n
+                  + eta a_t (q+ - q-) / (2 R T n)``
+        with ``q`` (``q+``, ``q-``) the student probabilities at theta (theta +- R v). Feeding
+        this into one teacher backward equals ``grad_phi L_t(theta) - eta * h`` of the reference
+        form. Influence ``I_i = -eta (l_i(+) - l_i(-)) / (2R)``, ``l_i`` the student's per-row
+        KD loss. One fused pass (``lgtm_kernels``). Returns (dL/dz in z's dtype [N, C],
+        influence [N]).
+
+        ``scale_by_t2`` multiplies both KD terms by T^2: the kernel's single ``alpha`` is
+        rescaled to ``a' = a T^2 / s`` with ``s = a T^2 + 1 - a`` and its gradient multiplied by
+        ``s`` (so the KD terms get ``a T^2``, the CE term ``1 - a``); the influence by ``T^2``.
+        """
+        a, t2 = float(p.alpha_teacher), self.kd_scale(p.temperature, p.scale_by_t2)
+        scale = a * t2 + (1 - a)
+        grad, influence = lgtm_kernels.lgtm_teacher_logit_grad(
+            z.detach(),
+            s.detach(),
+            s_plus.detach(),
+            s_minus.detach(),
+            labels,
+            alpha_teacher=a * t2 / scale,
+            temperature=p.temperature,
+            eta=p.eta,
+            radius=p.radius,
+        )
+        if scale != 1.0:
+            grad = grad * scale
+        if t2 != 1.0:
+            influence = influence * t2
+        return grad, influence
+
+    def influence_logit_term(self, s_plus, s_minus, p: InfluenceParams):
+        """``eta a_t (q+ - q-) / (2 R T n)`` (times T^2 with ``scale_by_t2``), fp32."""
+        dtype = torch.promote_types(s_plus.dtype, torch.float32)
+        T, n = float(p.temperature), s_plus.shape[0]
+        q_plus = torch.softmax(s_plus.detach().to(dtype) / T, dim=-1)
+        q_minus = torch.softmax(s_minus.detach().to(dtype) / T, dim=-1)
+        coef = p.eta * p.alpha_teacher * self.kd_scale(T, p.scale_by_t2) / (2 * p.radius * T * n)
+        return coef * (q_plus - q_minus)
+
+
+@TASKS.register
+class RegressionTask(ClassificationTask):
+    name = "regression"
+    summary = "one-output head, float labels: squared-error distillation and loss; Pearson"
+    default_metrics = ("pearson", "spearman")
+    problem_type = "regression"
+    label_dtype = float
+
+    def __init__(self, **kw):
+        kw["num_labels"] = 1
+        super().__init__(**kw)
+
+    def kd_per_row(self, logits, target_logits, temperature):
+        """``(logits - target)^2`` per row (no temperature)."""
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        return (logits.to(dtype) - target_logits.detach().to(dtype)).pow(2).sum(-1)
+
+    def task_loss(self, logits, labels):
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        return (logits.to(dtype).squeeze(-1) - labels.to(dtype)).pow(2).mean()
+
+    def kd_scale(self, temperature, scale_by_t2):
+        return 1.0
+
+    def lgtm_logit_grad(self, z, s, s_plus, s_minus, labels, p: InfluenceParams):
+        """``dL/dz = 2 a_t (z - s)/n + 2 (1 - a_t)(z - y)/n + eta a_t 2 (s+ - s-)/(2 R n)``,
+        ``I_i = -eta ((s+_i - z_i)^2 - (s-_i - z_i)^2) / (2R)``."""
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        z, s, sp, sm = (x.detach().to(dtype) for x in (z, s, s_plus, s_minus))
+        y = labels.to(dtype).reshape(z.shape)
+        n, a, eta, radius = z.shape[0], float(p.alpha_teacher), p.eta, p.radius
+        grad = 2 * a * (z - s) / n + 2 * (1 - a) * (z - y) / n + eta * a * (sp - sm) / (radius * n)
+        influence = -eta * ((sp - z).pow(2) - (sm - z).pow(2)).sum(-1) / (2 * radius)
+        return grad, influence
+
+    def influence_logit_term(self, s_plus, s_minus, p: InfluenceParams):
+        """``eta a_t 2 (s+ - s-) / (2 R n)``, fp32."""
+        dtype = torch.promote_types(s_plus.dtype, torch.float32)
+        diff = s_plus.detach().to(dtype) - s_minus.detach().to(dtype)
+        n = s_plus.shape[0]
+        return (p.eta * p.alpha_teacher / (p.radius * n)) * diff
+
+
+@torch.no_grad()
+def _zero_classifier_(model: nn.Module) -> None:
+    """The LGTM reference initialises both classification heads to zero: the final projection
+    only (zeroing a hidden dense layer of the head too would kill its gradient)."""
+    head = next(
+        (
+            getattr(model, a)
+            for a in ("classifier", "score", "classification_head")
+            if getattr(model, a, None) is not None
+        ),
+        None,
+    )
+    last = None
+    for m in head.modules() if head is not None else ():
+        if isinstance(m, nn.Linear):
+            last = m
+    if last is not None:
+        last.weight.zero_()
+        if last.bias is not None:
+            last.bias.zero_()

@@ -1,0 +1,99 @@
+"""Hugging Face model plumbing shared by the task types: configs loaded with clear errors, the
+dropout override, seeded construction, and the embedded (config-built, no download) models."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+from transformers import AutoConfig, BertConfig, PretrainedConfig
+
+from ..errors import ModelError
+
+# Small BERTs for the embedded default experiment, unit tests and benchmarks (no download).
+# "teacher"/"student": the default run trains in about a minute on 2 CPU cores.
+EMBEDDED_BERT = {
+    "teacher": dict(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512
+    ),
+    "student": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256
+    ),
+    "tiny": dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+    # the BERT-base -> 6-layer setting of the paper and the step benchmark, randomly initialised
+    "bert-base": dict(),
+    "bert-6l": dict(num_hidden_layers=6),
+}
+EMBEDDED_PREFIX = "embedded:"
+_DROPOUT_KEYS = (
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "dropout",
+    "attention_dropout",
+    "classifier_dropout",
+)
+
+
+def is_embedded(name_or_path: str) -> bool:
+    return name_or_path.startswith(EMBEDDED_PREFIX)
+
+
+def embedded_bert_config(
+    name: str,
+    *,
+    vocab_size: int,
+    num_labels: int,
+    max_position: int = 512,
+    dropout: float | None = None,
+) -> BertConfig:
+    """``BertConfig`` of ``embedded:<name>`` (``name`` without the prefix)."""
+    if name not in EMBEDDED_BERT:
+        raise ModelError(
+            f"unknown embedded model '{EMBEDDED_PREFIX}{name}'; known: "
+            f"{', '.join(EMBEDDED_PREFIX + k for k in EMBEDDED_BERT)}"
+        )
+    cfg = BertConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position,
+        num_labels=num_labels,
+        **EMBEDDED_BERT[name],
+    )
+    set_dropout(cfg, dropout)
+    return cfg
+
+
+def set_dropout(cfg: PretrainedConfig, dropout: float | None) -> None:
+    """Every dropout probability the config has (hidden, attention, classifier) = ``dropout``."""
+    if dropout is None:
+        return
+    for key in _DROPOUT_KEYS:
+        if getattr(cfg, key, None) is not None:
+            setattr(cfg, key, dropout)
+
+
+def load_config(name_or_path: str, role: str) -> PretrainedConfig:
+    """``AutoConfig.from_pretrained`` with one clear error: a missing local folder is named as
+    such (not the hub's repo-id message), anything else says hub name or path and why."""
+    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))
+    if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise ModelError(f"model.{role}: no such model folder {name_or_path!r}")
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(name_or_path))
+    except Exception as e:  # noqa: BLE001 - hub unreachable, bad folder, ...
+        raise ModelError(f"model.{role}: cannot load the config of {name_or_path!r}: {e}") from e
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block (model construction) from ``seed`` and leave the global RNG as it was, so
+    the initialisation is a function of (config, seed) and dropout still follows train.seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def init_seed(seed: int, role: str) -> int:
+    """The initialisation seed of one role (teacher and student differ)."""
+    return 2 * seed + (role == "student")

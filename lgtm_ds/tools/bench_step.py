@@ -1,0 +1,311 @@
+"""ms/step and peak memory of every registered method and the naive reference form of LGTM,
+same models, same run. One child process per measurement (clean peak memory), one CSV row
+each, a table last.
+
+    python launch/bench_step.py                      # CPU-sized embedded BERTs
+    python launch/bench_step.py --preset bert-base   # BERT-base -> 6-layer BERT (GPU)
+
+Models, optimizers, DeepSpeed dicts and engines are built exactly as the trainer builds them
+(``Task.build_model``, ``lgtm_ds.engines.build``), from the default experiment config with the
+benchmark's batch, precision and the reference learning rates; the data are random tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# name: (teacher, student, batch, seq); embedded models are built from configs (no download)
+PRESETS = {
+    "cpu": ("embedded:teacher", "embedded:student", 32, 64),
+    "bert-base": ("embedded:bert-base", "embedded:bert-6l", 32, 128),
+}
+VOCAB, LABELS = 30522, 3
+NAIVE = "naive"  # the reference form of LGTM (lgtm_ds.methods.naive), plain modules
+
+
+def _method_names() -> list[str]:
+    from lgtm_ds.methods import method_names
+
+    return [*method_names(), NAIVE]
+
+
+def child(args) -> dict:
+    import torch
+
+    from lgtm_ds.config import load_config
+    from lgtm_ds.engines.build import build_engines, resolve_ds_configs
+    from lgtm_ds.engines.optim import build_adamw
+    from lgtm_ds.methods import Distiller, DistillHParams
+    from lgtm_ds.methods.naive import naive_lgtm_step
+    from lgtm_ds.tasks import get_task
+    from lgtm_ds.tasks.base import ModelOptions
+
+    t_name, s_name, batch, seq = PRESETS[args.preset]
+    batch, seq = args.batch or batch, args.seq or seq
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    method = args.method
+    n_steps = args.warmup + args.steps
+    cfg = load_config(
+        None,
+        [
+            f"method.name={'lgtm' if method == NAIVE else method}",
+            f"train.micro_batch_size={batch}",
+            "train.gradient_accumulation_steps=1",
+            "train.max_grad_norm=0",
+            "train.student_lr=5e-5",
+            "train.teacher_lr=3e-5",
+            "train.weight_decay=0.01",
+            f"train.precision={args.precision}",
+            *([f"deepspeed.config={args.ds_config}"] if args.ds_config else []),
+        ],
+    )
+    task = get_task("classification")(num_labels=LABELS)
+    options = ModelOptions(vocab_size=VOCAB, seed=0)
+    teacher = task.build_model(t_name, role="teacher", options=options).to(dev)
+    student = task.build_model(s_name, role="student", options=options).to(dev)
+    on_deepspeed = args.engine == "deepspeed" and method != NAIVE
+    if args.precision == "bf16" and not on_deepspeed:
+        teacher, student = teacher.bfloat16(), student.bfloat16()
+    g = torch.Generator().manual_seed(0)
+
+    def data(n):
+        return [
+            {
+                "input_ids": torch.randint(0, VOCAB, (batch, seq), generator=g).to(dev),
+                "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=dev),
+                "labels": torch.randint(0, LABELS, (batch,), generator=g).to(dev),
+            }
+            for _ in range(n)
+        ]
+
+    if method == NAIVE:
+        t_opt = build_adamw(teacher, cfg.train.teacher_lr, cfg.train.weight_decay)
+        s_opt = build_adamw(student, cfg.train.student_lr, cfg.train.weight_decay)
+    else:
+        ds_configs = None
+        if on_deepspeed:
+            from lgtm_ds.engines.deepspeed import init_distributed
+
+            _, world = init_distributed()
+            ds_configs = resolve_ds_configs(cfg, world)  # as the trainer resolves them
+        te, se = build_engines(
+            cfg,
+            teacher,
+            student,
+            teacher_steps=n_steps,
+            student_steps=n_steps,
+            ds_configs=ds_configs,
+        )
+        d = Distiller.from_config(cfg.method, teacher=te, student=se, task=task)
+
+    batches, quiz = data(n_steps), data(n_steps)
+
+    hp = vars(DistillHParams.from_config(cfg.method))  # the same hyper-parameters for all
+
+    def one(i):
+        if method == NAIVE:
+            naive_lgtm_step(teacher, student, t_opt, s_opt, batches[i], quiz[i], task=task, **hp)
+        else:
+            d.step(batches[i], quiz[i])
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for i in range(args.warmup):
+        one(i)
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(args.warmup, n_steps):
+        t0 = time.perf_counter()
+        one(i)
+        sync()  # note: host sync, per step, for timing
+        times.append((time.perf_counter() - t0) * 1e3)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        device = torch.cuda.get_device_name()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB, process
+        device = f"cpu x{torch.get_num_threads()} threads"
+    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [min(times)] * 4
+    return {
+        "method": method,
+        "ms_median": statistics.median(times),
+        "ms_p20": q[0],
+        "ms_p80": q[3],
+        "peak_mib": peak,
+        "device": device,
+        "batch": batch,
+        "seq": seq,
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _commit() -> str:
+    try:
+        return (
+            subprocess.run(
+                ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ).stdout.strip()
+            or "unknown"
+        )
+    except OSError:
+        return "unknown"
+
+
+CSV_HEADER = [
+    "date",
+    "commit",
+    "machine",
+    "device",
+    "engine",
+    "preset",
+    "precision",
+    "batch",
+    "seq",
+    "method",
+    "ms_median",
+    "ms_p20",
+    "ms_p80",
+    "x_vanilla",
+    "peak_mib",
+]
+
+
+def _run_child(method: str, args) -> dict | None:
+    cmd = [sys.executable, "-m", "lgtm_ds.tools.bench_step", "--method", method]
+    for key in ("preset", "engine", "precision", "batch", "seq", "steps", "warmup"):
+        cmd += [f"--{key}", str(getattr(args, key))]
+    if args.ds_config:
+        cmd += ["--ds_config", args.ds_config]
+    env = dict(
+        os.environ,
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+    )
+    env["PYTHONPATH"] = os.pathsep.join(
+        [ROOT, os.path.join(ROOT, "kernels"), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        print(f"{method}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1][7:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    ap.add_argument(
+        "--engine",
+        choices=["deepspeed", "torch"],
+        default="deepspeed",
+        help="engines for the registered methods; naive always runs on plain modules",
+    )
+    ap.add_argument("--methods", default=None, help="comma-separated; default: all + naive")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--ds_config", default=None)
+    ap.add_argument("--batch", type=int, default=0)
+    ap.add_argument("--seq", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--csv", default=os.path.join(ROOT, "benchmarks", "step.csv"))
+    ap.add_argument("--method", help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.method:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return 0
+
+    known = _method_names()
+    methods = args.methods.split(",") if args.methods else known
+    for method in methods:
+        if method not in known:
+            print(f"error: unknown method {method!r}; choose from {known}", file=sys.stderr)
+            return 2
+    rows = []
+    for method in methods:
+        row = _run_child(method, args)
+        if row is None:
+            return 1
+        rows.append(row)
+    _write_csv(args, rows)
+    _print_table(args, rows)
+    return 0
+
+
+def _x_vanilla(rows: list[dict]) -> list[float]:
+    base = next((r["ms_median"] for r in rows if r["method"] == "vanilla_kd"), None)
+    return [r["ms_median"] / base if base else float("nan") for r in rows]
+
+
+def _write_csv(args, rows: list[dict]) -> None:
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    commit, machine = _commit(), f"{platform.node()} {platform.machine()}"
+    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+    new = not os.path.exists(args.csv)
+    with open(args.csv, "a", newline="") as fh:
+        w = csv.writer(fh)
+        if new:
+            w.writerow(CSV_HEADER)
+        for r, x in zip(rows, _x_vanilla(rows)):
+            engine = "torch" if r["method"] == NAIVE else args.engine
+            w.writerow(
+                [
+                    stamp,
+                    commit,
+                    machine,
+                    r["device"],
+                    engine,
+                    args.preset,
+                    args.precision,
+                    r["batch"],
+                    r["seq"],
+                    r["method"],
+                    f"{r['ms_median']:.2f}",
+                    f"{r['ms_p20']:.2f}",
+                    f"{r['ms_p80']:.2f}",
+                    f"{x:.2f}",
+                    f"{r['peak_mib']:.0f}",
+                ]
+            )
+
+
+def _print_table(args, rows: list[dict]) -> None:
+    print(
+        f"\n{args.preset} preset, batch {rows[0]['batch']} x {rows[0]['seq']}, "
+        f"{args.precision}, {rows[0]['device']}, engine {args.engine} (naive: plain torch)"
+    )
+    print(f"{'method':<12}{'ms/step':>10}{'p20':>9}{'p80':>9}{'x vanilla':>11}{'peak MiB':>10}")
+    for r, x in zip(rows, _x_vanilla(rows)):
+        print(
+            f"{r['method']:<12}{r['ms_median']:>10.1f}{r['ms_p20']:>9.1f}{r['ms_p80']:>9.1f}"
+            f"{x:>11.2f}{r['peak_mib']:>10.0f}"
+        )
+    print("peak MiB: CUDA max allocated on GPU; process max RSS on CPU (includes the runtime).")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

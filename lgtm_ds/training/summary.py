@@ -1,0 +1,56 @@
+"""The run summary: ``summary.json`` (written last: marks a finished run) and a one-screen text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def build_summary(
+    cfg,
+    *,
+    task_name: str,
+    primary: str,
+    steps: int,
+    stage1_steps: int,
+    world: int,
+    wall_s: float,
+    params: dict,
+    zero_stage: dict,
+    final: dict,
+    history: list[dict],
+) -> dict:
+    return {
+        "method": cfg.method.name,
+        "task": task_name,
+        "steps": steps,
+        "stage1_steps": stage1_steps,
+        "world_size": world,
+        "wall_s": round(wall_s, 2),
+        "params": params,
+        "zero_stage": zero_stage,
+        "precision": cfg.train.precision,
+        "primary_metric": primary,
+        "final": {k: v for k, v in final.items() if k != "step"},
+        "best_student": max((h[f"student/{primary}"] for h in history), default=None),
+    }
+
+
+def format_summary(s: dict, out: Path) -> str:
+    pm = s["primary_metric"]
+    lines = [
+        "=" * 64,
+        f"LGTM-DS run: {s['method']} on {s['task']} ({s['steps']} steps"
+        + (f" + {s['stage1_steps']} teacher stage-1 steps" if s["stage1_steps"] else "")
+        + f", {s['world_size']} rank(s), {s['precision']})",
+        f"teacher {s['params']['teacher'] / 1e6:.2f}M params (ZeRO-{s['zero_stage']['teacher']})"
+        f"  ->  student {s['params']['student'] / 1e6:.2f}M params "
+        f"(ZeRO-{s['zero_stage']['student']})",
+        f"wall time {s['wall_s']:.1f} s",
+        "final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(s["final"].items())),
+        f"best student {pm}: {s['best_student']:.4f}" if s["best_student"] is not None else "",
+        f"outputs: {out}/ (config.yaml, metrics.jsonl, data_split.json, student/, "
+        + ("teacher/, " if (out / "teacher").exists() else "")
+        + "summary.json)",
+        "=" * 64,
+    ]
+    return "\n".join(line for line in lines if line)
