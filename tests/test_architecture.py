@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lgtm_ds import Distiller
+from lgtm_ds import ConfigError, Distiller
 from lgtm_ds.config import load_config
 from lgtm_ds.engines.optim import build_adamw
 from lgtm_ds.methods import METHODS, Method, get_method, method_names
@@ -62,9 +62,9 @@ def test_launch_files_hold_no_logic():
 def test_registries_are_the_only_lists():
     assert method_names() == ("lgtm", "online_kd", "vanilla_kd")
     assert set(TASKS.names()) == {"classification", "regression"}
-    with pytest.raises(Exception, match="method.name must be one of .*did you mean 'lgtm'"):
+    with pytest.raises(ConfigError, match="method.name must be one of .*did you mean 'lgtm'"):
         get_method("lgtmm")
-    with pytest.raises(Exception, match="classification"):
+    with pytest.raises(ConfigError, match="classification"):
         get_task("clasification")
 
 
@@ -121,8 +121,10 @@ class SmoothedClassification(ClassificationTask):
     """A task type as a user would add one: label-smoothed cross-entropy."""
 
     name = "smoothed_classification"
+    calls = 0
 
     def task_loss(self, logits, labels):
+        type(self).calls += 1
         return torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=0.1)
 
 
@@ -139,8 +141,13 @@ def test_a_new_task_type_is_one_class():
         )
         d = Distiller("lgtm", task="smoothed_classification", **kw)
         assert isinstance(d.task, SmoothedClassification)
+        SmoothedClassification.calls = 0
         m = d.step(random_batch(8, 1), random_batch(8, 2))
-        assert torch.isfinite(m["influence"]).all() and m["quiz_ce_lookahead"] > 0
+        assert torch.isfinite(m["influence"]).all()
+        # the step uses the new task's own loss: L_s in steps A and E, the quiz loss in C, the
+        # teacher-loss metric in D (the classification logit gradient is the fused kernel)
+        assert SmoothedClassification.calls == 4
+        assert m["quiz_ce_lookahead"] > 0
     finally:
         TASKS._entries.pop(SmoothedClassification.name)
 
