@@ -46,7 +46,7 @@ CASES = {
     "z0_3_gas2": ("lgtm", 0, 3, "fp32", 2),
     "z2_3_np": ("lgtm", 2, 3, "fp32", 1),  # no persistent params: every forward re-gathers
     "z3_3": ("lgtm", 3, 3, "fp32", 1),  # two ZeRO-3 engines in one process
-    "z2_3_bf16": ("lgtm", 2, 3, "bf16", 1),  # refused: bf16 shards would round theta +- R v
+    "z2_3_bf16": ("lgtm", 2, 3, "bf16", 1),  # influence passes on fp32 tensors, hooks off
     "infl_bf16_z2": None,  # the influence part of the bf16 teacher gradient (ZeRO-2 teacher)
     "infl_bf16_z3": None,
     "state_z0": None,  # the look-ahead's inputs (masters, moments) read through each ZeRO stage

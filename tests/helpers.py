@@ -35,6 +35,39 @@ def random_batch(n, seed, length=11, regression=False):
     }
 
 
+LM_VOCAB = 53
+
+
+def tiny_decoder(name="gpt2-student", seed=0, dtype=torch.float32, vocab=LM_VOCAB):
+    """An embedded decoder (``lgtm_ds.tasks.hf.EMBEDDED_DECODERS``), dropout 0."""
+    from lgtm_ds.tasks import get_task
+    from lgtm_ds.tasks.base import ModelOptions
+
+    opts = ModelOptions(vocab_size=vocab, dropout=0.0, seed=seed, pad_token_id=0)
+    return (
+        get_task("causal_lm")()
+        .build_model(f"embedded:{name}", role="teacher", options=opts)
+        .to(dtype)
+    )
+
+
+def lm_batch(n, seed, length=13, vocab=LM_VOCAB):
+    """Causal-LM batch: sequences of different lengths (right padding), a prompt of 1-4 tokens
+    masked with -100, padding masked; every sequence keeps at least 2 loss tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    labels = ids.clone()
+    for i in range(n):
+        L = int(torch.randint(7, length + 1, (1,), generator=g))
+        prompt = int(torch.randint(1, 5, (1,), generator=g))
+        mask[i, L:] = 0
+        ids[i, L:] = 0
+        labels[i, L:] = -100
+        labels[i, :prompt] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (rendezvous of launched ranks)."""
     import socket

@@ -1,7 +1,7 @@
 """Equivalence classes on real DeepSpeed engines (CPU, gloo), 3 steps each:
 ZeRO 0 == 1 == 2 == 3 for each engine, 1 rank == 2 ranks, micro-batch 8 x accumulation 1 ==
 4 x 2, engine path == plain-module Distiller path; bit-exact student restore (ZeRO-3: this
-rank's shards) in fp32 (ZeRO 0-3) and bf16 (ZeRO 0-2); the influence part of a bf16 teacher's
+rank's shards) in fp32 and bf16 (ZeRO 0-3); the influence part of a bf16 teacher's
 gradient vs float64.
 
 Tolerance: relative error of the parameter *updates* (final - initial) < 1e-4. fp32 rounding is
@@ -107,6 +107,7 @@ def test_one_rank_equals_two_ranks(results, name):
         "z2_1_bf16",
         "z2_2_bf16",
         "z3_2_bf16",
+        "z2_3_bf16",
     ],
 )
 def test_student_bit_exact_after_influence_passes(results, name, world):
@@ -139,17 +140,12 @@ def test_bf16_lgtm_teacher_below_zero2_is_refused(results):
     assert "ZeRO stage 2 or 3" in err and "grad_accum_dtype" in err
 
 
-@pytest.mark.parametrize("name", ["z2_1_bf16", "z2_2_bf16", "z3_2_bf16"])
+@pytest.mark.parametrize("name", ["z2_1_bf16", "z2_2_bf16", "z3_2_bf16", "z2_3_bf16"])
 def test_bf16_engines_track_fp32(results, name):
     """bf16 training drifts from fp32, but stays on the same trajectory (measured ~5-7e-2)."""
     res, ref = results(name, 2), _reference(results, name)
     for role in ("teacher", "student"):
         assert _rel_update(res[role], ref[role], res["init"][role]) < 0.2
-
-
-def test_bf16_zero3_student_is_refused_with_a_clear_error(results):
-    err = results("z2_3_bf16", 1)["error"]
-    assert "ZeRO-3" in err and "student" in err and "bfloat16" in err
 
 
 @pytest.mark.parametrize("world", [1, 2])

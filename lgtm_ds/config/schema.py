@@ -302,6 +302,12 @@ class ModelConfig(Section):
         description="null = the models' own; a number overrides hidden and attention dropout of "
         "both models, 0 for exact comparisons",
     )
+    teacher_gradient_checkpointing: bool = Field(
+        False,
+        description="recompute the teacher's activations in its backward (Hugging Face "
+        "activation checkpointing, non-reentrant): less memory, ~1/3 more compute",
+    )
+    student_gradient_checkpointing: bool = Field(False, description="the same for the student")
     zero_init_classifier: bool = Field(
         False,
         description="zero both classification heads, as the LGTM reference does for pre-trained "
@@ -310,22 +316,61 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["synthetic", "glue", "files"] = Field(
+    source: Literal["synthetic", "glue", "files", "hub"] = Field(
         "synthetic",
         description="where the examples come from: synthetic = generated offline, glue = a GLUE "
-        "task (data.task), files = local files (data.train_file)",
+        "task (data.task), files = local files (data.train_file), hub = a datasets hub name or "
+        "local dataset folder (data.dataset)",
+    )
+    task_type: str | None = Field(
+        None,
+        description="task type, by its name in the registry of lgtm_ds.tasks; null = from the "
+        "source (classification / regression by the labels); causal_lm for decoders (synthetic "
+        "= the generated instruction task)",
+        json_schema_extra={"choices": "lgtm_ds.tasks:task_names"},
     )
     task: str | None = Field(None, description="GLUE task name (source glue), e.g. sst2")
     train_file: str | None = Field(
         None, description="csv / json / jsonl / parquet training file (source files)"
     )
     validation_file: str | None = Field(None, description="dev set file (source files)")
+    dataset: str | None = Field(
+        None,
+        description="datasets.load_dataset name on the hub, or a local dataset folder / script "
+        "(source hub)",
+    )
+    dataset_config: str | None = Field(
+        None, description="the dataset's configuration name (source hub); null = its default"
+    )
+    train_split: NonEmptyStr = Field("train", description="training split name (source hub)")
+    eval_split: str | None = Field(
+        None,
+        description="eval split name (source hub); null = a seeded 10% of the training split "
+        "carved off, as for files",
+    )
     text_columns: list[str] = Field(
         default_factory=lambda: ["text"],
         description="one text column, or two for sentence pairs (a list or a comma-separated "
         "string)",
     )
     label_column: NonEmptyStr = Field("label", description="integer class label column")
+    format: Literal["auto", "text", "prompt_completion", "messages"] = Field(
+        "auto",
+        description="causal_lm only: text = text_columns[0], loss on every token; "
+        "prompt_completion = loss on the completion; messages = chat turns rendered with the "
+        "tokenizer's chat template, loss on assistant turns; auto = messages if that column "
+        "exists, else prompt_completion if both its columns exist, else text",
+    )
+    prompt_column: NonEmptyStr = Field(
+        "prompt", description="prompt column (causal_lm, format prompt_completion)"
+    )
+    completion_column: NonEmptyStr = Field(
+        "completion", description="completion column (causal_lm, format prompt_completion)"
+    )
+    messages_column: NonEmptyStr = Field(
+        "messages",
+        description="column of {role, content} message lists (causal_lm, format messages)",
+    )
     max_length: int = Field(
         64, ge=8, description="tokens per example after truncation (synthetic rows have <= 40)"
     )
@@ -348,12 +393,29 @@ class DataConfig(Section):
         None, gt=0, description="cap the train split (debugging); null = all"
     )
     max_eval_examples: int | None = Field(None, gt=0, description="cap the eval split; null = all")
+    group_by_length: bool = Field(
+        False,
+        description="training batches of examples of similar length (less padding): seeded "
+        "megabatches of 50 global batches sorted by length",
+    )
 
     @field_validator("text_columns")
     @classmethod
     def _columns(cls, value: list[str]) -> list[str]:
         if not 1 <= len(value) <= 2 or not all(c.strip() for c in value):
             raise ValueError("must be 1 or 2 non-empty column names")
+        return value
+
+    @field_validator("task_type")
+    @classmethod
+    def _registered_task(cls, value: str | None) -> str | None:
+        from ..tasks import task_names  # lazy: pulls torch
+
+        if value is not None and value not in task_names():
+            raise ConfigError(
+                f"data.task_type must be null or one of {{{', '.join(task_names())}}}, "
+                f"got {value!r}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -365,6 +427,31 @@ class DataConfig(Section):
         if self.source == "files" and not (self.train_file or "").strip():
             raise ConfigError(
                 f"data.train_file must be set when data.source is 'files', got {self.train_file!r}"
+            )
+        if self.source == "hub" and not (self.dataset or "").strip():
+            raise ConfigError(
+                "data.dataset must name a datasets hub dataset or a local dataset folder when "
+                f"data.source is 'hub', got {self.dataset!r}"
+            )
+        if self.task_type == "causal_lm" and self.source == "glue":
+            raise ConfigError(
+                "data.source='glue' has no causal_lm form (data.task_type 'causal_lm'); use "
+                "synthetic, files or hub"
+            )
+        if (
+            self.task_type == "causal_lm"
+            and self.source == "synthetic"
+            and self.format not in ("auto", "prompt_completion")
+        ):
+            raise ConfigError(
+                f"data.format={self.format!r}: the synthetic instruction task (data.source "
+                "'synthetic', data.task_type 'causal_lm') is prompt_completion; use auto or "
+                "prompt_completion"
+            )
+        if self.format != "auto" and self.task_type in ("classification", "regression"):
+            raise ConfigError(
+                f"data.format={self.format!r} applies to data.task_type 'causal_lm' only, got "
+                f"data.task_type={self.task_type!r}"
             )
         return self
 
@@ -393,6 +480,21 @@ class MethodConfig(Section):
     fd_radius: float = Field(1e-2, gt=0, description="finite-difference radius r; R = r / ||v||")
     scale_by_t2: bool = Field(
         False, description="multiply the KD terms by T^2 (the reference does not)"
+    )
+    jsd_beta: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="the student's KD divergence: 0 = forward KL(teacher || student) (the "
+        "paper's), 1 = reverse KL, in between the generalised JSD with mixture weight beta "
+        "(TRL GKD / Liger convention)",
+    )
+    teacher_jsd_beta: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="the same for the teacher's KD term (the student's prediction is its "
+        "target); null = jsd_beta",
     )
     teacher_stage1_epochs: float = Field(
         1.0,

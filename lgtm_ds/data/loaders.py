@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import datasets
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from ..errors import DataError
 
@@ -102,11 +103,80 @@ class InfiniteLoader:
         self._start_epoch(skip=position % n)
 
 
+# Megabatch of the length-grouped order, in global batches (Hugging Face's LengthGroupedSampler
+# uses 50 batches too).
+MEGABATCH_GLOBAL_BATCHES = 50
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """This rank's indices of one epoch, in an order where each micro-batch (each chunk of
+    ``micro_batch_size``) holds examples of similar length, for every rank alike.
+
+    Epoch ``e`` (Hugging Face's LengthGroupedSampler idea, made rank-aware and resumable):
+
+    1. a permutation of the rows from ``torch.Generator().manual_seed(seed + e)`` (as
+       ``DistributedSampler``), cut to a whole number ``k`` of micro-steps of
+       ``micro_batch_size * world_size`` rows (the rows past it are left out this epoch, at
+       random, like ``drop_last``);
+    2. megabatches of ``micro_batch_size * world_size * megabatch_steps`` consecutive rows, each
+       sorted by length, longest first (ties: permutation order), cut into micro-steps: rank r
+       takes rows ``[r * micro, (r + 1) * micro)`` of each, so the ranks' micro-batches of one
+       step have similar lengths too;
+    3. the order of the ``k`` micro-steps shuffled with the same generator, so that length does
+       not drift within a megabatch.
+
+    Every rank yields ``k * micro_batch_size`` indices; the order is a function of (seed, epoch)
+    only, so resuming by (epoch, batches consumed) replays it exactly."""
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        *,
+        micro_batch_size: int,
+        megabatch_steps: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.micro = micro_batch_size
+        self.step_rows = micro_batch_size * world_size
+        self.mega_rows = self.step_rows * max(1, megabatch_steps)
+        self.seed, self.rank = seed, rank
+        self.steps = len(self.lengths) // self.step_rows
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps * self.micro
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(len(self.lengths), generator=g).numpy()[: self.steps * self.step_rows]
+        steps = []
+        for lo in range(0, len(perm), self.mega_rows):
+            mega = perm[lo : lo + self.mega_rows]
+            mega = mega[np.argsort(-self.lengths[mega], kind="stable")]
+            steps += [mega[i : i + self.step_rows] for i in range(0, len(mega), self.step_rows)]
+        order = torch.randperm(len(steps), generator=g).tolist()
+        lo, hi = self.rank * self.micro, (self.rank + 1) * self.micro
+        for i in order:
+            yield from (int(x) for x in steps[i][lo:hi])
+
+
 class GlobalBatches:
     """Global batches for the training loop: lists of ``gradient_accumulation_steps``
     micro-batches, epoch after epoch, deterministic in (seed, epoch), resumable by
     (epoch, position). A global batch never straddles two epochs: an epoch's incomplete tail
-    is dropped."""
+    is dropped.
+
+    ``lengths`` (one per row of ``ds``, e.g. its token counts): group rows of similar length into
+    the same micro-batches (:class:`LengthGroupedSampler`, megabatches of
+    :data:`MEGABATCH_GLOBAL_BATCHES` global batches) to spend less compute on padding; None:
+    ``DistributedSampler`` order (:func:`make_loader`)."""
 
     def __init__(
         self,
@@ -118,17 +188,30 @@ class GlobalBatches:
         rank: int,
         world_size: int,
         collate_fn: Callable[[list[dict]], dict],
+        lengths: Sequence[int] | None = None,
     ):
-        self.loader = make_loader(
-            ds,
-            micro_batch_size,
-            shuffle=True,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            drop_last=True,
-            collate_fn=collate_fn,
-        )
+        if lengths is None:
+            self.loader = make_loader(
+                ds,
+                micro_batch_size,
+                shuffle=True,
+                seed=seed,
+                rank=rank,
+                world_size=world_size,
+                drop_last=True,
+                collate_fn=collate_fn,
+            )
+        else:
+            self.loader = _length_grouped_loader(
+                ds,
+                lengths,
+                micro_batch_size=micro_batch_size,
+                megabatch_steps=gradient_accumulation_steps * MEGABATCH_GLOBAL_BATCHES,
+                seed=seed,
+                rank=rank,
+                world_size=world_size,
+                collate_fn=collate_fn,
+            )
         self.gas = gradient_accumulation_steps
         self.inner = InfiniteLoader(self.loader)
 
@@ -146,3 +229,33 @@ class GlobalBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.inner.load_state_dict(state)
+
+
+def _length_grouped_loader(
+    ds, lengths, *, micro_batch_size, megabatch_steps, seed, rank, world_size, collate_fn
+) -> DataLoader:
+    if micro_batch_size <= 0:
+        raise DataError(f"batch size must be positive, got {micro_batch_size}")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+    if len(lengths) != len(ds):
+        raise DataError(
+            f"group_by_length: {len(lengths)} lengths for a split of {len(ds)} rows; pass one "
+            "length per row"
+        )
+    sampler = LengthGroupedSampler(
+        lengths,
+        micro_batch_size=micro_batch_size,
+        megabatch_steps=megabatch_steps,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+    )
+    return DataLoader(
+        ds,
+        batch_size=micro_batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate_fn,
+        num_workers=0,
+    )

@@ -1,6 +1,7 @@
-"""Where examples come from: the synthetic task, GLUE through ``datasets``, local files.
+"""Where examples come from: the synthetic task, GLUE through ``datasets``, local files, any
+``datasets`` dataset.
 
-Three sources (``data.source``):
+Four sources (``data.source``):
 
 * ``"synthetic"``: the embedded default experiment (:mod:`lgtm_ds.data.synthetic`): train =
   ``data.synthetic_examples`` examples with ``data.synthetic_label_noise`` of the labels flipped;
@@ -10,6 +11,14 @@ Three sources (``data.source``):
 * ``"files"``: csv / json / jsonl / parquet ``train_file`` (+ ``validation_file``). Without a
   ``validation_file`` a seeded 10% of the training file is carved off as the eval split; its row
   indices are recorded in ``TaskData.eval_indices``.
+* ``"hub"``: ``datasets.load_dataset(data.dataset, data.dataset_config, split=...)`` (a hub name
+  or a local dataset folder / script): ``data.train_split`` and ``data.eval_split`` (null: carve
+  10% off as for files).
+
+With ``data.task_type: causal_lm`` the same sources deliver text for a decoder
+(:mod:`lgtm_ds.tasks.lm_data`): synthetic = the generated instruction task
+(:mod:`lgtm_ds.data.synthetic_lm`, prompt_completion); files and hub = the columns of
+``data.format`` (text / prompt_completion / messages, or auto-detected), no label column.
 
 The quiz split (the held-out batches LGTM's teacher update is scored on) is carved from the
 training data with a seeded permutation (``quiz_source="train"``, indices recorded in
@@ -18,7 +27,9 @@ validation split (``quiz_source="validation"``).
 
 A source yields :class:`RawSplits` (text columns + ``label``, the task type, label space and
 metrics); the task type (:mod:`lgtm_ds.tasks`) encodes them into model inputs (truncated to
-``data.max_length``, unpadded: the collator pads per batch).
+``data.max_length``, unpadded: the collator pads per batch). A task type may drop rows while
+encoding (causal_lm: rows left without a loss token after truncation); ``TaskData.dropped``
+counts them per split.
 """
 
 from __future__ import annotations
@@ -32,9 +43,11 @@ from typing import Any, NamedTuple
 import datasets
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..tasks import Task, get_task
+from ..tasks.lm_data import LMFormat, resolve_format
 from .synthetic import SYNTHETIC_LABEL_NAMES, synthetic_splits
+from .synthetic_lm import synthetic_instruction_splits
 
 
 class GlueTask(NamedTuple):
@@ -65,16 +78,19 @@ LOAD_DATASET: Callable[..., Any] = datasets.load_dataset
 
 @dataclass
 class RawSplits:
-    """One dataset as a source delivers it: text columns + ``label``, before encoding."""
+    """One dataset as a source delivers it: text columns + ``label`` (causal_lm: the columns of
+    its format), before encoding."""
 
-    name: str  # "synthetic", GLUE task name, or the train file stem
+    name: str  # "synthetic", GLUE task name, the train file stem, or the hub dataset
     train: datasets.Dataset
     eval: datasets.Dataset | None  # None: carve it off the training rows
     text_columns: list[str]
-    task_type: str  # a registered task type: "classification" | "regression"
-    num_labels: int
+    task_type: str  # a registered task type: "classification" | "regression" | "causal_lm"
+    num_labels: int | None  # None: causal_lm
     metric_names: list[str]
     label_names: list[str] | None = None
+    # extra keyword arguments of the task type's constructor (causal_lm: {"lm_format": ...})
+    task_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -91,6 +107,9 @@ class TaskData:
     # Rows of the training file carved off as the eval split (files source without a
     # validation_file); [] otherwise.
     eval_indices: list[int] = field(default_factory=list)
+    # Rows the task type dropped while encoding, per split (train / quiz / eval): causal_lm rows
+    # left without a loss token after truncation to data.max_length; 0 for classification.
+    dropped: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_labels(self) -> int:
@@ -107,6 +126,9 @@ class TaskData:
             "n_train": len(self.train),
             "n_quiz": len(self.quiz),
             "n_eval": len(self.eval),
+            "dropped_by_truncation": {
+                s: int(self.dropped.get(s, 0)) for s in ("train", "quiz", "eval")
+            },
         }
 
 
@@ -259,25 +281,44 @@ def _encode_file_labels(
     )
 
 
+def _check_labelled(ds: datasets.Dataset, cols: list[str], label_col: str, where: str, what: str):
+    """Text columns + label column present, rows present, no missing text."""
+    _check_columns(ds, cols + [label_col], where)
+    _check_nonempty(ds, what)
+    for col in cols:
+        for i, v in enumerate(ds[col]):
+            if v is None:
+                raise DataError(f"column {col!r} of {where}: missing text in row {i}")
+
+
 def _load_files(cfg, load_fn, seed: int) -> RawSplits:
-    cols = list(cfg.text_columns)
     paths = {"train_file": cfg.train_file, "validation_file": cfg.validation_file}
     loaded = {}
     for role, path in paths.items():
         if path is None:
             continue
         ds = _load_file(path, load_fn, role)
-        _check_columns(ds, cols + [cfg.label_column], path)
         split = "training" if role == "train_file" else "validation"
-        _check_nonempty(ds, f"{split} split ({path})")
-        for col in cols:
-            for i, v in enumerate(ds[col]):
-                if v is None:
-                    raise DataError(f"column {col!r} of {path}: missing text in row {i}")
+        _check_labelled(
+            ds, list(cfg.text_columns), cfg.label_column, path, f"{split} split ({path})"
+        )
         loaded[role] = ds
-    train, val = loaded["train_file"], loaded.get("validation_file")
+    return _labelled_splits(
+        cfg,
+        os.path.splitext(os.path.basename(cfg.train_file))[0],
+        loaded["train_file"],
+        loaded.get("validation_file"),
+        cfg.train_file,
+        cfg.validation_file,
+    )
+
+
+def _labelled_splits(cfg, name: str, train, val, train_where: str, val_where: str | None):
+    """RawSplits of a classification / regression dataset (files, hub): the label column
+    encoded by :func:`_encode_file_labels`, the text columns as strings."""
+    cols = list(cfg.text_columns)
     tr_l, va_l, num_labels, task_type, names = _encode_file_labels(
-        train, val, cfg.label_column, cfg.train_file, cfg.validation_file
+        train, val, cfg.label_column, train_where, val_where
     )
     label_feature = datasets.Value("float32" if task_type == "regression" else "int64")
 
@@ -288,7 +329,7 @@ def _load_files(cfg, load_fn, seed: int) -> RawSplits:
         return ds.add_column("label", labels, feature=label_feature)
 
     return RawSplits(
-        name=os.path.splitext(os.path.basename(cfg.train_file))[0],
+        name=name,
         train=relabel(train, tr_l),
         eval=relabel(val, va_l) if val is not None else None,
         text_columns=cols,
@@ -299,7 +340,171 @@ def _load_files(cfg, load_fn, seed: int) -> RawSplits:
     )
 
 
-_SOURCES = {"synthetic": _load_synthetic, "glue": _load_glue, "files": _load_files}
+def _hub_split(cfg, load_fn, key: str) -> datasets.Dataset:
+    """``load_fn(data.dataset, data.dataset_config, split=data.<key>)`` as one Dataset."""
+    split = getattr(cfg, key)
+    try:
+        ds = load_fn(cfg.dataset, cfg.dataset_config, split=split)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(
+            f"could not load data.dataset={cfg.dataset!r} (data.dataset_config="
+            f"{cfg.dataset_config!r}, data.{key}={split!r}) from the Hugging Face Hub or a local "
+            f"folder (hub unreachable, or dataset / config / split unavailable): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(ds, datasets.Dataset):
+        raise DataError(
+            f"data.dataset={cfg.dataset!r} split {split!r} (data.{key}) loaded as "
+            f"{type(ds).__name__}, not a datasets.Dataset"
+        )
+    return ds
+
+
+def _hub_where(cfg, key: str) -> str:
+    return f"dataset {cfg.dataset!r} split {getattr(cfg, key)!r}"
+
+
+def _load_hub(cfg, load_fn, seed: int) -> RawSplits:
+    """A classification / regression dataset from ``datasets`` (text_columns + label_column),
+    labels encoded as for files."""
+    loaded = {}
+    for key, what in (("train_split", "training"), ("eval_split", "validation")):
+        if key == "eval_split" and cfg.eval_split is None:
+            continue
+        ds = _hub_split(cfg, load_fn, key)
+        where = _hub_where(cfg, key)
+        _check_labelled(
+            ds, list(cfg.text_columns), cfg.label_column, where, f"{what} split ({where})"
+        )
+        loaded[key] = ds
+    return _labelled_splits(
+        cfg,
+        cfg.dataset,
+        loaded["train_split"],
+        loaded.get("eval_split"),
+        _hub_where(cfg, "train_split"),
+        _hub_where(cfg, "eval_split") if cfg.eval_split is not None else None,
+    )
+
+
+_SOURCES = {
+    "synthetic": _load_synthetic,
+    "glue": _load_glue,
+    "files": _load_files,
+    "hub": _load_hub,
+}
+
+
+# ------------------------------------------------------------------------------ causal LM
+
+
+def _lm_format(cfg, ds: datasets.Dataset, where: str, requested: str | None = None) -> LMFormat:
+    fmt = resolve_format(
+        requested or cfg.format,
+        ds.column_names,
+        text_column=cfg.text_columns[0],
+        prompt_column=cfg.prompt_column,
+        completion_column=cfg.completion_column,
+        messages_column=cfg.messages_column,
+        where=where,
+    )
+    if fmt.kind == "text" and len(cfg.text_columns) != 1:
+        raise DataError(
+            f"format 'text' reads one column, but data.text_columns={list(cfg.text_columns)}; "
+            "give one column"
+        )
+    return fmt
+
+
+def _check_lm_rows(ds: datasets.Dataset, fmt: LMFormat, where: str) -> None:
+    """Missing text / messages, empty text or completion: one DataError naming the column, the
+    file (dataset split) and the row as it is there (encoding only sees the carved splits)."""
+    for col in fmt.columns:
+        may_be_empty = col in (fmt.prompt_column, fmt.messages_column) and fmt.kind != "text"
+        for i, v in enumerate(ds[col]):
+            if v is None or (not may_be_empty and isinstance(v, str) and not v.strip()):
+                what = "missing" if v is None else "empty"
+                raise DataError(f"column {col!r} of {where}: {what} text in row {i}")
+
+
+def _lm_raw(name: str, train, val, fmt: LMFormat) -> RawSplits:
+    return RawSplits(
+        name=name,
+        train=train.select_columns(fmt.columns),
+        eval=val.select_columns(fmt.columns) if val is not None else None,
+        text_columns=fmt.columns,
+        task_type="causal_lm",
+        num_labels=None,
+        metric_names=["ce", "perplexity"],
+        task_options={"lm_format": fmt},
+    )
+
+
+def _load_synthetic_lm(cfg, load_fn, seed: int) -> RawSplits:
+    """The generated instruction task (:mod:`lgtm_ds.data.synthetic_lm`): prompt_completion
+    (DataConfig refuses another data.format for it)."""
+    train, val = synthetic_instruction_splits(cfg.synthetic_examples, seed)
+    features = datasets.Features(
+        {"prompt": datasets.Value("string"), "completion": datasets.Value("string")}
+    )
+    return _lm_raw(
+        "synthetic_instruction",
+        datasets.Dataset.from_dict(train, features=features),
+        datasets.Dataset.from_dict(val, features=features),
+        LMFormat("prompt_completion"),
+    )
+
+
+def _load_files_lm(cfg, load_fn, seed: int) -> RawSplits:
+    """csv / json / jsonl / parquet with the columns of ``data.format`` (no label column); the
+    validation file must have the columns the training file's format reads."""
+    train = _load_file(cfg.train_file, load_fn, "train_file")
+    fmt = _lm_format(cfg, train, cfg.train_file)
+    _check_nonempty(train, f"training split ({cfg.train_file})")
+    _check_lm_rows(train, fmt, cfg.train_file)
+    val = None
+    if cfg.validation_file is not None:
+        val = _load_file(cfg.validation_file, load_fn, "validation_file")
+        _lm_format(cfg, val, cfg.validation_file, requested=fmt.kind)
+        _check_nonempty(val, f"validation split ({cfg.validation_file})")
+        _check_lm_rows(val, fmt, cfg.validation_file)
+    return _lm_raw(os.path.splitext(os.path.basename(cfg.train_file))[0], train, val, fmt)
+
+
+def _load_hub_lm(cfg, load_fn, seed: int) -> RawSplits:
+    """A causal-LM dataset from ``datasets``: the columns of ``data.format``, as for files."""
+    train = _hub_split(cfg, load_fn, "train_split")
+    fmt = _lm_format(cfg, train, _hub_where(cfg, "train_split"))
+    _check_lm_rows(train, fmt, _hub_where(cfg, "train_split"))
+    val = None
+    if cfg.eval_split is not None:
+        val = _hub_split(cfg, load_fn, "eval_split")
+        _lm_format(cfg, val, _hub_where(cfg, "eval_split"), requested=fmt.kind)
+        _check_nonempty(val, f"validation split ({_hub_where(cfg, 'eval_split')})")
+        _check_lm_rows(val, fmt, _hub_where(cfg, "eval_split"))
+    return _lm_raw(cfg.dataset, train, val, fmt)
+
+
+_LM_SOURCES = {"synthetic": _load_synthetic_lm, "files": _load_files_lm, "hub": _load_hub_lm}
+
+
+def _raw_splits(cfg, load_fn, seed: int) -> RawSplits:
+    """The source's RawSplits for ``data.task_type`` (null: whatever the labels say)."""
+    task_type = cfg.task_type
+    if task_type == "causal_lm":
+        if cfg.source not in _LM_SOURCES:
+            raise ConfigError(
+                f"data.source={cfg.source!r} has no causal_lm form (data.task_type 'causal_lm'); "
+                f"use one of {', '.join(_LM_SOURCES)}"
+            )
+        return _LM_SOURCES[cfg.source](cfg, load_fn, seed)
+    raw = _SOURCES[cfg.source](cfg, load_fn, seed)
+    if task_type is not None and task_type != raw.task_type:
+        raise DataError(
+            f"data.task_type={task_type!r}, but the labels of {raw.name!r} make it a "
+            f"{raw.task_type!r} task; set data.task_type to null or {raw.task_type!r}"
+        )
+    return raw
 
 
 def _seeded_split(n: int, k: int, seed) -> tuple[list[int], list[int]]:
@@ -312,12 +517,16 @@ def load_task(
     cfg, tokenizer, seed: int, *, _load_dataset: Callable[..., Any] | None = None
 ) -> TaskData:
     """Load, split and encode the dataset ``cfg`` (the ``data`` section) describes; see the
-    module docstring. ``seed`` seeds the synthetic corpus and the carved splits."""
+    module docstring. ``seed`` seeds the synthetic corpus and the carved splits.
+
+    causal_lm: a tokenizer without a pad token gets ``pad_token = eos_token`` here (the
+    collator pads with it; padded positions carry attention 0 and label -100)."""
     load_fn = _load_dataset if _load_dataset is not None else LOAD_DATASET
-    raw = _SOURCES[cfg.source](cfg, load_fn, seed)
+    raw = _raw_splits(cfg, load_fn, seed)
     train = raw.train.add_column(_ORIG, list(range(len(raw.train))))
     _check_nonempty(train, f"training split of {raw.name!r}")
-    train, val, eval_indices = _eval_split(train, raw, seed)
+    hint = "data.eval_split" if cfg.source == "hub" else "data.validation_file"
+    train, val, eval_indices = _eval_split(train, raw, seed, hint)
     if cfg.max_train_examples is not None:
         train = train.select(range(min(len(train), cfg.max_train_examples)))
     if cfg.max_eval_examples is not None:
@@ -329,28 +538,47 @@ def load_task(
     train = train.remove_columns(_ORIG)
 
     task = get_task(raw.task_type)(
-        num_labels=raw.num_labels, metric_names=raw.metric_names, label_names=raw.label_names
+        num_labels=raw.num_labels,
+        metric_names=raw.metric_names,
+        label_names=raw.label_names,
+        **raw.task_options,
     )
+    if raw.task_type == "causal_lm" and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dropped: dict[str, int] = {}
 
-    def encode(ds: datasets.Dataset) -> datasets.Dataset:
-        return task.encode(ds, tokenizer, text_columns=raw.text_columns, max_length=cfg.max_length)
+    def encode(ds: datasets.Dataset, split: str) -> datasets.Dataset:
+        try:
+            enc = task.encode(
+                ds, tokenizer, text_columns=raw.text_columns, max_length=cfg.max_length
+            )
+        except DataError as e:
+            raise DataError(f"{split} split of {raw.name!r}: {e}") from e
+        dropped[split] = int(getattr(task, "last_encode_dropped", 0))
+        return enc
 
-    eval_enc = encode(val)
+    eval_enc = encode(val, "eval")
+    train_enc = encode(train, "train")
+    if cfg.quiz_source == "validation":
+        quiz_enc, dropped["quiz"] = eval_enc, dropped["eval"]
+    else:
+        quiz_enc = encode(quiz, "quiz")
     return TaskData(
         name=raw.name,
         task=task,
-        train=encode(train),
-        quiz=eval_enc if cfg.quiz_source == "validation" else encode(quiz),
+        train=train_enc,
+        quiz=quiz_enc,
         eval=eval_enc,
         quiz_indices=quiz_indices,
         quiz_source=cfg.quiz_source,
         eval_indices=eval_indices,
+        dropped=dropped,
     )
 
 
-def _eval_split(train: datasets.Dataset, raw: RawSplits, seed: int):
+def _eval_split(train: datasets.Dataset, raw: RawSplits, seed: int, hint: str):
     """(train, eval, carved indices): the source's eval split, or (files without a
-    validation_file) a seeded 10% of the training rows."""
+    validation_file, hub without an eval_split) a seeded 10% of the training rows."""
     if raw.eval is not None:
         return train, raw.eval, []
     n = len(train)
@@ -358,7 +586,7 @@ def _eval_split(train: datasets.Dataset, raw: RawSplits, seed: int):
     if n_eval >= n:
         raise DataError(
             f"training split of {raw.name!r} has {n} row(s): too few to carve an eval split; "
-            "set data.validation_file"
+            f"set {hint}"
         )
     eval_indices, keep = _seeded_split(n, n_eval, [seed, 1])
     return train.select(keep), train.select(eval_indices).remove_columns(_ORIG), eval_indices

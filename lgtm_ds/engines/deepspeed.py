@@ -112,14 +112,6 @@ class DeepSpeedEngineAdapter(Engine):
         return int(self.engine.global_steps)
 
     # -- influence passes ----------------------------------------------------------------------
-    def _need_fp32_zero3(self, what: str) -> None:
-        if self.stage == 3 and self.module_dtype != torch.float32:
-            raise ConfigError(
-                f"{what}: a ZeRO-3 {self.role} in {self.module_dtype} would round theta +- R v "
-                f"to its shards' dtype and lose the perturbation; use fp32 or ZeRO stage 0-2 for "
-                f"the student (deepspeed.student.zero_optimization.stage)"
-            )
-
     @property
     def module_dtype(self) -> torch.dtype:
         return next(self.module.parameters()).dtype
@@ -242,64 +234,48 @@ class DeepSpeedEngineAdapter(Engine):
                 raise RuntimeError(f"unexpected gradient fragment layout for a {self.role} param")
             frag.view(-1).add_(flat.narrow(0, addr.start, addr.numel).to(frag.dtype))
 
-    # -- ZeRO-3: run the student at other parameter values through its own shards ----------------
+    # -- ZeRO-3: run the student at other parameter values, module hooks off ---------------------
     def forward_at(self, params: list[torch.Tensor], batch: dict) -> torch.Tensor:
         if self.stage < 3:
             return super().forward_at(params, batch)
-        self._need_fp32_zero3("the perturbed student forwards")
-        with self._zero3_params_set_to(params), torch.no_grad():
-            return get_logits(self.module(**model_inputs(batch)))
+        with self._zero3_hooks_off():
+            return super().forward_at(params, batch)
 
     def grad_at(self, params, batches, loss_fn):
         if self.stage < 3:
             return super().grad_at(params, batches, loss_fn)
-        self._need_fp32_zero3("the quiz gradient at the look-ahead student")
-        module_params = self.params()
-        grads, total = None, 0.0
-        with self._zero3_params_set_to(params):
-            for b in batches:
-                loss = loss_fn(get_logits(self.module(**model_inputs(b))), b)
-                # autograd.grad: the ZeRO-3 reduce-scatter hooks (on AccumulateGrad) do not fire
-                gs = torch.autograd.grad(loss / len(batches), module_params)
-                grads = (
-                    [g.clone() for g in gs]
-                    if grads is None
-                    else [a.add_(g) for a, g in zip(grads, gs)]
-                )
-                total += loss.detach()
-        return grads, total / len(batches)
+        with self._zero3_hooks_off():
+            return super().grad_at(params, batches, loss_fn)
 
     @contextlib.contextmanager
-    def _zero3_params_set_to(self, params: list[torch.Tensor]):
-        """Write ``params`` (full tensors) into this rank's ZeRO-3 shards, in place, and restore
-        the shards bit for bit on exit.
+    def _zero3_hooks_off(self):
+        """Run the module functionally on full tensors (``params``, e.g. fp32 ``theta +- R v``)
+        with DeepSpeed's ZeRO-3 gather/release hooks removed, and put the hooks back after.
 
-        Gathered full copies (persistent params, params still gathered after a forward) would
-        hide the write from the next forward, so every parameter is released first and again
-        before the restore; the next forward re-gathers from the shards.
+        The influence passes never read or write the shards: a bf16 student's forwards see the
+        fp32 perturbation (a bf16 shard would round ``R v`` away), and the student's parameters
+        are untouched by construction. Trainable parameters come from ``params``; frozen ones,
+        if any, are gathered for the block. Memory: ``params`` are full tensors (as at ZeRO-0-2);
+        the partitioned version is the memory issue's work. The same pattern as TRL's
+        ``unwrap_model_for_generation`` (remove the hooks, re-register them).
         """
-        import deepspeed.comm as dist
+        import deepspeed
+        from deepspeed.runtime.zero import parameter_offload as po
 
         offload = self.engine.optimizer.parameter_offload
-        module_params = self.params()
-        offload.empty_partition_cache()  # release all gathered params (persistent ones too)
-        saved = [p.ds_tensor.detach().clone() for p in module_params]  # 1/world of the student
+        offload.empty_partition_cache()  # release everything gathered, persistent params too
+        frozen = [p for p in self.module.parameters() if not p.requires_grad]
+        stack_len = len(po.FWD_MODULE_STACK)
+        offload._remove_module_hooks()
+        offload.forward_hooks, offload.backward_hooks = [], []
         try:
-            with torch.no_grad():
-                for p, new in zip(module_params, params):
-                    shard = p.ds_tensor
-                    n = shard.ds_numel
-                    start = dist.get_rank(group=p.ds_process_group) * n
-                    flat = new.reshape(-1)
-                    end = min(start + n, flat.numel())
-                    if end > start:  # the tail of the last shard is padding
-                        shard.narrow(0, 0, end - start).copy_(flat[start:end])
-            yield
+            gather = deepspeed.zero.GatheredParameters
+            with gather(frozen, modifier_rank=None, enabled=bool(frozen)):
+                yield
         finally:
-            offload.empty_partition_cache()
-            with torch.no_grad():
-                for p, shard in zip(module_params, saved):
-                    p.ds_tensor.copy_(shard)
+            offload.setup_zero_stage3_hooks()
+            del po.FWD_MODULE_STACK[stack_len:]  # setup pushes the top module again
+            offload.get_param_coordinator().reset_step()
 
     def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
         import deepspeed.comm as dist

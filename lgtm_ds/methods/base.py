@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..errors import DataError
 from ..registry import Registry
 
 if TYPE_CHECKING:
@@ -36,6 +37,12 @@ class DistillHParams:
     temperature: float = 1.0
     fd_radius: float = 1e-2
     scale_by_t2: bool = False
+    jsd_beta: float = 0.0  # the student's KD divergence: 0 forward KL, 1 reverse KL, else JSD
+    teacher_jsd_beta: float | None = None  # the teacher's KD term; None = jsd_beta
+
+    @property
+    def teacher_beta(self) -> float:
+        return self.jsd_beta if self.teacher_jsd_beta is None else self.teacher_jsd_beta
 
     @classmethod
     def from_config(cls, method_cfg: Any) -> DistillHParams:
@@ -66,6 +73,30 @@ class Method:
         engine is built or any output written."""
 
     # -- one step --------------------------------------------------------------------------------
+    def row_weights(self, *groups: list[dict]) -> list[list[float]]:
+        """For each list of micro-batches, each micro-batch's weight ``w_j = rows_j * len(group)
+        / (mean over ranks of the group's row count on one rank)``.
+
+        A micro-batch's loss is a mean over its rows; times ``w_j``, and with the engines
+        dividing by the accumulation steps and averaging over ranks, the step's gradient is that
+        of ``sum over rows / rows in the global batch``: micro 8 x accumulation 1 equals 4 x 2
+        and 1 rank equals 2 ranks even when micro-batches hold different numbers of rows
+        (tokens). Equal counts give exactly 1.0. One small all-reduce (none on one process)."""
+        counts = [[self.d.task.count_rows(b) for b in g] for g in groups]
+        local = torch.tensor(
+            [float(sum(c)) for c in counts], dtype=torch.float64, device=device_of(self.d.student)
+        )
+        self.d.student.all_reduce_mean_([local])
+        out = []
+        for c, mean in zip(counts, local.tolist()):
+            if mean <= 0:
+                raise DataError(
+                    "a global batch has no rows to learn from (every label is -100); check the "
+                    "data's loss masks"
+                )
+            out.append([cj * len(c) / mean for cj in c])
+        return out
+
     def teacher_update(self, micro: list[dict], quiz: list[dict] | None) -> dict:
         """The teacher's part of a step (nothing for a frozen teacher); returns metrics."""
         return {}
@@ -86,15 +117,17 @@ class Method:
         d = self.d
         d.teacher.module.train(self.trains_teacher)  # a frozen teacher predicts in eval mode
         d.student.module.train()
-        return {"student_loss": distill_update(d.student, d.teacher, micro, d.student_loss)}
+        (w,) = self.row_weights(micro)
+        return {"student_loss": distill_update(d.student, d.teacher, micro, d.student_loss, w)}
 
     def teacher_finetune_step(self, batch: list[dict]) -> dict:
         """A teacher-only step on its task loss (stage 1 of methods with ``teacher_stage1``)."""
         d = self.d
         d.teacher.module.train()
+        (w,) = self.row_weights(batch)
         total = 0.0
-        for mb in batch:
-            loss = d.task.task_loss(d.teacher.forward(mb), mb["labels"])
+        for mb, wj in zip(batch, w):
+            loss = weighted(d.task.task_loss(d.teacher.forward(mb), mb["labels"]), wj)
             d.teacher.backward(loss)
             d.teacher.step()
             total += loss.detach()
@@ -106,15 +139,28 @@ def distill_update(
     target: Engine,
     micro: list[dict],
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    weights: list[float],
 ) -> float:
     """For each micro-batch: ``target`` logits without graph, ``learner`` forward,
-    ``loss_fn(logits, target_logits, labels)``, backward, engine step. Returns the mean loss."""
+    ``loss_fn(logits, target_logits, labels)`` times the micro-batch's row weight, backward,
+    engine step. Returns the mean weighted loss (this rank's share of the global mean)."""
     total = 0.0
-    for mb in micro:
+    for mb, w in zip(micro, weights):
         with torch.no_grad():
             target_logits = target.forward(mb)
-        loss = loss_fn(learner.forward(mb), target_logits, mb["labels"])
+        loss = weighted(loss_fn(learner.forward(mb), target_logits, mb["labels"]), w)
         learner.backward(loss)
         learner.step()
         total += loss.detach()
     return float(total) / len(micro)  # note: host sync, once per step
+
+
+def weighted(loss: torch.Tensor, w: float) -> torch.Tensor:
+    """``loss * w``; untouched (bit for bit) when ``w == 1``."""
+    return loss if w == 1.0 else loss * w
+
+
+def device_of(engine) -> torch.device:
+    for p in engine.module.parameters():
+        return p.device
+    return torch.device("cpu")

@@ -41,6 +41,8 @@ class Distiller:
         temperature: float = 1.0,
         fd_radius: float = 1e-2,
         scale_by_t2: bool = False,
+        jsd_beta: float = 0.0,
+        teacher_jsd_beta: float | None = None,
         teacher_scheduler=None,
         student_scheduler=None,
         gradient_accumulation_steps: int = 1,
@@ -49,7 +51,18 @@ class Distiller:
         method_cls = METHODS.get(method)
         if not fd_radius > 0:
             raise ConfigError(f"fd_radius must be > 0, got {fd_radius}")
-        self.hp = DistillHParams(alpha_student, alpha_teacher, temperature, fd_radius, scale_by_t2)
+        for key, beta in (("jsd_beta", jsd_beta), ("teacher_jsd_beta", teacher_jsd_beta)):
+            if beta is not None and not 0.0 <= beta <= 1.0:
+                raise ConfigError(f"{key} must be in [0, 1], got {beta}")
+        self.hp = DistillHParams(
+            alpha_student,
+            alpha_teacher,
+            temperature,
+            fd_radius,
+            scale_by_t2,
+            jsd_beta,
+            teacher_jsd_beta,
+        )
         self.task = get_task(task)() if isinstance(task, str) else task
         wrap = dict(gradient_accumulation_steps=gradient_accumulation_steps)
         wrap["max_grad_norm"] = max_grad_norm
@@ -65,15 +78,22 @@ class Distiller:
 
     # -- the objectives, with this run's hyper-parameters -------------------------------------
     def student_loss(self, student_logits, teacher_logits, labels):
-        """``L_s = a_s KL_T(p_teacher || p_student) + (1 - a_s) task_loss``."""
-        return self._distill_loss(student_logits, teacher_logits, labels, self.hp.alpha_student)
+        """``L_s = a_s KL_T(p_teacher || p_student) + (1 - a_s) task_loss`` (``jsd_beta`` picks
+        the divergence: 0 forward KL, 1 reverse KL, between the two the generalised JSD)."""
+        hp = self.hp
+        return self._distill_loss(
+            student_logits, teacher_logits, labels, hp.alpha_student, hp.jsd_beta
+        )
 
     def teacher_loss(self, teacher_logits, student_logits, labels):
         """``L_t = a_t KL_T(p_student || p_teacher) + (1 - a_t) task_loss``: the teacher's
         distillation term treats the *student's* prediction as the target."""
-        return self._distill_loss(teacher_logits, student_logits, labels, self.hp.alpha_teacher)
+        hp = self.hp
+        return self._distill_loss(
+            teacher_logits, student_logits, labels, hp.alpha_teacher, hp.teacher_beta
+        )
 
-    def _distill_loss(self, logits, target_logits, labels, alpha: float):
+    def _distill_loss(self, logits, target_logits, labels, alpha: float, beta: float):
         return self.task.distill_loss(
             logits,
             target_logits,
@@ -81,6 +101,7 @@ class Distiller:
             alpha=alpha,
             temperature=self.hp.temperature,
             scale_by_t2=self.hp.scale_by_t2,
+            beta=beta,
         )
 
     # -- stepping ------------------------------------------------------------------------------

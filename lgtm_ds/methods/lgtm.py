@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ConfigError
 from ..tasks.base import InfluenceParams
-from .base import METHODS, Method
+from .base import METHODS, Method, device_of, weighted
 from .lookahead import adamw_lookahead
 
 
@@ -57,14 +57,7 @@ class LGTM(Method):
 
     @classmethod
     def prepare_ds_configs(cls, cfg, teacher: dict, student: dict) -> None:
-        precision = cfg.train.precision
-        if _stage(student) == 3 and precision != "fp32":
-            raise ConfigError(
-                f"method lgtm with a ZeRO-3 student needs train.precision=fp32 (got {precision}): "
-                f"its shards would round theta +- R v and lose the perturbation; use "
-                f"deepspeed.student.zero_optimization.stage<=2 for bf16/fp16"
-            )
-        if precision == "bf16":
+        if cfg.train.precision == "bf16":
             _fp32_teacher_grads_(teacher)
 
     # ------------------------------------------------------------------------------------------
@@ -76,11 +69,12 @@ class LGTM(Method):
         # one micro-batch: reuse the teacher forward's graph in D (not when the influence term is
         # backpropagated on its own: that pass replays the dropout mask of D's forward)
         keep_graph = len(micro) == 1 and not split
-        g, fwd = self._student_grad(micro, keep_graph)  # A
+        w, wq = self.row_weights(micro, quiz)  # each micro-batch's share of the global rows
+        g, fwd = self._student_grad(micro, w, keep_graph)  # A
         theta = d.student.master_params()
         look = adamw_lookahead(theta, g, d.student.adam_state())  # B
         del g
-        v, quiz_ce = self._quiz_grad(look, quiz)  # C
+        v, quiz_ce = self._quiz_grad(look, quiz, wq)  # C
         del look
         v_norm = float(torch.sqrt(sum((vi.double() ** 2).sum() for vi in v)))  # note: host sync
         if not math.isfinite(v_norm):
@@ -94,9 +88,12 @@ class LGTM(Method):
             )
         radius = d.hp.fd_radius / v_norm
         eta = d.teacher.lr()
-        t_loss, influence = self._teacher_steps(micro, fwd, theta, v, radius, eta, split)  # D
+        t_loss, influence = self._teacher_steps(micro, w, fwd, theta, v, radius, eta, split)  # D
+        rows = sum(d.task.count_rows(mb) for mb in micro)
         return {
             "teacher_loss": t_loss,
+            # per row (token, for causal LMs); `influence` holds one value per example
+            "influence_per_row": float(influence.sum()) / max(rows, 1),
             "quiz_ce_lookahead": float(quiz_ce),
             "v_norm": v_norm,
             "fd_R": radius,
@@ -105,13 +102,13 @@ class LGTM(Method):
         }
 
     # -- A ---------------------------------------------------------------------------------------
-    def _student_grad(self, micro, keep_graph: bool) -> tuple[list[torch.Tensor], _BatchPass]:
+    def _student_grad(self, micro, w, keep_graph: bool) -> tuple[list[torch.Tensor], _BatchPass]:
         """``g = grad_theta L_s`` over the micro-batches (fp32, rank-averaged) and the logits."""
         d = self.d
         params = d.student.params()
         g = None  # full-size fp32 gradients (ZeRO-3 params are empty placeholders: no zeros_like)
         fwd = _BatchPass()
-        for mb in micro:
+        for mb, wj in zip(micro, w):
             if keep_graph:
                 z = d.teacher.forward(mb)
                 fwd.t_graph.append(z)
@@ -120,7 +117,7 @@ class LGTM(Method):
                 with torch.no_grad():
                     fwd.t_logits.append(d.teacher.forward(mb))
             s = d.student.raw_forward(mb)
-            ls = d.student_loss(s, fwd.t_logits[-1], mb["labels"])
+            ls = weighted(d.student_loss(s, fwd.t_logits[-1], mb["labels"]), wj)
             gs = torch.autograd.grad(ls / len(micro), params)
             if g is None:
                 g = [gi.to(torch.promote_types(gi.dtype, torch.float32)).clone() for gi in gs]
@@ -132,24 +129,36 @@ class LGTM(Method):
         return g, fwd
 
     # -- C ---------------------------------------------------------------------------------------
-    def _quiz_grad(self, look, quiz) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """``v``: the look-ahead student's task-loss gradient on the quiz batches, rank-averaged."""
+    def _quiz_grad(self, look, quiz, wq) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``v``: the look-ahead student's task-loss gradient on the quiz batches (each weighted
+        by its share of the global quiz rows), rank-averaged."""
         d = self.d
+        w_of = {id(qb): wj for qb, wj in zip(quiz, wq)}
         v, quiz_ce = d.student.grad_at(
-            look, quiz, lambda logits, qb: d.task.task_loss(logits, qb["labels"])
+            look,
+            quiz,
+            lambda logits, qb: weighted(d.task.task_loss(logits, qb["labels"]), w_of[id(qb)]),
         )
         d.student.all_reduce_mean_(v)
         return v, quiz_ce
 
     # -- D ---------------------------------------------------------------------------------------
-    def _teacher_steps(self, micro, fwd: _BatchPass, theta, v, radius, eta, split):
+    def _teacher_steps(self, micro, w, fwd: _BatchPass, theta, v, radius, eta, split):
         """Per micro-batch: the perturbed student forwards, dL/dz, one teacher backward, the
         engine step. Returns the mean teacher loss and the per-row influence (CPU)."""
         d, hp = self.d, self.d.hp
-        p = InfluenceParams(hp.alpha_teacher, hp.temperature, eta, radius, hp.scale_by_t2)
+        p = InfluenceParams(
+            hp.alpha_teacher,
+            hp.temperature,
+            eta,
+            radius,
+            hp.scale_by_t2,
+            beta_teacher=hp.teacher_beta,
+            beta_student=hp.jsd_beta,
+        )
         n_micro = len(micro)
         work = [torch.empty_like(t) for t in theta]
-        device = _device_of(d.student)
+        device = device_of(d.student)
         influences, t_total, g_infl = [], 0.0, None
         for j, mb in enumerate(micro):
             with torch.no_grad(), _same_rng(device) as replay:
@@ -166,16 +175,17 @@ class LGTM(Method):
                 # the main part with eta = 0: bitwise what it would be without the influence term
                 no_eta = dataclasses.replace(p, eta=0.0)
                 dz, _ = d.task.lgtm_logit_grad(z, s, s_plus, s_minus, labels, no_eta)
-                term = d.task.influence_logit_term(s_plus, s_minus, p)
+                term = d.task.influence_logit_term(s_plus, s_minus, p, z=z, labels=labels)
+                term = weighted(term, w[j])
                 replay_teacher()
                 g_infl = self._influence_grad(mb, term, g_infl, n_micro)
-            d.teacher.backward((z * dz.to(z.dtype)).sum())
+            d.teacher.backward((z * weighted(dz, w[j]).to(z.dtype)).sum())
             if split and j == n_micro - 1:
                 d.teacher.add_grads_(g_infl)  # boundary micro-batch: before the optimizer step
             d.teacher.step()
             influences.append(infl.detach())
             with torch.no_grad():
-                t_total += d.teacher_loss(z.detach(), s, labels)
+                t_total += weighted(d.teacher_loss(z.detach(), s, labels), w[j])
         return float(t_total) / n_micro, torch.cat(influences).cpu()
 
     def _influence_grad(self, mb, term, acc, n_micro):
@@ -231,12 +241,6 @@ def _same_rng(device: torch.device):
             torch.cuda.set_rng_state(cuda_state, device)
 
     yield replay
-
-
-def _device_of(engine) -> torch.device:
-    for p in engine.module.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _axpy(out: list[torch.Tensor], x: list[torch.Tensor], v: list[torch.Tensor], a: float) -> None:

@@ -31,12 +31,18 @@ def naive_lgtm_step(
     temperature: float = 1.0,
     fd_radius: float = 1e-2,
     scale_by_t2: bool = False,
+    jsd_beta: float = 0.0,
+    teacher_jsd_beta: float | None = None,
     student_step: bool = True,
     task: Task | str = "classification",
 ) -> dict:
-    """One LGTM step in the reference form. Returns the teacher gradient ``G`` and the losses."""
+    """One LGTM step in the reference form. Returns the teacher gradient ``G``, the losses and
+    the per-example influence ``-eta (l(theta + R v) - l(theta - R v)) / (2R)`` (``l``: the
+    student's KD loss per example, summed over its tokens for causal LMs)."""
     task = get_task(task)() if isinstance(task, str) else task
+    beta_t = jsd_beta if teacher_jsd_beta is None else teacher_jsd_beta
     kw = dict(temperature=temperature, scale_by_t2=scale_by_t2)
+    kw_s, kw_t = dict(kw, beta=jsd_beta), dict(kw, beta=beta_t)
     x, y = model_inputs(batch), batch["labels"]
     teacher.train()
     student.train()
@@ -49,7 +55,7 @@ def naive_lgtm_step(
     # one deepcopy of both keeps the optimizer pointing at the copied parameters
     s_copy, opt_copy = copy.deepcopy((student, student_opt))
     opt_copy.zero_grad(set_to_none=True)
-    ls = task.distill_loss(get_logits(s_copy(**x)), t_logits, y, alpha=alpha_student, **kw)
+    ls = task.distill_loss(get_logits(s_copy(**x)), t_logits, y, alpha=alpha_student, **kw_s)
     ls.backward()
     opt_copy.step()
 
@@ -62,7 +68,7 @@ def naive_lgtm_step(
 
     def teacher_grad(s_logits):
         z = get_logits(teacher(**x))
-        lt = task.distill_loss(z, s_logits, y, alpha=alpha_teacher, **kw)
+        lt = task.distill_loss(z, s_logits, y, alpha=alpha_teacher, **kw_t)
         return torch.autograd.grad(lt, t_params), lt.detach()
 
     # 5-6. three teacher backward passes; saved copy of theta for an exact restore.
@@ -78,12 +84,19 @@ def naive_lgtm_step(
             p.copy_(s)
         return logits
 
+    s_plus, s_minus = student_logits_at(radius), student_logits_at(-radius)
     g0, lt = teacher_grad(student_logits_at(0.0))
-    g_plus, _ = teacher_grad(student_logits_at(radius))
-    g_minus, _ = teacher_grad(student_logits_at(-radius))
+    g_plus, _ = teacher_grad(s_plus)
+    g_minus, _ = teacher_grad(s_minus)
 
     # 7. G = grad L_t(theta) - eta * h, teacher step.
     eta = float(teacher_opt.param_groups[0]["lr"])
+    k = task.kd_scale(temperature, scale_by_t2)
+    with torch.no_grad():
+        l_plus, l_minus = (
+            task.kd_per_example(s, t_logits, y, temperature, jsd_beta) for s in (s_plus, s_minus)
+        )
+    influence = -eta * k * (l_plus - l_minus) / (2 * radius)
     G = [a - eta * (b - c) / (2 * radius) for a, b, c in zip(g0, g_plus, g_minus)]
     for p, gi in zip(t_params, G):
         p.grad = gi.clone()
@@ -91,11 +104,12 @@ def naive_lgtm_step(
     teacher_opt.zero_grad(set_to_none=True)
 
     out = {"teacher_loss": float(lt), "fd_R": radius, "G": [gi.detach() for gi in G]}
+    out["influence"] = influence
     # 8. student step with the updated teacher.
     if student_step:
         with torch.no_grad():
             t_new = get_logits(teacher(**x))
-        ls = task.distill_loss(get_logits(student(**x)), t_new, y, alpha=alpha_student, **kw)
+        ls = task.distill_loss(get_logits(student(**x)), t_new, y, alpha=alpha_student, **kw_s)
         ls.backward()
         student_opt.step()
         student_opt.zero_grad(set_to_none=True)

@@ -14,4 +14,5 @@ class OnlineKD(Method):
         d = self.d
         d.teacher.module.train()
         d.student.module.train()
-        return {"teacher_loss": distill_update(d.teacher, d.student, micro, d.teacher_loss)}
+        (w,) = self.row_weights(micro)
+        return {"teacher_loss": distill_update(d.teacher, d.student, micro, d.teacher_loss, w)}

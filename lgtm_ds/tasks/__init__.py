@@ -4,9 +4,13 @@
   distillation at temperature T, cross-entropy, accuracy / F1 / Matthews.
 - ``regression``: one-output heads (GLUE stsb, float labels): squared-error distillation and
   loss, Pearson / Spearman.
+- ``causal_lm``: decoders (``AutoModelForCausalLM``) at token level: KL / reverse KL / JSD
+  distillation and next-token CE over the valid (shifted, unmasked) tokens; held-out CE,
+  perplexity and top-1 agreement. Its data formats (text, prompt + completion, chat messages)
+  are in ``lm_data``.
 """
 
-from . import classification  # noqa: F401  (registers the task types)
+from . import causal_lm, classification  # noqa: F401  (registers the task types)
 from .base import TASKS, Task
 
 get_task = TASKS.get

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from ..registry import Registry
 from .metrics import compute_metrics, primary_metric
 
@@ -31,6 +31,9 @@ class ModelOptions:
     dropout: float | None = None  # None: the model's own; else hidden/attention/head dropout
     zero_init_head: bool = False  # zero the final projection of the head (the LGTM reference)
     seed: int = 0  # initialisation of embedded models and new heads (per role)
+    pad_token_id: int | None = None  # the tokenizer's (embedded decoders carry them)
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class InfluenceParams:
     eta: float  # the teacher's learning rate this step
     radius: float  # R = r / ||v||
     scale_by_t2: bool = False
+    beta_teacher: float = 0.0  # divergence of the teacher's KD term (0: forward KL)
+    beta_student: float = 0.0  # divergence of the student's KD term (the influence's l_i)
 
 
 class Task:
@@ -50,6 +55,10 @@ class Task:
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     default_metrics: ClassVar[tuple[str, ...]] = ()
+    # which offline tokenizer "embedded" means for this task type: "wordpiece" (BERT-style
+    # encoders) or "decoder" (BOS/EOS, chat template)
+    embedded_tokenizer: ClassVar[str] = "wordpiece"
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()  # metrics where smaller is better
 
     def __init__(
         self,
@@ -74,6 +83,13 @@ class Task:
         """``rows -> dict of tensors`` for a DataLoader."""
         raise NotImplementedError
 
+    def count_rows(self, batch: dict) -> int:
+        """The rows a batch's losses average over (one per example here; valid tokens for
+        causal LMs). Methods weight each micro-batch by its share of the global count, so that
+        a step's loss is ``sum over rows / rows in the global batch`` (all micro-batches, all
+        ranks) however the rows are spread."""
+        return int(batch["labels"].shape[0])
+
     # -- models ----------------------------------------------------------------------------------
     def build_model(self, name_or_path: str, *, role: str, options: ModelOptions) -> nn.Module:
         """The model for ``role`` ("teacher" / "student") from a hub name, a local folder or
@@ -83,12 +99,45 @@ class Task:
     def check_pair(self, teacher: nn.Module, student: nn.Module, t_name: str, s_name: str):
         """ModelError if the two models cannot be distilled into each other."""
 
+    def check_tokenizers(self, tokenizer, own, tok_name: str, role: str, name: str) -> None:
+        """ModelError unless ``own`` (the tokenizer saved with model ``name`` of ``role``; None:
+        nothing to compare) maps every string to the same id as the run's ``tokenizer``
+        (``tok_name``): distillation compares the two models' outputs id by id."""
+        if own is None:
+            return
+        a, b = tokenizer.get_vocab(), own.get_vocab()
+        diff = sorted(t for t in a.keys() | b.keys() if a.get(t) != b.get(t))
+        if diff:
+            ex = diff[0]
+            raise ModelError(
+                f"the tokenizers of {tok_name!r} ({len(a)} tokens, the run's) and {role} "
+                f"{name!r} ({len(b)} tokens) differ: {len(diff)} strings map to different ids "
+                f"(e.g. {ex!r}: {a.get(ex)} vs {b.get(ex)}); teacher and student must share one "
+                f"vocabulary"
+            )
+
     # -- losses ----------------------------------------------------------------------------------
     def kd_per_row(
-        self, logits: torch.Tensor, target_logits: torch.Tensor, temperature: float
+        self,
+        logits: torch.Tensor,
+        target_logits: torch.Tensor,
+        temperature: float,
+        beta: float = 0.0,
     ) -> torch.Tensor:
-        """Per-row divergence of ``logits`` from the (detached) ``target_logits``."""
+        """Per-row divergence of ``logits`` from the (detached) ``target_logits``; ``beta``
+        picks the divergence where the task has several (0 = forward KL)."""
         raise NotImplementedError
+
+    def kd_per_example(
+        self,
+        logits: torch.Tensor,
+        target_logits: torch.Tensor,
+        labels: torch.Tensor,
+        temperature: float,
+        beta: float = 0.0,
+    ) -> torch.Tensor:
+        """Per-example KD loss [B] (an example is a row here; a causal LM sums its tokens)."""
+        return self.kd_per_row(logits, target_logits, temperature, beta)
 
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The supervised loss against the labels, averaged over rows."""
@@ -107,6 +156,7 @@ class Task:
         alpha: float,
         temperature: float,
         scale_by_t2: bool = False,
+        beta: float = 0.0,
     ) -> torch.Tensor:
         """``alpha * kd_scale * KD(target || model) + (1 - alpha) * task_loss``.
 
@@ -114,7 +164,7 @@ class Task:
         target; the teacher's ``L_t`` with ``alpha_teacher`` and the *student's* logits."""
         loss = logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
         if alpha > 0:
-            kd = self.kd_per_row(logits, target_logits, temperature).mean()
+            kd = self.kd_per_row(logits, target_logits, temperature, beta).mean()
             loss = loss + alpha * self.kd_scale(temperature, scale_by_t2) * kd
         if alpha < 1:
             loss = loss + (1 - alpha) * self.task_loss(logits, labels)
@@ -134,9 +184,16 @@ class Task:
         raise NotImplementedError
 
     def influence_logit_term(
-        self, s_plus: torch.Tensor, s_minus: torch.Tensor, p: InfluenceParams
+        self,
+        s_plus: torch.Tensor,
+        s_minus: torch.Tensor,
+        p: InfluenceParams,
+        z: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The influence part of dL/dz alone (fp32), for low-precision teachers."""
+        """The influence part of dL/dz alone (fp32), for low-precision teachers (``z``: the
+        teacher logits, for divergences whose gradient depends on them; ``labels`` for tasks
+        whose rows depend on them)."""
         raise NotImplementedError
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -146,6 +203,20 @@ class Task:
 
     def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         return compute_metrics(self.metric_names, predictions, labels)
+
+    def eval_rows(self, logits: dict[str, torch.Tensor], batch: dict) -> dict[str, np.ndarray]:
+        """Per example of an eval batch, what scoring needs, by key (one array row per example;
+        the trainer gathers them over ranks by example index). ``logits``: role -> logits."""
+        return {role: self.predictions(z) for role, z in logits.items()}
+
+    def score(self, rows: dict[str, np.ndarray], labels: list) -> dict[str, float]:
+        """``role/metric`` values from the gathered :meth:`eval_rows` of the whole eval split."""
+        y = np.asarray(labels)
+        return {
+            f"{role}/{k}": v
+            for role, preds in rows.items()
+            for k, v in self.compute_metrics(preds, y).items()
+        }
 
     @property
     def primary_metric(self) -> str:

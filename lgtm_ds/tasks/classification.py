@@ -14,6 +14,7 @@ the cheap LGTM form carries over with ``softmax(z/T) - q`` replaced by ``2(z - s
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import lgtm_kernels
@@ -84,6 +85,12 @@ class ClassificationTask(Task):
                 model = AutoModelForSequenceClassification.from_config(cfg)
         else:
             cfg = hf.load_config(name_or_path, role)
+            archs = list(cfg.architectures or [])
+            if archs and all(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+                raise ModelError(
+                    f"model.{role} {name_or_path!r} is a causal LM ({archs[0]}) but the task "
+                    f"is {self.name}: for decoder distillation set data.task_type=causal_lm"
+                )
             trained = any(
                 a.endswith("ForSequenceClassification") for a in (cfg.architectures or [])
             )
@@ -116,17 +123,26 @@ class ClassificationTask(Task):
             )
 
     # -- losses ----------------------------------------------------------------------------------
-    def kd_per_row(self, logits, target_logits, temperature):
-        """Per-row ``KL(softmax(target/T) || softmax(logits/T))``; gradient to ``logits`` only.
-        Shapes [N, C] -> [N]."""
+    def kd_per_row(self, logits, target_logits, temperature, beta=0.0):
+        """Per-row divergence of ``softmax(logits/T)`` from ``softmax(target/T)``; gradient to
+        ``logits`` only. Shapes [N, C] -> [N]. ``beta`` (TRL / Liger convention): 0 = forward
+        ``KL(p_target || p)``, 1 = reverse ``KL(p || p_target)``, in between the generalised JSD
+        ``beta KL(p_target || m) + (1 - beta) KL(p || m)``, ``m = beta p_target + (1 - beta) p``."""
         if logits.dtype == torch.float64:
-            log_q = F.log_softmax(logits / temperature, dim=-1)
-            log_p = F.log_softmax(target_logits.detach().double() / temperature, dim=-1)
-            return (log_p.exp() * (log_p - log_q)).sum(-1)
+            return divergence_f64(logits, target_logits.detach().double(), temperature, beta)
+        if beta == 0.0:
+            return lgtm_kernels.kd_loss(
+                logits,
+                target_logits.detach().to(logits.dtype),
+                temperature=temperature,
+                reduction="none",
+            )
         return lgtm_kernels.kd_loss(
             logits,
             target_logits.detach().to(logits.dtype),
             temperature=temperature,
+            divergence="jsd",
+            beta=beta,
             reduction="none",
         )
 
@@ -151,6 +167,8 @@ class ClassificationTask(Task):
         rescaled to ``a' = a T^2 / s`` with ``s = a T^2 + 1 - a`` and its gradient multiplied by
         ``s`` (so the KD terms get ``a T^2``, the CE term ``1 - a``); the influence by ``T^2``.
         """
+        if p.beta_teacher != 0.0 or p.beta_student != 0.0:
+            return self._lgtm_logit_grad_autograd(z, s, s_plus, s_minus, labels, p)
         a, t2 = float(p.alpha_teacher), self.kd_scale(p.temperature, p.scale_by_t2)
         scale = a * t2 + (1 - a)
         grad, influence = lgtm_kernels.lgtm_teacher_logit_grad(
@@ -170,14 +188,68 @@ class ClassificationTask(Task):
             influence = influence * t2
         return grad, influence
 
-    def influence_logit_term(self, s_plus, s_minus, p: InfluenceParams):
-        """``eta a_t (q+ - q-) / (2 R T n)`` (times T^2 with ``scale_by_t2``), fp32."""
+    def _kd_grads(self, z, targets, p: InfluenceParams) -> list[torch.Tensor]:
+        """``d/dz sum_rows KD_beta_teacher(target || z)`` for each target (fp32/fp64 autograd)."""
+        z_ = z.detach().to(torch.promote_types(z.dtype, torch.float32)).requires_grad_()
+        out = []
+        with torch.enable_grad():
+            for t in targets:
+                kd = self.kd_per_row(z_, t.detach().to(z_.dtype), p.temperature, p.beta_teacher)
+                out.append(torch.autograd.grad(kd.sum(), z_)[0])
+        return out
+
+    def _lgtm_logit_grad_autograd(self, z, s, s_plus, s_minus, labels, p: InfluenceParams):
+        """The LGTM teacher logit gradient for any divergence: the KD gradients at the student's
+        theta, theta + R v and theta - R v by autograd on the logits (the kernel path covers
+        forward KL in one fused pass). ``dL/dz = a k g(s)/n + (1 - a) dCE/dz
+        - eta a k (g(s+) - g(s-)) / (2 R n)``, ``g(t) = d/dz sum KD(t || z)``, ``k`` = T^2 or 1.
+        Influence ``-eta k (l(+) - l(-)) / (2R)``, ``l`` the student's per-row KD loss."""
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        n, a = z.shape[0], float(p.alpha_teacher)
+        k = self.kd_scale(p.temperature, p.scale_by_t2)
+        g_s, g_plus, g_minus = self._kd_grads(z, (s, s_plus, s_minus), p)
+        z_ = z.detach().to(dtype).requires_grad_()
+        with torch.enable_grad():
+            g_ce = torch.autograd.grad(self.task_loss(z_, labels), z_)[0]
+        grad = (a * k / n) * g_s + (1 - a) * g_ce
+        grad = grad - (p.eta * a * k / (2 * p.radius * n)) * (g_plus - g_minus)
+        zt = z.detach().to(dtype)
+        with torch.no_grad():
+            l_plus = self.kd_per_row(s_plus.detach().to(dtype), zt, p.temperature, p.beta_student)
+            l_minus = self.kd_per_row(s_minus.detach().to(dtype), zt, p.temperature, p.beta_student)
+        influence = -p.eta * k * (l_plus - l_minus) / (2 * p.radius)
+        return grad.to(z.dtype), influence
+
+    def influence_logit_term(self, s_plus, s_minus, p: InfluenceParams, z=None, labels=None):
+        """``eta a_t (q+ - q-) / (2 R T n)`` (times T^2 with ``scale_by_t2``), fp32; for other
+        divergences ``-eta a_t k (g(s+) - g(s-)) / (2 R n)`` (see the autograd form above),
+        which needs the teacher logits ``z``."""
         dtype = torch.promote_types(s_plus.dtype, torch.float32)
         T, n = float(p.temperature), s_plus.shape[0]
+        k = self.kd_scale(T, p.scale_by_t2)
+        if p.beta_teacher != 0.0:
+            g_plus, g_minus = self._kd_grads(z, (s_plus, s_minus), p)
+            return (-p.eta * p.alpha_teacher * k / (2 * p.radius * n)) * (g_plus - g_minus)
         q_plus = torch.softmax(s_plus.detach().to(dtype) / T, dim=-1)
         q_minus = torch.softmax(s_minus.detach().to(dtype) / T, dim=-1)
-        coef = p.eta * p.alpha_teacher * self.kd_scale(T, p.scale_by_t2) / (2 * p.radius * T * n)
+        coef = p.eta * p.alpha_teacher * k / (2 * p.radius * T * n)
         return coef * (q_plus - q_minus)
+
+
+def divergence_f64(logits, target, temperature, beta):
+    """float64 torch form of :meth:`ClassificationTask.kd_per_row` (the test oracle)."""
+    log_q = F.log_softmax(logits / temperature, dim=-1)
+    log_p = F.log_softmax(target / temperature, dim=-1)
+    if beta == 0.0:
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if beta == 1.0:
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    log_m = torch.logsumexp(
+        torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0
+    )
+    kl_p = (log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_q = (log_q.exp() * (log_q - log_m)).sum(-1)
+    return beta * kl_p + (1 - beta) * kl_q
 
 
 @TASKS.register
@@ -192,8 +264,8 @@ class RegressionTask(ClassificationTask):
         kw["num_labels"] = 1
         super().__init__(**kw)
 
-    def kd_per_row(self, logits, target_logits, temperature):
-        """``(logits - target)^2`` per row (no temperature)."""
+    def kd_per_row(self, logits, target_logits, temperature, beta=0.0):
+        """``(logits - target)^2`` per row (no temperature, no ``beta``)."""
         dtype = torch.promote_types(logits.dtype, torch.float32)
         return (logits.to(dtype) - target_logits.detach().to(dtype)).pow(2).sum(-1)
 
@@ -215,7 +287,7 @@ class RegressionTask(ClassificationTask):
         influence = -eta * ((sp - z).pow(2) - (sm - z).pow(2)).sum(-1) / (2 * radius)
         return grad, influence
 
-    def influence_logit_term(self, s_plus, s_minus, p: InfluenceParams):
+    def influence_logit_term(self, s_plus, s_minus, p: InfluenceParams, z=None, labels=None):
         """``eta a_t 2 (s+ - s-) / (2 R n)``, fp32."""
         dtype = torch.promote_types(s_plus.dtype, torch.float32)
         diff = s_plus.detach().to(dtype) - s_minus.detach().to(dtype)

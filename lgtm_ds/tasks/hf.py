@@ -26,6 +26,65 @@ EMBEDDED_BERT = {
     "bert-base": dict(),
     "bert-6l": dict(num_hidden_layers=6),
 }
+# Small decoders for causal-LM distillation (task type causal_lm), tests and benchmarks.
+# Llama-shaped (RMSNorm, rotary, SwiGLU, grouped-query attention) for runs and benchmarks;
+# GPT-2 blocks for float64 oracles (Llama's RMSNorm and rotary compute in fp32 even in a float64
+# model, lgtm-method.md). teacher ~7x the student's parameters at a 1-2k vocabulary.
+EMBEDDED_DECODERS = {
+    "teacher": (
+        "llama",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=384,
+        ),
+    ),
+    "student": (
+        "llama",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=128,
+        ),
+    ),
+    "tiny": (
+        "llama",
+        dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+        ),
+    ),
+    # the decoder-1b benchmark preset (GPU): Llama-3.2-1B-shaped teacher, ~0.27B student
+    "llama-1b": (
+        "llama",
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=8192,
+        ),
+    ),
+    "llama-270m": (
+        "llama",
+        dict(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            intermediate_size=2048,
+        ),
+    ),
+    "gpt2-teacher": ("gpt2", dict(n_embd=32, n_layer=2, n_head=2)),
+    "gpt2-student": ("gpt2", dict(n_embd=16, n_layer=1, n_head=2)),
+}
 EMBEDDED_PREFIX = "embedded:"
 _DROPOUT_KEYS = (
     "hidden_dropout_prob",
@@ -33,6 +92,10 @@ _DROPOUT_KEYS = (
     "dropout",
     "attention_dropout",
     "classifier_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "summary_first_dropout",
 )
 
 
@@ -61,6 +124,35 @@ def embedded_bert_config(
         **EMBEDDED_BERT[name],
     )
     set_dropout(cfg, dropout)
+    return cfg
+
+
+def embedded_decoder_config(name: str, *, options, max_position: int = 512) -> PretrainedConfig:
+    """``LlamaConfig`` / ``GPT2Config`` of ``embedded:<name>`` for a decoder task, sized for the
+    tokenizer (``options.vocab_size``) and carrying its special token ids."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if name not in EMBEDDED_DECODERS:
+        raise ModelError(
+            f"unknown embedded decoder '{EMBEDDED_PREFIX}{name}'; known: "
+            f"{', '.join(EMBEDDED_PREFIX + k for k in EMBEDDED_DECODERS)}"
+        )
+    family, shape = EMBEDDED_DECODERS[name]
+    o = options
+    ids = dict(
+        pad_token_id=o.pad_token_id, bos_token_id=o.bos_token_id, eos_token_id=o.eos_token_id
+    )
+    if family == "llama":
+        cfg = LlamaConfig(
+            vocab_size=o.vocab_size,
+            max_position_embeddings=max_position,
+            tie_word_embeddings=False,
+            **ids,
+            **shape,
+        )
+    else:
+        cfg = GPT2Config(vocab_size=o.vocab_size, n_positions=max_position, **ids, **shape)
+    set_dropout(cfg, o.dropout)
     return cfg
 
 

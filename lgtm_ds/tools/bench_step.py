@@ -2,8 +2,10 @@
 same models, same run. One child process per measurement (clean peak memory), one CSV row
 each, a table last.
 
-    python launch/bench_step.py                      # CPU-sized embedded BERTs
-    python launch/bench_step.py --preset bert-base   # BERT-base -> 6-layer BERT (GPU)
+    python launch/bench_step.py                        # CPU-sized embedded BERTs
+    python launch/bench_step.py --preset bert-base     # BERT-base -> 6-layer BERT (GPU)
+    python launch/bench_step.py --preset decoder-cpu   # Llama-shaped decoders, token level
+    python launch/bench_step.py --preset decoder-1b    # 1.2B -> 0.27B Llama, V = 128256 (GPU)
 
 Models, optimizers, DeepSpeed dicts and engines are built exactly as the trainer builds them
 (``Task.build_model``, ``lgtm_ds.engines.build``), from the default experiment config with the
@@ -26,12 +28,16 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# name: (teacher, student, batch, seq); embedded models are built from configs (no download)
+# name: (task type, teacher, student, batch, seq, vocabulary); embedded models are built from
+# configs (no download). Decoder batches: every token but a 1/4 prompt carries a loss.
 PRESETS = {
-    "cpu": ("embedded:teacher", "embedded:student", 32, 64),
-    "bert-base": ("embedded:bert-base", "embedded:bert-6l", 32, 128),
+    "cpu": ("classification", "embedded:teacher", "embedded:student", 32, 64, 30522),
+    "bert-base": ("classification", "embedded:bert-base", "embedded:bert-6l", 32, 128, 30522),
+    # teacher 1.43M ~ 7x the student's 0.20M parameters
+    "decoder-cpu": ("causal_lm", "embedded:teacher", "embedded:student", 16, 64, 1000),
+    "decoder-1b": ("causal_lm", "embedded:llama-1b", "embedded:llama-270m", 8, 512, 128256),
 }
-VOCAB, LABELS = 30522, 3
+LABELS = 3
 NAIVE = "naive"  # the reference form of LGTM (lgtm_ds.methods.naive), plain modules
 
 
@@ -52,7 +58,7 @@ def child(args) -> dict:
     from lgtm_ds.tasks import get_task
     from lgtm_ds.tasks.base import ModelOptions
 
-    t_name, s_name, batch, seq = PRESETS[args.preset]
+    task_type, t_name, s_name, batch, seq, vocab = PRESETS[args.preset]
     batch, seq = args.batch or batch, args.seq or seq
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method = args.method
@@ -68,11 +74,13 @@ def child(args) -> dict:
             "train.teacher_lr=3e-5",
             "train.weight_decay=0.01",
             f"train.precision={args.precision}",
+            f"data.task_type={task_type}",
             *([f"deepspeed.config={args.ds_config}"] if args.ds_config else []),
         ],
     )
-    task = get_task("classification")(num_labels=LABELS)
-    options = ModelOptions(vocab_size=VOCAB, seed=0)
+    decoder = task_type == "causal_lm"
+    task = get_task(task_type)(num_labels=None if decoder else LABELS)
+    options = ModelOptions(vocab_size=vocab, seed=0)
     teacher = task.build_model(t_name, role="teacher", options=options).to(dev)
     student = task.build_model(s_name, role="student", options=options).to(dev)
     on_deepspeed = args.engine == "deepspeed" and method != NAIVE
@@ -81,14 +89,17 @@ def child(args) -> dict:
     g = torch.Generator().manual_seed(0)
 
     def data(n):
-        return [
-            {
-                "input_ids": torch.randint(0, VOCAB, (batch, seq), generator=g).to(dev),
-                "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=dev),
-                "labels": torch.randint(0, LABELS, (batch,), generator=g).to(dev),
-            }
-            for _ in range(n)
-        ]
+        out = []
+        for _ in range(n):
+            ids = torch.randint(0, vocab, (batch, seq), generator=g)
+            if decoder:
+                labels = ids.clone()
+                labels[:, : seq // 4] = -100  # a prompt
+            else:
+                labels = torch.randint(0, LABELS, (batch,), generator=g)
+            mask = torch.ones(batch, seq, dtype=torch.long)
+            out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        return [{k: v.to(dev) for k, v in b.items()} for b in out]
 
     if method == NAIVE:
         t_opt = build_adamw(teacher, cfg.train.teacher_lr, cfg.train.weight_decay)
@@ -148,6 +159,7 @@ def child(args) -> dict:
         "device": device,
         "batch": batch,
         "seq": seq,
+        "tok_per_s": batch * seq / statistics.median(times) * 1e3,
     }
 
 
@@ -187,6 +199,7 @@ CSV_HEADER = [
     "ms_p80",
     "x_vanilla",
     "peak_mib",
+    "tok_per_s",
 ]
 
 
@@ -266,6 +279,14 @@ def _write_csv(args, rows: list[dict]) -> None:
     commit, machine = _commit(), f"{platform.node()} {platform.machine()}"
     os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
     new = not os.path.exists(args.csv)
+    if not new:
+        with open(args.csv, newline="") as fh:
+            old = list(csv.reader(fh))
+        if old and old[0] != CSV_HEADER:  # a column was added since: pad the old rows
+            pad = {c: i for i, c in enumerate(old[0])}
+            fixed = [[r[pad[c]] if c in pad else "" for c in CSV_HEADER] for r in old[1:]]
+            with open(args.csv, "w", newline="") as fh:
+                csv.writer(fh).writerows([CSV_HEADER, *fixed])
     with open(args.csv, "a", newline="") as fh:
         w = csv.writer(fh)
         if new:
@@ -289,6 +310,7 @@ def _write_csv(args, rows: list[dict]) -> None:
                     f"{r['ms_p80']:.2f}",
                     f"{x:.2f}",
                     f"{r['peak_mib']:.0f}",
+                    f"{r['tok_per_s']:.0f}",
                 ]
             )
 
@@ -298,11 +320,14 @@ def _print_table(args, rows: list[dict]) -> None:
         f"\n{args.preset} preset, batch {rows[0]['batch']} x {rows[0]['seq']}, "
         f"{args.precision}, {rows[0]['device']}, engine {args.engine} (naive: plain torch)"
     )
-    print(f"{'method':<12}{'ms/step':>10}{'p20':>9}{'p80':>9}{'x vanilla':>11}{'peak MiB':>10}")
+    print(
+        f"{'method':<12}{'ms/step':>10}{'p20':>9}{'p80':>9}{'x vanilla':>11}{'peak MiB':>10}"
+        f"{'tokens/s':>10}"
+    )
     for r, x in zip(rows, _x_vanilla(rows)):
         print(
             f"{r['method']:<12}{r['ms_median']:>10.1f}{r['ms_p20']:>9.1f}{r['ms_p80']:>9.1f}"
-            f"{x:>11.2f}{r['peak_mib']:>10.0f}"
+            f"{x:>11.2f}{r['peak_mib']:>10.0f}{r['tok_per_s']:>10.0f}"
         )
     print("peak MiB: CUDA max allocated on GPU; process max RSS on CPU (includes the runtime).")
 

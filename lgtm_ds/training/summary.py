@@ -10,6 +10,8 @@ def build_summary(
     *,
     task_name: str,
     primary: str,
+    lower_is_better: bool = False,
+    data: dict | None = None,
     steps: int,
     stage1_steps: int,
     world: int,
@@ -31,7 +33,14 @@ def build_summary(
         "precision": cfg.train.precision,
         "primary_metric": primary,
         "final": {k: v for k, v in final.items() if k != "step"},
-        "best_student": max((h[f"student/{primary}"] for h in history), default=None),
+        "best_student": (min if lower_is_better else max)(
+            (h[f"student/{primary}"] for h in history if h["step"] > 0), default=None
+        ),
+        "initial": next(
+            ({k: v for k, v in h.items() if k != "step"} for h in history if h["step"] == 0), None
+        ),
+        "evaluations": history,
+        "dropped_by_truncation": (data or {}).get("dropped_by_truncation"),
     }
 
 
@@ -46,7 +55,17 @@ def format_summary(s: dict, out: Path) -> str:
         f"  ->  student {s['params']['student'] / 1e6:.2f}M params "
         f"(ZeRO-{s['zero_stage']['student']})",
         f"wall time {s['wall_s']:.1f} s",
+        (
+            "before training: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(s["initial"].items()))
+            if s.get("initial")
+            else ""
+        ),
         "final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(s["final"].items())),
+        (
+            f"dropped (all loss tokens truncated away): {s['dropped_by_truncation']}"
+            if any((s.get("dropped_by_truncation") or {}).values())
+            else ""
+        ),
         f"best student {pm}: {s['best_student']:.4f}" if s["best_student"] is not None else "",
         f"outputs: {out}/ (config.yaml, metrics.jsonl, data_split.json, student/, "
         + ("teacher/, " if (out / "teacher").exists() else "")

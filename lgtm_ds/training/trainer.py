@@ -18,12 +18,21 @@ import numpy as np
 import torch
 
 from ..config import ExperimentConfig, config_to_dict, save_resolved
-from ..data import GlobalBatches, build_tokenizer, load_task, make_loader, synthetic_corpus_texts
+from ..data import (
+    GlobalBatches,
+    build_tokenizer,
+    load_task,
+    make_loader,
+    own_tokenizer,
+    synthetic_corpus_texts,
+    synthetic_instruction_texts,
+)
 from ..engines.build import build_engines, resolve_ds_configs
 from ..engines.deepspeed import all_gather_object, init_distributed
 from ..errors import ConfigError
 from ..io import write_json_atomic
 from ..methods import Distiller, get_method
+from ..tasks import get_task
 from ..tasks.base import ModelOptions
 from ..tasks.hf import is_embedded
 from .checkpoint import load_checkpoint, resolve_resume, restore_rng, save_checkpoint
@@ -101,25 +110,44 @@ class Trainer:
         tok_name = cfg.model.tokenizer or (
             "embedded" if is_embedded(cfg.model.teacher) else cfg.model.teacher
         )
+        decoder = get_task(cfg.data.task_type or "classification").embedded_tokenizer == "decoder"
         corpus = None
         if tok_name == "embedded" and cfg.data.source == "synthetic":
-            corpus = synthetic_corpus_texts(cfg.data.synthetic_examples, cfg.train.seed)
-        self.tokenizer = build_tokenizer(tok_name, corpus)
+            corpus = (
+                synthetic_instruction_texts(cfg.data.synthetic_examples, cfg.train.seed)
+                if decoder
+                else synthetic_corpus_texts(cfg.data.synthetic_examples, cfg.train.seed)
+            )
+        self.tokenizer = build_tokenizer(tok_name, corpus, causal_lm=decoder)
         self.data = load_task(cfg.data, self.tokenizer, cfg.train.seed)
         self.task = self.data.task
         self.collate = self.task.collator(self.tokenizer)
 
     def _build_models(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         m = self.cfg.model
+        tok = self.tokenizer
         options = ModelOptions(
-            vocab_size=len(self.tokenizer),
+            vocab_size=len(tok),
             dropout=m.dropout,
             zero_init_head=m.zero_init_classifier,
             seed=self.cfg.train.seed,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
         )
         teacher = self.task.build_model(m.teacher, role="teacher", options=options)
         student = self.task.build_model(m.student, role="student", options=options)
         self.task.check_pair(teacher, student, m.teacher, m.student)
+        tok_name = m.tokenizer or m.teacher
+        for role, name in (("teacher", m.teacher), ("student", m.student)):
+            if name != tok_name:  # the run's tokenizer vs the one saved with the model
+                self.task.check_tokenizers(tok, own_tokenizer(name), tok_name, role, name)
+        for model, on in (
+            (teacher, m.teacher_gradient_checkpointing),
+            (student, m.student_gradient_checkpointing),
+        ):
+            if on:
+                _checkpoint_activations(model)
         self.n_params = {
             "teacher": sum(p.numel() for p in teacher.parameters()),
             "student": sum(p.numel() for p in student.parameters()),
@@ -152,6 +180,7 @@ class Trainer:
         )
 
         def batches(ds):
+            lengths = [len(x) for x in ds["input_ids"]] if cfg.data.group_by_length else None
             return GlobalBatches(
                 ds,
                 micro_batch_size=cfg.train.micro_batch_size,
@@ -160,6 +189,7 @@ class Trainer:
                 rank=self.rank,
                 world_size=self.world,
                 collate_fn=self.collate,
+                lengths=lengths,
             )
 
         self.train_batches = batches(self.data.train)
@@ -194,19 +224,26 @@ class Trainer:
             drop_last=False,
             collate_fn=self.collate,
         )
-        labels = np.asarray(self.data.eval["labels"])
-        res = {}
-        for role, eng in (("teacher", self.teacher), ("student", self.student)):
+        engines = {"teacher": self.teacher, "student": self.student}
+        for eng in engines.values():
             eng.module.eval()
-            with torch.no_grad():
-                preds = np.concatenate([self.task.predictions(eng.forward(b)) for b in loader])
+        parts: dict[str, list[np.ndarray]] = {}
+        with torch.no_grad():
+            for b in loader:
+                logits = {role: eng.forward(b) for role, eng in engines.items()}
+                for key, rows in self.task.eval_rows(logits, b).items():
+                    parts.setdefault(key, []).append(rows)
+                del logits
+        for eng in engines.values():
             eng.module.train()
-            full = np.zeros((n, *preds.shape[1:]), dtype=preds.dtype)
-            for ids, p in all_gather_object((mine, preds)):
-                full[np.asarray(ids)] = p
-            for k, v in self.task.compute_metrics(full, labels).items():
-                res[f"{role}/{k}"] = v
-        return res
+        mine_rows = {k: np.concatenate(v) for k, v in parts.items()}
+        full = {}
+        for ids, rows in all_gather_object((mine, mine_rows)):
+            for k, a in rows.items():
+                if k not in full:
+                    full[k] = np.zeros((n, *a.shape[1:]), dtype=a.dtype)
+                full[k][np.asarray(ids)] = a  # padded duplicates land on their own row
+        return self.task.score(full, self.data.eval["labels"])
 
     # -- training ----------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -223,6 +260,10 @@ class Trainer:
         )
         self._teacher_stage1()
         history = []
+        if self.step == 0:  # the starting point (after vanilla KD's stage 1)
+            ev = self.evaluate()
+            history.append({"step": 0, **ev})
+            self.logger.log({"step": 0, "eval": True, **ev})
         while self.step < self.total_steps:
             quiz = self.quiz_batches.next() if self.quiz_batches is not None else None
             m = self.distiller.step(self.train_batches.next(), quiz)
@@ -248,8 +289,6 @@ class Trainer:
             self.bar.update(1)
             if self.stage1_done % self.cfg.train.log_every == 0:
                 self.logger.log({"stage": 1, "step": self.stage1_done, **m})
-        if self.stage1_steps and self.step == 0:
-            self.logger.log({"stage": 1, "step": self.stage1_done, "eval": True, **self.evaluate()})
 
     def _log_step(self, m: dict) -> None:
         influence = m.pop("influence", None)
@@ -300,6 +339,8 @@ class Trainer:
             cfg,
             task_name=self.data.name,
             primary=self.task.primary_metric,
+            lower_is_better=self.task.primary_metric in self.task.lower_is_better,
+            data=self.data.split_record(),
             steps=self.step,
             stage1_steps=self.stage1_done,
             world=self.world,
@@ -319,6 +360,16 @@ class Trainer:
             print(text, flush=True)
         self.logger.close()
         return summary
+
+
+def _checkpoint_activations(model: torch.nn.Module) -> None:
+    """Hugging Face activation checkpointing, non-reentrant (works with ``autograd.grad`` and
+    the functional influence passes); ``gradient_checkpointing_enable`` before transformers 5."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(kwargs)
 
 
 def run(cfg: ExperimentConfig) -> dict:

@@ -1,0 +1,145 @@
+"""Token-level distillation on real DeepSpeed engines: 3 steps per engine configuration on
+decoder batches of unequal lengths (prompt and padding masked), saving the final fp32
+parameters (rank 0) for ``tests/test_ds_lm_equivalence.py``.
+
+    deepspeed --num_gpus N tests/ds_lm_worker.py --out DIR
+"""
+
+import argparse
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lgtm_ds import Distiller  # noqa: E402
+from lgtm_ds.engines.deepspeed import (  # noqa: E402
+    build_engine,
+    init_distributed,
+    shutdown_distributed,
+)
+from lgtm_ds.engines.optim import build_adamw, warmup_linear  # noqa: E402
+from lgtm_ds.tasks import get_task  # noqa: E402
+from tests.ds_worker import ds_config, full_params, local_storage  # noqa: E402
+from tests.helpers import lm_batch, tiny_decoder  # noqa: E402
+
+GLOBAL_BATCH, STEPS = 8, 3
+# name: (method, teacher stage, student stage, precision, gradient accumulation steps)
+CASES = {
+    "lm_z2_2": ("lgtm", 2, 2, "fp32", 1),
+    "lm_z2_2_gas2": ("lgtm", 2, 2, "fp32", 2),
+    "lm_z3_3": ("lgtm", 3, 3, "fp32", 1),
+    "lm_z3_2": ("lgtm", 3, 2, "fp32", 1),
+    "lm_online_z2_2_gas2": ("online_kd", 2, 2, "fp32", 2),
+    "lm_z3_3_bf16": ("lgtm", 3, 3, "bf16", 1),
+}
+
+
+def batches(step, rank, world, gas):
+    out = []
+    for seed, n in ((1000 + step, GLOBAL_BATCH), (2000 + step, GLOBAL_BATCH)):
+        b = lm_batch(n, seed)
+        mine = {k: v[rank::world] for k, v in b.items()}
+        m = n // world // gas
+        out.append([{k: v[i * m : (i + 1) * m] for k, v in mine.items()} for i in range(gas)])
+    return out
+
+
+def _models():
+    return tiny_decoder("gpt2-teacher", 1), tiny_decoder("gpt2-student", 2)
+
+
+def run_case(name, rank, world):
+    method, ts, ss, precision, gas = CASES[name]
+    teacher, student = _models()
+    init = {
+        "teacher": [p.detach().clone() for p in teacher.parameters()],
+        "student": [p.detach().clone() for p in student.parameters()],
+    }
+    micro = GLOBAL_BATCH // world // gas
+    engines = {}
+    for role, model, stage, lr in (("teacher", teacher, ts, 3e-3), ("student", student, ss, 5e-3)):
+        opt = build_adamw(model, lr, 0.01)
+        engines[role] = build_engine(
+            model,
+            opt,
+            warmup_linear(opt, 10, 0.2),
+            ds_config(stage, precision, micro, gas, world, None, role),
+            role,
+        )
+    task = get_task("causal_lm")()
+    d = Distiller(method, teacher=engines["teacher"], student=engines["student"], task=task)
+    restored, influence = True, []
+    for step in range(STEPS):
+        train, quiz = batches(step, rank, world, gas)
+        if method == "lgtm":
+            before = [local_storage(p).clone() for p in student.parameters()]
+            m = d.method.teacher_update(train, quiz)
+            restored &= all(
+                torch.equal(local_storage(p), b) for p, b in zip(student.parameters(), before)
+            )
+            influence.append(m["influence"])
+        else:
+            d.method.teacher_update(train, None)
+        d.method.student_update(train)
+    return {
+        "teacher": full_params(engines["teacher"]),
+        "student": full_params(engines["student"]),
+        "init": init,
+        "restored": restored,
+        "influence": torch.cat(influence) if influence else None,
+    }
+
+
+def run_torch(method):
+    """The plain-module path, one micro-batch of the whole global batch."""
+    teacher, student = _models()
+    opts = {}
+    for role, model, lr in (("teacher", teacher, 3e-3), ("student", student, 5e-3)):
+        opt = build_adamw(model, lr, 0.01)
+        opts[role] = (opt, warmup_linear(opt, 10, 0.2))
+    d = Distiller(
+        method,
+        teacher=teacher,
+        student=student,
+        teacher_optimizer=opts["teacher"][0],
+        student_optimizer=opts["student"][0],
+        teacher_scheduler=opts["teacher"][1],
+        student_scheduler=opts["student"][1],
+        max_grad_norm=1.0,
+        task=get_task("causal_lm")(),
+    )
+    for step in range(STEPS):
+        train, quiz = batches(step, 0, 1, 1)
+        d.step(train, quiz)
+    return {
+        "teacher": [p.detach().clone() for p in teacher.parameters()],
+        "student": [p.detach().clone() for p in student.parameters()],
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--local_rank", type=int, default=0)
+    args = ap.parse_args()
+    rank, world = init_distributed(timeout_s=300)
+    for name in CASES:
+        try:
+            res = run_case(name, rank, world)
+        except Exception:
+            traceback.print_exc()
+            res = {"error": "crash: " + traceback.format_exc(limit=3)}
+        if rank == 0:
+            torch.save(res, os.path.join(args.out, f"{name}.w{world}.pt"))
+    if rank == 0:
+        ref = {"lgtm": run_torch("lgtm"), "online_kd": run_torch("online_kd")}
+        torch.save(ref, os.path.join(args.out, f"torch.w{world}.pt"))
+    print(f"rank {rank}: done", flush=True)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
