@@ -235,3 +235,17 @@ def test_classifier_checkpoint_for_a_decoder_task_and_the_reverse(tmp_path):
     cls = get_task("classification")(num_labels=2)
     with pytest.raises(ModelError, match="is a causal LM.*data.task_type=causal_lm"):
         cls.build_model(str(tmp_path / "lm"), role="student", options=ModelOptions(VOCAB))
+
+
+def test_distiller_takes_a_decoder_batch_unchanged():
+    """No task given: labels [B, L] make it a causal-LM run (same updates as task="causal_lm")."""
+    runs = []
+    for task in (None, "causal_lm"):
+        t, s, to, so = _pair()
+        d = Distiller(
+            "lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so, task=task
+        )
+        d.step(lm_batch(4, 1), lm_batch(3, 2))
+        assert d.task.name == "causal_lm"
+        runs.append(list(t.parameters()) + list(s.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

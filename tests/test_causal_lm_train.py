@@ -164,3 +164,15 @@ def test_classifier_for_a_decoder_task_is_one_error_and_no_output(tmp_path, dist
     with pytest.raises(ModelError, match="not a causal LM"):
         _run(tmp_path, f"model.teacher={tmp_path / 'cls'}", "model.tokenizer=embedded")
     assert not (tmp_path / "out").exists()
+
+
+def test_teacher_offload_through_the_role_dict(tmp_path, dist_env):
+    """A ZeRO-3 teacher with optimizer and parameter offload to CPU, DeepSpeed's own keys in
+    deepspeed.teacher (the client AdamW needs zero_force_ds_cpu_optimizer: false)."""
+    s = _run(
+        tmp_path,
+        "train.max_steps=2",
+        "deepspeed.teacher={zero_optimization: {stage: 3, offload_optimizer: {device: cpu}, "
+        "offload_param: {device: cpu}}, zero_force_ds_cpu_optimizer: false}",
+    )
+    assert s["steps"] == 2 and s["zero_stage"]["teacher"] == 3

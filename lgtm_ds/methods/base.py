@@ -82,6 +82,7 @@ class Method:
         of ``sum over rows / rows in the global batch``: micro 8 x accumulation 1 equals 4 x 2
         and 1 rank equals 2 ranks even when micro-batches hold different numbers of rows
         (tokens). Equal counts give exactly 1.0. One small all-reduce (none on one process)."""
+        self.d.resolve_task(groups[0][0])  # Distiller(task=None): the first batch decides
         counts = [[self.d.task.count_rows(b) for b in g] for g in groups]
         local = torch.tensor(
             [float(sum(c)) for c in counts], dtype=torch.float64, device=device_of(self.d.student)

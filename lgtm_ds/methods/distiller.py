@@ -23,7 +23,9 @@ class Distiller:
     ``teacher`` / ``student`` are :class:`Engine` objects (the DeepSpeed adapters) or plain
     ``nn.Module`` s, which are wrapped in :class:`TorchEngine` with ``teacher_optimizer`` /
     ``student_optimizer`` (torch optimizers; AdamW for an LGTM student). ``task`` is a task type
-    name (``"classification"``, ``"regression"``) or a :class:`Task`. ``eta`` of the LGTM
+    name (``"classification"``, ``"regression"``, ``"causal_lm"``) or a :class:`Task`; None picks
+    it from the first batch: ``labels`` of shape [B, L] (-100 = ignored) is a causal-LM batch,
+    [B] a classification batch (regression must be named). ``eta`` of the LGTM
     influence term is the teacher optimizer's current learning rate.
     """
 
@@ -33,7 +35,7 @@ class Distiller:
         *,
         teacher: nn.Module | Engine,
         student: nn.Module | Engine,
-        task: str | Task = "classification",
+        task: str | Task | None = None,
         teacher_optimizer=None,
         student_optimizer=None,
         alpha_student: float = 1.0,
@@ -63,7 +65,7 @@ class Distiller:
             jsd_beta,
             teacher_jsd_beta,
         )
-        self.task = get_task(task)() if isinstance(task, str) else task
+        self.task: Task | None = get_task(task)() if isinstance(task, str) else task
         wrap = dict(gradient_accumulation_steps=gradient_accumulation_steps)
         wrap["max_grad_norm"] = max_grad_norm
         self.teacher = _engine(teacher, teacher_optimizer, teacher_scheduler, "teacher", **wrap)
@@ -113,6 +115,7 @@ class Distiller:
         per-row ``influence`` of the batch (tensor, rows of all micro-batches concatenated).
         """
         micro = as_list(batch)
+        self.resolve_task(micro[0])
         if len(micro) != self.student.gradient_accumulation_steps:
             raise ConfigError(
                 f"got {len(micro)} micro-batches, but the engines accumulate "
@@ -125,7 +128,15 @@ class Distiller:
 
     def teacher_finetune_step(self, batch) -> dict:
         """A teacher-only step on its task loss (vanilla KD's stage 1)."""
-        return self.method.teacher_finetune_step(as_list(batch))
+        micro = as_list(batch)
+        self.resolve_task(micro[0])
+        return self.method.teacher_finetune_step(micro)
+
+    def resolve_task(self, batch: dict) -> None:
+        """With ``task=None``: pick the task type from a batch's ``labels`` (once)."""
+        if self.task is None:
+            labels = batch["labels"]
+            self.task = get_task("causal_lm" if labels.dim() == 2 else "classification")()
 
 
 def _engine(model, optimizer, scheduler, role: str, **kw) -> Engine:
