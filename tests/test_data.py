@@ -294,7 +294,8 @@ def test_files_each_format_string_labels_and_pairs(tok, tmp_path, ext):
 def test_files_int_float_labels_and_carved_eval(tok, tmp_path):
     tr = _write(tmp_path / "ints.csv", _rows(50, label=lambda i: i % 2))
     t = D.load_task(_cfg(source="files", train_file=tr, text_columns=["review"]), tok, seed=0)
-    assert t.num_labels == 2 and t.task.label_names is None and t.task.name == "classification"
+    assert t.num_labels == 2 and t.task.label_names == ["0", "1"]
+    assert t.task.name == "classification"
     assert len(t.eval) == 5 and len(t.eval_indices) == 5 and len(t.quiz) == 4 and len(t.train) == 41
     assert not set(t.eval_indices) & set(t.quiz_indices)
     fl = _write(tmp_path / "floats.jsonl", _rows(20, label=lambda i: i / 4))
@@ -445,3 +446,48 @@ def test_infinite_loader_cycles_deterministically(tok):
     )
     inf3.load_state_dict(state)
     assert next(inf3)["labels"].tolist() == nxt
+
+
+@pytest.mark.parametrize(
+    "labels,task_type,want_type,want_names",
+    [
+        ([0.0, 1.0], None, "classification", ["0", "1"]),  # integral floats are classes
+        ([0, 5], None, "classification", ["0", "5"]),  # a gap: 2 classes, not 6
+        ([1, 2, 3], None, "classification", ["1", "2", "3"]),  # an offset: no empty class 0
+        ([-1, 1], None, "classification", ["-1", "1"]),
+        ([0.0, 1.0], "regression", "regression", None),  # the config says regression
+        ([0.5, 1.25], None, "regression", None),  # really fractional
+        (["pos", "neg"], None, "classification", ["neg", "pos"]),
+    ],
+)
+def test_file_labels_map_to_contiguous_ids(tok, tmp_path, labels, task_type, want_type, want_names):
+    rows = _rows(40, label=lambda i: labels[i % len(labels)])
+    tr = _write(tmp_path / "train.jsonl", rows)
+    cfg = _cfg(source="files", train_file=tr, text_columns=["review"], task_type=task_type)
+    t = D.load_task(cfg, tok, seed=0)
+    assert t.task.name == want_type and t.task.label_names == want_names
+    assert t.split_record()["label_names"] == want_names
+    if want_type == "classification":
+        ids = sorted(set(t.train["labels"]))
+        assert ids == list(range(len(want_names)))
+        # the id of a row is the position of its original label among the sorted names
+        raw = [r["label"] for r in rows]
+        first = t.quiz_indices[0]
+        orig = raw[first]
+        orig = str(int(orig)) if isinstance(orig, float) else str(orig)
+        assert want_names[t.quiz["labels"][0]] == orig
+
+
+def test_mixed_text_and_numeric_labels_is_one_error(tok, tmp_path):
+    rows = _rows(30, label=lambda i: i % 2)
+    rows[7]["label"] = "pos"
+    tr = _write(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=r"mixes text labels \['pos'\].*odd ones out: \['pos'\]"):
+        D.load_task(_cfg(source="files", train_file=tr, text_columns=["review"]), tok, 0)
+
+
+def test_fractional_labels_for_classification_is_one_error(tok, tmp_path):
+    tr = _write(tmp_path / "train.jsonl", _rows(30, label=lambda i: i / 4))
+    cfg = _cfg(source="files", train_file=tr, text_columns=["review"], task_type="classification")
+    with pytest.raises(DataError, match="fractional value"):
+        D.load_task(cfg, tok, 0)

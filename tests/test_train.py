@@ -100,6 +100,41 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, dist_env):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize(
+    "method,every,extra",
+    [
+        # 40 quiz rows / micro 8: the quiz loader finishes an epoch at step 5
+        ("lgtm", 5, []),
+        # 48 rows capped, 5 of them carved off as quiz: 43 / micro 8 = 5 batches per epoch
+        ("online_kd", 5, ["data.max_train_examples=48"]),
+    ],
+    ids=["lgtm-quiz-epoch-boundary", "online-train-epoch-boundary"],
+)
+def test_resume_at_an_epoch_boundary_is_exact(tmp_path, dist_env, method, every, extra):
+    """A checkpoint taken right after a loader finished an epoch: the resumed run equals the
+    uninterrupted one bit for bit (the next epoch's loader must not draw from the global RNG
+    that dropout uses)."""
+    from lgtm_ds.training import Trainer
+
+    common = [
+        *SMALL,
+        *extra,
+        f"method.name={method}",
+        "model.dropout=0.1",
+        f"train.max_steps={every + 2}",
+        "train.eval_every=0",
+        f"output.checkpoint_every={every}",
+    ]
+    ta = Trainer(load_config(None, [f"output.dir={tmp_path / 'a'}", *common]))
+    ta.finish(ta.train())
+    full = [p.detach().clone() for e in (ta.student, ta.teacher) for p in e.module.parameters()]
+    tb = Trainer(load_config(None, [f"output.dir={tmp_path / 'a'}", *common, "output.resume=auto"]))
+    assert tb.step == every
+    tb.finish(tb.train())
+    resumed = [p.detach() for e in (tb.student, tb.teacher) for p in e.module.parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(resumed, full))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["online_kd", "vanilla_kd"])
 def test_baseline_methods_train(tmp_path, dist_env, method):
@@ -377,3 +412,58 @@ def test_bad_resume_target_leaves_a_finished_run_alone(tmp_path, dist_env):
         _run(tmp_path, "output.resume=auto")
     assert (out / "summary.json").read_text() == "{}"
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_label_names_are_saved_with_the_models(tmp_path, dist_env):
+    """String labels from a file: id -> name in both saved models' config and data_split.json."""
+    from transformers import AutoConfig
+
+    rows = [
+        {"text": f"review number {i} was {w}", "label": w}
+        for i in range(120)
+        for w in [["pos", "neg", "meh"][i % 3]]
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    _run(
+        tmp_path,
+        "data.source=files",
+        f"data.train_file={path}",
+        "train.max_steps=1",
+        "train.eval_every=0",
+    )
+    want = {0: "meh", 1: "neg", 2: "pos"}
+    for role in ("student", "teacher"):
+        assert AutoConfig.from_pretrained(tmp_path / "out" / role).id2label == want
+    split = json.loads((tmp_path / "out" / "data_split.json").read_text())
+    assert split["label_names"] == ["meh", "neg", "pos"]
+
+
+def test_outputs_have_normal_permissions(tmp_path, dist_env):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        _run(tmp_path, "train.max_steps=1", "train.eval_every=0")
+    finally:
+        os.umask(old)
+    for name in ("config.yaml", "data_split.json", "summary.json"):
+        assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o644, name
+    assert "summary.txt" in (tmp_path / "out" / "summary.txt").read_text()
+
+
+def test_output_dir_that_is_a_file_or_unwritable_is_one_error(tmp_path, dist_env):
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        _run(tmp_path)
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):  # root ignores permissions
+            pytest.skip("running as root: a read-only folder is still writable")
+        from lgtm_ds.training import run
+
+        with pytest.raises(ConfigError, match="cannot create or write"):
+            run(load_config(None, [f"output.dir={tmp_path / 'ro' / 'run'}", *SMALL]))
+    finally:
+        (tmp_path / "ro").chmod(0o700)

@@ -588,8 +588,13 @@ class OutputConfig(Section):
     checkpoint_every: int = Field(
         0, ge=0, description="optimizer steps between checkpoints; 0 = none"
     )
+    keep_checkpoints: int | None = Field(
+        None, gt=0, description="keep only the newest K checkpoints; null = all"
+    )
     resume: NonEmptyStr | None = Field(
-        None, description='checkpoint folder, or "auto" = the latest under dir/checkpoints'
+        None,
+        description='checkpoint folder, or "auto" = the latest under dir/checkpoints, or a '
+        "fresh start when there is none yet (one command both starts and continues a job)",
     )
     wandb: bool = Field(False, description="log to Weights & Biases")
     wandb_project: NonEmptyStr = Field("lgtm-ds", description="W&B project name")

@@ -47,7 +47,17 @@ def make_loader(
         drop_last=drop_last,
         collate_fn=collate_fn,
         num_workers=0,
+        generator=_own_generator(seed),
     )
+
+
+def _own_generator(seed: int) -> torch.Generator:
+    """The DataLoader's own generator. Every new iterator (each epoch) draws a base seed from
+    the loader's generator, or from the *global* RNG without one: that draw would shift the
+    dropout stream at every epoch boundary, and a run resumed from a checkpoint taken right after
+    an epoch ended (whose next iterator is created before the saved RNG is restored) would then
+    differ from the uninterrupted run."""
+    return torch.Generator().manual_seed(int(seed))
 
 
 class InfiniteLoader:
@@ -258,4 +268,5 @@ def _length_grouped_loader(
         drop_last=True,
         collate_fn=collate_fn,
         num_workers=0,
+        generator=_own_generator(seed),
     )

@@ -120,6 +120,7 @@ class TaskData:
         return {
             "task": self.name,
             "task_type": self.task.name,
+            "label_names": self.task.label_names,  # class id -> the label as in the data
             "quiz_source": self.quiz_source,
             "quiz_indices": self.quiz_indices,
             "eval_indices": self.eval_indices,
@@ -236,49 +237,70 @@ def _encode_file_labels(
     label_col: str,
     train_path: str,
     val_path: str | None,
+    task_type: str | None = None,
 ):
-    """(train labels, validation labels, num_labels, task type, label names): ints ->
-    classification ids; strings/bools -> sorted ids; floats -> regression."""
-    tr = train[label_col]
-    va = val[label_col] if val is not None else []
+    """(train labels, validation labels, num_labels, task type, label names) of a label column.
+
+    - ``data.task_type: regression``: numbers as floats (anything else is an error).
+    - Otherwise classification, unless some label is really fractional (1.5; then regression,
+      or an error if ``data.task_type`` says classification): integers and integral floats
+      (0.0 / 1.0) are classes. Class values are mapped to contiguous ids in sorted order
+      (numbers numerically, text alphabetically), so labels {0, 5} give 2 classes and {1, 2}
+      do not leave an empty class 0; the label names (the original values as text) go into the
+      models' ``id2label`` and ``data_split.json``.
+    - A column mixing text and numbers is one error naming the odd values.
+    """
+    tr = list(train[label_col])
+    va = list(val[label_col]) if val is not None else []
     for values, path in ((tr, train_path), (va, val_path)):
         for i, v in enumerate(values):
             if v is None or (isinstance(v, float) and np.isnan(v)):
                 raise DataError(f"column {label_col!r} of {path}: missing label in row {i}")
-    kinds = {type(v) for v in list(tr) + list(va)}
-    if kinds <= {float, int} and float in kinds:
+
+    def is_num(v):
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    everything = tr + va
+    nums = [v for v in everything if is_num(v)]
+    if nums and len(nums) != len(everything):
+        texts = sorted({str(v) for v in everything if not is_num(v)})
+        numbers = sorted({v for v in nums})
+        odd = texts if len(texts) <= len(numbers) else [str(x) for x in numbers]
+        raise DataError(
+            f"column {label_col!r} mixes text labels {texts[:5]} with numeric labels "
+            f"{numbers[:5]} ({train_path}{', ' + val_path if val_path else ''}); the odd ones "
+            f"out: {odd[:5]}. Use one kind of label per column"
+        )
+    fractional = any(isinstance(v, float) and not float(v).is_integer() for v in nums)
+    if task_type == "regression" or (task_type is None and fractional):
+        if len(nums) != len(everything):
+            raise DataError(
+                f"column {label_col!r}: data.task_type=regression needs numeric labels, got "
+                f"{sorted({str(v) for v in everything})[:5]}"
+            )
         return [float(v) for v in tr], [float(v) for v in va], 1, "regression", None
-    if kinds <= {int}:
-        neg = [v for v in list(tr) + list(va) if v < 0]
-        if neg:
-            raise DataError(
-                f"column {label_col!r}: integer labels must be >= 0 (class ids), got {neg[0]}"
-            )
-        num_labels = max(tr) + 1
-        bad = [v for v in va if v >= num_labels]
-        if bad:
-            raise DataError(
-                f"column {label_col!r} of {val_path}: label {bad[0]} does not occur in the "
-                f"training file {train_path} (its labels are 0..{num_labels - 1})"
-            )
-        return list(tr), list(va), num_labels, "classification", None
-    tr_s = [str(v) for v in tr]
-    va_s = [str(v) for v in va]
-    names = sorted(set(tr_s))
-    mapping = {n: i for i, n in enumerate(names)}
-    unseen = sorted(set(va_s) - set(names))
+    if fractional:
+        ex = next(v for v in nums if not float(v).is_integer())
+        raise DataError(
+            f"column {label_col!r}: data.task_type={task_type!r} needs class labels, got the "
+            f"fractional value {ex}; set data.task_type=regression (or null)"
+        )
+    if nums:
+        key = [int(v) for v in tr], [int(v) for v in va]
+        classes = sorted(set(key[0]))
+        names = [str(c) for c in classes]
+    else:
+        key = [str(v) for v in tr], [str(v) for v in va]
+        classes = sorted(set(key[0]))
+        names = list(classes)
+    unseen = sorted(set(key[1]) - set(classes))
     if unseen:
         raise DataError(
             f"column {label_col!r} of {val_path}: label(s) {unseen} do not occur in the training "
             f"file {train_path} (its labels are {names})"
         )
-    return (
-        [mapping[v] for v in tr_s],
-        [mapping[v] for v in va_s],
-        len(names),
-        "classification",
-        names,
-    )
+    ids = {c: i for i, c in enumerate(classes)}
+    return [ids[v] for v in key[0]], [ids[v] for v in key[1]], len(classes), "classification", names
 
 
 def _check_labelled(ds: datasets.Dataset, cols: list[str], label_col: str, where: str, what: str):
@@ -318,7 +340,7 @@ def _labelled_splits(cfg, name: str, train, val, train_where: str, val_where: st
     encoded by :func:`_encode_file_labels`, the text columns as strings."""
     cols = list(cfg.text_columns)
     tr_l, va_l, num_labels, task_type, names = _encode_file_labels(
-        train, val, cfg.label_column, train_where, val_where
+        train, val, cfg.label_column, train_where, val_where, cfg.task_type
     )
     label_feature = datasets.Value("float32" if task_type == "regression" else "int64")
 

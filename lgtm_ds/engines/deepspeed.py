@@ -307,7 +307,8 @@ class DeepSpeedEngineAdapter(Engine):
             self.module.save_pretrained(path, **kwargs)
 
     def save_checkpoint(self, path: str, tag: str) -> None:
-        self.engine.save_checkpoint(path, tag=tag)
+        # save_latest=False: LGTM-DS writes its own `latest` once both roles are complete
+        self.engine.save_checkpoint(path, tag=tag, save_latest=False)
 
     def load_checkpoint(self, path: str, tag: str) -> None:
         load_path, _ = self.engine.load_checkpoint(path, tag=tag)

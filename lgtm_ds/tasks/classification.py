@@ -110,6 +110,9 @@ class ClassificationTask(Task):
                     )
             except Exception as e:  # noqa: BLE001
                 raise ModelError(f"model.{role}: cannot load {name_or_path!r}: {e}") from e
+        if self.label_names and len(self.label_names) == n:  # saved with the model
+            model.config.id2label = dict(enumerate(self.label_names))
+            model.config.label2id = {name: i for i, name in enumerate(self.label_names)}
         if o.zero_init_head:
             _zero_classifier_(model)
         return model

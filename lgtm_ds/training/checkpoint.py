@@ -2,28 +2,41 @@
 
 Layout under ``<output.dir>/checkpoints``: ``teacher/<tag>``, ``student/<tag>`` (DeepSpeed),
 ``<tag>/trainer_state.json`` (rank 0) and ``<tag>/rng_rank<r>.pt`` (every rank: dropout streams
-differ per rank), and ``latest``, written last, naming the newest complete checkpoint.
+differ per rank), and ``latest`` naming the newest complete checkpoint.
+
+Atomic: every piece is written under ``<tag>.partial`` names; once all ranks are done (barrier),
+rank 0 renames the three folders to ``<tag>`` and then replaces ``latest`` atomically. A kill at
+any moment leaves ``latest`` naming a complete checkpoint (or absent), and at most some
+``*.partial`` leftovers, which the next start removes (:func:`remove_partial`). Renames and
+``latest`` are rank 0's, so ``output.dir`` must be one filesystem shared by all ranks (as
+DeepSpeed's own ``latest`` file assumes).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import torch
 
 from ..engines.deepspeed import barrier
 from ..errors import ConfigError
-from ..io import write_json_atomic
+from ..io import atomic_write_text, write_json_atomic
+
+PARTIAL = ".partial"
+_TAG = re.compile(r"^(stage1_)?step(\d+)$")
 
 
-def resolve_resume(resume: str, out: Path) -> tuple[Path, str]:
+def resolve_resume(resume: str, out: Path) -> tuple[Path, str] | None:
     """(checkpoints root, tag) of ``output.resume``: ``"auto"`` (the latest under
-    ``output.dir``) or a checkpoint folder ``.../checkpoints/<tag>``."""
+    ``output.dir``; None when there is none yet: the run starts fresh) or a checkpoint folder
+    ``.../checkpoints/<tag>``."""
     if resume == "auto":
         root = out / "checkpoints"
         if not (root / "latest").exists():
-            raise ConfigError(f"output.resume=auto: no finished checkpoint under {root}")
+            return None
         tag = (root / "latest").read_text().strip()
     else:
         root, tag = Path(resume).parent, Path(resume).name
@@ -34,28 +47,68 @@ def resolve_resume(resume: str, out: Path) -> tuple[Path, str]:
     return root, tag
 
 
+def remove_partial(root: Path) -> list[Path]:
+    """Delete the ``*.partial`` leftovers of an interrupted save (rank 0, at the start)."""
+    gone = []
+    for where in (root, root / "teacher", root / "student"):
+        for p in sorted(where.glob(f"*{PARTIAL}")) if where.is_dir() else ():
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
 def save_checkpoint(
-    root: Path, tag: str, teacher, student, state: dict, *, rank: int, is_main: bool
+    root: Path,
+    tag: str,
+    teacher,
+    student,
+    state: dict,
+    *,
+    rank: int,
+    is_main: bool,
+    keep: int | None = None,
 ) -> None:
-    """Collective: every rank calls it. ``state`` is the trainer's (step, data positions)."""
-    teacher.save_checkpoint(str(root / "teacher"), tag)
-    student.save_checkpoint(str(root / "student"), tag)
-    (root / tag).mkdir(parents=True, exist_ok=True)
+    """Collective: every rank calls it. ``state`` is the trainer's (step, data positions, ...).
+    ``keep``: how many complete checkpoints to keep (oldest removed first); None = all."""
+    tmp = tag + PARTIAL
+    teacher.save_checkpoint(str(root / "teacher"), tmp)
+    student.save_checkpoint(str(root / "student"), tmp)
+    (root / tmp).mkdir(parents=True, exist_ok=True)
     rng = {
         "cpu": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
-    torch.save(rng, root / tag / f"rng_rank{rank}.pt")
+    torch.save(rng, root / tmp / f"rng_rank{rank}.pt")
     if is_main:
-        write_json_atomic(root / tag / "trainer_state.json", state)
+        write_json_atomic(root / tmp / "trainer_state.json", state)
+    barrier()  # every rank's shards and RNG are on disk
+    if is_main:
+        for where in (root / "teacher", root / "student", root):
+            final = where / tag
+            if final.exists():  # an older save of the same tag (a rerun over the folder)
+                shutil.rmtree(final)
+            (where / tmp).rename(final)
+        atomic_write_text(root / "latest", tag)  # last: a checkpoint named here is complete
+        if keep is not None:
+            for old in complete_tags(root)[:-keep]:
+                for where in (root / "teacher", root / "student", root):
+                    shutil.rmtree(where / old, ignore_errors=True)
     barrier()
-    if is_main:
-        (root / "latest").write_text(tag)  # last: a checkpoint named here is complete
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Complete checkpoint tags under ``root``, oldest first (stage 1 before stage 2)."""
+    tags = []
+    for p in root.iterdir() if root.is_dir() else ():
+        m = _TAG.match(p.name)
+        if m and (p / "trainer_state.json").exists():
+            tags.append((m.group(1) is None, int(m.group(2)), p.name))
+    return [t for *_, t in sorted(tags)]
 
 
 def load_checkpoint(root: Path, tag: str, teacher, student) -> dict:
     """Load both engines; returns the trainer state. Call :func:`restore_rng` after everything
-    else that may draw random numbers (creating a DataLoader iterator does)."""
+    else that may draw random numbers."""
     teacher.load_checkpoint(str(root / "teacher"), tag)
     student.load_checkpoint(str(root / "student"), tag)
     return json.loads((root / tag / "trainer_state.json").read_text())

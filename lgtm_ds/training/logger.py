@@ -20,7 +20,9 @@ class MetricsLogger:
         resume: bool = False,
     ):
         self.enabled = enabled
+        self.path = path
         self.fh = open(path, "a" if resume else "w") if enabled else None  # noqa: SIM115
+        self.rows = self._count() if enabled and resume else 0  # lines in metrics.jsonl
         self.run = None
         if enabled and wandb:
             try:
@@ -39,9 +41,28 @@ class MetricsLogger:
         row = {"time": round(time.time(), 3), **row}
         self.fh.write(json.dumps(row) + "\n")
         self.fh.flush()
+        self.rows += 1
         if self.run is not None:
             step = row.get("step")
             self.run.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
+
+    def _count(self) -> int:
+        with open(self.path) as fh:
+            return sum(1 for _ in fh)
+
+    def truncate(self, rows: int | None) -> None:
+        """Keep the first ``rows`` lines (a resumed run cuts what came after its checkpoint);
+        None: keep everything."""
+        if not self.enabled or rows is None or rows >= self.rows:
+            return
+        self.fh.close()
+        with open(self.path) as fh:
+            kept = [line for _, line in zip(range(rows), fh)]
+        from ..io import atomic_write_text
+
+        atomic_write_text(self.path, "".join(kept))
+        self.fh = open(self.path, "a")  # noqa: SIM115
+        self.rows = rows
 
     def close(self) -> None:
         if self.fh is not None:

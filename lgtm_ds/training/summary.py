@@ -20,6 +20,7 @@ def build_summary(
     zero_stage: dict,
     final: dict,
     history: list[dict],
+    resumed_from: list[str] | None = None,
 ) -> dict:
     return {
         "method": cfg.method.name,
@@ -40,6 +41,7 @@ def build_summary(
             ({k: v for k, v in h.items() if k != "step"} for h in history if h["step"] == 0), None
         ),
         "evaluations": history,
+        "resumed_from": list(resumed_from or []),  # checkpoints the run continued from
         "dropped_by_truncation": (data or {}).get("dropped_by_truncation"),
     }
 
@@ -54,7 +56,8 @@ def format_summary(s: dict, out: Path) -> str:
         f"teacher {s['params']['teacher'] / 1e6:.2f}M params (ZeRO-{s['zero_stage']['teacher']})"
         f"  ->  student {s['params']['student'] / 1e6:.2f}M params "
         f"(ZeRO-{s['zero_stage']['student']})",
-        f"wall time {s['wall_s']:.1f} s",
+        f"wall time {s['wall_s']:.1f} s"
+        + (f" (resumed {len(s['resumed_from'])}x)" if s.get("resumed_from") else ""),
         (
             "before training: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(s["initial"].items()))
             if s.get("initial")
@@ -69,7 +72,7 @@ def format_summary(s: dict, out: Path) -> str:
         f"best student {pm}: {s['best_student']:.4f}" if s["best_student"] is not None else "",
         f"outputs: {out}/ (config.yaml, metrics.jsonl, data_split.json, student/, "
         + ("teacher/, " if (out / "teacher").exists() else "")
-        + "summary.json)",
+        + "summary.txt, summary.json)",
         "=" * 64,
     ]
     return "\n".join(line for line in lines if line)

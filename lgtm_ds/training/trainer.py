@@ -9,6 +9,7 @@ finished run. The trainer asks the method (``lgtm_ds.methods``) what it needs an
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import time
@@ -35,9 +36,28 @@ from ..methods import Distiller, get_method
 from ..tasks import get_task
 from ..tasks.base import ModelOptions
 from ..tasks.hf import is_embedded
-from .checkpoint import load_checkpoint, resolve_resume, restore_rng, save_checkpoint
+from .checkpoint import (
+    load_checkpoint,
+    remove_partial,
+    resolve_resume,
+    restore_rng,
+    save_checkpoint,
+)
 from .logger import MetricsLogger
 from .summary import build_summary, format_summary
+
+# what a run writes into output.dir (removed when resume=auto starts a run afresh)
+_RUN_OUTPUTS = (
+    "checkpoints",
+    "metrics.jsonl",
+    "config.yaml",
+    "data_split.json",
+    "student",
+    "teacher",
+    "summary.txt",
+    "summary.json",
+    "wandb",
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -75,6 +95,11 @@ class Trainer:
         self.resume_from = (
             resolve_resume(cfg.output.resume, self.out) if cfg.output.resume else None
         )
+        if cfg.output.resume and self.resume_from is None and (self.out / "summary.json").exists():
+            raise ConfigError(
+                f"output.resume=auto: {self.out} holds a finished run without checkpoints; "
+                f"nothing to continue (output.overwrite=true starts it over)"
+            )
         self.ds_teacher, self.ds_student = resolve_ds_configs(cfg, self.world)
         self._build_data()
         teacher, student = self._build_models()
@@ -83,6 +108,9 @@ class Trainer:
         # -- outputs ---------------------------------------------------------------------------
         self.step = 0
         self.stage1_done = 0
+        self.history: list[dict] = []  # evaluations of the whole run (all segments)
+        self.wall_before = 0.0  # training time of the earlier segments of a resumed run
+        self.resumed_from: list[str] = []
         self._write_run_header()
         self.logger = MetricsLogger(
             self.out / "metrics.jsonl",
@@ -91,7 +119,7 @@ class Trainer:
             project=cfg.output.wandb_project,
             run_name=cfg.output.run_name or self.out.name,
             config=config_to_dict(cfg),
-            resume=bool(cfg.output.resume),
+            resume=self.resume_from is not None,
         )
         if self.resume_from is not None:
             self._resume(*self.resume_from)
@@ -99,11 +127,27 @@ class Trainer:
     # -- building ---------------------------------------------------------------------------------
     def _check_output_dir(self) -> None:
         out = self.cfg.output
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"output.dir {str(self.out)!r} is a file, not a folder")
+        existing = next(p for p in (self.out, *self.out.absolute().parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"output.dir {str(self.out)!r}: cannot create or write it ({existing} is not a "
+                f"writable folder)"
+            )
         if (self.out / "summary.json").exists() and not (out.overwrite or out.resume):
             raise ConfigError(
                 f"output.dir {str(self.out)!r} already holds a finished run (summary.json); "
                 f"set output.overwrite=true or pick another folder"
             )
+        started = any((self.out / f).exists() for f in ("metrics.jsonl", "checkpoints"))
+        if started and not (self.out / "summary.json").exists():
+            if not (out.overwrite or out.resume):
+                raise ConfigError(
+                    f"output.dir {str(self.out)!r} holds an unfinished run (metrics.jsonl or "
+                    f"checkpoints, no summary.json): set output.resume=auto to continue it, "
+                    f"output.overwrite=true to start over, or pick another folder"
+                )
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -201,9 +245,18 @@ class Trainer:
         if not self.is_main:
             return
         cfg = self.cfg
-        if cfg.output.overwrite and self.out.exists() and not cfg.output.resume:
-            shutil.rmtree(self.out)
+        if self.resume_from is None and self.out.exists():
+            if cfg.output.overwrite:
+                shutil.rmtree(self.out)
+            elif cfg.output.resume:  # resume=auto with nothing to resume yet: a fresh start
+                for name in _RUN_OUTPUTS:  # only what a run writes (the folder may hold more)
+                    path = self.out / name
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
+        remove_partial(self.out / "checkpoints")  # leftovers of a save killed half-way
         (self.out / "summary.json").unlink(missing_ok=True)
         save_resolved(cfg, self.ds_teacher, self.ds_student, self.out / "config.yaml")
         write_json_atomic(self.out / "data_split.json", self.data.split_record())
@@ -250,7 +303,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        t0 = time.time()
+        self.t0 = time.time()
         self.bar = tqdm(
             total=self.stage1_steps + self.total_steps,
             initial=self.stage1_done + self.step,
@@ -259,7 +312,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         self._teacher_stage1()
-        history = []
+        history = self.history
         if self.step == 0:  # the starting point (after vanilla KD's stage 1)
             ev = self.evaluate()
             history.append({"step": 0, **ev})
@@ -279,7 +332,7 @@ class Trainer:
             if every and self.step % every == 0 and not last:
                 self.save_checkpoint()
         self.bar.close()
-        return {"wall_s": time.time() - t0, "history": history}
+        return {"wall_s": self.wall_before + time.time() - self.t0, "history": history}
 
     def _teacher_stage1(self) -> None:
         """Teacher-only fine-tuning before distillation (methods with ``teacher_stage1``)."""
@@ -289,6 +342,9 @@ class Trainer:
             self.bar.update(1)
             if self.stage1_done % self.cfg.train.log_every == 0:
                 self.logger.log({"stage": 1, "step": self.stage1_done, **m})
+            every = self.cfg.output.checkpoint_every
+            if every and self.stage1_done % every == 0 and self.stage1_done < self.stage1_steps:
+                self.save_checkpoint(f"stage1_step{self.stage1_done}")
 
     def _log_step(self, m: dict) -> None:
         influence = m.pop("influence", None)
@@ -303,26 +359,38 @@ class Trainer:
             self.logger.log({"step": self.step, "epoch": self.train_batches.epoch, **m})
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, tag: str | None = None) -> None:
         state = {
             "step": self.step,
             "stage1_done": self.stage1_done,
             "train": self.train_batches.state_dict(),
             "quiz": self.quiz_batches.state_dict() if self.quiz_batches else None,
+            # the run so far, so that a resumed run's outputs cover all of it
+            "metrics_rows": self.logger.rows,
+            "history": self.history,
+            "wall_s": self.wall_before + time.time() - self.t0,
+            "resumed_from": self.resumed_from,
         }
         save_checkpoint(
             self.out / "checkpoints",
-            f"step{self.step}",
+            tag or f"step{self.step}",
             self.teacher,
             self.student,
             state,
             rank=self.rank,
             is_main=self.is_main,
+            keep=self.cfg.output.keep_checkpoints,
         )
 
     def _resume(self, root: Path, tag: str) -> None:
         st = load_checkpoint(root, tag, self.teacher, self.student)
         self.step, self.stage1_done = st["step"], st["stage1_done"]
+        self.history = list(st.get("history", []))
+        self.wall_before = float(st.get("wall_s", 0.0))
+        self.resumed_from = [*st.get("resumed_from", []), str(root / tag)]
+        # metrics.jsonl back to the checkpoint: rows logged after it are logged again
+        self.logger.truncate(st.get("metrics_rows"))
+        self.logger.log({"step": self.step, "stage1_done": self.stage1_done, "resumed_from": tag})
         self.train_batches.load_state_dict(st["train"])
         if self.quiz_batches is not None and st["quiz"]:
             self.quiz_batches.load_state_dict(st["quiz"])
@@ -349,6 +417,7 @@ class Trainer:
             zero_stage={"teacher": self.teacher.stage, "student": self.student.stage},
             final=final,
             history=result["history"],
+            resumed_from=self.resumed_from,
         )
         if self.is_main:
             self.tokenizer.save_pretrained(str(self.out / "student"))
