@@ -17,6 +17,8 @@ from lgtm_ds.tasks import get_task
 from lgtm_ds.tasks.base import ModelOptions
 
 from .helpers import LM_VOCAB, lm_batch, tiny_decoder
+from .test_algorithm import _capture_grads as _capture
+from .test_algorithm import _rel
 
 VOCAB = LM_VOCAB
 
@@ -27,26 +29,6 @@ def lm_task():
 
 def decoder(name, seed, dtype=torch.float64, vocab=VOCAB):
     return tiny_decoder(name, seed, dtype, vocab)
-
-
-def _flat(ts):
-    return torch.cat([t.reshape(-1).double() for t in ts])
-
-
-def _rel(a, b):
-    a, b = _flat(a), _flat(b)
-    return float((a - b).norm() / b.norm())
-
-
-def _capture(opt, params):
-    record, orig = [], opt.step
-
-    def step(*a, **k):
-        record.append([p.grad.detach().clone() for p in params])
-        return orig(*a, **k)
-
-    opt.step = step
-    return record
 
 
 def _pair(lr_t=3e-3, lr_s=5e-3):
@@ -249,3 +231,35 @@ def test_distiller_takes_a_decoder_batch_unchanged():
         assert d.task.name == "causal_lm"
         runs.append(list(t.parameters()) + list(s.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_row_weights_are_exactly_one_for_equal_classification_micro_batches():
+    """Classifier micro-batches of equal size: the global-row weighting multiplies by nothing."""
+    from .helpers import random_batch, tiny_model
+
+    t, s = tiny_model(seed=1), tiny_model(seed=2)
+    d = Distiller(
+        "online_kd",
+        teacher=t,
+        student=s,
+        teacher_optimizer=build_adamw(t, 1e-3, 0),
+        student_optimizer=build_adamw(s, 1e-3, 0),
+        gradient_accumulation_steps=3,
+    )
+    micro = [random_batch(5, i) for i in range(3)]
+    quiz = [random_batch(7, 10 + i) for i in range(2)]
+    w, wq = d.method.row_weights(micro, quiz)
+    assert w == [1.0, 1.0, 1.0] and wq == [1.0, 1.0]
+    lm = [lm_batch(4, i) for i in range(2)]
+    d.task = lm_task()
+    (w,) = d.method.row_weights(lm)
+    counts = [lm_task().count_rows(b) for b in lm]
+    assert w == pytest.approx([2 * c / sum(counts) for c in counts]) and w[0] != w[1]
+
+
+def test_max_length_beyond_learned_positions_is_one_error():
+    task = lm_task()
+    task.max_length = 600  # as encode() records it
+    t, s = decoder("gpt2-teacher", 0), decoder("gpt2-student", 1)  # 512 learned positions
+    with pytest.raises(ModelError, match="512 learned positions.*data.max_length is 600"):
+        task.check_pair(t, s, "T", "S")

@@ -84,14 +84,31 @@ def test_each_method_on_decoders(tmp_path, dist_env, method):
 
 
 def test_options_group_by_length_and_gradient_checkpointing(tmp_path, dist_env):
-    s = _run(
-        tmp_path,
-        "train.max_steps=2",
-        "data.group_by_length=true",
-        "model.teacher_gradient_checkpointing=true",
-        "model.student_gradient_checkpointing=true",
-        "train.gradient_accumulation_steps=2",
+    from lgtm_ds.data.loaders import LengthGroupedSampler
+    from lgtm_ds.training import Trainer
+
+    cfg = load_config(
+        EXAMPLE,
+        [
+            f"output.dir={tmp_path / 'out'}",
+            *SMALL,
+            "train.max_steps=2",
+            "data.group_by_length=true",
+            "model.teacher_gradient_checkpointing=true",
+            "model.student_gradient_checkpointing=true",
+            "train.gradient_accumulation_steps=2",
+        ],
     )
+    tr = Trainer(cfg)
+    assert isinstance(tr.train_batches.loader.sampler, LengthGroupedSampler)
+    assert tr.teacher.module.is_gradient_checkpointing
+    assert tr.student.module.is_gradient_checkpointing
+    micro = tr.train_batches.next()
+    lengths = [
+        int(m["attention_mask"].sum(1).max()) - int(m["attention_mask"].sum(1).min()) for m in micro
+    ]
+    assert max(lengths) <= 2  # similar lengths within a micro-batch (random order: up to ~9)
+    s = tr.finish(tr.train())
     assert s["steps"] == 2
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from .helpers import ROOT, run_deepspeed
+from .test_ds_equivalence import _rel_update
 
 TOL = 1e-4
 pytestmark = pytest.mark.slow
@@ -30,12 +31,6 @@ def results(tmp_path_factory):
 
     yield load
     shutil.rmtree(out, ignore_errors=True)
-
-
-def _rel_update(a, b, init):
-    ua = torch.cat([(x - i).reshape(-1).double() for x, i in zip(a, init)])
-    ub = torch.cat([(x - i).reshape(-1).double() for x, i in zip(b, init)])
-    return float((ua - ub).norm() / ub.norm())
 
 
 @pytest.mark.parametrize("world", [1, 2])

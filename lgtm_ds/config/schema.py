@@ -305,7 +305,7 @@ class ModelConfig(Section):
     teacher_gradient_checkpointing: bool = Field(
         False,
         description="recompute the teacher's activations in its backward (Hugging Face "
-        "activation checkpointing, non-reentrant): less memory, ~1/3 more compute",
+        "activation checkpointing, non-reentrant): less activation memory for a second forward",
     )
     student_gradient_checkpointing: bool = Field(False, description="the same for the student")
     zero_init_classifier: bool = Field(

@@ -32,14 +32,23 @@ def make_loader(
     that with ``drop_last=False`` and ``len(ds)`` not divisible by ``world_size`` the sampler
     repeats a few rows so that every rank gets the same number.
     """
-    if batch_size <= 0:
-        raise DataError(f"batch size must be positive, got {batch_size}")
-    if not 0 <= rank < world_size:
-        raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+    _check_shard(batch_size, rank, world_size)
     sampler = DistributedSampler(
         ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
     )
     sampler.set_epoch(epoch)
+    return _sampled_loader(ds, sampler, batch_size, drop_last, collate_fn, seed)
+
+
+def _check_shard(batch_size: int, rank: int, world_size: int) -> None:
+    if batch_size <= 0:
+        raise DataError(f"batch size must be positive, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+
+
+def _sampled_loader(ds, sampler, batch_size, drop_last, collate_fn, seed) -> DataLoader:
+    """The one DataLoader shape both orders use: in-process (num_workers=0), its own generator."""
     return DataLoader(
         ds,
         batch_size=batch_size,
@@ -244,10 +253,7 @@ class GlobalBatches:
 def _length_grouped_loader(
     ds, lengths, *, micro_batch_size, megabatch_steps, seed, rank, world_size, collate_fn
 ) -> DataLoader:
-    if micro_batch_size <= 0:
-        raise DataError(f"batch size must be positive, got {micro_batch_size}")
-    if not 0 <= rank < world_size:
-        raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+    _check_shard(micro_batch_size, rank, world_size)
     if len(lengths) != len(ds):
         raise DataError(
             f"group_by_length: {len(lengths)} lengths for a split of {len(ds)} rows; pass one "
@@ -261,12 +267,4 @@ def _length_grouped_loader(
         rank=rank,
         world_size=world_size,
     )
-    return DataLoader(
-        ds,
-        batch_size=micro_batch_size,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=collate_fn,
-        num_workers=0,
-        generator=_own_generator(seed),
-    )
+    return _sampled_loader(ds, sampler, micro_batch_size, True, collate_fn, seed)

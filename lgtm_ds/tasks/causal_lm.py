@@ -52,6 +52,7 @@ class CausalLMTask(ClassificationTask):
         """Tokenize ``ds`` in this task's format (``lm_format``) into ``input_ids``,
         ``attention_mask`` and ``labels`` (-100 where no loss); rows whose loss tokens are all
         truncated away are dropped (``last_encode_dropped`` counts them)."""
+        self.max_length = max_length
         enc, dropped = encode_lm(ds, tokenizer, self.lm_format, max_length=max_length)
         self.last_encode_dropped = dropped
         return enc
@@ -106,6 +107,13 @@ class CausalLMTask(ClassificationTask):
                 f"the tokenizer (output rows >= {n_tok})"
             )
         self.vocab_size = shared
+        for role, model, name in (("teacher", teacher, t_name), ("student", student, s_name)):
+            n_pos = getattr(model.config, "n_positions", None)  # learned positions (GPT-2 family)
+            if n_pos is not None and getattr(self, "max_length", 0) > n_pos:
+                raise ModelError(
+                    f"{role} {name!r} has {n_pos} learned positions but data.max_length is "
+                    f"{self.max_length}: lower data.max_length to <= {n_pos}"
+                )
 
     # -- rows --------------------------------------------------------------------------------------
     def rows(self, logits: torch.Tensor, labels: torch.Tensor):
