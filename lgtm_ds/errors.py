@@ -15,3 +15,7 @@ class DataError(LGTMError):
 
 class ModelError(LGTMError):
     """Teacher and student that cannot be distilled into each other (e.g. label counts differ)."""
+
+
+class TrainingError(LGTMError):
+    """A run that cannot go on (training diverged: too many skipped steps in a row)."""

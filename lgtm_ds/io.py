@@ -8,6 +8,7 @@ The text goes to a temporary file in the same folder, is flushed and fsync-ed, t
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -41,6 +42,27 @@ def _umask() -> int:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """``obj`` as JSON (indent=1, trailing newline), written atomically; creates the parent
-    folder."""
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+    """``obj`` as strict JSON (indent=1, trailing newline; non-finite floats as null), written
+    atomically; creates the parent folder."""
+    atomic_write_text(path, json.dumps(finite_json(obj)[0], indent=1, allow_nan=False) + "\n")
+
+
+def finite_json(obj: Any, where: str = "") -> tuple[Any, list[str]]:
+    """``obj`` with every NaN/inf float replaced by None (strict JSON has no NaN), and the
+    dotted paths of the replaced values."""
+    if isinstance(obj, float):
+        return (obj, []) if math.isfinite(obj) else (None, [where])
+    if isinstance(obj, dict):
+        out, bad = {}, []
+        for k, v in obj.items():
+            out[k], b = finite_json(v, f"{where}.{k}" if where else str(k))
+            bad += b
+        return out, bad
+    if isinstance(obj, list | tuple):
+        out, bad = [], []
+        for i, v in enumerate(obj):
+            o, b = finite_json(v, f"{where}[{i}]")
+            out.append(o)
+            bad += b
+        return out, bad
+    return obj, []

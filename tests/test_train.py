@@ -174,6 +174,36 @@ def test_unknown_config_key_through_the_cli(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_console_is_quiet_unless_asked(tmp_path):
+    """The default --log_level=warning: LGTM-DS's bar and summary, not the libraries' chatter."""
+    env = clean_env()
+    env.pop("DS_ACCELERATOR", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "launch", "train.py"),
+            f"--output.dir={tmp_path / 'out'}",
+            *[f"--{o}" for o in SMALL],
+            "--train.max_steps=1",
+            "--train.eval_every=0",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout + proc.stderr
+    assert "LGTM-DS run" in text
+    for chatter in ("Setting accelerator", "[INFO]", "Map:", "Writing model shards", "Warning:"):
+        assert chatter not in text, chatter
+    from lgtm_ds.config import parse_args
+
+    with pytest.raises(ConfigError, match="--log_level: invalid choice: 'loud'"):
+        parse_args(["--log_level", "loud"])
+
+
 def test_ds_json_conflicting_with_yaml(tmp_path, dist_env):
     bad = tmp_path / "ds.json"
     bad.write_text(
@@ -238,6 +268,14 @@ def test_empty_dataset(tmp_path, dist_env):
 def test_quiz_fraction_out_of_range(tmp_path, fraction):
     with pytest.raises(ConfigError, match="data.quiz_fraction"):
         load_config(None, [f"data.quiz_fraction={fraction}"])
+
+
+def test_splits_smaller_than_one_batch_name_the_keys(tmp_path, dist_env):
+    with pytest.raises(ConfigError, match="quiz split has 4 examples.*train.micro_batch_size=8"):
+        _run(tmp_path, "data.quiz_fraction=0.01")
+    with pytest.raises(ConfigError, match="train.micro_batch_size=8 x gradient_accumulation"):
+        _run(tmp_path, "data.synthetic_examples=12", "data.quiz_fraction=0.5")
+    assert not (tmp_path / "out").exists()
 
 
 def test_finished_run_is_not_overwritten(tmp_path, dist_env):

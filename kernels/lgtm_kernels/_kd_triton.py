@@ -111,7 +111,7 @@ def _kd_fwd_kernel(
             b = tl.load(t_row + offs, mask=ld, other=NEG).to(tl.float32) * inv_T
             ma = tl.max(a, 0)
             mb = tl.max(b, 0)
-            ok = valid & (ma > NEG) & (mb > NEG)
+            ok = valid & (ma != NEG) & (mb != NEG)  # NaN rows stay in: NaN out
             ma = tl.where(ma > NEG, ma, 0.0)
             mb = tl.where(mb > NEG, mb, 0.0)
             la = (a - ma) - tl.log(tl.sum(tl.exp(a - ma), 0))
@@ -146,7 +146,7 @@ def _kd_fwd_kernel(
                 sb = sb * tl.exp(mb - nb0) + tl.sum(tl.exp(b - nb0), 0)
                 ma = na
                 mb = nb
-            ok = valid & (ma > NEG) & (mb > NEG)
+            ok = valid & (ma != NEG) & (mb != NEG)  # NaN rows stay in: NaN out
             ma = tl.where(ma > NEG, ma, 0.0)
             mb = tl.where(mb > NEG, mb, 0.0)
             lsa = tl.log(sa)

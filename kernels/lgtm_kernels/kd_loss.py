@@ -11,7 +11,9 @@ Semantics (both backends):
   if the teacher puts mass where the student logit is -inf (the gradient stays (Q - P) / T,
   finite) and reverse KL is +inf in the mirrored case (its gradient is then undefined: non-finite).
   JSD is always finite. A row whose logits are all -inf (in either input) counts as masked:
-  loss 0, gradient 0. +inf / NaN inputs are not supported.
+  loss 0, gradient 0. +inf / NaN inputs are not supported, but they are never hidden: such a
+  row's loss and gradient come out NaN/inf (not 0 as for a masked row), so a diverged model
+  trips the divergence guard instead of training on silently.
   Rows: inputs [..., V] are flattened to [rows, V]. ``mask`` [rows] (True = keep) drops rows,
   ``weights`` [rows] scales them. Reductions: "batchmean" = sum_i w_i l_i / (number of rows kept
   by ``mask``; all rows without a mask; 1 if none is kept), "sum" = sum_i w_i l_i, "none" = the
@@ -56,12 +58,14 @@ def kd_rows_ref(
     beta: float,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Per-row loss [N] fp32, unweighted gradient [N, V] fp32 (or None), row-ok flags [N]."""
-    a = s.float() * inv_T  # read N V, write 4 N V
-    b = t.float() * inv_T
+    """Per-row loss [N], unweighted gradient [N, V] (or None), row-ok flags [N]; fp32, or
+    float64 when an input is float64."""
+    acc = _acc_dtype(s, t)
+    a = s.to(acc) * inv_T  # read N V, write 4 N V
+    b = t.to(acc) * inv_T
     ma = a.amax(-1, keepdim=True)
     mb = b.amax(-1, keepdim=True)
-    ok = (ma > _NEG) & (mb > _NEG)
+    ok = (ma != _NEG) & (mb != _NEG)  # a NaN row is kept: its loss and gradient are NaN
     ma = torch.where(ma > _NEG, ma, 0.0)
     mb = torch.where(mb > _NEG, mb, 0.0)
     la = (a - ma) - torch.log(torch.exp(a - ma).sum(-1, keepdim=True))
@@ -91,11 +95,17 @@ def kd_rows_ref(
     return loss, grad, ok
 
 
-def _row_factors(n, device, weights, mask, reduction, lscale):
-    """Row weights (fp32 or None), mask (bool or None), gradient scale [1] fp32 (device-side)."""
+def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64 (computed in float64, torch path), else fp32."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def _row_factors(n, device, weights, mask, reduction, lscale, dtype=torch.float32):
+    """Row weights (``dtype`` or None), mask (bool or None), gradient scale [1] ``dtype``
+    (device-side); ``dtype`` is fp32, or float64 for float64 inputs."""
     w = None
     if weights is not None:
-        w = weights.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
+        w = weights.reshape(-1).to(device=device, dtype=dtype).contiguous()
         if w.numel() != n:
             raise ValueError(f"weights has {w.numel()} entries, expected {n} rows")
     m = None
@@ -105,11 +115,11 @@ def _row_factors(n, device, weights, mask, reduction, lscale):
             raise ValueError(f"mask has {m.numel()} entries, expected {n} rows")
     if reduction == "batchmean":
         if m is not None:  # stays on device: no host sync for the count of kept rows
-            gscale = (1.0 / m.sum().clamp_min(1).float()).reshape(1)
+            gscale = (1.0 / m.sum().clamp_min(1).to(dtype)).reshape(1)
         else:
-            gscale = torch.full((1,), 1.0 / max(n, 1), dtype=torch.float32, device=device)
+            gscale = torch.full((1,), 1.0 / max(n, 1), dtype=dtype, device=device)
     else:
-        gscale = torch.ones(1, dtype=torch.float32, device=device)
+        gscale = torch.ones(1, dtype=dtype, device=device)
     return w, m, gscale
 
 
@@ -196,7 +206,8 @@ def kd_loss(
     use only when nothing else reads them). The gradient is computed during the forward when
     ``logits`` requires grad, so calling backward twice is not supported. ``backend`` overrides
     ``LGTM_KERNELS_BACKEND`` for this call: "triton", "torch", or "auto" (Triton on CUDA
-    tensors, torch elsewhere); None (default) reads the variable.
+    tensors, torch elsewhere); None (default) reads the variable. float64 inputs are computed
+    in float64 on the torch path (the Triton kernels compute in fp32).
     """
     if reduction not in _REDS:
         raise ValueError(f"reduction must be one of {_REDS}, got {reduction!r}")
@@ -216,8 +227,11 @@ def kd_loss(
         t = t.contiguous()
     n = s.shape[0]
     lscale = float(temperature) ** 2 if scale_by_t2 else 1.0
-    w, m, gscale = _row_factors(n, s.device, weights, mask, reduction, lscale)
+    acc = _acc_dtype(s, t)
+    w, m, gscale = _row_factors(n, s.device, weights, mask, reduction, lscale, acc)
     backend = backend_for(s, t, choice=backend)
+    if acc == torch.float64:
+        backend = "torch"  # the Triton kernels compute in fp32; float64 stays float64
     return _KDLossFunction.apply(
         s,
         t.detach(),

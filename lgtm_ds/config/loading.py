@@ -170,7 +170,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
-        usage="%(prog)s [--config PATH] [--ds_config PATH] [--local_rank N] "
+        usage="%(prog)s [--config PATH] [--ds_config PATH] [--log_level LEVEL] [--local_rank N] "
         "[--section.key=VALUE | --section.key VALUE ...]",
         description="The experiment is the YAML of --config (default: every key at its default,\n"
         "see configs/default.yaml) with --section.key=VALUE overrides on top, applied in\n"
@@ -184,6 +184,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="PATH", help="experiment YAML")
     p.add_argument(
         "--ds_config", metavar="PATH", help="DeepSpeed JSON: the same as --deepspeed.config=PATH"
+    )
+    p.add_argument(
+        "--log_level",
+        choices=("debug", "info", "warning", "error"),
+        default="warning",
+        help="console chatter of the ranks: warning (default) hides DeepSpeed's INFO lines, "
+        "library deprecation warnings and data/saving progress bars; info shows them (the "
+        "launcher's own lines: `deepspeed --log_level` / `deepspeed -q` before the script)",
     )
     p.add_argument(
         "--local_rank",
@@ -210,8 +218,8 @@ def _overrides_from_flags(rest: list[str]) -> list[str]:
         name, eq, value = tok[2:].partition("=")
         if "." not in name:
             raise ConfigError(
-                f"unknown flag '--{name}' (known: --config, --ds_config, --local_rank, "
-                f"--section.key=value with sections {', '.join(SECTIONS)})"
+                f"unknown flag '--{name}' (known: --config, --ds_config, --log_level, "
+                f"--local_rank, --section.key=value with sections {', '.join(SECTIONS)})"
             )
         try:
             parts, annotation = _resolve(name)
@@ -232,6 +240,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExperimentConfig, argpars
     """Parse ``argv`` (default ``sys.argv[1:]``); ``-h`` prints every key and exits.
 
     Returns ``(cfg, args)``; ``args`` has ``config`` (YAML path or None), ``ds_config``,
+    ``log_level``,
     ``local_rank`` (int; the flag, else env LOCAL_RANK, else -1; not otherwise used) and
     ``overrides`` (the ``section.key=value`` strings in the order applied; ``--ds_config`` comes
     first as ``deepspeed.config=...``, so a ``--deepspeed.config`` flag wins over it).

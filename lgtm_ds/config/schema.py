@@ -547,6 +547,13 @@ class TrainConfig(Section):
     )
     eval_batch_size: int = Field(64, gt=0, description="examples per rank per eval batch")
     log_every: int = Field(10, gt=0, description="log metrics every N optimizer steps")
+    max_skipped_steps: int = Field(
+        10,
+        ge=0,
+        description="stop the run (summary marked failed) after this many optimizer steps in a "
+        "row skipped for a non-finite loss, gradient or influence (fp16 overflows count too); "
+        "0 = never stop",
+    )
 
 
 def _string_keys(d: dict, key: str) -> None:

@@ -78,7 +78,8 @@ class Engine:
 
     @property
     def step_skipped(self) -> bool:
-        """True if the last boundary step was skipped (fp16 overflow)."""
+        """True if the last boundary step was skipped: a non-finite gradient (or an fp16
+        overflow) left the parameters and the optimizer state as they were."""
         return False
 
     # -- influence passes (student only) -------------------------------------------------------
@@ -188,11 +189,16 @@ class TorchEngine(Engine):
             raise RuntimeError("this engine has no optimizer (frozen role)")
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params(), self.max_grad_norm)
-        self.optimizer.step()
-        if self.scheduler is not None:
+        self.optimizer.step()  # guard_nonfinite_: skipped (overflow=True) on a non-finite gradient
+        self._skipped = bool(getattr(self.optimizer, "overflow", False))
+        if self.scheduler is not None and not self._skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
+
+    @property
+    def step_skipped(self) -> bool:
+        return getattr(self, "_skipped", False)
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])

@@ -33,6 +33,20 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def set_log_level(level: int) -> None:
+    """DeepSpeed's logger at ``level`` (a ``logging`` level). At WARNING or above on a machine
+    without CUDA, the accelerator is named (``DS_ACCELERATOR=cpu``, unless set) so that DeepSpeed
+    does not warn that it guessed it. Call before DeepSpeed is first imported."""
+    import logging
+
+    if level >= logging.WARNING and "DS_ACCELERATOR" not in os.environ:
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    from deepspeed.utils import logger
+
+    logger.setLevel(level)
+
+
 def shutdown_distributed() -> None:
     """Barrier, then tear the process group down before the interpreter exits.
 
@@ -85,6 +99,12 @@ class DeepSpeedEngineAdapter(Engine):
         self.module = engine.module
         self.gradient_accumulation_steps = int(engine.gradient_accumulation_steps())
         self.stage = int(engine.zero_optimization_stage())
+        basic = engine.basic_optimizer
+        if engine.optimizer is not basic and hasattr(basic, "check_finite"):
+            # ZeRO-1/2/3 and the bf16/fp16 wrappers skip non-finite steps themselves (checked
+            # on every rank: all CPU/gloo paths, ZeRO 0-3 x fp32/bf16); the client AdamW's guard
+            # checks only where it is the engine's optimizer (ZeRO-0 fp32)
+            basic.check_finite = False
 
     # -- ordinary training -------------------------------------------------------------------
     def forward(self, batch: dict) -> torch.Tensor:
@@ -105,6 +125,7 @@ class DeepSpeedEngineAdapter(Engine):
 
     @property
     def step_skipped(self) -> bool:
+        # ZeRO-0 fp32: DeepSpeed reads the guarded AdamW's overflow (skipped_steps, no LR step)
         return not self.engine.was_step_applied()
 
     @property

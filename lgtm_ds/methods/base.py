@@ -103,13 +103,20 @@ class Method:
         return {}
 
     def step(self, micro: list[dict], quiz: list[dict] | None) -> dict:
-        """Teacher update, then the student update with the updated teacher. An overflow in the
-        teacher (fp16) or a non-finite influence pass skips both engines' steps."""
+        """Teacher update, then the student update with the updated teacher.
+
+        The divergence guard: a non-finite gradient (so any non-finite loss or influence behind
+        it) or an fp16 overflow makes the engine skip its optimizer step, parameters and state
+        untouched. A skip in the teacher's part (or a non-finite influence pass) skips the
+        student's step too (``skipped = "both"``); a skip in the student's own update, after
+        the teacher has stepped, is ``"student"``. The trainer counts and reports them."""
         metrics = self.teacher_update(micro, quiz)
         if metrics.get("skipped") or (self.trains_teacher and self.d.teacher.step_skipped):
-            metrics["skipped"] = True
+            metrics["skipped"] = "both"
             return metrics
         metrics.update(self.student_update(micro))
+        if self.d.student.step_skipped:
+            metrics["skipped"] = "student"
         return metrics
 
     def student_update(self, micro: list[dict]) -> dict:
@@ -132,7 +139,10 @@ class Method:
             d.teacher.backward(loss)
             d.teacher.step()
             total += loss.detach()
-        return {"teacher_ce": float(total) / len(batch)}
+        out = {"teacher_ce": float(total) / len(batch)}
+        if d.teacher.step_skipped:
+            out["skipped"] = "teacher"
+        return out
 
 
 def distill_update(

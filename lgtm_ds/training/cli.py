@@ -10,7 +10,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import LGTMError
 
     try:
-        cfg, _ = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg, args = parse_args(sys.argv[1:] if argv is None else argv)
+        configure_console(args.log_level)
         from ..engines.deepspeed import shutdown_distributed
         from .trainer import run
 
@@ -20,3 +21,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     shutdown_distributed()
     return 0
+
+
+def configure_console(level: str) -> None:
+    """What the ranks print besides LGTM-DS's own bar, warnings and summary. ``warning``:
+    DeepSpeed's logger at WARNING (and no "Setting accelerator to CPU" notice on machines
+    without CUDA), no ``datasets`` / ``transformers`` progress bars, no FutureWarning /
+    DeprecationWarning from the libraries; ``info`` / ``debug``: their INFO (DEBUG) lines and
+    bars too. Called by the command line only: a notebook's ``run(cfg)`` leaves logging alone."""
+    import logging
+    import warnings
+
+    lvl = getattr(logging, level.upper())
+    quiet = lvl >= logging.WARNING
+    import datasets
+    import transformers
+
+    from ..engines.deepspeed import set_log_level
+
+    set_log_level(lvl)
+    transformers.utils.logging.set_verbosity(max(lvl, logging.WARNING) if quiet else lvl)
+    if quiet:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        for category in (FutureWarning, DeprecationWarning):
+            for module in ("torch", "deepspeed", "transformers", "datasets"):
+                warnings.filterwarnings("ignore", category=category, module=module)

@@ -21,8 +21,12 @@ def build_summary(
     final: dict,
     history: list[dict],
     resumed_from: list[str] | None = None,
+    skipped_steps: int = 0,
+    failure: str | None = None,
 ) -> dict:
     return {
+        "status": "failed" if failure else "completed",
+        "failure": failure,
         "method": cfg.method.name,
         "task": task_name,
         "steps": steps,
@@ -42,6 +46,8 @@ def build_summary(
         ),
         "evaluations": history,
         "resumed_from": list(resumed_from or []),  # checkpoints the run continued from
+        # steps the engines skipped (non-finite gradient / loss / influence, fp16 overflow)
+        "skipped_steps": skipped_steps,
         "dropped_by_truncation": (data or {}).get("dropped_by_truncation"),
     }
 
@@ -59,20 +65,33 @@ def format_summary(s: dict, out: Path) -> str:
         f"wall time {s['wall_s']:.1f} s"
         + (f" (resumed {len(s['resumed_from'])}x)" if s.get("resumed_from") else ""),
         (
-            "before training: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(s["initial"].items()))
+            "before training: "
+            + ", ".join(f"{k} {_num(v)}" for k, v in sorted(s["initial"].items()))
             if s.get("initial")
             else ""
         ),
-        "final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(s["final"].items())),
+        f"FAILED: {s['failure']}" if s.get("failure") else "",
+        f"  ({s['advice']})" if s.get("advice") else "",
+        (
+            "final eval: " + ", ".join(f"{k} {_num(v)}" for k, v in sorted(s["final"].items()))
+            if s["final"]
+            else ""
+        ),
+        f"skipped steps: {s['skipped_steps']}" if s.get("skipped_steps") else "",
         (
             f"dropped (all loss tokens truncated away): {s['dropped_by_truncation']}"
             if any((s.get("dropped_by_truncation") or {}).values())
             else ""
         ),
         f"best student {pm}: {s['best_student']:.4f}" if s["best_student"] is not None else "",
-        f"outputs: {out}/ (config.yaml, metrics.jsonl, data_split.json, student/, "
-        + ("teacher/, " if (out / "teacher").exists() else "")
+        f"outputs: {out}/ (config.yaml, metrics.jsonl, data_split.json, "
+        + ("student/, " if not s.get("failure") else "")
+        + ("teacher/, " if (out / "teacher").exists() and not s.get("failure") else "")
         + "summary.txt, summary.json)",
         "=" * 64,
     ]
     return "\n".join(line for line in lines if line)
+
+
+def _num(v) -> str:
+    return f"{v:.4f}" if isinstance(v, int | float) else str(v)

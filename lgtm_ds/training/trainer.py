@@ -28,9 +28,11 @@ from ..data import (
     synthetic_corpus_texts,
     synthetic_instruction_texts,
 )
+from ..data.sources import GLUE_DATASET_ID, GLUE_TASKS
 from ..engines.build import build_engines, resolve_ds_configs
 from ..engines.deepspeed import all_gather_object, init_distributed
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
+from ..hub import check_sources
 from ..io import write_json_atomic
 from ..methods import Distiller, get_method
 from ..tasks import get_task
@@ -57,6 +59,7 @@ _RUN_OUTPUTS = (
     "summary.txt",
     "summary.json",
     "wandb",
+    "wandb_run_id",
 )
 
 
@@ -101,6 +104,7 @@ class Trainer:
                 f"nothing to continue (output.overwrite=true starts it over)"
             )
         self.ds_teacher, self.ds_student = resolve_ds_configs(cfg, self.world)
+        check_sources(_hub_sources(cfg))  # typos and a missing network fail here, in seconds
         self._build_data()
         teacher, student = self._build_models()
         self._plan_steps()
@@ -111,6 +115,7 @@ class Trainer:
         self.history: list[dict] = []  # evaluations of the whole run (all segments)
         self.wall_before = 0.0  # training time of the earlier segments of a resumed run
         self.resumed_from: list[str] = []
+        self.skipped = {"total": 0, "in_a_row": 0}  # the divergence guard's counts
         self._write_run_header()
         self.logger = MetricsLogger(
             self.out / "metrics.jsonl",
@@ -121,6 +126,7 @@ class Trainer:
             config=config_to_dict(cfg),
             resume=self.resume_from is not None,
         )
+        self.logger.step_offset = self.stage1_steps
         if self.resume_from is not None:
             self._resume(*self.resume_from)
 
@@ -134,6 +140,13 @@ class Trainer:
             raise ConfigError(
                 f"output.dir {str(self.out)!r}: cannot create or write it ({existing} is not a "
                 f"writable folder)"
+            )
+        failed = _failed_run(self.out)
+        if failed and not out.overwrite and out.resume in (None, "auto"):
+            raise ConfigError(
+                f"output.dir {str(self.out)!r} holds a run that failed ({failed}); set "
+                f"output.overwrite=true to start over, or output.resume=<a checkpoint folder "
+                f"under {self.out / 'checkpoints'}> to continue from one with changed settings"
             )
         if (self.out / "summary.json").exists() and not (out.overwrite or out.resume):
             raise ConfigError(
@@ -201,6 +214,18 @@ class Trainer:
     def _plan_steps(self) -> None:
         cfg, n = self.cfg, len(self.data.train)
         _, steps = optimizer_steps(n, cfg, self.world, cfg.train.epochs)
+        nq, mbs = len(self.data.quiz), cfg.train.micro_batch_size
+        if self.method.needs_quiz and nq // self.world < mbs:
+            where = (
+                "data.quiz_fraction of the training split"
+                if cfg.data.quiz_source == "train"
+                else "the validation split (data.quiz_source=validation)"
+            )
+            raise ConfigError(
+                f"the quiz split has {nq} examples ({where}): fewer than one micro-batch of "
+                f"train.micro_batch_size={mbs} on each of {self.world} rank(s); raise "
+                f"data.quiz_fraction, give the data more rows, or lower train.micro_batch_size"
+            )
         self.total_steps = cfg.train.max_steps or steps
         self.stage1_steps = 0
         if self.method.teacher_stage1:
@@ -323,6 +348,7 @@ class Trainer:
             self.step += 1
             self.bar.update(1)
             self._log_step(m)
+            self._guard(m, self.step)
             last = self.step == self.total_steps
             if last or (cfg.train.eval_every and self.step % cfg.train.eval_every == 0):
                 ev = self.evaluate()
@@ -340,8 +366,9 @@ class Trainer:
             m = self.distiller.teacher_finetune_step(self.train_batches.next())
             self.stage1_done += 1
             self.bar.update(1)
-            if self.stage1_done % self.cfg.train.log_every == 0:
+            if self.stage1_done % self.cfg.train.log_every == 0 or m.get("skipped"):
                 self.logger.log({"stage": 1, "step": self.stage1_done, **m})
+            self._guard(m, self.stage1_done, stage1=True)
             every = self.cfg.output.checkpoint_every
             if every and self.stage1_done % every == 0 and self.stage1_done < self.stage1_steps:
                 self.save_checkpoint(f"stage1_step{self.stage1_done}")
@@ -354,9 +381,60 @@ class Trainer:
         m["student_lr"] = self.student.lr()
         if self.method.trains_teacher:
             m["teacher_lr"] = self.teacher.lr()
-        if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
+        log = self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps
+        if log or m.get("skipped"):  # skipped steps are always in metrics.jsonl
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in m.items() if "loss" in k})
             self.logger.log({"step": self.step, "epoch": self.train_batches.epoch, **m})
+
+    # -- divergence guard ------------------------------------------------------------------------
+    def _guard(self, m: dict, step: int, stage1: bool = False) -> None:
+        """Count a skipped step (the engines skipped it: a non-finite gradient, loss or
+        influence, or an fp16 overflow), warn, and stop the run after
+        ``train.max_skipped_steps`` in a row."""
+        if not m.get("skipped"):
+            self.skipped["in_a_row"] = 0
+            return
+        self.skipped["total"] += 1
+        self.skipped["in_a_row"] += 1
+        n, cap = self.skipped, self.cfg.train.max_skipped_steps
+        where = f"teacher stage-1 step {step}" if stage1 else f"step {step}"
+        bad = [k for k, v in m.items() if isinstance(v, float) and not math.isfinite(v)]
+        why = "non-finite " + ", ".join(bad) if bad else "a non-finite gradient or fp16 overflow"
+        engines = {"both": "both engines", "teacher": "the teacher", "student": "the student"}
+        if self.is_main and (n["total"] <= 10 or n["total"] % 100 == 0):
+            self.bar.write(
+                f"warning: {where} skipped in {engines.get(m['skipped'], m['skipped'])} ({why}); "
+                f"{n['in_a_row']} in a row, {n['total']} in all"
+                + (f"; the run stops after train.max_skipped_steps={cap} in a row" if cap else "")
+            )
+        if cap and n["in_a_row"] >= cap:
+            first = step - n["in_a_row"] + 1
+            self._fail(
+                f"training diverged: {n['in_a_row']} optimizer steps in a row skipped ({where}"
+                f" back to {first}; {why})",
+                "lower train.student_lr / train.teacher_lr, set train.max_grad_norm, or raise "
+                "train.max_skipped_steps (0 = never stop)",
+            )
+
+    def _fail(self, reason: str, advice: str) -> None:
+        """Write a summary marked failed (no model saved) and stop with one clear error."""
+        self.bar.close()
+        summary = self._summary(
+            final={}, wall_s=self.wall_before + time.time() - self.t0, failure=reason
+        )
+        summary["advice"] = advice
+        if self.is_main:
+            text = format_summary(summary, self.out)
+            (self.out / "summary.txt").write_text(text + "\n")
+            write_json_atomic(self.out / "summary.json", summary)
+        self.logger.close()
+        latest = self.out / "checkpoints" / "latest"
+        hint = (
+            f"; the newest checkpoint is {self.out / 'checkpoints' / latest.read_text().strip()}"
+            if latest.exists()
+            else ""
+        )
+        raise TrainingError(f"{reason}: {advice}{hint} (summary: {self.out / 'summary.txt'})")
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, tag: str | None = None) -> None:
@@ -370,6 +448,7 @@ class Trainer:
             "history": self.history,
             "wall_s": self.wall_before + time.time() - self.t0,
             "resumed_from": self.resumed_from,
+            "skipped": self.skipped,
         }
         save_checkpoint(
             self.out / "checkpoints",
@@ -388,6 +467,7 @@ class Trainer:
         self.history = list(st.get("history", []))
         self.wall_before = float(st.get("wall_s", 0.0))
         self.resumed_from = [*st.get("resumed_from", []), str(root / tag)]
+        self.skipped = dict(st.get("skipped", self.skipped))
         # metrics.jsonl back to the checkpoint: rows logged after it are logged again
         self.logger.truncate(st.get("metrics_rows"))
         self.logger.log({"step": self.step, "stage1_done": self.stage1_done, "resumed_from": tag})
@@ -403,8 +483,21 @@ class Trainer:
         self.student.save_pretrained(str(self.out / "student"), self.is_main)
         if cfg.output.save_teacher:
             self.teacher.save_pretrained(str(self.out / "teacher"), self.is_main)
-        summary = build_summary(
-            cfg,
+        summary = self._summary(final=final, wall_s=result["wall_s"])
+        if self.is_main:
+            self.tokenizer.save_pretrained(str(self.out / "student"))
+            if cfg.output.save_teacher:
+                self.tokenizer.save_pretrained(str(self.out / "teacher"))
+            text = format_summary(summary, self.out)
+            (self.out / "summary.txt").write_text(text + "\n")
+            write_json_atomic(self.out / "summary.json", summary)  # last: marks the run complete
+            print(text, flush=True)
+        self.logger.close()
+        return summary
+
+    def _summary(self, *, final: dict, wall_s: float, failure: str | None = None) -> dict:
+        return build_summary(
+            self.cfg,
             task_name=self.data.name,
             primary=self.task.primary_metric,
             lower_is_better=self.task.primary_metric in self.task.lower_is_better,
@@ -412,23 +505,41 @@ class Trainer:
             steps=self.step,
             stage1_steps=self.stage1_done,
             world=self.world,
-            wall_s=result["wall_s"],
+            wall_s=wall_s,
             params=self.n_params,
             zero_stage={"teacher": self.teacher.stage, "student": self.student.stage},
             final=final,
-            history=result["history"],
+            history=self.history,
             resumed_from=self.resumed_from,
+            skipped_steps=self.skipped["total"],
+            failure=failure,
         )
-        if self.is_main:
-            self.tokenizer.save_pretrained(str(self.out / "student"))
-            if cfg.output.save_teacher:
-                self.tokenizer.save_pretrained(str(self.out / "teacher"))
-            text = format_summary(summary, self.out)
-            (self.out / "summary.txt").write_text(text)
-            write_json_atomic(self.out / "summary.json", summary)  # last: marks the run complete
-            print(text, flush=True)
-        self.logger.close()
-        return summary
+
+
+def _hub_sources(cfg: ExperimentConfig) -> list[tuple[str, str, str]]:
+    """(key, name, repo type) of every model, tokenizer and dataset the run may load from the
+    hub or a folder."""
+    m, d = cfg.model, cfg.data
+    out = [(f"model.{r}", getattr(m, r), "model") for r in ("teacher", "student")]
+    if m.tokenizer:
+        out.append(("model.tokenizer", m.tokenizer, "model"))
+    out = [(k, n, t) for k, n, t in out if n != "embedded" and not is_embedded(n)]
+    if d.source == "glue" and (d.task or "").lower() in GLUE_TASKS:  # else: the task's error
+        out.append(("data.source=glue", GLUE_DATASET_ID, "dataset"))
+    elif d.source == "hub" and d.dataset:
+        out.append(("data.dataset", d.dataset, "dataset"))
+    return out
+
+
+def _failed_run(out: Path) -> str | None:
+    """The failure reason if ``out`` holds a run whose summary says it failed."""
+    import json
+
+    try:
+        s = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return s.get("failure") if isinstance(s, dict) and s.get("status") == "failed" else None
 
 
 def _checkpoint_activations(model: torch.nn.Module) -> None:
