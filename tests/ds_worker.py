@@ -43,6 +43,9 @@ CASES = {
     "online_z3_2": ("online_kd", 3, 2, "fp32", 1),
     "online_z2_3": ("online_kd", 2, 3, "fp32", 1),  # a ZeRO-3 student is fine without influence
     "z2_3": ("lgtm", 2, 3, "fp32", 1),
+    "meta_z0_0": ("metadistil", 0, 0, "fp32", 1),
+    "meta_z2_2": ("metadistil", 2, 2, "fp32", 1),
+    "meta_z2_3": ("metadistil", 2, 3, "fp32", 1),  # the pilot's JVP with ZeRO-3 hooks off
     "z0_3_gas2": ("lgtm", 0, 3, "fp32", 2),
     "z2_3_np": ("lgtm", 2, 3, "fp32", 1),  # no persistent params: every forward re-gathers
     "z3_3": ("lgtm", 3, 3, "fp32", 1),  # two ZeRO-3 engines in one process
@@ -136,7 +139,7 @@ def run_case(name, rank, world):
             influence.append(m["influence"])
             radii.append(m["fd_R"])
         else:
-            d.method.teacher_update(train, None)
+            d.method.teacher_update(train, quiz if d.method.needs_quiz else None)
         d.method.student_update(train)
     assert all(p.dtype == dtype for p in student.parameters())
     import deepspeed.comm as dist
@@ -321,6 +324,7 @@ def main():
             {
                 "lgtm": run_torch("lgtm"),
                 "online_kd": run_torch("online_kd"),
+                "metadistil": run_torch("metadistil"),
                 "lgtm_gas2": run_torch("lgtm", gas=2),
             },
             os.path.join(args.out, f"torch.{tag}.pt"),

@@ -359,7 +359,7 @@ def test_validation_errors_name_the_dotted_key(override, parts):
         ("model.teacher= ", "model.teacher must be a non-empty string, got ' '"),
         (
             "method.name=lgtmm",
-            "method.name must be one of {lgtm, online_kd, vanilla_kd}, got 'lgtmm'; "
+            "method.name must be one of {lgtm, metadistil, online_kd, vanilla_kd}, got 'lgtmm'; "
             "did you mean 'lgtm'?",
         ),
     ],

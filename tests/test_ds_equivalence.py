@@ -65,12 +65,17 @@ FP32 = [
     "online_z2_2",
     "online_z3_2",
     "online_z2_3",
+    "meta_z0_0",
+    "meta_z2_2",
+    "meta_z2_3",
 ]
 
 
 def _reference(load, name):
     ref = load("torch", 1)
-    return ref["online_kd"] if name.startswith("online") else ref["lgtm"]
+    if name.startswith("online"):
+        return ref["online_kd"]
+    return ref["metadistil"] if name.startswith("meta") else ref["lgtm"]
 
 
 @pytest.mark.parametrize("world", [1, 2])

@@ -136,7 +136,7 @@ def test_resume_at_an_epoch_boundary_is_exact(tmp_path, dist_env, method, every,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["online_kd", "vanilla_kd"])
+@pytest.mark.parametrize("method", ["online_kd", "vanilla_kd", "metadistil"])
 def test_baseline_methods_train(tmp_path, dist_env, method):
     s = _run(
         tmp_path,

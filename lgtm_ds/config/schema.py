@@ -501,6 +501,18 @@ class MethodConfig(Section):
         ge=0,
         description="vanilla_kd only: epochs of teacher fine-tuning before distillation",
     )
+    pilot_lr: float | None = Field(
+        None,
+        gt=0,
+        description="metadistil only: learning rate of the pilot student's simulated SGD step; "
+        "null = the student's current learning rate",
+    )
+    teacher_ce_weight: float = Field(
+        0.0,
+        ge=0,
+        description="metadistil only: weight of the teacher's own CE next to the pilot "
+        "student's quiz loss (0 = MetaDistil as published: the quiz loss only)",
+    )
 
     @field_validator("name")
     @classmethod

@@ -14,6 +14,7 @@ before by construction, in fp32 and bf16 alike, and a bf16 student still *sees* 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -115,18 +116,55 @@ class Engine:
         with torch.no_grad():
             return self.functional_forward(params, batch)
 
+    def jvp_at(
+        self, params: list[torch.Tensor], tangents: list[torch.Tensor], batch: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f(x; params), d/de f(x; params + e * tangents) at e = 0)``: the logits and their
+        exact directional derivative (forward-mode AD, ``torch.func.jvp``), no graph kept.
+        Attention runs on the math kernel (the fused CPU/CUDA attention kernels have no
+        forward-mode rule). Dropout draws from the RNG as one ordinary forward does."""
+        from torch.func import jvp
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        names = self._param_names()
+        inputs = model_inputs(batch)
+
+        def f(*ps):
+            return get_logits(
+                functional_call(
+                    self.module, dict(zip(names, ps)), args=(), kwargs=inputs, strict=False
+                )
+            )
+
+        with (
+            torch.no_grad(),
+            sdpa_kernel([SDPBackend.MATH]),
+            _torch_linear(),
+            _no_activation_checkpointing(self.module),
+        ):
+            return jvp(f, tuple(p.detach() for p in params), tuple(t.detach() for t in tangents))
+
     def grad_at(
         self, params: list[torch.Tensor], batches: list[dict], loss_fn
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``sum_j grad loss_fn(f(x_j; params), x_j) / len(batches)`` at ``params`` (full tensors),
-        and the mean loss. Not averaged over ranks."""
+        and the mean loss. Not averaged over ranks.
+
+        The module runs with ``params`` swapped in for the forward *and* the backward: with
+        activation checkpointing the backward recomputes activations, and a swap that ended
+        with the forward (``functional_call``) would recompute them at the module's own
+        parameters (measured: LGTM's teacher update 1.2e-4 off after 2 steps in float64)."""
+        from torch.nn.utils.stateless import _reparametrize_module
+
         leaves = [p.detach().requires_grad_() for p in params]
         grads = [torch.zeros_like(p) for p in leaves]
         total = 0.0
+        swap = dict(zip(self._param_names(), leaves))
         for b in batches:
-            loss = loss_fn(self.functional_forward(leaves, b), b)
-            for acc, g in zip(grads, torch.autograd.grad(loss / len(batches), leaves)):
-                acc.add_(g)
+            with _reparametrize_module(self.module, swap, tie_weights=True, strict=False):
+                loss = loss_fn(get_logits(self.module(**model_inputs(b))), b)
+                for acc, g in zip(grads, torch.autograd.grad(loss / len(batches), leaves)):
+                    acc.add_(g)
             total += loss.detach()
         return grads, total / len(batches)
 
@@ -149,6 +187,42 @@ class Engine:
         if not hasattr(self, "_names_cache"):
             self._names_cache = [n for n, p in self.module.named_parameters() if p.requires_grad]
         return self._names_cache
+
+
+@contextlib.contextmanager
+def _no_activation_checkpointing(module: nn.Module):
+    """Hugging Face activation checkpointing off for the block (a forward-mode pass keeps no
+    graph, so there is nothing to save, and checkpointing cannot run inside ``torch.func``)."""
+    on = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    # the input-embedding hook transformers adds with checkpointing (requires_grad_ on the
+    # embeddings' output) is not allowed inside torch.func either
+    hooked = hasattr(module, "_require_grads_hook")
+    for m in on:
+        m.gradient_checkpointing = False
+    if hooked:
+        module.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        for m in on:
+            m.gradient_checkpointing = True
+        if hooked:
+            module.enable_input_require_grads()
+
+
+@contextlib.contextmanager
+def _torch_linear():
+    """``torch.nn.functional.linear`` as torch ships it, for the block. A ZeRO-3 engine in the
+    process replaces it with an autograd Function without a forward-mode rule (DeepSpeed's
+    memory-efficient linear), which ``torch.func.jvp`` cannot run through."""
+    import torch.nn.functional as F
+
+    current = F.linear
+    F.linear = torch._C._nn.linear
+    try:
+        yield
+    finally:
+        F.linear = current
 
 
 class TorchEngine(Engine):

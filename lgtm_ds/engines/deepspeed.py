@@ -268,6 +268,12 @@ class DeepSpeedEngineAdapter(Engine):
         with self._zero3_hooks_off():
             return super().grad_at(params, batches, loss_fn)
 
+    def jvp_at(self, params, tangents, batch):
+        if self.stage < 3:
+            return super().jvp_at(params, tangents, batch)
+        with self._zero3_hooks_off():
+            return super().jvp_at(params, tangents, batch)
+
     @contextlib.contextmanager
     def _zero3_hooks_off(self):
         """Run the module functionally on full tensors (``params``, e.g. fp32 ``theta +- R v``)

@@ -3,13 +3,14 @@
 - ``vanilla_kd``: the teacher is fine-tuned first (stage 1), then frozen.
 - ``online_kd``: the teacher learns from the student every step.
 - ``lgtm``: the teacher's update is weighted by distillation influence.
+- ``metadistil``: the teacher learns from a pilot student's quiz loss (exact second order).
 
 Plus the pieces they share: ``base`` (the contract, the student update), ``distiller`` (the
 object that steps a method on two engines), ``lookahead`` (the simulated AdamW step) and
 ``naive`` (the reference form of LGTM: a test oracle and a benchmark baseline).
 """
 
-from . import lgtm, online_kd, vanilla_kd  # noqa: F401  (registers the methods)
+from . import lgtm, metadistil, online_kd, vanilla_kd  # noqa: F401  (registers the methods)
 from .base import METHODS, DistillHParams, Method
 from .distiller import Distiller
 

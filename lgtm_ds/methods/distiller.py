@@ -45,6 +45,8 @@ class Distiller:
         scale_by_t2: bool = False,
         jsd_beta: float = 0.0,
         teacher_jsd_beta: float | None = None,
+        pilot_lr: float | None = None,
+        teacher_ce_weight: float = 0.0,
         teacher_scheduler=None,
         student_scheduler=None,
         gradient_accumulation_steps: int = 1,
@@ -64,6 +66,8 @@ class Distiller:
             scale_by_t2,
             jsd_beta,
             teacher_jsd_beta,
+            pilot_lr,
+            teacher_ce_weight,
         )
         self.task: Task | None = get_task(task)() if isinstance(task, str) else task
         wrap = dict(gradient_accumulation_steps=gradient_accumulation_steps)

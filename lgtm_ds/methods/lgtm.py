@@ -130,17 +130,7 @@ class LGTM(Method):
 
     # -- C ---------------------------------------------------------------------------------------
     def _quiz_grad(self, look, quiz, wq) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """``v``: the look-ahead student's task-loss gradient on the quiz batches (each weighted
-        by its share of the global quiz rows), rank-averaged."""
-        d = self.d
-        w_of = {id(qb): wj for qb, wj in zip(quiz, wq)}
-        v, quiz_ce = d.student.grad_at(
-            look,
-            quiz,
-            lambda logits, qb: weighted(d.task.task_loss(logits, qb["labels"]), w_of[id(qb)]),
-        )
-        d.student.all_reduce_mean_(v)
-        return v, quiz_ce
+        return quiz_grad(self.d, look, quiz, wq)
 
     # -- D ---------------------------------------------------------------------------------------
     def _teacher_steps(self, micro, w, fwd: _BatchPass, theta, v, radius, eta, split):
@@ -201,6 +191,20 @@ class LGTM(Method):
         for a, gi in zip(acc, gs):
             a.add_(gi.float(), alpha=1.0 / n_micro)
         return acc
+
+
+def quiz_grad(d, params, quiz, wq) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``v``: the student's task-loss gradient at ``params`` (the look-ahead / pilot student) on
+    the quiz batches (each weighted by its share ``wq`` of the global quiz rows), rank-averaged;
+    and the mean quiz loss."""
+    w_of = {id(qb): wj for qb, wj in zip(quiz, wq)}
+    v, quiz_ce = d.student.grad_at(
+        params,
+        quiz,
+        lambda logits, qb: weighted(d.task.task_loss(logits, qb["labels"]), w_of[id(qb)]),
+    )
+    d.student.all_reduce_mean_(v)
+    return v, quiz_ce
 
 
 def _stage(ds: dict) -> int:

@@ -123,9 +123,12 @@ class Task:
         target_logits: torch.Tensor,
         temperature: float,
         beta: float = 0.0,
+        differentiable: bool = False,
     ) -> torch.Tensor:
         """Per-row divergence of ``logits`` from the (detached) ``target_logits``; ``beta``
-        picks the divergence where the task has several (0 = forward KL)."""
+        picks the divergence where the task has several (0 = forward KL). ``differentiable``:
+        plain torch ops, twice differentiable and with a gradient to ``target_logits`` too
+        (MetaDistil's meta-gradient) instead of the fused kernel."""
         raise NotImplementedError
 
     def kd_per_example(
@@ -157,14 +160,17 @@ class Task:
         temperature: float,
         scale_by_t2: bool = False,
         beta: float = 0.0,
+        differentiable: bool = False,
     ) -> torch.Tensor:
-        """``alpha * kd_scale * KD(target || model) + (1 - alpha) * task_loss``.
+        """``alpha * kd_scale * KD(target || model) + (1 - alpha) * task_loss``
+        (``differentiable``: see :meth:`kd_per_row`).
 
         The student's objective ``L_s`` with ``alpha_student`` and the teacher's logits as the
         target; the teacher's ``L_t`` with ``alpha_teacher`` and the *student's* logits."""
         loss = logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
         if alpha > 0:
-            kd = self.kd_per_row(logits, target_logits, temperature, beta).mean()
+            extra = {"differentiable": True} if differentiable else {}  # older tasks: no kw
+            kd = self.kd_per_row(logits, target_logits, temperature, beta, **extra).mean()
             loss = loss + alpha * self.kd_scale(temperature, scale_by_t2) * kd
         if alpha < 1:
             loss = loss + (1 - alpha) * self.task_loss(logits, labels)

@@ -126,11 +126,16 @@ class ClassificationTask(Task):
             )
 
     # -- losses ----------------------------------------------------------------------------------
-    def kd_per_row(self, logits, target_logits, temperature, beta=0.0):
+    def kd_per_row(self, logits, target_logits, temperature, beta=0.0, differentiable=False):
         """Per-row divergence of ``softmax(logits/T)`` from ``softmax(target/T)``; gradient to
         ``logits`` only. Shapes [N, C] -> [N]. ``beta`` (TRL / Liger convention): 0 = forward
         ``KL(p_target || p)``, 1 = reverse ``KL(p || p_target)``, in between the generalised JSD
-        ``beta KL(p_target || m) + (1 - beta) KL(p || m)``, ``m = beta p_target + (1 - beta) p``."""
+        ``beta KL(p_target || m) + (1 - beta) KL(p || m)``, ``m = beta p_target + (1 - beta) p``.
+        ``differentiable``: the same in plain torch ops (fp32 or float64), twice differentiable,
+        with a gradient to ``target_logits`` too."""
+        if differentiable:
+            dtype = torch.promote_types(logits.dtype, torch.float32)
+            return divergence_f64(logits.to(dtype), target_logits.to(dtype), temperature, beta)
         if logits.dtype == torch.float64:
             return divergence_f64(logits, target_logits.detach().double(), temperature, beta)
         if beta == 0.0:
@@ -240,7 +245,8 @@ class ClassificationTask(Task):
 
 
 def divergence_f64(logits, target, temperature, beta):
-    """float64 torch form of :meth:`ClassificationTask.kd_per_row` (the test oracle)."""
+    """Plain torch form of :meth:`ClassificationTask.kd_per_row` (float64: the test oracle;
+    any dtype: the differentiable form)."""
     log_q = F.log_softmax(logits / temperature, dim=-1)
     log_p = F.log_softmax(target / temperature, dim=-1)
     if beta == 0.0:
@@ -267,10 +273,12 @@ class RegressionTask(ClassificationTask):
         kw["num_labels"] = 1
         super().__init__(**kw)
 
-    def kd_per_row(self, logits, target_logits, temperature, beta=0.0):
-        """``(logits - target)^2`` per row (no temperature, no ``beta``)."""
+    def kd_per_row(self, logits, target_logits, temperature, beta=0.0, differentiable=False):
+        """``(logits - target)^2`` per row (no temperature, no ``beta``); ``differentiable``:
+        the target is not detached."""
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        return (logits.to(dtype) - target_logits.detach().to(dtype)).pow(2).sum(-1)
+        target = target_logits if differentiable else target_logits.detach()
+        return (logits.to(dtype) - target.to(dtype)).pow(2).sum(-1)
 
     def task_loss(self, logits, labels):
         dtype = torch.promote_types(logits.dtype, torch.float32)

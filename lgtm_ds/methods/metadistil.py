@@ -1,0 +1,161 @@
+"""MetaDistil (Zhou et al., ACL 2022): the teacher learns from the quiz loss of a pilot student.
+
+One step over a global batch split into micro-batches ``x_j`` (row weights ``w_j`` as in every
+method):
+
+A. per micro-batch: teacher logits ``z_j`` (no graph), the student forward at ``theta`` and
+   ``g = grad_theta L_s(theta; z)`` (fp32, rank-averaged): LGTM's step A.
+B. the pilot student ``theta' = theta - lam * g``: one simulated SGD step (``lam`` =
+   ``method.pilot_lr``, default the student's current learning rate); no engine state changes.
+C. ``v = grad_theta' CE(y_q, f(x_q; theta'))`` over the quiz micro-batches, rank-averaged.
+D. the teacher's meta-gradient, exact (second order through the pilot step)::
+
+     d CE_q(theta'(z)) / d z_j = -lam * d/dz_j < dL_s/ds (s_j, z_j), J_j v >
+
+   ``J_j v`` is the derivative of the student's logits along ``v`` at ``theta`` (forward-mode
+   AD through the student, the dropout mask of step A, the math attention kernel, which has
+   forward-mode rules); the mixed second derivative of ``L_s`` in logit space is autograd on
+   ``[N, V]`` tensors. No double backward through either network, no copy of a model or an
+   optimizer. Per micro-batch one teacher forward with graph (step A's, kept, when the step has
+   one micro-batch; else again with A's dropout mask) and one backward of
+   ``(z_j * dz_j).sum()`` (+ ``method.teacher_ce_weight`` times the teacher's own CE), then
+   the teacher's engine step.
+E. the student's step with the updated teacher (:meth:`Method.student_update`).
+
+With data parallelism each rank differentiates its own micro-batches' share of ``g``; the
+teacher engine's average over ranks then gives the gradient of the global quiz loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError
+from .base import METHODS, Method, device_of, weighted
+from .lgtm import _same_rng, quiz_grad
+
+
+@dataclass
+class _PassA:
+    """What step A keeps for step D."""
+
+    g: list[torch.Tensor] | None = None
+    t_logits: list[torch.Tensor] = field(default_factory=list)
+    t_graph: list[torch.Tensor] = field(default_factory=list)  # with graph (one micro-batch)
+    teacher_rng: list = field(default_factory=list)  # replay() per micro-batch
+    student_rng: list = field(default_factory=list)
+
+
+@METHODS.register
+class MetaDistil(Method):
+    name = "metadistil"
+    summary = (
+        "each step: teacher on the quiz loss of a pilot student one SGD step ahead (exact "
+        "second order), then student L_s"
+    )
+    needs_quiz = True
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.train.precision == "fp16":
+            raise ConfigError(
+                "method metadistil with train.precision=fp16 is not supported: the pilot "
+                "step's forward-mode pass has no loss scaling; use bf16 or fp32"
+            )
+
+    def teacher_update(self, micro, quiz):
+        d = self.d
+        d.teacher.module.train()
+        d.student.module.train()
+        w, wq = self.row_weights(micro, quiz)
+        n = len(micro)
+        a = self._pilot_grad(micro, w)  # A
+        theta = d.student.master_params()
+        lam = d.hp.pilot_lr if d.hp.pilot_lr is not None else d.student.lr()
+        pilot = [t - lam * gi.to(t.dtype) for t, gi in zip(theta, a.g)]  # B
+        a.g = None
+        v, quiz_ce = quiz_grad(d, pilot, quiz, wq)  # C
+        del pilot
+        v_norm = float(torch.sqrt(sum((vi.double() ** 2).sum() for vi in v)))  # note: host sync
+        if not math.isfinite(v_norm):
+            return {"skipped": True, "v_norm": v_norm}
+        ce_w, t_total, meta_sq = d.hp.teacher_ce_weight, 0.0, 0.0
+        for j, mb in enumerate(micro):  # D
+            a.student_rng[j]()  # the dropout mask of step A's student forward
+            s_j, u_j = d.student.jvp_at(theta, v, mb)
+            dz = self._meta_logit_grad(a.t_logits[j], s_j, u_j, mb["labels"], w[j] / n, lam)
+            meta_sq += float(dz.double().pow(2).sum())  # note: host sync
+            if a.t_graph:  # one micro-batch: step A's teacher forward kept its graph
+                z = a.t_graph[j]
+            else:  # step A's teacher forward again, same dropout mask, now with graph
+                a.teacher_rng[j]()
+                z = d.teacher.forward(mb)
+            surrogate = (z * dz.to(z.dtype)).sum() * n  # the engine divides by n (accumulation)
+            if ce_w > 0:
+                ce = weighted(d.task.task_loss(z, mb["labels"]), w[j])
+                surrogate = surrogate + ce_w * ce
+                t_total += float(ce.detach())
+            d.teacher.backward(surrogate)
+            d.teacher.step()
+        out = {
+            "quiz_ce_pilot": float(quiz_ce),
+            "v_norm": v_norm,
+            "meta_grad_norm": math.sqrt(meta_sq),  # |dCE_q/dz| over this rank's rows
+            "pilot_lr": lam,
+        }
+        if ce_w > 0:
+            out["teacher_ce"] = t_total / n
+        return out
+
+    def _pilot_grad(self, micro, w) -> _PassA:
+        """Step A: teacher logits (no graph) and ``g = grad_theta L_s`` (fp32, rank-averaged),
+        recording each micro-batch's RNG state before the teacher and the student forward so
+        that step D runs them with the same dropout masks."""
+        d = self.d
+        params = d.student.params()
+        device = device_of(d.student)
+        a = _PassA()
+        keep_graph = len(micro) == 1  # else: forward again in D (one graph at a time)
+        for mb, wj in zip(micro, w):
+            with torch.set_grad_enabled(keep_graph), _same_rng(device) as replay_t:
+                z = d.teacher.forward(mb)
+            if keep_graph:
+                a.t_graph.append(z)
+            a.t_logits.append(z.detach())
+            with _same_rng(device) as replay_s:
+                s = d.student.raw_forward(mb)
+            a.teacher_rng.append(replay_t)
+            a.student_rng.append(replay_s)
+            ls = weighted(d.student_loss(s, a.t_logits[-1], mb["labels"]), wj)
+            gs = torch.autograd.grad(ls / len(micro), params)
+            if a.g is None:
+                a.g = [gi.to(torch.promote_types(gi.dtype, torch.float32)).clone() for gi in gs]
+            else:
+                for acc, gi in zip(a.g, gs):
+                    acc.add_(gi)
+        d.student.all_reduce_mean_(a.g)
+        return a
+
+    def _meta_logit_grad(self, z, s, u, labels, scale, lam):
+        """``-lam * d/dz < d(scale * L_s(s, z))/ds, u >`` by autograd in logit space."""
+        d = self.d
+        dtype = torch.promote_types(s.dtype, torch.float32)
+        z_ = z.detach().to(dtype).requires_grad_()
+        s_ = s.detach().to(dtype).requires_grad_()
+        with torch.enable_grad():
+            loss = scale * d.task.distill_loss(
+                s_,
+                z_,
+                labels,
+                alpha=d.hp.alpha_student,
+                temperature=d.hp.temperature,
+                scale_by_t2=d.hp.scale_by_t2,
+                beta=d.hp.jsd_beta,
+                differentiable=True,
+            )
+            (gs,) = torch.autograd.grad(loss, s_, create_graph=True)
+            (dz,) = torch.autograd.grad((gs * u.detach().to(dtype)).sum(), z_)
+        return -lam * dz
