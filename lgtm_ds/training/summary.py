@@ -23,6 +23,7 @@ def build_summary(
     resumed_from: list[str] | None = None,
     skipped_steps: int = 0,
     failure: str | None = None,
+    peak_memory: dict | None = None,
 ) -> dict:
     return {
         "status": "failed" if failure else "completed",
@@ -37,6 +38,7 @@ def build_summary(
         "zero_stage": zero_stage,
         "precision": cfg.train.precision,
         "primary_metric": primary,
+        "lower_is_better": lower_is_better,
         "final": {k: v for k, v in final.items() if k != "step"},
         "best_student": (min if lower_is_better else max)(
             (h[f"student/{primary}"] for h in history if h["step"] > 0), default=None
@@ -48,6 +50,8 @@ def build_summary(
         "resumed_from": list(resumed_from or []),  # checkpoints the run continued from
         # steps the engines skipped (non-finite gradient / loss / influence, fp16 overflow)
         "skipped_steps": skipped_steps,
+        # max over ranks: CUDA max allocated (kind "cuda") or the process's peak RSS ("cpu")
+        "peak_memory": peak_memory,
         "dropped_by_truncation": (data or {}).get("dropped_by_truncation"),
     }
 

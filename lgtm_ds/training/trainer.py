@@ -423,6 +423,7 @@ class Trainer:
             final={}, wall_s=self.wall_before + time.time() - self.t0, failure=reason
         )
         summary["advice"] = advice
+        summary["peak_memory"] = _peak_memory(all_ranks=False)  # no collective on a failure
         if self.is_main:
             text = format_summary(summary, self.out)
             (self.out / "summary.txt").write_text(text + "\n")
@@ -484,6 +485,7 @@ class Trainer:
         if cfg.output.save_teacher:
             self.teacher.save_pretrained(str(self.out / "teacher"), self.is_main)
         summary = self._summary(final=final, wall_s=result["wall_s"])
+        summary["peak_memory"] = _peak_memory(all_ranks=True)
         if self.is_main:
             self.tokenizer.save_pretrained(str(self.out / "student"))
             if cfg.output.save_teacher:
@@ -514,6 +516,21 @@ class Trainer:
             skipped_steps=self.skipped["total"],
             failure=failure,
         )
+
+
+def _peak_memory(all_ranks: bool) -> dict:
+    """``{"kind": "cuda" | "cpu", "mb": ...}``: max CUDA memory allocated on this device, or the
+    process's peak resident set (Linux ``ru_maxrss``, KiB); the max over ranks with
+    ``all_ranks`` (a collective: every rank calls it)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        kind, mb = "cuda", torch.cuda.max_memory_allocated() / 2**20
+    else:
+        import resource
+
+        kind, mb = "cpu", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if all_ranks:
+        mb = max(all_gather_object(mb))
+    return {"kind": kind, "mb": round(mb, 1)}
 
 
 def _hub_sources(cfg: ExperimentConfig) -> list[tuple[str, str, str]]:

@@ -1,0 +1,267 @@
+"""Compare distillation methods on one experiment: every method x seed, everything else equal.
+
+    python launch/compare.py --config my.yaml --methods vanilla_kd,online_kd,metadistil,lgtm \\
+        --seeds 3 [--out compare] [--launcher "deepspeed --num_gpus 8"] [--section.key=value ...]
+
+Each run is ``launch/train.py`` in its own process (``--launcher`` prefixes it, e.g. a
+``deepspeed`` launch for more ranks) with ``--method.name``, ``--train.seed`` and
+``--output.dir=<out>/<method>/seed<k>`` (and ``output.resume=auto``) added to the same config
+and overrides; its console output goes to ``<run>/run.log``. A run whose ``summary.json`` says
+completed is not run again, an interrupted one continues from its checkpoints (if it wrote any),
+so the same command resumes a comparison. Then, from the runs' ``summary.json``:
+
+* ``runs.csv``: one row per run (method, seed, status, best and final student metric, final
+  teacher metric, steps, training seconds, steps/s, peak memory);
+* ``table.md`` / ``table.csv``: per method, mean +- std over seeds of the best and the final
+  student metric and the final teacher metric, mean steps/s, max peak memory;
+* ``curves.png``: the student's primary metric vs step, one line per method (mean over seeds,
+  the band spans min..max over seeds); needs matplotlib (``pip install 'lgtm-ds[plots]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    ap.add_argument("--config", help="experiment YAML (default: the default experiment)")
+    ap.add_argument(
+        "--methods", default=None, help="comma-separated method names (default: all registered)"
+    )
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 added to train.seed")
+    ap.add_argument("--out", default="compare", help="folder for the runs and the tables")
+    ap.add_argument(
+        "--launcher",
+        default=None,
+        help='command that starts one run, e.g. "deepspeed --num_gpus 8" (default: this python)',
+    )
+    args, overrides = ap.parse_known_args(argv)
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..config import load_config
+    from ..errors import LGTMError
+    from ..methods import method_names
+
+    args, overrides = _parse(sys.argv[1:] if argv is None else argv)
+    known = method_names()
+    methods = args.methods.split(",") if args.methods else list(known)
+    bad = [m for m in methods if m not in known]
+    if bad or not methods:
+        print(f"error: --methods: unknown {bad}; registered: {', '.join(known)}", file=sys.stderr)
+        return 2
+    if args.seeds < 1:
+        print("error: --seeds must be >= 1", file=sys.stderr)
+        return 2
+    for o in overrides:
+        if not o.startswith("--") or "." not in o.split("=")[0]:
+            print(
+                f"error: unexpected argument {o!r} (overrides look like --section.key=value)",
+                file=sys.stderr,
+            )
+            return 2
+        if o.split("=")[0] in ("--method.name", "--train.seed", "--output.dir"):
+            print(f"error: {o.split('=')[0]} is set by compare.py for each run", file=sys.stderr)
+            return 2
+    flags = [o[2:] for o in overrides]
+    try:  # the experiment must load before anything runs (one clear error)
+        base = load_config(args.config, flags)
+    except LGTMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
+    runs = []
+    for method in methods:
+        for k in range(args.seeds):
+            seed = base.train.seed + k
+            run_dir = out / method / f"seed{seed}"
+            runs.append((method, seed, run_dir))
+            if _status(run_dir) == "completed":
+                print(f"{method} seed {seed}: done before ({run_dir})", flush=True)
+                continue
+            cmd = [
+                *launcher,
+                str(ROOT / "launch" / "train.py"),
+                *(["--config", args.config] if args.config else []),
+                *overrides,
+                f"--method.name={method}",
+                f"--train.seed={seed}",
+                f"--output.dir={run_dir}",
+                "--output.resume=auto",
+            ]
+            if _status(run_dir) == "failed":
+                cmd.append("--output.overwrite=true")  # a failed run is rerun from scratch
+            run_dir.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            print(f"{method} seed {seed}: running ({run_dir}/run.log)", flush=True)
+            with open(run_dir / "run.log", "w") as log:
+                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+            status = _status(run_dir) or f"exit code {rc}"
+            print(f"{method} seed {seed}: {status} in {time.time() - t0:.0f} s", flush=True)
+            if rc != 0 and status != "failed":  # a crash or bad input: stop, say where
+                tail = (run_dir / "run.log").read_text().strip().splitlines()[-3:]
+                print(
+                    "error: the run stopped; last lines of its log:\n  " + "\n  ".join(tail),
+                    file=sys.stderr,
+                )
+                return 2
+    rows = [_row(m, s, d) for m, s, d in runs]
+    table = aggregate(rows, methods)
+    write_outputs(out, rows, table, runs)
+    print((out / "table.md").read_text(), flush=True)
+    return 0
+
+
+def _status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status", "completed")
+    except (OSError, ValueError):
+        return None
+
+
+def _row(method: str, seed: int, run_dir: Path) -> dict:
+    s = json.loads((run_dir / "summary.json").read_text())
+    pm = s["primary_metric"]
+    final = s.get("final") or {}
+    wall = s.get("wall_s") or 0.0
+    return {
+        "method": method,
+        "seed": seed,
+        "status": s.get("status", "completed"),
+        "primary_metric": pm,
+        "lower_is_better": bool(s.get("lower_is_better", False)),
+        "best_student": s.get("best_student"),
+        "final_student": final.get(f"student/{pm}"),
+        "final_teacher": final.get(f"teacher/{pm}"),
+        "steps": s.get("steps"),
+        "train_s": wall,
+        "steps_per_s": (s["steps"] + s.get("stage1_steps", 0)) / wall if wall else None,
+        "peak_memory_mb": (s.get("peak_memory") or {}).get("mb"),
+        "peak_memory_kind": (s.get("peak_memory") or {}).get("kind"),
+    }
+
+
+def _mean_std(values):
+    vals = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return mean, std
+
+
+def aggregate(rows: list[dict], methods: list[str]) -> list[dict]:
+    """Per method: mean +- std (sample std over seeds) of the metrics, runs completed."""
+    table = []
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        done = [r for r in mine if r["status"] == "completed"]
+        entry = {"method": m, "runs": len(mine), "completed": len(done)}
+        for key in ("best_student", "final_student", "final_teacher", "steps_per_s"):
+            entry[key], entry[key + "_std"] = _mean_std(r[key] for r in done)
+        mems = [r["peak_memory_mb"] for r in done if r["peak_memory_mb"] is not None]
+        entry["peak_memory_mb"] = max(mems) if mems else None
+        entry["peak_memory_kind"] = next((r["peak_memory_kind"] for r in done), None)
+        table.append(entry)
+    return table
+
+
+def _fmt(mean, std, digits=4):
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def write_outputs(out: Path, rows: list[dict], table: list[dict], runs) -> None:
+    from ..io import atomic_write_text
+
+    pm = next((r["primary_metric"] for r in rows), "metric")
+    lower = next((r["lower_is_better"] for r in rows), False)
+    with open(out / "runs.csv.tmp", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(out / "runs.csv.tmp", out / "runs.csv")
+    with open(out / "table.csv.tmp", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    os.replace(out / "table.csv.tmp", out / "table.csv")
+    mem_kind = next((t["peak_memory_kind"] for t in table if t["peak_memory_kind"]), None)
+    lines = [
+        f"student / teacher {pm} ({'lower' if lower else 'higher'} is better), mean ± std over "
+        f"seeds; steps/s of training; peak memory: "
+        + ({"cuda": "max CUDA allocated", "cpu": "peak RSS of the process"}.get(mem_kind, "-")),
+        "",
+        f"| method | runs | best student {pm} | final student {pm} | final teacher {pm} "
+        f"| steps/s | peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in table:
+        mem = f"{t['peak_memory_mb']:.0f}" if t["peak_memory_mb"] is not None else "-"
+        lines.append(
+            f"| {t['method']} | {t['completed']}/{t['runs']} | "
+            f"{_fmt(t['best_student'], t['best_student_std'])} | "
+            f"{_fmt(t['final_student'], t['final_student_std'])} | "
+            f"{_fmt(t['final_teacher'], t['final_teacher_std'])} | "
+            f"{_fmt(t['steps_per_s'], t['steps_per_s_std'], 2)} | {mem} |"
+        )
+    atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
+    plot_curves(out / "curves.png", runs, pm, lower)
+
+
+def plot_curves(path: Path, runs, pm: str, lower: bool) -> bool:
+    """Student ``pm`` vs step per method: the mean over seeds, the band min..max. False (and a
+    note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed: no curves.png (pip install 'lgtm-ds[plots]')")
+        return False
+    curves: dict[str, dict[int, list[float]]] = {}
+    for method, _, run_dir in runs:
+        s = json.loads((run_dir / "summary.json").read_text())
+        for ev in s.get("evaluations", []):
+            v = ev.get(f"student/{pm}")
+            if isinstance(v, int | float) and math.isfinite(v):
+                curves.setdefault(method, {}).setdefault(ev["step"], []).append(v)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for method, by_step in curves.items():
+        steps = sorted(by_step)
+        mean = [sum(by_step[k]) / len(by_step[k]) for k in steps]
+        ax.plot(steps, mean, marker="o", ms=3, label=method)
+        ax.fill_between(
+            steps, [min(by_step[k]) for k in steps], [max(by_step[k]) for k in steps], alpha=0.2
+        )
+    ax.set_xlabel("optimizer step (after the teacher's stage 1, if any)")
+    ax.set_ylabel(f"student {pm} ({'lower' if lower else 'higher'} is better)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
