@@ -36,10 +36,12 @@ def _env_offline() -> bool:
 def hub_unavailable(timeout_s: float = 5.0) -> str | None:
     """Why the hub cannot be used (offline mode set, or unreachable), or None when it can."""
     if _env_offline():
-        return "HF_HUB_OFFLINE=1 is set"
+        return "offline mode is set (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE)"
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    request = urllib.request.Request(endpoint, method="HEAD")
     try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s)
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            pass
     except urllib.error.HTTPError:
         return None  # it answered
     except (urllib.error.URLError, OSError, ValueError) as e:

@@ -24,7 +24,8 @@ def _compare(out, *extra):
             f"--out={out}",
             "--data.synthetic_examples=400",
             "--train.micro_batch_size=8",
-            "--train.max_steps=3",
+            "--train.max_steps",  # the "--key value" form too
+            "3",
             "--train.eval_every=2",
             *extra,
         ],

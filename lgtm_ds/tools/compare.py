@@ -51,7 +51,17 @@ def _parse(argv):
         default=None,
         help='command that starts one run, e.g. "deepspeed --num_gpus 8" (default: this python)',
     )
-    args, overrides = ap.parse_known_args(argv)
+    args, rest = ap.parse_known_args(argv)
+    overrides, i = [], 0  # "--a.b value" -> "--a.b=value", as launch/train.py accepts both
+    while i < len(rest):
+        tok = rest[i]
+        nxt = rest[i + 1] if i + 1 < len(rest) else None
+        if tok.startswith("--") and "=" not in tok and nxt is not None and not nxt.startswith("--"):
+            overrides.append(f"{tok}={nxt}")
+            i += 2
+        else:
+            overrides.append(tok)
+            i += 1
     return args, overrides
 
 
@@ -209,7 +219,8 @@ def write_outputs(out: Path, rows: list[dict], table: list[dict], runs) -> None:
     mem_kind = next((t["peak_memory_kind"] for t in table if t["peak_memory_kind"]), None)
     lines = [
         f"student / teacher {pm} ({'lower' if lower else 'higher'} is better), mean ± std over "
-        f"seeds; steps/s of training; peak memory: "
+        f"seeds; steps/s: optimizer steps (teacher stage 1 included) per second of the training "
+        f"loop, evaluations included; peak memory: "
         + ({"cuda": "max CUDA allocated", "cpu": "peak RSS of the process"}.get(mem_kind, "-")),
         "",
         f"| method | runs | best student {pm} | final student {pm} | final teacher {pm} "
