@@ -490,6 +490,22 @@ def test_outputs_have_normal_permissions(tmp_path, dist_env):
     assert "summary.txt" in (tmp_path / "out" / "summary.txt").read_text()
 
 
+def test_saved_models_have_a_model_card(tmp_path, dist_env):
+    s = _run(tmp_path, "method.name=online_kd", "train.max_steps=2", "train.eval_every=0")
+    for role in ("student", "teacher"):
+        text = (tmp_path / "out" / role / "README.md").read_text()
+        _, front, body = text.split("---\n", 2)
+        meta = yaml.safe_load(front)
+        assert meta["library_name"] == "transformers" and "lgtm-ds-online_kd" in meta["tags"]
+        assert f"The **{role}**" in body and "method `online_kd`" in body
+        assert "2 optimizer steps" in body and "`alpha_teacher: 0.4`" in body
+        final = s["final"][f"student/{s['primary_metric']}"]
+        assert f"| student/{s['primary_metric']} |" in body and f"{final:.4f}" in body
+        from lgtm_ds import __version__
+
+        assert f"LGTM-DS {__version__}" in body
+
+
 def test_output_dir_that_is_a_file_or_unwritable_is_one_error(tmp_path, dist_env):
     (tmp_path / "out").write_text("not a folder")
     with pytest.raises(ConfigError, match="is a file, not a folder"):

@@ -33,7 +33,7 @@ from ..engines.build import build_engines, resolve_ds_configs
 from ..engines.deepspeed import all_gather_object, init_distributed
 from ..errors import ConfigError, TrainingError
 from ..hub import check_sources
-from ..io import write_json_atomic
+from ..io import atomic_write_text, write_json_atomic
 from ..methods import Distiller, get_method
 from ..tasks import get_task
 from ..tasks.base import ModelOptions
@@ -46,6 +46,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .logger import MetricsLogger
+from .model_card import model_card
 from .summary import build_summary, format_summary
 
 # what a run writes into output.dir (removed when resume=auto starts a run afresh)
@@ -487,9 +488,11 @@ class Trainer:
         summary = self._summary(final=final, wall_s=result["wall_s"])
         summary["peak_memory"] = _peak_memory(all_ranks=True)
         if self.is_main:
-            self.tokenizer.save_pretrained(str(self.out / "student"))
-            if cfg.output.save_teacher:
-                self.tokenizer.save_pretrained(str(self.out / "teacher"))
+            split = self.data.split_record()
+            for role in ("student", "teacher") if cfg.output.save_teacher else ("student",):
+                self.tokenizer.save_pretrained(str(self.out / role))
+                card = model_card(role, cfg, summary, split)
+                atomic_write_text(self.out / role / "README.md", card)
             text = format_summary(summary, self.out)
             (self.out / "summary.txt").write_text(text + "\n")
             write_json_atomic(self.out / "summary.json", summary)  # last: marks the run complete
