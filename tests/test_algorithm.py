@@ -336,3 +336,27 @@ def test_cheap_form_matches_reference_form_regression_fp64():
         assert err < 1e-6, f"step {step}: teacher gradient rel. error {err:.2e}"
         assert m["influence"].shape == (9,) and m["influence"].abs().sum() > 0
         assert _rel(list(s.parameters()), list(s2.parameters())) < 1e-10
+
+
+def test_influence_scale_multiplies_the_influence_term_exactly():
+    """G(k) = G(0) + k (G(1) - G(0)) for the teacher gradient (float64), influence x k."""
+    grads, infl = {}, {}
+    for k in (0.0, 1.0, 3.0):
+        t, s, to, so = _pair()
+        d = Distiller(
+            "lgtm",
+            teacher=t,
+            student=s,
+            teacher_optimizer=to,
+            student_optimizer=so,
+            influence_scale=k,
+        )
+        rec = _capture_grads(to, list(t.parameters()))
+        m = d.method.teacher_update([random_batch(9, 1)], [random_batch(7, 2)])
+        grads[k], infl[k] = _flat(rec[-1]), m["influence"]
+    h = grads[1.0] - grads[0.0]
+    assert float(h.norm()) > 1e-12 * float(grads[0.0].norm())  # the term is there
+    err = float((grads[3.0] - grads[0.0] - 3 * h).norm() / (3 * h).norm())
+    assert err < 1e-10, f"influence_scale=3: influence term rel. error {err:.2e}"
+    assert torch.equal(infl[0.0], torch.zeros_like(infl[0.0]))
+    assert torch.allclose(infl[3.0], 3 * infl[1.0], rtol=1e-12, atol=0)

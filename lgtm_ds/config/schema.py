@@ -501,6 +501,13 @@ class MethodConfig(Section):
         ge=0,
         description="vanilla_kd only: epochs of teacher fine-tuning before distillation",
     )
+    influence_scale: float = Field(
+        1.0,
+        ge=0,
+        description="lgtm only: multiplier on the influence term eta * h of the teacher update "
+        "(1.0 = the paper and the reference: eta = the teacher's learning rate; 0 = online KD "
+        "with the same passes)",
+    )
     pilot_lr: float | None = Field(
         None,
         gt=0,

@@ -39,6 +39,7 @@ class DistillHParams:
     scale_by_t2: bool = False
     jsd_beta: float = 0.0  # the student's KD divergence: 0 forward KL, 1 reverse KL, else JSD
     teacher_jsd_beta: float | None = None  # the teacher's KD term; None = jsd_beta
+    influence_scale: float = 1.0  # lgtm: multiplier on eta * h (1.0 = the paper)
     pilot_lr: float | None = None  # metadistil: the pilot SGD step; None = the student's lr
     teacher_ce_weight: float = 0.0  # metadistil: weight of the teacher's own CE
 

@@ -45,6 +45,7 @@ class Distiller:
         scale_by_t2: bool = False,
         jsd_beta: float = 0.0,
         teacher_jsd_beta: float | None = None,
+        influence_scale: float = 1.0,
         pilot_lr: float | None = None,
         teacher_ce_weight: float = 0.0,
         teacher_scheduler=None,
@@ -66,6 +67,7 @@ class Distiller:
             scale_by_t2,
             jsd_beta,
             teacher_jsd_beta,
+            influence_scale,
             pilot_lr,
             teacher_ce_weight,
         )

@@ -87,7 +87,7 @@ class LGTM(Method):
                 "(is the student's classifier frozen or zero?)"
             )
         radius = d.hp.fd_radius / v_norm
-        eta = d.teacher.lr()
+        eta = d.teacher.lr() * d.hp.influence_scale  # the paper: eta = the teacher's lr
         t_loss, influence = self._teacher_steps(micro, w, fwd, theta, v, radius, eta, split)  # D
         rows = sum(d.task.count_rows(mb) for mb in micro)
         return {

@@ -379,6 +379,7 @@ class Trainer:
         if influence is not None:
             m["influence_mean"] = float(influence.mean())
             m["influence_std"] = float(influence.std()) if influence.numel() > 1 else 0.0
+            m["influence_neg_frac"] = float((influence < 0).float().mean())
         m["student_lr"] = self.student.lr()
         if self.method.trains_teacher:
             m["teacher_lr"] = self.teacher.lr()
