@@ -110,3 +110,16 @@ def run_deepspeed(script: str, args: list[str], ranks: int, timeout: int = 900):
     return subprocess.run(
         cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
+
+
+def capture_grads(opt, params):
+    """Record the gradient of ``params`` each ``opt.step()`` applies (a list per step)."""
+    record = []
+    orig = opt.step
+
+    def step(*a, **k):
+        record.append([p.grad.detach().clone() for p in params])
+        return orig(*a, **k)
+
+    opt.step = step
+    return record

@@ -13,6 +13,7 @@ from lgtm_ds.methods.lookahead import adamw_lookahead
 from lgtm_ds.methods.naive import naive_lgtm_step
 from lgtm_ds.tasks import get_task
 
+from .helpers import capture_grads as _capture_grads
 from .helpers import random_batch, tiny_model
 
 CLS = get_task("classification")()
@@ -25,19 +26,6 @@ def _flat(tensors):
 def _rel(a, b):
     a, b = _flat(a), _flat(b)
     return float((a - b).norm() / b.norm())
-
-
-def _capture_grads(opt, params):
-    """Record the gradient each optimizer step applies."""
-    record = []
-    orig = opt.step
-
-    def step(*a, **k):
-        record.append([p.grad.detach().clone() for p in params])
-        return orig(*a, **k)
-
-    opt.step = step
-    return record
 
 
 def _pair(dtype=torch.float64, lr_t=3e-3, lr_s=5e-3):

@@ -15,7 +15,7 @@ from lgtm_ds import Distiller
 from lgtm_ds.engines import get_logits, model_inputs
 from lgtm_ds.engines.optim import build_adamw
 
-from .helpers import lm_batch, random_batch, tiny_decoder, tiny_model
+from .helpers import capture_grads, lm_batch, random_batch, tiny_decoder, tiny_model
 
 
 def _call(model, params, batch):
@@ -63,18 +63,6 @@ def oracle_teacher_grad(t, s, micro, quiz, *, lam, alpha, T, beta, ce_w, causal)
     return torch.autograd.grad(total, phi)
 
 
-def _capture(opt, params):
-    record = []
-    orig = opt.step
-
-    def step(*a, **k):
-        record.append([p.grad.detach().clone() for p in params])
-        return orig(*a, **k)
-
-    opt.step = step
-    return record
-
-
 def _rel(a, b):
     a = torch.cat([x.reshape(-1) for x in a])
     b = torch.cat([x.reshape(-1) for x in b])
@@ -104,7 +92,7 @@ def test_teacher_gradient_matches_float64_second_order_oracle(name):
         make = random_batch
     t_ref, s_ref = copy.deepcopy(t), copy.deepcopy(s)
     to, so = build_adamw(t, 3e-3, 0.01), build_adamw(s, 5e-3, 0.01)
-    grads = _capture(to, list(t.parameters()))
+    grads = capture_grads(to, list(t.parameters()))
     lam = 0.05
     d = Distiller(
         "metadistil",
