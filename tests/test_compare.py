@@ -79,3 +79,9 @@ def test_compare_bad_input_is_one_error(tmp_path):
     assert proc.returncode == 2 and "--train.seed is set by compare.py" in proc.stderr
     proc = _compare(tmp_path / "x", "--train.bogus=1")
     assert proc.returncode == 2 and "train.bogus" in proc.stderr
+    proc = _compare(tmp_path / "x", "--launcher=no-such-launcher --num_gpus 2")
+    assert proc.returncode == 2 and "no such command" in proc.stderr
+    (tmp_path / "file").write_text("")
+    proc = _compare(tmp_path / "file")
+    assert proc.returncode == 2 and "cannot create the folder" in proc.stderr
+    assert "Traceback" not in proc.stderr

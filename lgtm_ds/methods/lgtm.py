@@ -38,6 +38,8 @@ class _BatchPass:
     t_graph: list[torch.Tensor] = field(default_factory=list)  # teacher logits with graph
     t_logits: list[torch.Tensor] = field(default_factory=list)
     s_logits: list[torch.Tensor] = field(default_factory=list)  # student at theta
+    teacher_rng: list = field(default_factory=list)  # replay() per micro-batch (record_rng)
+    student_rng: list = field(default_factory=list)
 
 
 @METHODS.register
@@ -103,30 +105,7 @@ class LGTM(Method):
 
     # -- A ---------------------------------------------------------------------------------------
     def _student_grad(self, micro, w, keep_graph: bool) -> tuple[list[torch.Tensor], _BatchPass]:
-        """``g = grad_theta L_s`` over the micro-batches (fp32, rank-averaged) and the logits."""
-        d = self.d
-        params = d.student.params()
-        g = None  # full-size fp32 gradients (ZeRO-3 params are empty placeholders: no zeros_like)
-        fwd = _BatchPass()
-        for mb, wj in zip(micro, w):
-            if keep_graph:
-                z = d.teacher.forward(mb)
-                fwd.t_graph.append(z)
-                fwd.t_logits.append(z.detach())
-            else:
-                with torch.no_grad():
-                    fwd.t_logits.append(d.teacher.forward(mb))
-            s = d.student.raw_forward(mb)
-            ls = weighted(d.student_loss(s, fwd.t_logits[-1], mb["labels"]), wj)
-            gs = torch.autograd.grad(ls / len(micro), params)
-            if g is None:
-                g = [gi.to(torch.promote_types(gi.dtype, torch.float32)).clone() for gi in gs]
-            else:
-                for acc, gi in zip(g, gs):
-                    acc.add_(gi)
-            fwd.s_logits.append(s.detach())
-        d.student.all_reduce_mean_(g)
-        return g, fwd
+        return student_grad(self.d, micro, w, keep_graph)
 
     # -- C ---------------------------------------------------------------------------------------
     def _quiz_grad(self, look, quiz, wq) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -191,6 +170,40 @@ class LGTM(Method):
         for a, gi in zip(acc, gs):
             a.add_(gi.float(), alpha=1.0 / n_micro)
         return acc
+
+
+def student_grad(
+    d, micro, w, keep_graph: bool, record_rng: bool = False
+) -> tuple[list[torch.Tensor], _BatchPass]:
+    """Step A (LGTM and MetaDistil): ``g = grad_theta L_s`` over the micro-batches (fp32,
+    rank-averaged; each micro-batch weighted by its row share ``w``) and the logits.
+    ``keep_graph``: keep the teacher forwards' graphs; ``record_rng``: a ``replay()`` per
+    micro-batch for the teacher and the student forward (their dropout masks, for a later pass)."""
+    params = d.student.params()
+    device = device_of(d.student)
+    g = None  # full-size fp32 gradients (ZeRO-3 params are empty placeholders: no zeros_like)
+    fwd = _BatchPass()
+    for mb, wj in zip(micro, w):
+        with torch.set_grad_enabled(keep_graph), _same_rng(device) as replay_t:
+            z = d.teacher.forward(mb)
+        if keep_graph:
+            fwd.t_graph.append(z)
+        fwd.t_logits.append(z.detach())
+        with _same_rng(device) as replay_s:
+            s = d.student.raw_forward(mb)
+        if record_rng:
+            fwd.teacher_rng.append(replay_t)
+            fwd.student_rng.append(replay_s)
+        ls = weighted(d.student_loss(s, fwd.t_logits[-1], mb["labels"]), wj)
+        gs = torch.autograd.grad(ls / len(micro), params)
+        if g is None:
+            g = [gi.to(torch.promote_types(gi.dtype, torch.float32)).clone() for gi in gs]
+        else:
+            for acc, gi in zip(g, gs):
+                acc.add_(gi)
+        fwd.s_logits.append(s.detach())
+    d.student.all_reduce_mean_(g)
+    return g, fwd
 
 
 def quiz_grad(d, params, quiz, wq) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -29,24 +29,12 @@ teacher engine's average over ranks then gives the gradient of the global quiz l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import ConfigError
-from .base import METHODS, Method, device_of, weighted
-from .lgtm import _same_rng, quiz_grad
-
-
-@dataclass
-class _PassA:
-    """What step A keeps for step D."""
-
-    g: list[torch.Tensor] | None = None
-    t_logits: list[torch.Tensor] = field(default_factory=list)
-    t_graph: list[torch.Tensor] = field(default_factory=list)  # with graph (one micro-batch)
-    teacher_rng: list = field(default_factory=list)  # replay() per micro-batch
-    student_rng: list = field(default_factory=list)
+from .base import METHODS, Method, weighted
+from .lgtm import quiz_grad, student_grad
 
 
 @METHODS.register
@@ -72,11 +60,13 @@ class MetaDistil(Method):
         d.student.module.train()
         w, wq = self.row_weights(micro, quiz)
         n = len(micro)
-        a = self._pilot_grad(micro, w)  # A
+        # A (LGTM's), recording each micro-batch's dropout masks for D; one micro-batch keeps
+        # the teacher forward's graph, more forward the teacher again in D (one graph at a time)
+        g, a = student_grad(d, micro, w, keep_graph=n == 1, record_rng=True)
         theta = d.student.master_params()
         lam = d.hp.pilot_lr if d.hp.pilot_lr is not None else d.student.lr()
-        pilot = [t - lam * gi.to(t.dtype) for t, gi in zip(theta, a.g)]  # B
-        a.g = None
+        pilot = [t - lam * gi.to(t.dtype) for t, gi in zip(theta, g)]  # B
+        del g
         v, quiz_ce = quiz_grad(d, pilot, quiz, wq)  # C
         del pilot
         v_norm = float(torch.sqrt(sum((vi.double() ** 2).sum() for vi in v)))  # note: host sync
@@ -109,35 +99,6 @@ class MetaDistil(Method):
         if ce_w > 0:
             out["teacher_ce"] = t_total / n
         return out
-
-    def _pilot_grad(self, micro, w) -> _PassA:
-        """Step A: teacher logits (no graph) and ``g = grad_theta L_s`` (fp32, rank-averaged),
-        recording each micro-batch's RNG state before the teacher and the student forward so
-        that step D runs them with the same dropout masks."""
-        d = self.d
-        params = d.student.params()
-        device = device_of(d.student)
-        a = _PassA()
-        keep_graph = len(micro) == 1  # else: forward again in D (one graph at a time)
-        for mb, wj in zip(micro, w):
-            with torch.set_grad_enabled(keep_graph), _same_rng(device) as replay_t:
-                z = d.teacher.forward(mb)
-            if keep_graph:
-                a.t_graph.append(z)
-            a.t_logits.append(z.detach())
-            with _same_rng(device) as replay_s:
-                s = d.student.raw_forward(mb)
-            a.teacher_rng.append(replay_t)
-            a.student_rng.append(replay_s)
-            ls = weighted(d.student_loss(s, a.t_logits[-1], mb["labels"]), wj)
-            gs = torch.autograd.grad(ls / len(micro), params)
-            if a.g is None:
-                a.g = [gi.to(torch.promote_types(gi.dtype, torch.float32)).clone() for gi in gs]
-            else:
-                for acc, gi in zip(a.g, gs):
-                    acc.add_(gi)
-        d.student.all_reduce_mean_(a.g)
-        return a
 
     def _meta_logit_grad(self, z, s, u, labels, scale, lam):
         """``-lam * d/dz < d(scale * L_s(s, z))/ds, u >`` by autograd in logit space."""

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -97,8 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: --out {args.out!r}: cannot create the folder ({e})", file=sys.stderr)
+        return 2
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
+    if not launcher or shutil.which(launcher[0]) is None:
+        print(f"error: --launcher {args.launcher!r}: no such command", file=sys.stderr)
+        return 2
     runs = []
     for method in methods:
         for k in range(args.seeds):
