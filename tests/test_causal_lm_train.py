@@ -45,6 +45,7 @@ def test_example_two_ranks_zero3_bf16(tmp_path):
             "--train.eval_every=3",
             "--data.synthetic_examples=600",
             "--train.eval_batch_size=64",
+            "--method.influence_ratio_every=3",
         ],
         2,
     )
@@ -61,6 +62,14 @@ def test_example_two_ranks_zero3_bf16(tmp_path):
     assert rows[0]["step"] == 0 and rows[0]["eval"]
     train_rows = [r for r in rows if "influence_mean" in r]
     assert train_rows and all("influence_per_row" in r for r in train_rows)
+    # the influence share, measured at steps 3 and 6 (bf16 ZeRO-3 teacher, 2 ranks)
+    assert 0 < train_rows[-1]["influence_ratio"] < 1 and train_rows[-1]["step"] == 6
+    infl = [json.loads(x) for x in (out / "influence.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in infl} == set(range(1, 7))
+    per_step = len(infl) // 6
+    assert per_step == 2 * 16 and len(infl) == 6 * per_step  # 2 ranks x the example's 16
+    assert all(r["teacher_ce"] > 0 and r["student_ce"] > 0 for r in infl)
+    assert len({r["index"] for r in infl if r["step"] == 1}) == per_step
     for role in ("student", "teacher"):
         model = AutoModelForCausalLM.from_pretrained(out / role)
         tok = AutoTokenizer.from_pretrained(out / role)

@@ -137,17 +137,20 @@ def test_load_synthetic_quiz_split(tok):
     assert len(task.quiz) == 40 and len(task.train) == 360 and len(task.eval) == 200
     assert len(task.quiz_indices) == 40 and len(set(task.quiz_indices)) == 40
     assert set(task.train.column_names) == {
+        "source_index",  # the row in the source's training data (influence telemetry)
         "input_ids",
         "attention_mask",
         "token_type_ids",
         "labels",
     }
+    assert "source_index" not in task.quiz.column_names + task.eval.column_names
     # quiz rows are exactly the recorded rows of the original training set, disjoint from train
     corpus = D.make_synthetic_corpus(400, 5, cfg.synthetic_label_noise)
     enc = lambda i: tok(corpus["text"][i], truncation=True, max_length=64)["input_ids"]  # noqa: E731
     assert task.quiz["input_ids"] == [enc(i) for i in task.quiz_indices]
     rest = [i for i in range(400) if i not in set(task.quiz_indices)]
     assert task.train["input_ids"] == [enc(i) for i in rest]
+    assert task.train["source_index"] == rest
     assert task.quiz["labels"] == [corpus["label"][i] for i in task.quiz_indices]
     # same seed -> same split; different seed -> different
     assert D.load_task(cfg, tok, seed=5).quiz_indices == task.quiz_indices

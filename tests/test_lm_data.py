@@ -239,6 +239,13 @@ def test_truncation_drops_rows_without_loss_tokens(tok):
     enc, dropped = encode_lm(ds.select_columns(["prompt", "completion"]), tok, fmt, max_length=16)
     assert dropped == 3 and len(enc) == 6
     assert max(len(x) for x in enc["input_ids"]) <= 16
+    # the training split's source_index follows the rows kept, into the batches
+    ds_i = ds.select_columns(["prompt", "completion"]).add_column("source_index", range(9))
+    enc_i, _ = encode_lm(ds_i, tok, fmt, max_length=16)
+    assert enc_i["source_index"] == [1, 2, 4, 5, 7, 8]
+    assert enc_i["input_ids"] == enc["input_ids"]
+    b = CausalLMCollator(tok)([enc_i[0], enc_i[3]])
+    assert b["source_index"].tolist() == [1, 5]
     # a row truncated inside its completion keeps its start and the loss tokens left
     enc, dropped = encode_lm(ds, tok, fmt, max_length=6)  # BOS + 4 prompt tokens + "red"
     assert dropped == 3 and all(len(x) == 6 for x in enc["input_ids"])

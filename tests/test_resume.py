@@ -102,6 +102,10 @@ def test_one_command_starts_and_continues_a_job(
     ]
     assert [r.get("student_loss") for r in body] == [r.get("student_loss") for r in ref_rows]
     assert strip(body[-1]) == strip(ref_rows[-1])
+    if method == "lgtm":  # the telemetry file too: cut back to the checkpoint, then the same
+        ref_infl = (tmp_path / "ref" / "influence.jsonl").read_text()
+        assert (tmp_path / "job" / "influence.jsonl").read_text() == ref_infl
+        assert all("influence_ratio" in r for r in body if "influence_mean" in r)
     assert len(summary["resumed_from"]) == 1
     assert [e["step"] for e in summary["evaluations"]] == [0, 3, 6]
     assert summary["best_student"] == ref_summary["best_student"]

@@ -508,6 +508,21 @@ class MethodConfig(Section):
         "(1.0 = the paper and the reference: eta = the teacher's learning rate; 0 = online KD "
         "with the same passes)",
     )
+    influence_ratio_target: float | None = Field(
+        None,
+        gt=0,
+        description="lgtm only: set eta adaptively so that influence_ratio = |eta grad h| / "
+        "|grad L_t| (the influence term's share of the teacher gradient) is this value: eta = "
+        "target / EMA of the measured |grad h| / |grad L_t|, measured every "
+        "influence_ratio_every steps (the first step uses influence_scale); null = off",
+    )
+    influence_ratio_every: int | None = Field(
+        None,
+        ge=0,
+        description="lgtm only: measure influence_ratio every N optimizer steps (one extra "
+        "teacher forward and two backwards, two fp32 copies of the teacher's gradient); null = "
+        "every train.log_every steps; 0 = never",
+    )
     pilot_lr: float | None = Field(
         None,
         gt=0,
@@ -520,6 +535,34 @@ class MethodConfig(Section):
         description="metadistil only: weight of the teacher's own CE next to the pilot "
         "student's quiz loss (0 = MetaDistil as published: the quiz loss only)",
     )
+
+    hidden_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the hidden-state (intermediate-layer) distillation term, any "
+        "method; 0 = off (lgtm_ds/methods/hidden.py)",
+    )
+    hidden_layers: list[str] | None = Field(
+        None,
+        description='layer map, "student_block:teacher_block" pairs counted from 1, e.g. '
+        '["1:2", "2:4"]; null = the skip map j = round(i * L_teacher / L_student)',
+    )
+    hidden_loss: Literal["mse", "cosine"] = Field(
+        "mse", description="hidden-state distance: mean squared error, or 1 - cosine"
+    )
+    hidden_positions: Literal["all", "first"] = Field(
+        "all",
+        description="positions compared: every attended token, or the first only (PKD's [CLS], "
+        "classifiers)",
+    )
+
+    @field_validator("hidden_layers")
+    @classmethod
+    def _layer_map(cls, value: list[str] | None) -> list[str] | None:
+        from ..methods.hidden import parse_layers  # lazy: pulls torch
+
+        parse_layers(value)  # ConfigError naming method.hidden_layers
+        return value
 
     @field_validator("name")
     @classmethod
@@ -622,6 +665,23 @@ class OutputConfig(Section):
         description='checkpoint folder, or "auto" = the latest under dir/checkpoints, or a '
         "fresh start when there is none yet (one command both starts and continues a job)",
     )
+    influence_log: bool = Field(
+        True,
+        description="lgtm only: write influence.jsonl, one row per step and training example: "
+        "its index in the training data, its influence, each model's gold-label probability "
+        "(decoders: mean token CE)",
+    )
+    influence_log_examples: int | None = Field(
+        None,
+        gt=0,
+        description="track only this many training examples (a seeded random choice) in "
+        "influence.jsonl; null = all",
+    )
+    influence_log_max_rows: int = Field(
+        1_000_000,
+        gt=0,
+        description="stop appending to influence.jsonl after this many rows (~100 bytes each)",
+    )
     wandb: bool = Field(False, description="log to Weights & Biases")
     wandb_project: NonEmptyStr = Field("lgtm-ds", description="W&B project name")
     run_name: str | None = Field(
@@ -664,6 +724,13 @@ class ExperimentConfig(_Model):
         from ..methods import get_method
 
         get_method(self.method.name).check_config(self)  # the method's own ConfigErrors
+        m = self.method
+        if m.hidden_weight > 0 and m.hidden_positions == "first":
+            if self.data.task_type == "causal_lm":
+                raise ConfigError(
+                    "method.hidden_positions=first compares the first token ([CLS]) of "
+                    "classifiers; a decoder's first token is its BOS: use all"
+                )
         return self
 
 

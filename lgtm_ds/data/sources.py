@@ -45,6 +45,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..tasks import Task, get_task
+from ..tasks.base import SOURCE_INDEX
 from ..tasks.lm_data import LMFormat, resolve_format
 from .synthetic import SYNTHETIC_LABEL_NAMES, synthetic_splits
 from .synthetic_lm import synthetic_instruction_splits
@@ -557,7 +558,7 @@ def load_task(
     quiz, quiz_indices = val, []
     if cfg.quiz_source == "train":
         train, quiz, quiz_indices = _carve_quiz(train, raw.name, cfg.quiz_fraction, seed)
-    train = train.remove_columns(_ORIG)
+    train = train.rename_column(_ORIG, SOURCE_INDEX)  # kept through encoding (telemetry)
 
     task = get_task(raw.task_type)(
         num_labels=raw.num_labels,

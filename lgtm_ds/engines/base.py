@@ -23,10 +23,13 @@ from torch.func import functional_call
 
 from ..errors import ConfigError
 
+_NOT_INPUTS = frozenset({"labels", "source_index"})  # source_index: tasks.base.SOURCE_INDEX
+
 
 def model_inputs(batch: dict) -> dict:
-    """The batch minus ``labels``: models are called as ``model(**inputs)`` and losses are ours."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+    """The batch minus ``labels`` and ``source_index``: models are called as
+    ``model(**inputs)``, losses are ours and the row indices are the telemetry's."""
+    return {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
 
 
 def get_logits(output) -> torch.Tensor:
@@ -163,8 +166,10 @@ class Engine:
         for b in batches:
             with _reparametrize_module(self.module, swap, tie_weights=True, strict=False):
                 loss = loss_fn(get_logits(self.module(**model_inputs(b))), b)
-                for acc, g in zip(grads, torch.autograd.grad(loss / len(batches), leaves)):
-                    acc.add_(g)
+                gs = torch.autograd.grad(loss / len(batches), leaves, allow_unused=True)
+                for acc, g in zip(grads, gs):
+                    if g is not None:  # None: a parameter the loss does not use (a projection)
+                        acc.add_(g)
             total += loss.detach()
         return grads, total / len(batches)
 

@@ -318,19 +318,27 @@ class DeepSpeedEngineAdapter(Engine):
             offset += t.numel()
 
     # -- saving ----------------------------------------------------------------------------------
-    def save_pretrained(self, path: str, is_main: bool, **kwargs) -> None:
-        """Hugging Face ``save_pretrained`` of the full model (gathered under ZeRO-3)."""
+    def save_pretrained(self, path: str, is_main: bool, drop: str | None = None, **kwargs) -> None:
+        """Hugging Face ``save_pretrained`` of the full model (gathered under ZeRO-3), without
+        the submodule named ``drop`` (if any)."""
+
+        def state() -> dict:
+            return {
+                k: v.detach().cpu().clone()
+                for k, v in self.module.state_dict().items()
+                if drop is None or not k.startswith(drop + ".")
+            }
+
         if self.stage == 3:
             import deepspeed
 
             params = list(self.module.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 if is_main:
-                    state = {
-                        k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()
-                    }
-                    self.module.save_pretrained(path, state_dict=state, **kwargs)
+                    self.module.save_pretrained(path, state_dict=state(), **kwargs)
         elif is_main:
+            if drop is not None and hasattr(self.module, drop):
+                kwargs["state_dict"] = state()
             self.module.save_pretrained(path, **kwargs)
 
     def save_checkpoint(self, path: str, tag: str) -> None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ..config import ExperimentConfig
     from ..engines.base import Engine
     from .distiller import Distiller
+    from .hidden import HiddenKD
 
 METHODS: Registry[Method] = Registry("method", "method.name")
 
@@ -40,8 +41,13 @@ class DistillHParams:
     jsd_beta: float = 0.0  # the student's KD divergence: 0 forward KL, 1 reverse KL, else JSD
     teacher_jsd_beta: float | None = None  # the teacher's KD term; None = jsd_beta
     influence_scale: float = 1.0  # lgtm: multiplier on eta * h (1.0 = the paper)
+    influence_ratio_target: float | None = None  # lgtm: eta adapted to this influence_ratio
     pilot_lr: float | None = None  # metadistil: the pilot SGD step; None = the student's lr
     teacher_ce_weight: float = 0.0  # metadistil: weight of the teacher's own CE
+    hidden_weight: float = 0.0  # hidden-state distillation term (0 = off; methods/hidden.py)
+    hidden_layers: tuple[str, ...] | list[str] | None = None  # "i:j" pairs; None = skip map
+    hidden_loss: str = "mse"  # mse | cosine
+    hidden_positions: str = "all"  # all (attention mask) | first (PKD's [CLS])
 
     @property
     def teacher_beta(self) -> float:
@@ -52,6 +58,15 @@ class DistillHParams:
         return cls(**{k: getattr(method_cfg, k) for k in cls.__dataclass_fields__})
 
 
+@dataclass(frozen=True)
+class Telemetry:
+    """What one step measures beyond its losses (the trainer asks per step; methods without
+    an influence term ignore it)."""
+
+    example_stats: bool = False  # per example: each model's Task.example_stat at theta
+    influence_ratio: bool = False  # |eta grad h| / |grad L_t| in the teacher's parameter space
+
+
 class Method:
     """One distillation method, bound to a :class:`~lgtm_ds.methods.distiller.Distiller`."""
 
@@ -60,6 +75,7 @@ class Method:
     needs_quiz: ClassVar[bool] = False  # the step takes held-out quiz batches
     trains_teacher: ClassVar[bool] = True  # the teacher learns during distillation
     teacher_stage1: ClassVar[bool] = False  # a teacher-only fine-tuning stage comes first
+    reports_influence: ClassVar[bool] = False  # step() returns the per-example "influence"
 
     def __init__(self, distiller: Distiller):
         self.d = distiller
@@ -74,6 +90,13 @@ class Method:
     def prepare_ds_configs(cls, cfg: ExperimentConfig, teacher: dict, student: dict) -> None:
         """Check or adjust the resolved DeepSpeed dicts of both roles (in place), before any
         engine is built or any output written."""
+
+    # -- state a resumed run needs (beyond the engines) ----------------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     # -- one step --------------------------------------------------------------------------------
     def row_weights(self, *groups: list[dict]) -> list[list[float]]:
@@ -113,11 +136,13 @@ class Method:
         untouched. A skip in the teacher's part (or a non-finite influence pass) skips the
         student's step too (``skipped = "both"``); a skip in the student's own update, after
         the teacher has stepped, is ``"student"``. The trainer counts and reports them."""
+        self.d.hidden.pop_metrics()
         metrics = self.teacher_update(micro, quiz)
         if metrics.get("skipped") or (self.trains_teacher and self.d.teacher.step_skipped):
             metrics["skipped"] = "both"
             return metrics
         metrics.update(self.student_update(micro))
+        metrics.update(self.d.hidden.pop_metrics())  # <role>_hidden_loss
         if self.d.student.step_skipped:
             metrics["skipped"] = "student"
         return metrics
@@ -129,7 +154,8 @@ class Method:
         d.teacher.module.train(self.trains_teacher)  # a frozen teacher predicts in eval mode
         d.student.module.train()
         (w,) = self.row_weights(micro)
-        return {"student_loss": distill_update(d.student, d.teacher, micro, d.student_loss, w)}
+        loss = distill_update(d.student, d.teacher, micro, d.student_loss, w, d.hidden, "student")
+        return {"student_loss": loss}
 
     def teacher_finetune_step(self, batch: list[dict]) -> dict:
         """A teacher-only step on its task loss (stage 1 of methods with ``teacher_stage1``)."""
@@ -154,15 +180,23 @@ def distill_update(
     micro: list[dict],
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     weights: list[float],
+    hidden: HiddenKD,
+    role: str,
 ) -> float:
     """For each micro-batch: ``target`` logits without graph, ``learner`` forward,
-    ``loss_fn(logits, target_logits, labels)`` times the micro-batch's row weight, backward,
-    engine step. Returns the mean weighted loss (this rank's share of the global mean)."""
+    ``loss_fn(logits, target_logits, labels)`` (+ the hidden-state term, ``role`` = the
+    learner's: "student" / "teacher") times the micro-batch's row weight, backward, engine
+    step. Returns the mean weighted loss (this rank's share of the global mean)."""
+    other = "teacher" if role == "student" else "student"
     total = 0.0
     for mb, w in zip(micro, weights):
-        with torch.no_grad():
+        with torch.no_grad(), hidden.capture(other) as h_target:
             target_logits = target.forward(mb)
-        loss = weighted(loss_fn(learner.forward(mb), target_logits, mb["labels"]), w)
+        with hidden.capture(role) as h_learner:
+            logits = learner.forward(mb)
+        loss = loss_fn(logits, target_logits, mb["labels"])
+        states = (h_learner, h_target) if role == "student" else (h_target, h_learner)
+        loss = weighted(hidden.add(loss, *states, mb, role, share=1 / len(micro)), w)
         learner.backward(loss)
         learner.step()
         total += loss.detach()

@@ -9,7 +9,8 @@ from torch import nn
 from ..engines.base import Engine, TorchEngine
 from ..errors import ConfigError
 from ..tasks import Task, get_task
-from .base import METHODS, DistillHParams, Method
+from .base import METHODS, DistillHParams, Method, Telemetry
+from .hidden import HiddenKD, HiddenSpec, attach_projection
 
 
 def as_list(batch) -> list[dict]:
@@ -46,8 +47,13 @@ class Distiller:
         jsd_beta: float = 0.0,
         teacher_jsd_beta: float | None = None,
         influence_scale: float = 1.0,
+        influence_ratio_target: float | None = None,
         pilot_lr: float | None = None,
         teacher_ce_weight: float = 0.0,
+        hidden_weight: float = 0.0,
+        hidden_layers: list[str] | None = None,
+        hidden_loss: str = "mse",
+        hidden_positions: str = "all",
         teacher_scheduler=None,
         student_scheduler=None,
         gradient_accumulation_steps: int = 1,
@@ -68,14 +74,27 @@ class Distiller:
             jsd_beta,
             teacher_jsd_beta,
             influence_scale,
+            influence_ratio_target,
             pilot_lr,
             teacher_ce_weight,
+            hidden_weight,
+            hidden_layers,
+            hidden_loss,
+            hidden_positions,
         )
         self.task: Task | None = get_task(task)() if isinstance(task, str) else task
+        spec = HiddenSpec(hidden_weight, hidden_layers, hidden_loss, hidden_positions)
+        if not isinstance(student, Engine) and not isinstance(teacher, Engine):
+            # plain modules: the projections (if the widths differ) join the student optimizer
+            new = attach_projection(student, teacher, spec)
+            if new and student_optimizer is not None:
+                student_optimizer.add_param_group({"params": new})
         wrap = dict(gradient_accumulation_steps=gradient_accumulation_steps)
         wrap["max_grad_norm"] = max_grad_norm
         self.teacher = _engine(teacher, teacher_optimizer, teacher_scheduler, "teacher", **wrap)
         self.student = _engine(student, student_optimizer, student_scheduler, "student", **wrap)
+        self.hidden = HiddenKD(spec, self.teacher.module, self.student.module)
+        self.telemetry = Telemetry()  # what the current step measures (see step())
         self.method: Method = method_cls(self)
 
     @classmethod
@@ -113,12 +132,24 @@ class Distiller:
         )
 
     # -- stepping ------------------------------------------------------------------------------
-    def step(self, batch, quiz_batch=None) -> dict:
+    def step(
+        self,
+        batch,
+        quiz_batch=None,
+        *,
+        example_stats: bool = False,
+        influence_ratio: bool = False,
+    ) -> dict:
         """One full step: teacher update (if the method trains it), then student update.
 
         ``batch`` / ``quiz_batch``: a dict of tensors, or a list of micro-batch dicts whose length
         is the engines' gradient accumulation steps. Returns losses (floats) and, for LGTM, the
-        per-row ``influence`` of the batch (tensor, rows of all micro-batches concatenated).
+        per-example ``influence`` of the batch (CPU tensor, examples of all micro-batches
+        concatenated, this rank's) and the ``influence_scale`` in effect. LGTM telemetry:
+        ``example_stats`` adds ``example_stats`` = ``{"teacher_<stat>": [B], "student_<stat>":
+        [B]}`` (``Task.example_stat`` of both models at theta, e.g. ``p_gold``);
+        ``influence_ratio`` adds ``influence_ratio`` = ``|eta grad h| / |grad L_t|`` over the
+        teacher's parameters (global batch; costs one teacher forward and two backwards).
         """
         micro = as_list(batch)
         self.resolve_task(micro[0])
@@ -130,7 +161,11 @@ class Distiller:
         if self.method.needs_quiz and quiz_batch is None:
             raise ConfigError(f"method {self.method.name!r} needs a quiz_batch (held-out data)")
         quiz = as_list(quiz_batch) if quiz_batch is not None else None
-        return self.method.step(micro, quiz)
+        self.telemetry = Telemetry(example_stats, influence_ratio)
+        try:
+            return self.method.step(micro, quiz)
+        finally:
+            self.telemetry = Telemetry()
 
     def teacher_finetune_step(self, batch) -> dict:
         """A teacher-only step on its task loss (vanilla KD's stage 1)."""

@@ -40,6 +40,10 @@ class _BatchPass:
     s_logits: list[torch.Tensor] = field(default_factory=list)  # student at theta
     teacher_rng: list = field(default_factory=list)  # replay() per micro-batch (record_rng)
     student_rng: list = field(default_factory=list)
+    # hidden-state KD (methods/hidden.py): the teacher's block outputs (with graph when
+    # t_graph is kept) and the student's at theta (detached), per micro-batch
+    t_hidden: list[dict] = field(default_factory=list)
+    s_hidden: list[dict] = field(default_factory=list)
 
 
 @METHODS.register
@@ -47,6 +51,22 @@ class LGTM(Method):
     name = "lgtm"
     summary = "each step: teacher on L_t weighted by distillation influence, then student L_s"
     needs_quiz = True
+    reports_influence = True
+
+    # EMA momentum of the measured q = |grad h| / |grad L_t| (method.influence_ratio_target)
+    RATIO_EMA = 0.9
+
+    def __init__(self, distiller):
+        super().__init__(distiller)
+        self.scale = distiller.hp.influence_scale  # eta = teacher lr * scale
+        self._q_ema = [0.0, 0]  # (biased EMA of q, measurements): the adaptive scale's state
+
+    def state_dict(self) -> dict:
+        return {"influence_scale": self.scale, "q_ema": list(self._q_ema)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state.get("influence_scale", self.scale))
+        self._q_ema = list(state.get("q_ema", self._q_ema))
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -71,8 +91,11 @@ class LGTM(Method):
         # one micro-batch: reuse the teacher forward's graph in D (not when the influence term is
         # backpropagated on its own: that pass replays the dropout mask of D's forward)
         keep_graph = len(micro) == 1 and not split
+        # influence_ratio: on request, and on the first step of an adaptive scale
+        target = d.hp.influence_ratio_target
+        measure = d.telemetry.influence_ratio or (target is not None and self._q_ema[1] == 0)
         w, wq = self.row_weights(micro, quiz)  # each micro-batch's share of the global rows
-        g, fwd = self._student_grad(micro, w, keep_graph)  # A
+        g, fwd = student_grad(d, micro, w, keep_graph, record_rng=measure and keep_graph)  # A
         theta = d.student.master_params()
         look = adamw_lookahead(theta, g, d.student.adam_state())  # B
         del g
@@ -89,10 +112,14 @@ class LGTM(Method):
                 "(is the student's classifier frozen or zero?)"
             )
         radius = d.hp.fd_radius / v_norm
-        eta = d.teacher.lr() * d.hp.influence_scale  # the paper: eta = the teacher's lr
-        t_loss, influence = self._teacher_steps(micro, w, fwd, theta, v, radius, eta, split)  # D
+        lr = d.teacher.lr()
+        eta = lr * self.scale  # the paper: eta = the teacher's lr
+        probe = _RatioProbe(d, len(micro)) if measure else None
+        t_loss, influence = self._teacher_steps(
+            micro, w, fwd, theta, v, radius, eta, split, probe
+        )  # D
         rows = sum(d.task.count_rows(mb) for mb in micro)
-        return {
+        out = {
             "teacher_loss": t_loss,
             # per row (token, for causal LMs); `influence` holds one value per example
             "influence_per_row": float(influence.sum()) / max(rows, 1),
@@ -100,21 +127,41 @@ class LGTM(Method):
             "v_norm": v_norm,
             "fd_R": radius,
             "eta": eta,
+            "influence_scale": self.scale,
             "influence": influence,
         }
+        if probe is not None:
+            q = probe.q()  # |grad h| / |grad L_t|, eta-free
+            out["influence_ratio"] = eta * q
+            if target is not None:
+                self._adapt(q, target, lr)
+        if d.telemetry.example_stats:
+            name = d.task.example_stat_name
+            for role, logits in (("teacher", fwd.t_logits), ("student", fwd.s_logits)):
+                out.setdefault("example_stats", {})[f"{role}_{name}"] = torch.cat(
+                    [d.task.example_stat(z, mb["labels"]) for z, mb in zip(logits, micro)]
+                ).cpu()
+        return out
 
-    # -- A ---------------------------------------------------------------------------------------
-    def _student_grad(self, micro, w, keep_graph: bool) -> tuple[list[torch.Tensor], _BatchPass]:
-        return student_grad(self.d, micro, w, keep_graph)
+    def _adapt(self, q: float, target: float, lr: float) -> None:
+        """method.influence_ratio_target: ``eta = target / EMA(q)`` from the next step on
+        (``q`` per unit eta is measured; the scale is ``eta / lr``)."""
+        if not (math.isfinite(q) and q > 0 and lr > 0):
+            return  # nothing to scale (no influence gradient, or lr 0): keep the scale
+        ema, n = self._q_ema
+        ema, n = self.RATIO_EMA * ema + (1 - self.RATIO_EMA) * q, n + 1
+        self._q_ema = [ema, n]
+        self.scale = target / (ema / (1 - self.RATIO_EMA**n)) / lr
 
     # -- C ---------------------------------------------------------------------------------------
     def _quiz_grad(self, look, quiz, wq) -> tuple[list[torch.Tensor], torch.Tensor]:
         return quiz_grad(self.d, look, quiz, wq)
 
     # -- D ---------------------------------------------------------------------------------------
-    def _teacher_steps(self, micro, w, fwd: _BatchPass, theta, v, radius, eta, split):
+    def _teacher_steps(self, micro, w, fwd: _BatchPass, theta, v, radius, eta, split, probe):
         """Per micro-batch: the perturbed student forwards, dL/dz, one teacher backward, the
-        engine step. Returns the mean teacher loss and the per-row influence (CPU)."""
+        engine step. Returns the mean teacher loss and the per-row influence (CPU). ``probe``
+        (a :class:`_RatioProbe` or None) measures the influence share on the way."""
         d, hp = self.d, self.d.hp
         p = InfluenceParams(
             hp.alpha_teacher,
@@ -136,9 +183,23 @@ class LGTM(Method):
                 replay()
                 _axpy(work, theta, v, -radius)
                 s_minus = d.student.forward_at(work, mb)
+            ht = fwd.t_hidden[j] if fwd.t_graph and d.hidden.on else None
             with _same_rng(device) as replay_teacher:
-                z = fwd.t_graph[j] if fwd.t_graph else d.teacher.forward(mb)
+                if fwd.t_graph:
+                    z = fwd.t_graph[j]
+                else:
+                    with d.hidden.capture("teacher") as ht:
+                        z = d.teacher.forward(mb)
+            if fwd.t_graph and fwd.teacher_rng:
+                replay_teacher = fwd.teacher_rng[j]  # the forward ran in step A
             labels, s = mb["labels"], fwd.s_logits[j]
+            hs = fwd.s_hidden[j] if d.hidden.on else None
+            if probe is not None:
+                no_eta = dataclasses.replace(p, eta=0.0)
+                main, _ = d.task.lgtm_logit_grad(z, s, s_plus, s_minus, labels, no_eta)
+                unit = dataclasses.replace(p, eta=1.0)
+                term = d.task.influence_logit_term(s_plus, s_minus, unit, z=z, labels=labels)
+                probe.add(mb, replay_teacher, weighted(main, w[j]), weighted(term, w[j]), hs, w[j])
             dz, infl = d.task.lgtm_logit_grad(z, s, s_plus, s_minus, labels, p)
             if split:
                 # the main part with eta = 0: bitwise what it would be without the influence term
@@ -148,7 +209,13 @@ class LGTM(Method):
                 term = weighted(term, w[j])
                 replay_teacher()
                 g_infl = self._influence_grad(mb, term, g_infl, n_micro)
-            d.teacher.backward((z * weighted(dz, w[j]).to(z.dtype)).sum())
+            surrogate = (z * weighted(dz, w[j]).to(z.dtype)).sum()
+            if hs is not None:  # the teacher's hidden-state term, the student's states the target
+                share = 1 / n_micro
+                surrogate = surrogate + weighted(
+                    d.hidden.add(0.0, hs, ht, mb, "teacher", share=share), w[j]
+                )
+            d.teacher.backward(surrogate)
             if split and j == n_micro - 1:
                 d.teacher.add_grads_(g_infl)  # boundary micro-batch: before the optimizer step
             d.teacher.step()
@@ -165,11 +232,58 @@ class LGTM(Method):
         t = self.d.teacher
         z_alone = t.raw_forward(mb)
         gs = torch.autograd.grad(z_alone, t.params(), grad_outputs=term.to(z_alone.dtype))
-        if acc is None:
-            return [gi.float() / n_micro for gi in gs]
-        for a, gi in zip(acc, gs):
-            a.add_(gi.float(), alpha=1.0 / n_micro)
-        return acc
+        return _accumulate(acc, gs, n_micro)
+
+
+class _RatioProbe:
+    """``q = |grad_phi h| / |grad_phi L_t|`` over the teacher's parameters for one global batch
+    (rank-averaged gradients, as the engine steps them); ``influence_ratio = eta q``. Per
+    micro-batch one extra teacher forward (the same dropout mask) and two backwards with
+    ``torch.autograd.grad``: the engine's gradients and RNG stream are untouched, so a step with
+    the probe trains exactly as one without. Holds two fp32 copies of the teacher's gradient."""
+
+    def __init__(self, d, n_micro: int):
+        self.d, self.n_micro = d, n_micro
+        self.main: list[torch.Tensor] | None = None
+        self.infl: list[torch.Tensor] | None = None
+
+    def add(self, mb, replay, dz_main, dz_infl, s_hidden=None, w=1.0) -> None:
+        """One micro-batch: ``dz_main`` / ``dz_infl`` the two parts of dL/dz (row-weighted);
+        ``s_hidden``: the student's states, when ``L_t`` has the hidden-state term."""
+        t, hidden = self.d.teacher, self.d.hidden
+        with _same_rng(device_of(t)) as restore, hidden.capture("teacher") as ht:
+            replay()  # the teacher forward's dropout mask
+            z = t.raw_forward(mb)
+            restore()
+        params = t.params()
+        main = (z * dz_main.to(z.dtype)).sum()
+        if s_hidden is not None:
+            main = main + weighted(hidden.loss(s_hidden, ht, mb, "teacher"), w)
+        gm = torch.autograd.grad(main, params, retain_graph=True, allow_unused=True)
+        gh = torch.autograd.grad(z, params, grad_outputs=dz_infl.to(z.dtype), allow_unused=True)
+        gm, gh = (
+            [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)] for gs in (gm, gh)
+        )
+        self.main = _accumulate(self.main, gm, self.n_micro)
+        self.infl = _accumulate(self.infl, gh, self.n_micro)
+
+    def q(self) -> float:
+        t = self.d.teacher
+        t.all_reduce_mean_(self.main)
+        t.all_reduce_mean_(self.infl)
+        main = math.sqrt(sum(float((g.double() ** 2).sum()) for g in self.main))
+        infl = math.sqrt(sum(float((g.double() ** 2).sum()) for g in self.infl))
+        self.main = self.infl = None
+        return infl / main if main > 0 else math.inf
+
+
+def _accumulate(acc, grads, n_micro: int) -> list[torch.Tensor]:
+    """``acc += grads / n_micro`` in fp32 (float64 stays float64)."""
+    if acc is None:
+        return [g.to(torch.promote_types(g.dtype, torch.float32)) / n_micro for g in grads]
+    for a, g in zip(acc, grads):
+        a.add_(g.to(a.dtype), alpha=1.0 / n_micro)
+    return acc
 
 
 def student_grad(
@@ -183,18 +297,27 @@ def student_grad(
     device = device_of(d.student)
     g = None  # full-size fp32 gradients (ZeRO-3 params are empty placeholders: no zeros_like)
     fwd = _BatchPass()
+    h = d.hidden
     for mb, wj in zip(micro, w):
-        with torch.set_grad_enabled(keep_graph), _same_rng(device) as replay_t:
+        with (
+            torch.set_grad_enabled(keep_graph),
+            _same_rng(device) as replay_t,
+            h.capture("teacher") as ht,
+        ):
             z = d.teacher.forward(mb)
         if keep_graph:
             fwd.t_graph.append(z)
         fwd.t_logits.append(z.detach())
-        with _same_rng(device) as replay_s:
+        with _same_rng(device) as replay_s, h.capture("student") as hs:
             s = d.student.raw_forward(mb)
         if record_rng:
             fwd.teacher_rng.append(replay_t)
             fwd.student_rng.append(replay_s)
-        ls = weighted(d.student_loss(s, fwd.t_logits[-1], mb["labels"]), wj)
+        ls = d.student_loss(s, fwd.t_logits[-1], mb["labels"])
+        ls = weighted(h.add(ls, hs, ht, mb, "student", share=0.0), wj)
+        if h.on:
+            fwd.t_hidden.append(ht)
+            fwd.s_hidden.append({k: x.detach() for k, x in hs.items()})
         gs = torch.autograd.grad(ls / len(micro), params)
         if g is None:
             g = [gi.to(torch.promote_types(gi.dtype, torch.float32)).clone() for gi in gs]

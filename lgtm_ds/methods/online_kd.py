@@ -15,4 +15,5 @@ class OnlineKD(Method):
         d.teacher.module.train()
         d.student.module.train()
         (w,) = self.row_weights(micro)
-        return {"teacher_loss": distill_update(d.teacher, d.student, micro, d.teacher_loss, w)}
+        loss = distill_update(d.teacher, d.student, micro, d.teacher_loss, w, d.hidden, "teacher")
+        return {"teacher_loss": loss}

@@ -22,6 +22,11 @@ from .metrics import compute_metrics, primary_metric
 
 TASKS: Registry[Task] = Registry("task type", "task type")
 
+# The training split's column (and batch key) holding each row's index in the source's training
+# data: encoders keep it, collators pass it on, models never see it (``model_inputs``). The
+# influence telemetry names examples by it.
+SOURCE_INDEX = "source_index"
+
 
 @dataclass(frozen=True)
 class ModelOptions:
@@ -59,6 +64,8 @@ class Task:
     # encoders) or "decoder" (BOS/EOS, chat template)
     embedded_tokenizer: ClassVar[str] = "wordpiece"
     lower_is_better: ClassVar[frozenset[str]] = frozenset()  # metrics where smaller is better
+    # what :meth:`example_stat` measures (a column of the influence telemetry, per model)
+    example_stat_name: ClassVar[str] = "p_gold"
 
     def __init__(
         self,
@@ -201,6 +208,15 @@ class Task:
         teacher logits, for divergences whose gradient depends on them; ``labels`` for tasks
         whose rows depend on them)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def example_stat(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per example [B] (fp32), how well a model does on its label, for the influence
+        telemetry: the probability of the gold label here (NaN where the label is ignored)."""
+        p = torch.softmax(logits.float(), -1)
+        y = labels.long()
+        gold = p.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(y >= 0, gold, torch.full_like(gold, float("nan")))
 
     # -- evaluation -------------------------------------------------------------------------------
     def predictions(self, logits: torch.Tensor) -> np.ndarray:

@@ -154,6 +154,17 @@ class CausalLMTask(ClassificationTask):
         rows, y, _ = self.rows(logits, labels)
         return super().task_loss(rows, y)
 
+    example_stat_name = "ce"
+
+    @torch.no_grad()
+    def example_stat(self, logits, labels):
+        """Mean next-token CE (nats) over each sequence's valid tokens [B]."""
+        rows, y, mask = self.rows(logits, labels)
+        ce = F.cross_entropy(rows.float(), y, reduction="none")
+        out = torch.zeros(labels.shape[0], dtype=torch.float32, device=ce.device)
+        out.index_add_(0, mask.nonzero()[:, 0], ce)
+        return out / mask.sum(1).clamp(min=1)
+
     def lgtm_logit_grad(self, z, s, s_plus, s_minus, labels, p: InfluenceParams):
         """The softmax classifier's logit gradient on the token rows (divided by this
         micro-batch's valid tokens), scattered to ``[B, L, V]``; the influence per *sequence*,

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ModelError
 from . import hf
-from .base import TASKS, InfluenceParams, ModelOptions, Task
+from .base import SOURCE_INDEX, TASKS, InfluenceParams, ModelOptions, Task
 
 
 @TASKS.register
@@ -46,6 +46,8 @@ class ClassificationTask(Task):
             enc = tokenizer(a, b, truncation=True, max_length=max_length, padding=False)
             out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
             out["labels"] = [cast(x) for x in batch["label"]]
+            if SOURCE_INDEX in batch:
+                out[SOURCE_INDEX] = batch[SOURCE_INDEX]
             return out
 
         return ds.map(
@@ -286,6 +288,13 @@ class RegressionTask(ClassificationTask):
 
     def kd_scale(self, temperature, scale_by_t2):
         return 1.0
+
+    example_stat_name = "sq_err"
+
+    @torch.no_grad()
+    def example_stat(self, logits, labels):
+        """Squared error of the prediction per example."""
+        return (logits.float().reshape(-1) - labels.float().reshape(-1)).pow(2)
 
     def lgtm_logit_grad(self, z, s, s_plus, s_minus, labels, p: InfluenceParams):
         """``dL/dz = 2 a_t (z - s)/n + 2 (1 - a_t)(z - y)/n + eta a_t 2 (s+ - s-)/(2 R n)``,

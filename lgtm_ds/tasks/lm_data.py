@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DataError
+from .base import SOURCE_INDEX
 
 IGNORE_INDEX = -100
 LM_FORMATS = ("text", "prompt_completion", "messages")
@@ -268,6 +269,9 @@ def encode_lm(ds, tokenizer, fmt: LMFormat, *, max_length: int):
 
     def fn(batch, indices):
         out = {"input_ids": [], "attention_mask": [], "labels": []}
+        keep_index = SOURCE_INDEX in batch
+        if keep_index:
+            out[SOURCE_INDEX] = []
         for i, row in enumerate(indices):
             ids, labels = one(batch, i, row)
             ids, labels = ids[:max_length], labels[:max_length]
@@ -276,6 +280,8 @@ def encode_lm(ds, tokenizer, fmt: LMFormat, *, max_length: int):
             out["input_ids"].append(ids)
             out["attention_mask"].append([1] * len(ids))
             out["labels"].append(labels)
+            if keep_index:
+                out[SOURCE_INDEX].append(batch[SOURCE_INDEX][i])
         return out
 
     enc = ds.map(
@@ -326,4 +332,6 @@ class CausalLMCollator:
             out[key] = torch.tensor(
                 [list(r[key]) + [fill] * (n - len(r[key])) for r in rows], dtype=torch.long
             )
+        if all(SOURCE_INDEX in r for r in rows):
+            out[SOURCE_INDEX] = torch.tensor([int(r[SOURCE_INDEX]) for r in rows])
         return out

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from .plotting import pyplot, save_png
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -251,13 +253,8 @@ def write_outputs(out: Path, rows: list[dict], table: list[dict], runs) -> None:
 def plot_curves(path: Path, runs, pm: str, lower: bool) -> bool:
     """Student ``pm`` vs step per method: the mean over seeds, the band min..max. False (and a
     note) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed: no curves.png (pip install 'lgtm-ds[plots]')")
+    plt = pyplot("curves.png")
+    if plt is None:
         return False
     curves: dict[str, dict[int, list[float]]] = {}
     for method, _, run_dir in runs:
@@ -279,8 +276,5 @@ def plot_curves(path: Path, runs, pm: str, lower: bool) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path)
     return True

@@ -7,7 +7,56 @@ import time
 import uuid
 from pathlib import Path
 
-from ..io import finite_json
+import numpy as np
+
+from ..io import atomic_write_text, finite_json
+
+
+class JsonlFile:
+    """An append-only JSON-lines file (strict JSON: NaN/inf -> null, the keys listed in
+    ``"nonfinite"``) that a resumed run cuts back to its checkpoint's row count. Disabled (on
+    ranks other than 0): every call is a no-op."""
+
+    def __init__(self, path: Path, *, enabled: bool, resume: bool = False):
+        self.enabled, self.path = enabled, path
+        self.fh = open(path, "a" if resume else "w") if enabled else None  # noqa: SIM115
+        self.rows = self._count() if enabled and resume else 0
+
+    def write(self, row: dict, flush: bool = True) -> None:
+        if self.fh is None:
+            return
+        safe, bad = finite_json(row)
+        if bad:
+            safe["nonfinite"] = bad
+        self.fh.write(json.dumps(safe, allow_nan=False) + "\n")
+        if flush:
+            self.fh.flush()
+        self.rows += 1
+
+    def flush(self) -> None:
+        if self.fh is not None:
+            self.fh.flush()
+
+    def _count(self) -> int:
+        with open(self.path) as fh:
+            return sum(1 for _ in fh)
+
+    def truncate(self, rows: int | None) -> None:
+        """Keep the first ``rows`` lines (a resumed run cuts what came after its checkpoint);
+        None: keep everything."""
+        if self.fh is None or rows is None or rows >= self.rows:
+            return
+        self.fh.close()
+        with open(self.path) as fh:
+            kept = [line for _, line in zip(range(rows), fh)]
+        atomic_write_text(self.path, "".join(kept))
+        self.fh = open(self.path, "a")  # noqa: SIM115
+        self.rows = rows
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
 
 
 class MetricsLogger:
@@ -24,8 +73,7 @@ class MetricsLogger:
     ):
         self.enabled = enabled
         self.path = path
-        self.fh = open(path, "a" if resume else "w") if enabled else None  # noqa: SIM115
-        self.rows = self._count() if enabled and resume else 0  # lines in metrics.jsonl
+        self.file = JsonlFile(path, enabled=enabled, resume=resume)  # metrics.jsonl
         self.run = None
         if enabled and wandb:
             try:
@@ -56,47 +104,34 @@ class MetricsLogger:
         # after them (step + step_offset; the trainer sets the offset to the stage-1 steps)
         self.step_offset = 0
 
-    def log(self, row: dict) -> None:
+    @property
+    def rows(self) -> int:
+        return self.file.rows  # lines in metrics.jsonl
+
+    def log(self, row: dict, histograms: dict | None = None) -> None:
+        """One row to metrics.jsonl (and W&B). ``histograms``: name -> 1-D values, to W&B only
+        (``wandb.Histogram``) at the row's step."""
         if not self.enabled:
             return
         row = {"time": round(time.time(), 3), **row}
-        safe, bad = finite_json(row)  # strict JSON: NaN/inf -> null, named in "nonfinite"
-        if bad:
-            safe["nonfinite"] = bad
-        self.fh.write(json.dumps(safe, allow_nan=False) + "\n")
-        self.fh.flush()
-        self.rows += 1
+        self.file.write(row)
         if self.run is not None:
             step = row.get("step")
             if step is not None and row.get("stage") != 1:
                 step += self.step_offset
-            self.run.log(
-                {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"},
-                step=step,
-            )
+            data = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
+            if histograms:
+                import wandb as wb
 
-    def _count(self) -> int:
-        with open(self.path) as fh:
-            return sum(1 for _ in fh)
+                for name, values in histograms.items():
+                    data[name] = wb.Histogram(np.asarray(values, dtype=np.float64))
+            self.run.log(data, step=step)
 
     def truncate(self, rows: int | None) -> None:
-        """Keep the first ``rows`` lines (a resumed run cuts what came after its checkpoint);
-        None: keep everything."""
-        if not self.enabled or rows is None or rows >= self.rows:
-            return
-        self.fh.close()
-        with open(self.path) as fh:
-            kept = [line for _, line in zip(range(rows), fh)]
-        from ..io import atomic_write_text
-
-        atomic_write_text(self.path, "".join(kept))
-        self.fh = open(self.path, "a")  # noqa: SIM115
-        self.rows = rows
+        self.file.truncate(rows)
 
     def close(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
+        self.file.close()
         if self.run is not None:
             self.run.finish()
             self.run = None

@@ -35,6 +35,8 @@ from ..errors import ConfigError, TrainingError
 from ..hub import check_sources
 from ..io import atomic_write_text, write_json_atomic
 from ..methods import Distiller, get_method
+from ..methods.base import DistillHParams
+from ..methods.hidden import HIDDEN_PROJ, HiddenSpec, attach_projection
 from ..tasks import get_task
 from ..tasks.base import ModelOptions
 from ..tasks.hf import is_embedded
@@ -48,11 +50,14 @@ from .checkpoint import (
 from .logger import MetricsLogger
 from .model_card import model_card
 from .summary import build_summary, format_summary
+from .telemetry import FILE as INFLUENCE_FILE
+from .telemetry import InfluenceLog
 
 # what a run writes into output.dir (removed when resume=auto starts a run afresh)
 _RUN_OUTPUTS = (
     "checkpoints",
     "metrics.jsonl",
+    "influence.jsonl",
     "config.yaml",
     "data_split.json",
     "student",
@@ -128,6 +133,24 @@ class Trainer:
             resume=self.resume_from is not None,
         )
         self.logger.step_offset = self.stage1_steps
+        self.influence_log = None
+        if self.method.reports_influence and cfg.output.influence_log:
+            train = self.data.train
+            self.influence_log = InfluenceLog(
+                self.out / INFLUENCE_FILE,
+                is_main=self.is_main,
+                resume=self.resume_from is not None,
+                source_indices=(
+                    train["source_index"]
+                    if "source_index" in train.column_names
+                    else range(len(train))
+                ),
+                examples=cfg.output.influence_log_examples,
+                max_rows=cfg.output.influence_log_max_rows,
+                seed=cfg.train.seed,
+            )
+        every = cfg.method.influence_ratio_every
+        self.ratio_every = cfg.train.log_every if every is None else every
         if self.resume_from is not None:
             self._resume(*self.resume_from)
 
@@ -196,6 +219,10 @@ class Trainer:
         teacher = self.task.build_model(m.teacher, role="teacher", options=options)
         student = self.task.build_model(m.student, role="student", options=options)
         self.task.check_pair(teacher, student, m.teacher, m.student)
+        hp = DistillHParams.from_config(self.cfg.method)
+        spec = HiddenSpec(hp.hidden_weight, hp.hidden_layers, hp.hidden_loss, hp.hidden_positions)
+        # hidden-state KD across widths: the student's projections, before its engine exists
+        attach_projection(student, teacher, spec, seed=self.cfg.train.seed)
         tok_name = m.tokenizer or m.teacher
         for role, name in (("teacher", m.teacher), ("student", m.student)):
             if name != tok_name:  # the run's tokenizer vs the one saved with the model
@@ -345,10 +372,17 @@ class Trainer:
             self.logger.log({"step": 0, "eval": True, **ev})
         while self.step < self.total_steps:
             quiz = self.quiz_batches.next() if self.quiz_batches is not None else None
-            m = self.distiller.step(self.train_batches.next(), quiz)
+            batch = self.train_batches.next()
+            ratio = bool(self.ratio_every) and (self.step + 1) % self.ratio_every == 0
+            m = self.distiller.step(
+                batch,
+                quiz,
+                example_stats=self.influence_log is not None,
+                influence_ratio=ratio,
+            )
             self.step += 1
             self.bar.update(1)
-            self._log_step(m)
+            self._log_step(m, batch)
             self._guard(m, self.step)
             last = self.step == self.total_steps
             if last or (cfg.train.eval_every and self.step % cfg.train.eval_every == 0):
@@ -374,19 +408,29 @@ class Trainer:
             if every and self.stage1_done % every == 0 and self.stage1_done < self.stage1_steps:
                 self.save_checkpoint(f"stage1_step{self.stage1_done}")
 
-    def _log_step(self, m: dict) -> None:
+    def _log_step(self, m: dict, batch: list[dict]) -> None:
         influence = m.pop("influence", None)
+        stats = m.pop("example_stats", {})
+        hist = None
         if influence is not None:
-            m["influence_mean"] = float(influence.mean())
-            m["influence_std"] = float(influence.std()) if influence.numel() > 1 else 0.0
-            m["influence_neg_frac"] = float((influence < 0).float().mean())
+            if self.influence_log is not None:  # a collective: the whole global batch's values
+                values = self.influence_log.add(
+                    self.step, self.train_batches.epoch, batch, influence, stats
+                )
+            else:
+                values = influence.double().numpy()
+            m["influence_mean"] = float(values.mean())
+            m["influence_std"] = float(values.std(ddof=1)) if values.size > 1 else 0.0
+            m["influence_neg_frac"] = float((values < 0).mean())
+            hist = {"influence": values}
         m["student_lr"] = self.student.lr()
         if self.method.trains_teacher:
             m["teacher_lr"] = self.teacher.lr()
         log = self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps
         if log or m.get("skipped"):  # skipped steps are always in metrics.jsonl
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in m.items() if "loss" in k})
-            self.logger.log({"step": self.step, "epoch": self.train_batches.epoch, **m})
+            row = {"step": self.step, "epoch": self.train_batches.epoch, **m}
+            self.logger.log(row, histograms=hist)
 
     # -- divergence guard ------------------------------------------------------------------------
     def _guard(self, m: dict, step: int, stage1: bool = False) -> None:
@@ -431,6 +475,8 @@ class Trainer:
             (self.out / "summary.txt").write_text(text + "\n")
             write_json_atomic(self.out / "summary.json", summary)
         self.logger.close()
+        if self.influence_log is not None:
+            self.influence_log.close()
         latest = self.out / "checkpoints" / "latest"
         hint = (
             f"; the newest checkpoint is {self.out / 'checkpoints' / latest.read_text().strip()}"
@@ -452,6 +498,8 @@ class Trainer:
             "wall_s": self.wall_before + time.time() - self.t0,
             "resumed_from": self.resumed_from,
             "skipped": self.skipped,
+            "influence_rows": self.influence_log.rows if self.influence_log else None,
+            "method_state": self.distiller.method.state_dict(),
         }
         save_checkpoint(
             self.out / "checkpoints",
@@ -473,6 +521,9 @@ class Trainer:
         self.skipped = dict(st.get("skipped", self.skipped))
         # metrics.jsonl back to the checkpoint: rows logged after it are logged again
         self.logger.truncate(st.get("metrics_rows"))
+        if self.influence_log is not None:
+            self.influence_log.truncate(st.get("influence_rows"))
+        self.distiller.method.load_state_dict(st.get("method_state") or {})
         self.logger.log({"step": self.step, "stage1_done": self.stage1_done, "resumed_from": tag})
         self.train_batches.load_state_dict(st["train"])
         if self.quiz_batches is not None and st["quiz"]:
@@ -483,11 +534,19 @@ class Trainer:
     def finish(self, result: dict) -> dict:
         cfg = self.cfg
         final = result["history"][-1] if result["history"] else self.evaluate()
-        self.student.save_pretrained(str(self.out / "student"), self.is_main)
+        # the hidden-state projections are training machinery, not part of the student
+        self.student.save_pretrained(str(self.out / "student"), self.is_main, drop=HIDDEN_PROJ)
         if cfg.output.save_teacher:
             self.teacher.save_pretrained(str(self.out / "teacher"), self.is_main)
         summary = self._summary(final=final, wall_s=result["wall_s"])
         summary["peak_memory"] = _peak_memory(all_ranks=True)
+        if self.influence_log is not None:
+            log = self.influence_log
+            summary["influence_log"] = {
+                "file": INFLUENCE_FILE,
+                "rows": log.rows,
+                "capped_at": self.cfg.output.influence_log_max_rows if log.capped else None,
+            }
         if self.is_main:
             split = self.data.split_record()
             for role in ("student", "teacher") if cfg.output.save_teacher else ("student",):
@@ -499,6 +558,8 @@ class Trainer:
             write_json_atomic(self.out / "summary.json", summary)  # last: marks the run complete
             print(text, flush=True)
         self.logger.close()
+        if self.influence_log is not None:
+            self.influence_log.close()
         return summary
 
     def _summary(self, *, final: dict, wall_s: float, failure: str | None = None) -> dict:

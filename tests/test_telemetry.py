@@ -1,0 +1,293 @@
+"""Influence telemetry: influence_ratio vs a direct computation, the probe leaves training
+untouched, the adaptive influence scale, per-example stats, influence.jsonl through the
+trainer (rows = what Distiller.step returned), W&B histograms, the plots."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification
+
+from lgtm_ds import Distiller
+from lgtm_ds.config import load_config
+from lgtm_ds.engines.optim import build_adamw
+from lgtm_ds.tasks.hf import embedded_bert_config
+
+from .helpers import LABELS, VOCAB, capture_grads, lm_batch, random_batch, tiny_decoder, tiny_model
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1).double() for t in tensors])
+
+
+def _distiller(dtype=torch.float64, dropout=0.0, **kw):
+    def model(seed):
+        torch.manual_seed(seed)
+        cfg = embedded_bert_config("tiny", vocab_size=VOCAB, num_labels=LABELS, dropout=dropout)
+        m = AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager")
+        torch.nn.init.normal_(m.classifier.weight, std=0.3)
+        return m.to(dtype)
+
+    t, s = (model(1), model(2)) if dropout else (tiny_model(dtype, 1), tiny_model(dtype, 2))
+    to, so = build_adamw(t, 3e-3, 0.01), build_adamw(s, 5e-3, 0.01)
+    d = Distiller("lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so, **kw)
+    return d, t, to
+
+
+@pytest.mark.parametrize("n_micro", [1, 2])
+def test_influence_ratio_matches_the_direct_computation(n_micro):
+    """ratio = |G(scale 1) - G(scale 0)| / |G(scale 0)| over the teacher gradients the optimizer
+    applies (float64), with and without gradient accumulation."""
+    micro = [random_batch(9 - j, 10 + j) for j in range(n_micro)]
+    quiz = [random_batch(7, 20 + j) for j in range(n_micro)]
+    grads, ratio = {}, None
+    for k in (0.0, 1.0):
+        d, t, to = _distiller(influence_scale=k, gradient_accumulation_steps=n_micro)
+        rec = capture_grads(to, list(t.parameters()))
+        m = d.step(micro, quiz, influence_ratio=k == 1.0)
+        grads[k] = _flat(rec[-1])
+        if k == 1.0:
+            ratio = m["influence_ratio"]
+    want = float((grads[1.0] - grads[0.0]).norm() / grads[0.0].norm())
+    assert want > 1e-6
+    assert abs(ratio - want) / want < 1e-8, (ratio, want)
+
+
+def test_the_probe_leaves_training_bit_identical():
+    """With dropout on: a step that measures the ratio and the example stats trains exactly as
+    one that does not (its extra teacher forward replays and restores the RNG)."""
+    out = []
+    for measure in (False, True):
+        d, t, to = _distiller(torch.float32, dropout=0.1)
+        torch.manual_seed(5)
+        for step in range(2):
+            b, q = random_batch(9, 30 + step), random_batch(7, 40 + step)
+            m = d.step(b, q, influence_ratio=measure, example_stats=measure)
+        assert ("influence_ratio" in m) == measure
+        out.append([p.detach().clone() for p in (*t.parameters(), *d.student.params())])
+        out[-1].append(torch.rand(3))  # the RNG stream after the steps
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+def test_adaptive_scale_hits_the_target_ratio_and_resumes():
+    target = 0.05
+    d, _, _ = _distiller(influence_ratio_target=target)
+    ratios = [
+        d.step(random_batch(9, 100 + i), random_batch(7, 200 + i), influence_ratio=True)[
+            "influence_ratio"
+        ]
+        for i in range(12)
+    ]
+    assert ratios[0] < target / 2  # scale 1.0: the paper's small share
+    # q differs up to 10x between batches of 9 on these tiny random models; the EMA settles
+    assert all(target / 2 < r < 2 * target for r in ratios[-6:]), ratios
+    mean = math.exp(sum(math.log(r) for r in ratios[1:]) / 11)
+    assert target / 1.5 < mean < target * 1.5, ratios
+    state = json.loads(json.dumps(d.method.state_dict()))  # through the checkpoint's JSON
+    d2, _, _ = _distiller(influence_ratio_target=target)
+    d2.method.load_state_dict(state)
+    assert d2.method.state_dict() == d.method.state_dict()
+    assert state["influence_scale"] > 2  # moved from 1.0
+
+
+def test_first_step_of_an_adaptive_scale_is_measured_even_unasked():
+    d, _, _ = _distiller(influence_ratio_target=0.1)
+    m = d.step(random_batch(9, 1), random_batch(7, 2))
+    assert "influence_ratio" in m and d.method.state_dict()["q_ema"][1] == 1
+    m = d.step(random_batch(9, 3), random_batch(7, 4))
+    assert "influence_ratio" not in m  # later: on request only
+
+
+def test_example_stats_are_both_models_at_theta():
+    d, t, _ = _distiller()
+    s = d.student.module
+    b = random_batch(9, 3)
+    b["labels"][0] = -100  # an ignored label: NaN, not a wrong number
+    with torch.no_grad():
+        want_t = torch.softmax(t(**{k: v for k, v in b.items() if k != "labels"}).logits, -1)
+        want_s = torch.softmax(s(**{k: v for k, v in b.items() if k != "labels"}).logits, -1)
+    m = d.step(b, random_batch(7, 4), example_stats=True)
+    stats = m["example_stats"]
+    assert set(stats) == {"teacher_p_gold", "student_p_gold"}
+    y = b["labels"][1:]
+    for key, want in (("teacher_p_gold", want_t), ("student_p_gold", want_s)):
+        assert torch.isnan(stats[key][0])
+        gold = want[1:].gather(1, y[:, None]).squeeze(1)
+        assert torch.allclose(stats[key][1:].double(), gold, atol=1e-6), key
+
+
+def test_decoder_example_stat_is_the_mean_token_ce():
+    from lgtm_ds.tasks import get_task
+
+    task = get_task("causal_lm")()
+    model = tiny_decoder()
+    b = lm_batch(4, 7)
+    with torch.no_grad():
+        z = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    got = task.example_stat(z, b["labels"])
+    for i in range(4):
+        y = b["labels"][i, 1:]
+        keep = y != -100
+        want = F.cross_entropy(z[i, :-1][keep].float(), y[keep])
+        assert torch.allclose(got[i], want, atol=1e-5)
+    assert task.example_stat_name == "ce"
+
+
+SMALL = [
+    "data.synthetic_examples=400",
+    "train.micro_batch_size=8",
+    "train.eval_batch_size=64",
+    "train.eval_every=0",
+    "model.dropout=0.1",
+]
+
+
+def _trainer(out, *overrides):
+    from lgtm_ds.training import Trainer
+
+    return Trainer(load_config(None, [f"output.dir={out}", *SMALL, *overrides]))
+
+
+def _rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_influence_file_rows_are_what_the_steps_returned(tmp_path, dist_env):
+    tr = _trainer(
+        tmp_path / "run",
+        "train.max_steps=4",
+        "train.gradient_accumulation_steps=2",
+        "train.log_every=2",
+    )
+    seen = []
+    orig = tr.distiller.step
+
+    def step(batch, quiz, **kw):
+        m = orig(batch, quiz, **kw)
+        index = torch.cat([mb["source_index"] for mb in batch]).tolist()
+        seen.append((index, m["influence"].clone(), dict(m["example_stats"])))
+        return m
+
+    tr.distiller.step = step
+    summary = tr.finish(tr.train())
+    rows = _rows(tmp_path / "run" / "influence.jsonl")
+    assert len(rows) == 4 * 16 == summary["influence_log"]["rows"]
+    for n, (index, infl, stats) in enumerate(seen):
+        mine = [r for r in rows if r["step"] == n + 1]
+        assert [r["index"] for r in mine] == index
+        assert [r["influence"] for r in mine] == infl.double().tolist()
+        assert [r["student_p_gold"] for r in mine] == stats["student_p_gold"].double().tolist()
+    # the indices are rows of the training data, never quiz rows
+    split = json.loads((tmp_path / "run" / "data_split.json").read_text())
+    assert not {r["index"] for r in rows} & set(split["quiz_indices"])
+    metrics = [r for r in _rows(tmp_path / "run" / "metrics.jsonl") if "influence_mean" in r]
+    step1 = [r["influence"] for r in rows if r["step"] == metrics[0]["step"]]
+    assert metrics[0]["influence_mean"] == pytest.approx(sum(step1) / len(step1), rel=1e-12)
+    # measured every train.log_every steps: the logged ones
+    assert [r["step"] for r in metrics] == [2, 4]
+    assert all(r["influence_ratio"] > 0 for r in metrics)
+
+
+def test_tracked_subset_and_row_cap(tmp_path, dist_env):
+    tr = _trainer(
+        tmp_path / "a",
+        "train.max_steps=6",
+        "output.influence_log_examples=50",
+        "method.influence_ratio_every=0",
+    )
+    tr.finish(tr.train())
+    rows = _rows(tmp_path / "a" / "influence.jsonl")
+    assert rows and len({r["index"] for r in rows}) <= 50
+    assert not any("influence_ratio" in r for r in _rows(tmp_path / "a" / "metrics.jsonl"))
+    tr = _trainer(tmp_path / "b", "train.max_steps=3", "output.influence_log_max_rows=20")
+    summary = tr.finish(tr.train())
+    assert len(_rows(tmp_path / "b" / "influence.jsonl")) == 20
+    assert summary["influence_log"] == {"file": "influence.jsonl", "rows": 20, "capped_at": 20}
+    tr = _trainer(tmp_path / "c", "train.max_steps=2", "output.influence_log=false")
+    tr.finish(tr.train())
+    assert not (tmp_path / "c" / "influence.jsonl").exists()
+
+
+def test_wandb_gets_an_influence_histogram(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from lgtm_ds.training.logger import MetricsLogger
+
+    logged = []
+
+    class Histogram:
+        def __init__(self, values):
+            self.values = values
+
+    class Run:
+        def log(self, row, step):
+            logged.append((step, row))
+
+        def finish(self):
+            pass
+
+    fake = types.SimpleNamespace(init=lambda **kw: Run(), Histogram=Histogram)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    log = MetricsLogger(tmp_path / "metrics.jsonl", enabled=True, wandb=True)
+    log.log({"step": 3, "influence_mean": 0.5}, histograms={"influence": [0.25, 0.75]})
+    log.close()
+    ((step, row),) = logged
+    assert step == 3 and row["influence_mean"] == 0.5
+    assert list(row["influence"].values) == [0.25, 0.75]
+    line = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert "influence" not in line  # histograms go to W&B only
+
+
+def test_models_never_see_the_source_index():
+    from lgtm_ds.engines import model_inputs
+    from lgtm_ds.tasks.base import SOURCE_INDEX
+
+    b = {**random_batch(3, 1), SOURCE_INDEX: torch.arange(3)}
+    assert set(model_inputs(b)) == {"input_ids", "attention_mask"}
+
+
+def test_plot_influence_writes_the_plots_and_refuses_bad_input(tmp_path, capsys):
+    from lgtm_ds.tools.plot_influence import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows, metrics = [], [{"step": 0, "eval": True}]
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 31):
+        for idx in torch.randperm(40, generator=g)[:8].tolist():
+            x = float(torch.randn(1, generator=g))
+            rows.append(
+                {
+                    "step": step,
+                    "epoch": 0,
+                    "index": idx,
+                    "influence": x * 1e-5,
+                    "teacher_p_gold": 0.5 + 0.01 * step,
+                    "student_p_gold": 0.3 + 0.01 * step,
+                }
+            )
+        if step % 10 == 0:
+            metrics.append(
+                {"step": step, "influence_ratio": 1e-3 * step, "influence_scale": 1.0 + step}
+            )
+            metrics.append({"step": step, "eval": True})
+    rows.append({"step": 31, "index": 3, "influence": None, "nonfinite": ["influence"]})
+    (run / "influence.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    assert main([str(run), "--examples", "3,7"]) == 0
+    names = ["influence_examples", "influence_trends", "influence_hist", "influence_ratio"]
+    for name in names:
+        png = run / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert not list((run / "plots").glob("*.tmp*"))
+    capsys.readouterr()
+    assert main([str(run), "--examples", "3,999"]) == 2
+    assert "[999] not in" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (run / "influence.jsonl").write_text('{"step": 1\n')
+    assert main([str(run)]) == 2
+    assert "line 1 is not JSON" in capsys.readouterr().err
