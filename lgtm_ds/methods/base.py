@@ -180,13 +180,18 @@ def distill_update(
     micro: list[dict],
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     weights: list[float],
-    hidden: HiddenKD,
-    role: str,
+    hidden: HiddenKD | None = None,
+    role: str = "student",
 ) -> float:
     """For each micro-batch: ``target`` logits without graph, ``learner`` forward,
-    ``loss_fn(logits, target_logits, labels)`` (+ the hidden-state term, ``role`` = the
-    learner's: "student" / "teacher") times the micro-batch's row weight, backward, engine
-    step. Returns the mean weighted loss (this rank's share of the global mean)."""
+    ``loss_fn(logits, target_logits, labels)`` (+ the hidden-state term ``hidden``, usually
+    ``Distiller.hidden``; ``role`` = the learner's: "student" / "teacher") times the
+    micro-batch's row weight, backward, engine step. Returns the mean weighted loss (this
+    rank's share of the global mean)."""
+    if hidden is None:
+        from .hidden import HiddenKD, HiddenSpec
+
+        hidden = HiddenKD(HiddenSpec(), None, None)  # off
     other = "teacher" if role == "student" else "student"
     total = 0.0
     for mb, w in zip(micro, weights):

@@ -83,7 +83,7 @@ class Distiller:
             hidden_positions,
         )
         self.task: Task | None = get_task(task)() if isinstance(task, str) else task
-        spec = HiddenSpec(hidden_weight, hidden_layers, hidden_loss, hidden_positions)
+        spec = HiddenSpec.of(self.hp)
         if not isinstance(student, Engine) and not isinstance(teacher, Engine):
             # plain modules: the projections (if the widths differ) join the student optimizer
             new = attach_projection(student, teacher, spec)

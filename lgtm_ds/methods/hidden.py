@@ -46,6 +46,11 @@ class HiddenSpec:
     loss: str = "mse"
     positions: str = "all"
 
+    @classmethod
+    def of(cls, hp) -> HiddenSpec:
+        """From ``DistillHParams`` (or the config's ``method`` section)."""
+        return cls(hp.hidden_weight, hp.hidden_layers, hp.hidden_loss, hp.hidden_positions)
+
 
 def parse_layers(layers) -> list[tuple[int, int]] | None:
     """``["1:2", "2:4"]`` -> ``[(1, 2), (2, 4)]``; ConfigError naming ``method.hidden_layers``."""
@@ -135,7 +140,7 @@ def attach_projection(
 class HiddenKD:
     """The hidden-state term of one run (a no-op when ``spec.weight == 0``)."""
 
-    def __init__(self, spec: HiddenSpec, teacher: nn.Module, student: nn.Module):
+    def __init__(self, spec: HiddenSpec, teacher: nn.Module | None, student: nn.Module | None):
         self.spec = spec
         self.on = spec.weight > 0
         self.totals: dict[str, float] = {}

@@ -35,7 +35,6 @@ from ..errors import ConfigError, TrainingError
 from ..hub import check_sources
 from ..io import atomic_write_text, write_json_atomic
 from ..methods import Distiller, get_method
-from ..methods.base import DistillHParams
 from ..methods.hidden import HIDDEN_PROJ, HiddenSpec, attach_projection
 from ..tasks import get_task
 from ..tasks.base import ModelOptions
@@ -219,9 +218,8 @@ class Trainer:
         teacher = self.task.build_model(m.teacher, role="teacher", options=options)
         student = self.task.build_model(m.student, role="student", options=options)
         self.task.check_pair(teacher, student, m.teacher, m.student)
-        hp = DistillHParams.from_config(self.cfg.method)
-        spec = HiddenSpec(hp.hidden_weight, hp.hidden_layers, hp.hidden_loss, hp.hidden_positions)
         # hidden-state KD across widths: the student's projections, before its engine exists
+        spec = HiddenSpec.of(self.cfg.method)
         attach_projection(student, teacher, spec, seed=self.cfg.train.seed)
         tok_name = m.tokenizer or m.teacher
         for role, name in (("teacher", m.teacher), ("student", m.student)):
