@@ -1,10 +1,16 @@
-"""LGTM-DS kernels: fused KD loss, LGTM teacher logit gradient, fused parameter perturbation.
+"""LGTM-DS kernels: fused KD loss, chunked fused-linear KD / CE losses, LGTM teacher logit
+gradient, fused parameter perturbation.
 
 Imports torch only; triton is imported lazily by the ops that dispatch to it (CUDA tensors, or
 ``LGTM_KERNELS_BACKEND=triton`` with ``TRITON_INTERPRET=1`` on CPU).
 """
 
 from ._backend import backend_for, triton_available
+from .fused_linear import (
+    fused_linear_cross_entropy,
+    fused_linear_kd_loss,
+    fused_linear_lgtm_teacher_grad,
+)
 from .kd_loss import kd_loss, kd_loss_ref, kd_rows_ref
 from .lgtm_grad import lgtm_teacher_logit_grad, lgtm_teacher_logit_grad_ref
 from .perturb import (
@@ -22,6 +28,9 @@ __all__ = [
     "kd_loss",
     "kd_loss_ref",
     "kd_rows_ref",
+    "fused_linear_kd_loss",
+    "fused_linear_cross_entropy",
+    "fused_linear_lgtm_teacher_grad",
     "lgtm_teacher_logit_grad",
     "lgtm_teacher_logit_grad_ref",
     "perturb_",
