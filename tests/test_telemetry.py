@@ -288,6 +288,9 @@ def test_plot_influence_writes_the_plots_and_refuses_bad_input(tmp_path, capsys)
     assert "[999] not in" in capsys.readouterr().err
     assert main([str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err
+    (run / "influence.jsonl").write_text('{"step": 1, "influence": 0.5}\n')  # no index
+    assert main([str(run)]) == 2
+    assert "no rows with a step, an index" in capsys.readouterr().err
     (run / "influence.jsonl").write_text('{"step": 1\n')
     assert main([str(run)]) == 2
     assert "line 1 is not JSON" in capsys.readouterr().err

@@ -88,13 +88,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        rows = [r for r in _read_jsonl(path) if _finite(r.get("influence"))]
+        rows = [
+            r
+            for r in _read_jsonl(path)
+            if isinstance(r, dict)
+            and _finite(r.get("influence"))
+            and isinstance(r.get("step"), int)
+            and isinstance(r.get("index"), int)
+        ]
         metrics = _read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not rows:
-        print(f"error: {path} has no rows with a finite influence", file=sys.stderr)
+        print(
+            f"error: {path} has no rows with a step, an index and a finite influence",
+            file=sys.stderr,
+        )
         return 2
     wanted = None
     if args.examples:
