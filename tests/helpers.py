@@ -96,6 +96,7 @@ def run_deepspeed(script: str, args: list[str], ranks: int, timeout: int = 900):
     import subprocess
     import sys
 
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -103,13 +104,23 @@ def run_deepspeed(script: str, args: list[str], ranks: int, timeout: int = 900):
         "--num_gpus",
         str(ranks),
         "--master_port",
-        str(free_port()),
+        str(port),
         script,
         *args,
     ]
-    return subprocess.run(
+    out = subprocess.run(
         cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
+    assert not leaked_shm_buffers(port), leaked_shm_buffers(port)
+    return out
+
+
+def leaked_shm_buffers(port: int) -> list[str]:
+    """DeepSpeed CPU all-reduce buffers of the group on ``port`` still in /dev/shm (66 MB of RAM
+    each; ``init_distributed`` unlinks them once every rank has mapped them)."""
+    import glob
+
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
 
 
 def capture_grads(opt, params):
