@@ -7,9 +7,12 @@ Imports torch only; triton is imported lazily by the ops that dispatch to it (CU
 
 from ._backend import backend_for, triton_available
 from .fused_linear import (
+    default_chunk_size,
     fused_linear_cross_entropy,
     fused_linear_kd_loss,
     fused_linear_lgtm_teacher_grad,
+    fused_linear_logit_grad,
+    fused_linear_loss,
 )
 from .kd_loss import kd_loss, kd_loss_ref, kd_rows_ref
 from .lgtm_grad import lgtm_teacher_logit_grad, lgtm_teacher_logit_grad_ref
@@ -28,9 +31,12 @@ __all__ = [
     "kd_loss",
     "kd_loss_ref",
     "kd_rows_ref",
+    "default_chunk_size",
     "fused_linear_kd_loss",
     "fused_linear_cross_entropy",
     "fused_linear_lgtm_teacher_grad",
+    "fused_linear_loss",
+    "fused_linear_logit_grad",
     "lgtm_teacher_logit_grad",
     "lgtm_teacher_logit_grad_ref",
     "perturb_",

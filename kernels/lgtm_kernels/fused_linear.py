@@ -1,7 +1,9 @@
 """Chunked fused-linear losses: a decoder's output layer and its loss in one pass over row
 chunks, so that no more than one chunk of the ``[N, V]`` logits ever exists.
 
-``fused_linear_kd_loss(h, W, ht, Wt, ...)`` equals ``kd_loss(h @ W.T + b, ht @ Wt.T + bt, ...)``
+``fused_linear_loss`` (any per-chunk loss) and ``fused_linear_logit_grad`` (any per-chunk logit
+gradient) are the building blocks. ``fused_linear_kd_loss(h, W, ht, Wt, ...)`` equals
+``kd_loss(h @ W.T + b, ht @ Wt.T + bt, ...)``
 and ``fused_linear_cross_entropy(h, W, labels, ...)`` equals the token cross-entropy of
 ``h @ W.T + b``, with gradients to ``h``, ``W`` and ``b`` (the learner's side; the target side
 of the KD loss gets none). The forward walks the rows in chunks of ``chunk_size``: the chunk's
@@ -110,6 +112,79 @@ class _ChunkedLinearLoss(torch.autograd.Function):
                 g = g * grad_output.to(g.dtype)
             grads.append(g)
         return (*grads, None, None, None, None)
+
+
+def fused_linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_loss,
+    *,
+    scale: float | torch.Tensor = 1.0,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``scale * sum over chunks of row_loss(z, lo, hi)``, ``z = hidden[lo:hi] @ weight[:V].T +
+    bias[:V]`` the chunk's logits, with gradients to ``hidden``, ``weight`` and ``bias``: the
+    building block of the losses below, for any per-row loss a caller writes (``row_loss``
+    returns the chunk's summed loss, differentiable in ``z``; it may read its own chunk of other
+    tensors by ``lo:hi``). Not twice differentiable: the input gradients are computed during
+    the forward."""
+    _check_rows(hidden, weight, bias, "fused_linear_loss")
+    V = vocab_size or weight.shape[0]
+    if V > weight.shape[0]:
+        raise ValueError(f"vocab_size {V} exceeds the output layer's {weight.shape[0]} rows")
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], V)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if not torch.is_tensor(scale):
+        scale = torch.tensor(float(scale), dtype=acc, device=hidden.device)
+    return _ChunkedLinearLoss.apply(hidden, weight, bias, row_loss, chunk, scale, V)
+
+
+@torch.no_grad()
+def fused_linear_logit_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    logit_grad,
+    *,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+):
+    """Take a logit gradient that a caller computes chunk by chunk through the output layer:
+    for each chunk ``dz, extra = logit_grad(z, lo, hi)`` (``z`` the chunk's logits ``hidden[lo:hi]
+    @ weight[:V].T + bias[:V]``, ``dz`` of z's shape, ``extra`` a per-row tensor or None), and
+    returns ``(grad_hidden`` in hidden's dtype, ``grad_weight``, ``grad_bias`` (None without a
+    bias) in fp32 (float64 for float64 inputs), the ``extra`` rows concatenated or None``): the
+    gradient with respect to the layer's input and parameters of any objective whose logit
+    gradient is ``dz``. No graph, no full ``[N, V]`` tensor."""
+    _check_rows(hidden, weight, bias, "fused_linear_logit_grad")
+    n = hidden.shape[0]
+    V = vocab_size or weight.shape[0]
+    if V > weight.shape[0]:
+        raise ValueError(f"vocab_size {V} exceeds the output layer's {weight.shape[0]} rows")
+    chunk = chunk_size or default_chunk_size(n, hidden.shape[1], V)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    grad_h = torch.empty_like(hidden)
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    grad_b = (
+        torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None else None
+    )
+    W = weight[:V]
+    b = bias[:V] if bias is not None else None
+    extras = []
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        hc = hidden[lo:hi]
+        dz, extra = logit_grad(F.linear(hc, W, b), lo, hi)
+        grad_h[lo:hi] = dz.to(hidden.dtype) @ W.to(hidden.dtype)
+        grad_w[:V].addmm_(dz.t().to(acc), hc.to(acc))
+        if grad_b is not None:
+            grad_b[:V] += dz.to(acc).sum(0)
+        if extra is not None:
+            extras.append(extra)
+        del dz
+    return grad_h, grad_w, grad_b, (torch.cat(extras) if extras else None)
 
 
 def _check_rows(h, weight, bias, name: str) -> None:
@@ -275,18 +350,13 @@ def fused_linear_lgtm_teacher_grad(
     if V > min(w.shape[0] for _, w, _ in parts):
         raise ValueError(f"vocab_size {V} exceeds an output layer's rows")
     ht, wt, bt = teacher
-    chunk = chunk_size or default_chunk_size(n, ht.shape[1], V)
+    others = [(h, w[:V], b[:V] if b is not None else None) for h, w, b in parts[1:]]
+    n_norm = n_rows if n_rows is not None else n
+
     acc = torch.float64 if ht.dtype == torch.float64 else torch.float32
-    grad_h = torch.empty_like(ht)
-    grad_w = torch.zeros(wt.shape, dtype=acc, device=wt.device)
-    grad_b = torch.zeros(wt.shape[0], dtype=acc, device=wt.device) if bt is not None else None
-    influence = torch.empty(n, dtype=acc, device=ht.device)
-    W = wt[:V]
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        z, s, sp, sm = (
-            F.linear(h[lo:hi], w[:V], b[:V] if b is not None else None) for h, w, b in parts
-        )
+
+    def logit_grad(z, lo, hi):
+        s, sp, sm = (F.linear(h[lo:hi], w, b) for h, w, b in others)
         dz, infl = lgtm_teacher_logit_grad(
             z,
             s,
@@ -297,12 +367,8 @@ def fused_linear_lgtm_teacher_grad(
             temperature=temperature,
             eta=eta,
             radius=radius,
-            n_rows=n_rows if n_rows is not None else n,
+            n_rows=n_norm,
         )
-        del s, sp, sm, z
-        grad_h[lo:hi] = dz.to(ht.dtype) @ W.to(ht.dtype)
-        grad_w[:V].addmm_(dz.t().to(acc), ht[lo:hi].to(acc))
-        if grad_b is not None:
-            grad_b[:V] += dz.to(acc).sum(0)
-        influence[lo:hi] = infl.to(acc)
-    return grad_h, grad_w, grad_b, influence
+        return dz, infl.to(acc)
+
+    return fused_linear_logit_grad(ht, wt, bt, logit_grad, vocab_size=V, chunk_size=chunk_size)

@@ -308,6 +308,20 @@ class ModelConfig(Section):
         "activation checkpointing, non-reentrant): less activation memory for a second forward",
     )
     student_gradient_checkpointing: bool = Field(False, description="the same for the student")
+    fused_head: bool = Field(
+        True,
+        description="decoders (causal_lm): every loss, the LGTM teacher gradient and evaluation "
+        "from the models' last hidden states through their output layers, chunk by chunk of "
+        "tokens (lgtm_kernels fused-linear ops), never the full [tokens, vocab] logits; false = "
+        "full logits. Not at ZeRO-3, for MetaDistil, or for a model whose logits are not its "
+        "output layer on its decoder's states (soft-capped, scaled): full logits there",
+    )
+    fused_head_chunk: int | None = Field(
+        None,
+        ge=1,
+        description="token rows per chunk of the fused head; null = 2^21 logits per chunk "
+        "(64 rows at a 32000 vocabulary, 16 at 128256)",
+    )
     zero_init_classifier: bool = Field(
         False,
         description="zero both classification heads, as the LGTM reference does for pre-trained "

@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import ConfigError
+from .head import head_mode
 
 _NOT_INPUTS = frozenset({"labels", "source_index"})  # source_index: tasks.base.SOURCE_INDEX
 
@@ -58,6 +59,18 @@ class Engine:
 
     module: nn.Module
     gradient_accumulation_steps: int = 1
+    # decoders: forwards return a HeadOutput (hidden states + output layer) instead of logits,
+    # so that the task forms the logits chunk by chunk (engines/head.py); set by the trainer
+    fused_head: bool = False
+
+    @property
+    def supports_fused_head(self) -> bool:
+        """Whether the output layer's parameters can be read outside its own forward."""
+        return True
+
+    def head_ctx(self):
+        """The block in which the module's forward returns a HeadOutput (when ``fused_head``)."""
+        return head_mode(self.module) if self.fused_head else contextlib.nullcontext()
 
     # -- ordinary training -------------------------------------------------------------------
     def forward(self, batch: dict) -> torch.Tensor:
@@ -66,7 +79,8 @@ class Engine:
 
     def raw_forward(self, batch: dict) -> torch.Tensor:
         """The module's own forward (no engine bookkeeping, gradient hooks not involved)."""
-        return get_logits(self.module(**model_inputs(batch)))
+        with self.head_ctx():
+            return get_logits(self.module(**model_inputs(batch)))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate gradients of ``loss`` (the engine divides by the accumulation steps)."""
@@ -104,15 +118,16 @@ class Engine:
     def functional_forward(self, params: list[torch.Tensor], batch: dict) -> torch.Tensor:
         """Forward with ``params`` in place of ``params()`` (any dtype; fp32 for bf16 models)."""
         names = self._param_names()
-        return get_logits(
-            functional_call(
-                self.module,
-                dict(zip(names, params)),
-                args=(),
-                kwargs=model_inputs(batch),
-                strict=False,
+        with self.head_ctx():
+            return get_logits(
+                functional_call(
+                    self.module,
+                    dict(zip(names, params)),
+                    args=(),
+                    kwargs=model_inputs(batch),
+                    strict=False,
+                )
             )
-        )
 
     def forward_at(self, params: list[torch.Tensor], batch: dict) -> torch.Tensor:
         """No-grad forward of the module as if its parameters were ``params`` (full tensors)."""
@@ -124,6 +139,7 @@ class Engine:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f(x; params), d/de f(x; params + e * tangents) at e = 0)``: the logits and their
         exact directional derivative (forward-mode AD, ``torch.func.jvp``), no graph kept.
+        Full logits even with ``fused_head`` (MetaDistil's path).
         Attention runs on the math kernel (the fused CPU/CUDA attention kernels have no
         forward-mode rule). Dropout draws from the RNG as one ordinary forward does."""
         from torch.func import jvp
@@ -164,7 +180,10 @@ class Engine:
         total = 0.0
         swap = dict(zip(self._param_names(), leaves))
         for b in batches:
-            with _reparametrize_module(self.module, swap, tie_weights=True, strict=False):
+            with (
+                _reparametrize_module(self.module, swap, tie_weights=True, strict=False),
+                self.head_ctx(),
+            ):
                 loss = loss_fn(get_logits(self.module(**model_inputs(b))), b)
                 gs = torch.autograd.grad(loss / len(batches), leaves, allow_unused=True)
                 for acc, g in zip(grads, gs):
@@ -255,7 +274,8 @@ class TorchEngine(Engine):
         self.global_steps = 0
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return get_logits(self.module(**model_inputs(batch)))
+        with self.head_ctx():
+            return get_logits(self.module(**model_inputs(batch)))
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.gradient_accumulation_steps).backward()

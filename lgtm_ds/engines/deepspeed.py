@@ -133,11 +133,18 @@ class DeepSpeedEngineAdapter(Engine):
 
     # -- ordinary training -------------------------------------------------------------------
     def forward(self, batch: dict) -> torch.Tensor:
-        return get_logits(self.engine(**model_inputs(batch)))
+        with self.head_ctx():
+            return get_logits(self.engine(**model_inputs(batch)))
 
     def raw_forward(self, batch: dict) -> torch.Tensor:
         # ZeRO-3 included: the module's own hooks gather the parameters
-        return get_logits(self.module(**model_inputs(batch)))
+        with self.head_ctx():
+            return get_logits(self.module(**model_inputs(batch)))
+
+    @property
+    def supports_fused_head(self) -> bool:
+        # ZeRO-3: the output layer's weight is a shard outside its module's forward
+        return self.stage < 3
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

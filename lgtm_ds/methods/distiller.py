@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from ..engines.base import Engine, TorchEngine
+from ..engines.head import enable_fused_head
 from ..errors import ConfigError
 from ..tasks import Task, get_task
 from .base import METHODS, DistillHParams, Method, Telemetry
@@ -58,6 +59,7 @@ class Distiller:
         student_scheduler=None,
         gradient_accumulation_steps: int = 1,
         max_grad_norm: float = 0.0,
+        fused_head: bool = False,
     ):
         method_cls = METHODS.get(method)
         if not fd_radius > 0:
@@ -93,6 +95,13 @@ class Distiller:
         wrap["max_grad_norm"] = max_grad_norm
         self.teacher = _engine(teacher, teacher_optimizer, teacher_scheduler, "teacher", **wrap)
         self.student = _engine(student, student_optimizer, student_scheduler, "student", **wrap)
+        if fused_head and method_cls.fused_head:  # decoders: losses from hidden states
+            if self.task is None or not self.task.fused_head:
+                raise ConfigError("fused_head=True needs a decoder task (task='causal_lm')")
+            engines = {"teacher": self.teacher, "student": self.student}
+            for role, why in enable_fused_head(self.task, method_cls, engines).items():
+                if why is not None:
+                    raise ConfigError(f"fused_head=True: the {role} cannot use it: {why}")
         self.hidden = HiddenKD(spec, self.teacher.module, self.student.module)
         self.telemetry = Telemetry()  # what the current step measures (see step())
         self.method: Method = method_cls(self)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import lgtm_kernels
 import torch
 
+from ..engines.head import HeadOutput, grads_through, surrogate
 from ..errors import ConfigError
 from ..tasks.base import InfluenceParams
 from .base import METHODS, Method, device_of, weighted
@@ -96,6 +97,7 @@ class LGTM(Method):
         measure = d.telemetry.influence_ratio or (target is not None and self._q_ema[1] == 0)
         w, wq = self.row_weights(micro, quiz)  # each micro-batch's share of the global rows
         g, fwd = student_grad(d, micro, w, keep_graph, record_rng=measure and keep_graph)  # A
+        stats = self._example_stats(micro, fwd) if d.telemetry.example_stats else None
         theta = d.student.master_params()
         look = adamw_lookahead(theta, g, d.student.adam_state())  # B
         del g
@@ -135,12 +137,18 @@ class LGTM(Method):
             out["influence_ratio"] = eta * q
             if target is not None:
                 self._adapt(q, target, lr)
-        if d.telemetry.example_stats:
-            name = d.task.example_stat_name
-            for role, logits in (("teacher", fwd.t_logits), ("student", fwd.s_logits)):
-                out.setdefault("example_stats", {})[f"{role}_{name}"] = torch.cat(
-                    [d.task.example_stat(z, mb["labels"]) for z, mb in zip(logits, micro)]
-                ).cpu()
+        if stats:
+            out["example_stats"] = stats
+        return out
+
+    def _example_stats(self, micro, fwd: _BatchPass) -> dict:
+        """Both models' ``Task.example_stat`` at theta, before either steps (a fused-head
+        output reads the live output layer)."""
+        name, out = self.d.task.example_stat_name, {}
+        for role, logits in (("teacher", fwd.t_logits), ("student", fwd.s_logits)):
+            out[f"{role}_{name}"] = torch.cat(
+                [self.d.task.example_stat(z, mb["labels"]) for z, mb in zip(logits, micro)]
+            ).cpu()
         return out
 
     def _adapt(self, q: float, target: float, lr: float) -> None:
@@ -179,7 +187,7 @@ class LGTM(Method):
         for j, mb in enumerate(micro):
             with torch.no_grad(), _same_rng(device) as replay:
                 _axpy(work, theta, v, radius)
-                s_plus = d.student.forward_at(work, mb)
+                s_plus = _own(d.student.forward_at(work, mb))  # `work` is reused below
                 replay()
                 _axpy(work, theta, v, -radius)
                 s_minus = d.student.forward_at(work, mb)
@@ -209,19 +217,17 @@ class LGTM(Method):
                 term = weighted(term, w[j])
                 replay_teacher()
                 g_infl = self._influence_grad(mb, term, g_infl, n_micro)
-            surrogate = (z * weighted(dz, w[j]).to(z.dtype)).sum()
+            with torch.no_grad():  # before the step: a fused-head z reads the live output layer
+                t_total += weighted(d.teacher_loss(z.detach(), s, labels), w[j])
+            loss = surrogate(z, weighted(dz, w[j]))  # grad_phi of it: dL/dz through the teacher
             if hs is not None:  # the teacher's hidden-state term, the student's states the target
                 share = 1 / n_micro
-                surrogate = surrogate + weighted(
-                    d.hidden.add(0.0, hs, ht, mb, "teacher", share=share), w[j]
-                )
-            d.teacher.backward(surrogate)
+                loss = loss + weighted(d.hidden.add(0.0, hs, ht, mb, "teacher", share=share), w[j])
+            d.teacher.backward(loss)
             if split and j == n_micro - 1:
                 d.teacher.add_grads_(g_infl)  # boundary micro-batch: before the optimizer step
             d.teacher.step()
             influences.append(infl.detach())
-            with torch.no_grad():
-                t_total += weighted(d.teacher_loss(z.detach(), s, labels), w[j])
         return float(t_total) / n_micro, torch.cat(influences).cpu()
 
     def _influence_grad(self, mb, term, acc, n_micro):
@@ -231,8 +237,7 @@ class LGTM(Method):
         over the micro-batches; added to the engine's fp32 gradients before the step."""
         t = self.d.teacher
         z_alone = t.raw_forward(mb)
-        gs = torch.autograd.grad(z_alone, t.params(), grad_outputs=term.to(z_alone.dtype))
-        return _accumulate(acc, gs, n_micro)
+        return _accumulate(acc, grads_through(z_alone, term, t.params()), n_micro)
 
 
 class _RatioProbe:
@@ -256,14 +261,12 @@ class _RatioProbe:
             z = t.raw_forward(mb)
             restore()
         params = t.params()
-        main = (z * dz_main.to(z.dtype)).sum()
+        main = surrogate(z, dz_main)
         if s_hidden is not None:
             main = main + weighted(hidden.loss(s_hidden, ht, mb, "teacher"), w)
         gm = torch.autograd.grad(main, params, retain_graph=True, allow_unused=True)
-        gh = torch.autograd.grad(z, params, grad_outputs=dz_infl.to(z.dtype), allow_unused=True)
-        gm, gh = (
-            [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)] for gs in (gm, gh)
-        )
+        gm = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gm)]
+        gh = grads_through(z, dz_infl, params)
         self.main = _accumulate(self.main, gm, self.n_micro)
         self.infl = _accumulate(self.infl, gh, self.n_micro)
 
@@ -275,6 +278,16 @@ class _RatioProbe:
         infl = math.sqrt(sum(float((g.double() ** 2).sum()) for g in self.infl))
         self.main = self.infl = None
         return infl / main if main > 0 else math.inf
+
+
+def _own(out):
+    """A forward's output that does not alias the work tensors: a HeadOutput from
+    ``forward_at`` holds the output layer's work tensors, which the next perturbation overwrites
+    (one ``[V, H]`` copy; logits own their memory already)."""
+    if not isinstance(out, HeadOutput):
+        return out
+    b = out.bias.clone() if out.bias is not None else None
+    return HeadOutput(out.hidden, out.weight.clone(), b)
 
 
 def _accumulate(acc, grads, n_micro: int) -> list[torch.Tensor]:

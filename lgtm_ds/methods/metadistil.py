@@ -44,6 +44,9 @@ class MetaDistil(Method):
         "each step: teacher on the quiz loss of a pilot student one SGD step ahead (exact "
         "second order), then student L_s"
     )
+    # the meta-gradient is a second derivative in logit space (twice-differentiable losses on
+    # full logits; the fused-head losses compute their gradients in the forward)
+    fused_head = False
     needs_quiz = True
 
     @classmethod

@@ -66,6 +66,14 @@ class Task:
     lower_is_better: ClassVar[frozenset[str]] = frozenset()  # metrics where smaller is better
     # what :meth:`example_stat` measures (a column of the influence telemetry, per model)
     example_stat_name: ClassVar[str] = "p_gold"
+    # every loss, gradient and evaluation function takes an engines.head.HeadOutput (hidden
+    # states + output layer) in place of logits: engines may then skip the full logits
+    fused_head: ClassVar[bool] = False
+
+    def head_matches(self, module: nn.Module) -> str | None:
+        """None if ``module``'s logits are its output layer on its body's last hidden states
+        (so a HeadOutput may stand for them), else the reason they are not."""
+        return "the task type has no fused head"
 
     def __init__(
         self,

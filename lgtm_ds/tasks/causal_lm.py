@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+import lgtm_kernels
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engines.head import HeadGrad, HeadOutput, head_mode
 from ..errors import ModelError
 from . import hf
 from .base import TASKS, InfluenceParams, ModelOptions
@@ -39,10 +41,12 @@ class CausalLMTask(ClassificationTask):
     default_metrics = ("ce", "perplexity")
     embedded_tokenizer = "decoder"
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"ce", "perplexity"})
+    fused_head = True  # takes HeadOutput (engines/head.py) for every loss and evaluation
 
-    def __init__(self, *, lm_format=None, **kw):
+    def __init__(self, *, lm_format=None, head_chunk: int | None = None, **kw):
         super().__init__(**kw)
         self.lm_format = lm_format  # lm_data.LMFormat: which columns, which loss mask
+        self.head_chunk = head_chunk  # token rows per chunk of the fused head (None: default)
         self.last_encode_dropped = 0
         self.tokenizer_size: int | None = None  # set by build_model (the tokenizer's length)
         self.vocab_size: int | None = None  # the shared output size, set by check_pair
@@ -115,17 +119,73 @@ class CausalLMTask(ClassificationTask):
                     f"{self.max_length}: lower data.max_length to <= {n_pos}"
                 )
 
-    # -- rows --------------------------------------------------------------------------------------
-    def rows(self, logits: torch.Tensor, labels: torch.Tensor):
-        """``(logits [N, V], targets [N], mask [B, L-1])`` of the valid token positions:
-        position t predicts ``labels[t+1]``; the vocabulary is cut to the shared size."""
-        mask = labels[:, 1:] != IGNORE
-        V = self.vocab_size or logits.shape[-1]
-        return logits[:, :-1, :V][mask], labels[:, 1:][mask], mask
+    _SCALED_LOGITS = (  # config attributes of models whose logits are not lm_head(h)
+        "final_logit_softcapping",
+        "logit_scale",
+        "logits_scaling",
+        "output_multiplier_scale",
+    )
 
-    def _target_rows(self, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def head_matches(self, module: nn.Module) -> str | None:
+        """None if ``module``'s logits are ``get_output_embeddings()`` on ``get_decoder()``'s
+        last hidden states: known logit transforms in the config (soft-capping, scaling) are
+        refused by name, then the two are compared on an 8-token input in eval mode."""
+        cfg = getattr(module, "config", None)
+        for key in self._SCALED_LOGITS:
+            value = getattr(cfg, key, None)
+            if value not in (None, 0, 0.0, 1, 1.0, False):
+                return f"its config sets {key}={value} (logits are not the output layer's)"
+        try:
+            head = module.get_output_embeddings()
+            module.get_decoder()
+        except (AttributeError, NotImplementedError) as e:
+            return f"no decoder / output layer to split at ({e})"
+        if not isinstance(head, nn.Linear):
+            return f"its output layer is a {type(head).__name__}, not a Linear"
+        device = head.weight.device
+        if head.weight.numel() == 0:
+            return "its output layer is partitioned (ZeRO-3)"
+        ids = torch.arange(3, 11, device=device).remainder(head.weight.shape[0]).unsqueeze(0)
+        was = module.training
+        module.eval()
+        try:
+            full = module(input_ids=ids).logits.float()
+            with head_mode(module):
+                out = module(input_ids=ids)
+            split = F.linear(out.hidden, out.weight, out.bias).float()
+        finally:
+            module.train(was)
+        err = float((full - split).abs().max())
+        if err > 1e-3 * float(full.abs().max()) + 1e-6:
+            return f"its logits differ from the output layer on its hidden states by {err:.3g}"
+        return None
+
+    # -- rows --------------------------------------------------------------------------------------
+    def rows(self, logits, labels: torch.Tensor):
+        """``(logits [N, V], targets [N], mask [B, L-1])`` of the valid token positions:
+        position t predicts ``labels[t+1]``; the vocabulary is cut to the shared size. For a
+        :class:`HeadOutput` the first item is a :class:`HeadRows` (hidden-state rows)."""
+        mask = labels[:, 1:] != IGNORE
+        return self._target_rows(logits, mask), labels[:, 1:][mask], mask
+
+    def _target_rows(self, target, mask: torch.Tensor):
         V = self.vocab_size or target.shape[-1]
+        if isinstance(target, HeadOutput):
+            return HeadRows(target.hidden[:, :-1][mask], target.weight, target.bias, V)
         return target[:, :-1, :V][mask]
+
+    def _chunk(self, n: int, r) -> int:
+        """Token rows per chunk (``model.fused_head_chunk``, else lgtm_kernels' default)."""
+        if self.head_chunk:
+            return self.head_chunk
+        V = r.V if _is_head(r) else r.shape[-1]
+        return lgtm_kernels.default_chunk_size(n, 1, V)
+
+    @staticmethod
+    def _full(x):
+        """Full logits of a HeadOutput (paths without a chunked form); logits unchanged."""
+        return x.full_logits() if isinstance(x, HeadOutput) else x
 
     def _scatter(self, like: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``[B, L, V_model]`` zeros with ``rows`` at the valid positions (the logit gradient)."""
@@ -134,14 +194,56 @@ class CausalLMTask(ClassificationTask):
         return full
 
     # -- losses ----------------------------------------------------------------------------------
-    def distill_loss(self, logits, target_logits, labels, *, alpha, temperature, **kw):
-        """Mean over the micro-batch's valid tokens of ``alpha k KD + (1 - alpha) CE``."""
-        rows, y, mask = self.rows(logits, labels)
-        target = self._target_rows(target_logits, mask)
-        return super().distill_loss(rows, target, y, alpha=alpha, temperature=temperature, **kw)
+    def distill_loss(
+        self,
+        logits,
+        target_logits,
+        labels,
+        *,
+        alpha,
+        temperature,
+        scale_by_t2=False,
+        beta=0.0,
+        differentiable=False,
+    ):
+        """Mean over the micro-batch's valid tokens of ``alpha k KD + (1 - alpha) CE``. With a
+        :class:`HeadOutput` learner, chunk by chunk through its output layer
+        (``lgtm_kernels.fused_linear_loss``; ``differentiable``: full logits)."""
+        kw = dict(scale_by_t2=scale_by_t2, beta=beta, differentiable=differentiable)
+        if differentiable or not isinstance(logits, HeadOutput):
+            logits, target_logits = self._full(logits), self._full(target_logits)
+            rows, y, mask = self.rows(logits, labels)
+            target = self._target_rows(target_logits, mask)
+            return super().distill_loss(rows, target, y, alpha=alpha, temperature=temperature, **kw)
+        r, y, mask = self.rows(logits, labels)
+        t = self._target_rows(target_logits.detach(), mask)
+        k = self.kd_scale(temperature, scale_by_t2)
+
+        def row_loss(z, lo, hi):
+            dtype = torch.promote_types(z.dtype, torch.float32)
+            loss = z.new_zeros((), dtype=dtype)
+            if alpha > 0:
+                kd = self.kd_per_row(z, _rows(t, lo, hi), temperature, beta)
+                loss = loss + alpha * k * kd.sum()
+            if alpha < 1:
+                ce = F.cross_entropy(z.to(dtype), y[lo:hi], ignore_index=IGNORE, reduction="sum")
+                loss = loss + (1 - alpha) * ce
+            return loss
+
+        n = y.shape[0]
+        return lgtm_kernels.fused_linear_loss(
+            r.hidden,
+            r.weight,
+            r.bias,
+            row_loss,
+            scale=1.0 / max(n, 1),
+            vocab_size=r.V,
+            chunk_size=self._chunk(n, r),
+        )
 
     def kd_per_example(self, logits, target_logits, labels, temperature, beta=0.0):
         """KD loss summed over each sequence's valid tokens [B]."""
+        logits, target_logits = self._full(logits), self._full(target_logits)
         rows, _, mask = self.rows(logits, labels)
         per_row = self.kd_per_row(rows, self._target_rows(target_logits, mask), temperature, beta)
         out = torch.zeros(logits.shape[0], dtype=per_row.dtype, device=per_row.device)
@@ -149,10 +251,30 @@ class CausalLMTask(ClassificationTask):
 
     def task_loss(self, logits, labels):
         """Next-token CE, mean over the valid tokens."""
-        if logits.dim() == 2:  # already rows
+        if not isinstance(logits, HeadOutput) and logits.dim() == 2:  # already rows
             return super().task_loss(logits, labels)
         rows, y, _ = self.rows(logits, labels)
+        if _is_head(rows):
+            return lgtm_kernels.fused_linear_cross_entropy(
+                rows.hidden,
+                rows.weight,
+                y,
+                rows.bias,
+                normalizer=y.shape[0],
+                vocab_size=rows.V,
+                chunk_size=self._chunk(y.shape[0], rows),
+            )
         return super().task_loss(rows, y)
+
+    def _row_ce(self, r, y) -> torch.Tensor:
+        """Per-row CE [N] (fp32), chunk by chunk, no graph."""
+        out = []
+        with torch.no_grad():
+            step = self._chunk(y.shape[0], r)
+            for lo in range(0, y.shape[0], step):
+                z = _rows(r, lo, lo + step)
+                out.append(F.cross_entropy(z.float(), y[lo : lo + step], reduction="none"))
+        return torch.cat(out) if out else torch.zeros(0, device=y.device)
 
     example_stat_name = "ce"
 
@@ -160,7 +282,7 @@ class CausalLMTask(ClassificationTask):
     def example_stat(self, logits, labels):
         """Mean next-token CE (nats) over each sequence's valid tokens [B]."""
         rows, y, mask = self.rows(logits, labels)
-        ce = F.cross_entropy(rows.float(), y, reduction="none")
+        ce = self._row_ce(rows, y)
         out = torch.zeros(labels.shape[0], dtype=torch.float32, device=ce.device)
         out.index_add_(0, mask.nonzero()[:, 0], ce)
         return out / mask.sum(1).clamp(min=1)
@@ -171,18 +293,60 @@ class CausalLMTask(ClassificationTask):
         the sum of its tokens' influence (lgtm-method.md, token level)."""
         rz, y, mask = self.rows(z, labels)
         rs, rp, rm = (self._target_rows(t, mask) for t in (s, s_plus, s_minus))
-        grad_rows, infl_rows = super().lgtm_logit_grad(rz, rs, rp, rm, y, p)
         seq = mask.nonzero()[:, 0]
-        per_seq = torch.zeros(z.shape[0], dtype=infl_rows.dtype, device=infl_rows.device)
+        if _is_head(rz):  # through the teacher's output layer, chunk by chunk
+            n = y.shape[0]
+            parent = super()
+
+            def logit_grad(zc, lo, hi):
+                sides = (_rows(r, lo, hi) for r in (rs, rp, rm))
+                return parent.lgtm_logit_grad(zc, *sides, y[lo:hi], p, n_rows=n)
+
+            gh, gw, gb, infl_rows = lgtm_kernels.fused_linear_logit_grad(
+                rz.hidden, rz.weight, rz.bias, logit_grad, vocab_size=rz.V,
+                chunk_size=self._chunk(n, rz),
+            )  # fmt: skip
+            grad = self._head_grad(z, mask, gh, gw, gb)
+            if infl_rows is None:  # no valid token in this micro-batch
+                infl_rows = torch.zeros(0, dtype=torch.float32, device=seq.device)
+        else:
+            rs, rp, rm = (_full_rows(r) for r in (rs, rp, rm))
+            grad_rows, infl_rows = super().lgtm_logit_grad(rz, rs, rp, rm, y, p)
+            grad = self._scatter(z, mask, grad_rows)
+        per_seq = torch.zeros(labels.shape[0], dtype=infl_rows.dtype, device=infl_rows.device)
         per_seq.index_add_(0, seq, infl_rows)
-        return self._scatter(z, mask, grad_rows), per_seq
+        return grad, per_seq
 
     def influence_logit_term(self, s_plus, s_minus, p: InfluenceParams, z=None, labels=None):
-        """The classifier's influence term on the token rows, scattered to ``[B, L, V]``."""
-        _, _, mask = self.rows(s_plus, labels)
+        """The classifier's influence term on the token rows, scattered to ``[B, L, V]``; with a
+        :class:`HeadOutput` teacher ``z``, taken through its output layer (a :class:`HeadGrad`)."""
+        mask = labels[:, 1:] != IGNORE
         rp, rm = (self._target_rows(t, mask) for t in (s_plus, s_minus))
         rz = self._target_rows(z, mask) if z is not None else None
-        return self._scatter(s_plus, mask, super().influence_logit_term(rp, rm, p, z=rz))
+        if _is_head(rz):
+            n = int(mask.sum())
+            parent = super()
+
+            def logit_grad(zc, lo, hi):
+                sp, sm = _rows(rp, lo, hi), _rows(rm, lo, hi)
+                return parent.influence_logit_term(sp, sm, p, z=zc, n_rows=n), None
+
+            gh, gw, gb, _ = lgtm_kernels.fused_linear_logit_grad(
+                rz.hidden, rz.weight, rz.bias, logit_grad, vocab_size=rz.V,
+                chunk_size=self._chunk(n, rz),
+            )  # fmt: skip
+            return self._head_grad(z, mask, gh, gw, gb)
+        rp, rm = _full_rows(rp), _full_rows(rm)
+        rz = _full_rows(rz) if rz is not None else None
+        like = self._full(z) if z is not None else self._full(s_plus)
+        return self._scatter(like, mask, super().influence_logit_term(rp, rm, p, z=rz))
+
+    @staticmethod
+    def _head_grad(z: HeadOutput, mask, gh, gw, gb) -> HeadGrad:
+        """The hidden-row gradient scattered to ``[B, L, H]`` (zero at ignored positions)."""
+        full = z.hidden.new_zeros(z.hidden.shape, dtype=gh.dtype)
+        full[:, :-1][mask] = gh
+        return HeadGrad(full, gw, gb)
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -195,11 +359,17 @@ class CausalLMTask(ClassificationTask):
         out, top1 = {}, {}
         for role, z in logits.items():
             rows, y, _ = self.rows(z, labels)
-            ce = F.cross_entropy(rows.float(), y, reduction="none").double()
+            step = self._chunk(y.shape[0], rows)
+            ce, arg = [], []
+            for lo in range(0, y.shape[0], step):  # chunks of rows: no full [N, V] in fp32
+                zc = _rows(rows, lo, lo + step)
+                ce.append(F.cross_entropy(zc.float(), y[lo : lo + step], reduction="none"))
+                arg.append(zc.argmax(-1))
+            ce = torch.cat(ce).double() if ce else torch.zeros(0, dtype=torch.float64)
             per_seq = torch.zeros(labels.shape[0], dtype=torch.float64, device=ce.device)
             per_seq.index_add_(0, mask.nonzero()[:, 0], ce)
             out[role] = torch.stack([per_seq, n_tok], 1).cpu().numpy()
-            top1[role] = rows.argmax(-1)
+            top1[role] = torch.cat(arg) if arg else torch.zeros(0, dtype=torch.long)
         if len(top1) == 2:
             agree = (top1["teacher"] == top1["student"]).double()
             per_seq = torch.zeros(labels.shape[0], dtype=torch.float64, device=agree.device)
@@ -224,3 +394,31 @@ class CausalLMTask(ClassificationTask):
     @property
     def primary_metric(self) -> str:
         return "perplexity"
+
+
+class HeadRows:
+    """The valid token rows of a :class:`HeadOutput`: hidden states ``[N, H]`` and the output
+    layer cut to the shared vocabulary ``V``; logits of rows ``lo:hi`` on demand."""
+
+    def __init__(self, hidden, weight, bias, V: int):
+        self.hidden, self.weight, self.bias, self.V = hidden, weight, bias, V
+
+    def logits(self, lo: int, hi: int) -> torch.Tensor:
+        b = self.bias[: self.V] if self.bias is not None else None
+        return F.linear(self.hidden[lo:hi], self.weight[: self.V], b)
+
+    def full(self) -> torch.Tensor:
+        return self.logits(0, self.hidden.shape[0])
+
+
+def _is_head(r) -> bool:
+    return isinstance(r, HeadRows)
+
+
+def _rows(r, lo: int, hi: int) -> torch.Tensor:
+    """Logits of rows ``lo:hi`` of a row tensor or a :class:`HeadRows`."""
+    return r.logits(lo, hi) if isinstance(r, HeadRows) else r[lo:hi]
+
+
+def _full_rows(r):
+    return r.full() if isinstance(r, HeadRows) else r

@@ -162,7 +162,7 @@ class ClassificationTask(Task):
         ce = F.cross_entropy(logits.to(dtype), labels, ignore_index=-100, reduction="sum")
         return ce / max(labels.shape[0], 1)
 
-    def lgtm_logit_grad(self, z, s, s_plus, s_minus, labels, p: InfluenceParams):
+    def lgtm_logit_grad(self, z, s, s_plus, s_minus, labels, p: InfluenceParams, n_rows=None):
         """dL/dz of the LGTM teacher objective, and the per-row distillation influence.
 
         ``dL/dz = a_t (softmax(z/T) - q) / (T n) + (1 - a_t)(softmax(z) - onehot(y)) / n
@@ -173,12 +173,15 @@ class ClassificationTask(Task):
         KD loss. One fused pass (``lgtm_kernels``). Returns (dL/dz in z's dtype [N, C],
         influence [N]).
 
+        ``n_rows``: the normaliser ``n`` (default: the rows here; a chunk of rows passes the
+        whole micro-batch's count).
+
         ``scale_by_t2`` multiplies both KD terms by T^2: the kernel's single ``alpha`` is
         rescaled to ``a' = a T^2 / s`` with ``s = a T^2 + 1 - a`` and its gradient multiplied by
         ``s`` (so the KD terms get ``a T^2``, the CE term ``1 - a``); the influence by ``T^2``.
         """
         if p.beta_teacher != 0.0 or p.beta_student != 0.0:
-            return self._lgtm_logit_grad_autograd(z, s, s_plus, s_minus, labels, p)
+            return self._lgtm_logit_grad_autograd(z, s, s_plus, s_minus, labels, p, n_rows)
         a, t2 = float(p.alpha_teacher), self.kd_scale(p.temperature, p.scale_by_t2)
         scale = a * t2 + (1 - a)
         grad, influence = lgtm_kernels.lgtm_teacher_logit_grad(
@@ -191,6 +194,7 @@ class ClassificationTask(Task):
             temperature=p.temperature,
             eta=p.eta,
             radius=p.radius,
+            n_rows=n_rows,
         )
         if scale != 1.0:
             grad = grad * scale
@@ -208,19 +212,20 @@ class ClassificationTask(Task):
                 out.append(torch.autograd.grad(kd.sum(), z_)[0])
         return out
 
-    def _lgtm_logit_grad_autograd(self, z, s, s_plus, s_minus, labels, p: InfluenceParams):
+    def _lgtm_logit_grad_autograd(self, z, s, s_plus, s_minus, labels, p, n_rows=None):
         """The LGTM teacher logit gradient for any divergence: the KD gradients at the student's
         theta, theta + R v and theta - R v by autograd on the logits (the kernel path covers
         forward KL in one fused pass). ``dL/dz = a k g(s)/n + (1 - a) dCE/dz
         - eta a k (g(s+) - g(s-)) / (2 R n)``, ``g(t) = d/dz sum KD(t || z)``, ``k`` = T^2 or 1.
         Influence ``-eta k (l(+) - l(-)) / (2R)``, ``l`` the student's per-row KD loss."""
         dtype = torch.promote_types(z.dtype, torch.float32)
-        n, a = z.shape[0], float(p.alpha_teacher)
+        n, a = n_rows or z.shape[0], float(p.alpha_teacher)
         k = self.kd_scale(p.temperature, p.scale_by_t2)
         g_s, g_plus, g_minus = self._kd_grads(z, (s, s_plus, s_minus), p)
         z_ = z.detach().to(dtype).requires_grad_()
         with torch.enable_grad():
             g_ce = torch.autograd.grad(self.task_loss(z_, labels), z_)[0]
+        g_ce = g_ce * (z.shape[0] / n)  # task_loss is a mean over the rows here
         grad = (a * k / n) * g_s + (1 - a) * g_ce
         grad = grad - (p.eta * a * k / (2 * p.radius * n)) * (g_plus - g_minus)
         zt = z.detach().to(dtype)
@@ -230,12 +235,14 @@ class ClassificationTask(Task):
         influence = -p.eta * k * (l_plus - l_minus) / (2 * p.radius)
         return grad.to(z.dtype), influence
 
-    def influence_logit_term(self, s_plus, s_minus, p: InfluenceParams, z=None, labels=None):
+    def influence_logit_term(
+        self, s_plus, s_minus, p: InfluenceParams, z=None, labels=None, n_rows=None
+    ):
         """``eta a_t (q+ - q-) / (2 R T n)`` (times T^2 with ``scale_by_t2``), fp32; for other
         divergences ``-eta a_t k (g(s+) - g(s-)) / (2 R n)`` (see the autograd form above),
-        which needs the teacher logits ``z``."""
+        which needs the teacher logits ``z``. ``n_rows``: ``n`` (default: the rows here)."""
         dtype = torch.promote_types(s_plus.dtype, torch.float32)
-        T, n = float(p.temperature), s_plus.shape[0]
+        T, n = float(p.temperature), n_rows or s_plus.shape[0]
         k = self.kd_scale(T, p.scale_by_t2)
         if p.beta_teacher != 0.0:
             g_plus, g_minus = self._kd_grads(z, (s_plus, s_minus), p)

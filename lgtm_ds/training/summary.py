@@ -24,6 +24,7 @@ def build_summary(
     skipped_steps: int = 0,
     failure: str | None = None,
     peak_memory: dict | None = None,
+    fused_head: dict | None = None,
 ) -> dict:
     return {
         "status": "failed" if failure else "completed",
@@ -36,6 +37,7 @@ def build_summary(
         "wall_s": round(wall_s, 2),
         "params": params,
         "zero_stage": zero_stage,
+        "fused_head": fused_head or {"teacher": False, "student": False},
         "precision": cfg.train.precision,
         "primary_metric": primary,
         "lower_is_better": lower_is_better,

@@ -31,6 +31,7 @@ from ..data import (
 from ..data.sources import GLUE_DATASET_ID, GLUE_TASKS
 from ..engines.build import build_engines, resolve_ds_configs
 from ..engines.deepspeed import all_gather_object, init_distributed
+from ..engines.head import enable_fused_head
 from ..errors import ConfigError, TrainingError
 from ..hub import check_sources
 from ..io import atomic_write_text, write_json_atomic
@@ -260,6 +261,18 @@ class Trainer:
         # the teacher's schedule spans the steps it learns in
         self.teacher_steps = self.stage1_steps + self.total_steps * self.method.trains_teacher
 
+    def _fused_head(self) -> None:
+        """model.fused_head: decoders' losses from hidden states through the output layer, per
+        engine where it can (not ZeRO-3) and the method and the model allow it."""
+        cfg = self.cfg
+        self.task.head_chunk = cfg.model.fused_head_chunk
+        engines = {"teacher": self.teacher, "student": self.student}
+        why = enable_fused_head(self.task, self.method, engines, cfg.model.fused_head)
+        self.fused_head = {role: eng.fused_head for role, eng in engines.items()}
+        for role, reason in why.items():
+            if reason is not None and self.is_main:
+                print(f"note: the {role} uses full logits, not the fused head: {reason}")
+
     def _build_engines(self, teacher: torch.nn.Module, student: torch.nn.Module) -> None:
         cfg = self.cfg
         self.teacher, self.student = build_engines(
@@ -270,6 +283,7 @@ class Trainer:
             student_steps=self.total_steps,
             ds_configs=(self.ds_teacher, self.ds_student),
         )
+        self._fused_head()
         self.distiller = Distiller.from_config(
             cfg.method, teacher=self.teacher, student=self.student, task=self.task
         )
@@ -573,6 +587,7 @@ class Trainer:
             wall_s=wall_s,
             params=self.n_params,
             zero_stage={"teacher": self.teacher.stage, "student": self.student.stage},
+            fused_head=getattr(self, "fused_head", None),
             final=final,
             history=self.history,
             resumed_from=self.resumed_from,

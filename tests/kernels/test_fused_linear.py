@@ -235,3 +235,43 @@ def test_default_chunk_size():
     assert default_chunk_size(4096, 2048, 128256) == 16
     assert default_chunk_size(5, 64, 100) == 8  # no more than the rows (a power of two)
     assert default_chunk_size(1, 64, 10**8) == 1
+
+
+def test_generic_loss_and_logit_grad_match_autograd_on_full_logits():
+    """``fused_linear_loss`` with a caller's row loss (reading its own chunk of another tensor)
+    and ``fused_linear_logit_grad`` with a caller's logit gradient, vs autograd on the full
+    logits, float64, a cut vocabulary and a chunk that does not divide N."""
+    x = _inputs(n=29, v=41)
+    V, chunk = 37, 6
+    g = torch.Generator().manual_seed(3)
+    target = torch.randn(29, V, generator=g, dtype=torch.float64)
+
+    def row_loss(z, lo, hi):
+        return ((z - target[lo:hi]) ** 2).sum() + torch.logsumexp(z, -1).sum()
+
+    loss = K.fused_linear_loss(
+        x["hidden"], x["weight"], x["bias"], row_loss, scale=0.25, vocab_size=V, chunk_size=chunk
+    )
+    z = F.linear(x["hidden"], x["weight"][:V], x["bias"][:V])
+    ref = 0.25 * (((z - target) ** 2).sum() + torch.logsumexp(z, -1).sum())
+    got, ref_ = _grads(loss, x), _grads(ref, x)
+    _close(got[0], ref_[0])
+    for a, b in zip(got[1], ref_[1]):
+        _close(a, b)
+
+    def logit_grad(zc, lo, hi):  # d/dz of the same objective, and a per-row extra
+        dz = 2 * (zc - target[lo:hi]) + torch.softmax(zc, -1)
+        return 0.25 * dz, zc.sum(-1)
+
+    gh, gw, gb, extra = K.fused_linear_logit_grad(
+        x["hidden"].detach(), x["weight"].detach(), x["bias"].detach(), logit_grad,
+        vocab_size=V, chunk_size=chunk,
+    )  # fmt: skip
+    for a, b in zip((gh, gw, gb), ref_[1]):
+        _close(a, b)
+    _close(extra, z.detach().sum(-1))
+    assert gw[V:].abs().max() == 0 and gb[V:].abs().max() == 0  # rows past V: no gradient
+
+
+def _close(a, b, rel=1e-12):
+    assert_close_verbose(a, b, rel * float(b.detach().abs().max()) + 1e-300)
