@@ -6,6 +6,13 @@ each, a table last.
     python launch/bench_step.py --preset bert-base     # BERT-base -> 6-layer BERT (GPU)
     python launch/bench_step.py --preset decoder-cpu   # Llama-shaped decoders, token level
     python launch/bench_step.py --preset decoder-1b    # 1.2B -> 0.27B Llama, V = 128256 (GPU)
+    python launch/bench_step.py --preset decoder-mem --fused-head off   # memory vs N x V
+
+Decoders run with the fused head (``model.fused_head``, no full logits) unless ``--fused-head
+off``. ``growth_mib``: the peak memory of the measured steps beyond what the process held after
+the warm-up (models, optimizer state, batches): CUDA max allocated minus allocated, CPU peak RSS
+(VmHWM, reset after the warm-up) minus RSS; ``x_nv``: that growth in fp32 ``[tokens, V]``
+buffers, ``tokens`` = the loss tokens of one step.
 
 Models, optimizers, DeepSpeed dicts and engines are built exactly as the trainer builds them
 (``Task.build_model``, ``lgtm_ds.engines.build``), from the default experiment config with the
@@ -36,6 +43,9 @@ PRESETS = {
     # teacher 1.43M ~ 7x the student's 0.20M parameters
     "decoder-cpu": ("causal_lm", "embedded:teacher", "embedded:student", 16, 64, 1000),
     "decoder-1b": ("causal_lm", "embedded:llama-1b", "embedded:llama-270m", 8, 512, 128256),
+    # the memory table: tiny bodies (H = 16), so the vocabulary decides; 16 x 344 -> 4112 loss
+    # tokens (--batch / --seq / --vocab for the other sizes)
+    "decoder-mem": ("causal_lm", "embedded:tiny", "embedded:tiny", 16, 344, 32000),
 }
 LABELS = 3
 NAIVE = "naive"  # the reference form of LGTM (lgtm_ds.methods.naive), plain modules
@@ -59,7 +69,7 @@ def child(args) -> dict:
     from lgtm_ds.tasks.base import ModelOptions
 
     task_type, t_name, s_name, batch, seq, vocab = PRESETS[args.preset]
-    batch, seq = args.batch or batch, args.seq or seq
+    batch, seq, vocab = args.batch or batch, args.seq or seq, args.vocab or vocab
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method = args.method
     n_steps = args.warmup + args.steps
@@ -119,6 +129,11 @@ def child(args) -> dict:
             student_steps=n_steps,
             ds_configs=ds_configs,
         )
+        from lgtm_ds.engines.head import enable_fused_head
+        from lgtm_ds.methods import get_method
+
+        engines = {"teacher": te, "student": se}
+        enable_fused_head(task, get_method(method), engines, args.fused_head == "on")
         d = Distiller.from_config(cfg.method, teacher=te, student=se, task=task)
 
     batches, quiz = data(n_steps), data(n_steps)
@@ -137,6 +152,11 @@ def child(args) -> dict:
     sync()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak (VmHWM) restarts from the current RSS
+        held = _status("VmRSS")
     times = []
     for i in range(args.warmup, n_steps):
         t0 = time.perf_counter()
@@ -145,10 +165,15 @@ def child(args) -> dict:
         times.append((time.perf_counter() - t0) * 1e3)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
+        growth = torch.cuda.max_memory_allocated() - held
         device = torch.cuda.get_device_name()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB, process
+        growth = _status("VmHWM") - held
         device = f"cpu x{torch.get_num_threads()} threads"
+    tokens = task.count_rows(batches[0]) if decoder else batch
+    width = vocab if decoder else LABELS
+    fused = method != NAIVE and any(e.fused_head for e in (d.teacher, d.student))
     q = statistics.quantiles(times, n=5) if len(times) >= 5 else [min(times)] * 4
     return {
         "method": method,
@@ -159,8 +184,18 @@ def child(args) -> dict:
         "device": device,
         "batch": batch,
         "seq": seq,
+        "vocab": vocab,
         "tok_per_s": batch * seq / statistics.median(times) * 1e3,
+        "fused_head": fused,
+        "growth_mib": growth / 2**20,
+        "x_nv": growth / (tokens * width * 4),
     }
+
+
+def _status(key: str) -> int:
+    """Bytes of ``key`` (VmRSS, VmHWM) in /proc/self/status (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) * 1024 for x in f if x.startswith(key + ":"))
 
 
 def _free_port() -> int:
@@ -200,15 +235,20 @@ CSV_HEADER = [
     "x_vanilla",
     "peak_mib",
     "tok_per_s",
+    "vocab",
+    "fused_head",
+    "growth_mib",
+    "x_nv",
 ]
 
 
 def _run_child(method: str, args) -> dict | None:
     cmd = [sys.executable, "-m", "lgtm_ds.tools.bench_step", "--method", method]
-    for key in ("preset", "engine", "precision", "batch", "seq", "steps", "warmup"):
+    for key in ("preset", "engine", "precision", "batch", "seq", "vocab", "steps", "warmup"):
         cmd += [f"--{key}", str(getattr(args, key))]
     if args.ds_config:
         cmd += ["--ds_config", args.ds_config]
+    cmd += ["--fused-head", args.fused_head]
     env = dict(
         os.environ,
         RANK="0",
@@ -242,6 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ds_config", default=None)
     ap.add_argument("--batch", type=int, default=0)
     ap.add_argument("--seq", type=int, default=0)
+    ap.add_argument("--vocab", type=int, default=0, help="decoders: output rows (0: the preset's)")
+    ap.add_argument(
+        "--fused-head",
+        choices=["on", "off"],
+        default="on",
+        help="decoders: losses from hidden states, chunked (on) or from full logits (off)",
+    )
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--csv", default=os.path.join(ROOT, "benchmarks", "step.csv"))
@@ -311,6 +358,10 @@ def _write_csv(args, rows: list[dict]) -> None:
                     f"{x:.2f}",
                     f"{r['peak_mib']:.0f}",
                     f"{r['tok_per_s']:.0f}",
+                    r.get("vocab", ""),
+                    int(r.get("fused_head", False)),
+                    f"{r.get('growth_mib', float('nan')):.0f}",
+                    f"{r.get('x_nv', float('nan')):.3f}",
                 ]
             )
 
@@ -322,12 +373,13 @@ def _print_table(args, rows: list[dict]) -> None:
     )
     print(
         f"{'method':<12}{'ms/step':>10}{'p20':>9}{'p80':>9}{'x vanilla':>11}{'peak MiB':>10}"
-        f"{'tokens/s':>10}"
+        f"{'tokens/s':>10}{'fused':>7}{'growth MiB':>12}{'x N*V fp32':>12}"
     )
     for r, x in zip(rows, _x_vanilla(rows)):
         print(
             f"{r['method']:<12}{r['ms_median']:>10.1f}{r['ms_p20']:>9.1f}{r['ms_p80']:>9.1f}"
             f"{x:>11.2f}{r['peak_mib']:>10.0f}{r['tok_per_s']:>10.0f}"
+            f"{'yes' if r['fused_head'] else 'no':>7}{r['growth_mib']:>12.0f}{r['x_nv']:>12.3f}"
         )
     print("peak MiB: CUDA max allocated on GPU; process max RSS on CPU (includes the runtime).")
 
