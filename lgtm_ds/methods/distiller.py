@@ -28,7 +28,9 @@ class Distiller:
     name (``"classification"``, ``"regression"``, ``"causal_lm"``) or a :class:`Task`; None picks
     it from the first batch: ``labels`` of shape [B, L] (-100 = ignored) is a causal-LM batch,
     [B] a classification batch (regression must be named). ``eta`` of the LGTM
-    influence term is the teacher optimizer's current learning rate.
+    influence term is the teacher optimizer's current learning rate. ``fused_head`` (decoders):
+    the losses from hidden states through the output layer, chunk by chunk (``engines/head.py``;
+    a ConfigError if a model's logits are not its output layer; MetaDistil: full logits).
     """
 
     def __init__(

@@ -6,7 +6,7 @@ each, a table last.
     python launch/bench_step.py --preset bert-base     # BERT-base -> 6-layer BERT (GPU)
     python launch/bench_step.py --preset decoder-cpu   # Llama-shaped decoders, token level
     python launch/bench_step.py --preset decoder-1b    # 1.2B -> 0.27B Llama, V = 128256 (GPU)
-    python launch/bench_step.py --preset decoder-mem --fused-head off   # memory vs N x V
+    python launch/bench_step.py --preset decoder-mem --exact-rss [--fused-head off]  # memory
 
 Decoders run with the fused head (``model.fused_head``, no full logits) unless ``--fused-head
 off``. ``growth_mib``: the peak memory of the measured steps beyond what the process held after
@@ -257,6 +257,11 @@ def _run_child(method: str, args) -> dict | None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(_free_port()),
     )
+    if args.exact_rss:
+        # glibc: every allocation >= 64 KiB is its own mapping, returned to the OS on free (the
+        # default threshold rises to 32 MiB after large frees, and the warm-up's freed chunk
+        # buffers would stay in the RSS and hide the measured step's peak). Slower steps.
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     env["PYTHONPATH"] = os.pathsep.join(
         [ROOT, os.path.join(ROOT, "kernels"), *filter(None, [env.get("PYTHONPATH")])]
     )
@@ -291,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument(
+        "--exact-rss",
+        action="store_true",
+        help="CPU memory runs: large allocations are returned to the OS on free, so growth_mib "
+        "is the step's own peak (times are slower; measure time without it)",
+    )
     ap.add_argument("--csv", default=os.path.join(ROOT, "benchmarks", "step.csv"))
     ap.add_argument("--method", help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
