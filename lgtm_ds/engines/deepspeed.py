@@ -17,6 +17,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import AdamState, Engine, adam_hparams, adam_state_from_torch, get_logits, model_inputs
+from .head import HeadOutput, head_mode
 
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
@@ -133,8 +134,13 @@ class DeepSpeedEngineAdapter(Engine):
 
     # -- ordinary training -------------------------------------------------------------------
     def forward(self, batch: dict) -> torch.Tensor:
-        with self.head_ctx():
+        if not self.fused_head:
             return get_logits(self.engine(**model_inputs(batch)))
+        # a dict of tensors (the output layer's parameters as views): DeepSpeed's engine forward
+        # hooks them as it hooks logits, so the engine's backward prologue runs for this graph too
+        with head_mode(self.module, as_dict=True):
+            out = self.engine(**model_inputs(batch))
+        return HeadOutput(**out)
 
     def raw_forward(self, batch: dict) -> torch.Tensor:
         # ZeRO-3 included: the module's own hooks gather the parameters

@@ -76,14 +76,20 @@ def output_layer(module: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def head_mode(module: nn.Module):
+def head_mode(module: nn.Module, as_dict: bool = False):
     """Within the block, calling ``module`` (directly, through a DeepSpeed engine's forward or
-    a functional call) returns :func:`head_forward`'s :class:`HeadOutput`."""
+    a functional call) returns :func:`head_forward`'s :class:`HeadOutput`; ``as_dict``: a dict
+    ``hidden`` / ``weight`` / ``bias`` with the parameters as views (a wrapper that hooks the
+    tensors of its module's output, as DeepSpeed's engine does, then sees all three)."""
 
     def forward(*args, **kwargs):
         if args:
             raise TypeError("fused-head forwards take keyword inputs only")
-        return head_forward(module, kwargs)
+        out = head_forward(module, kwargs)
+        if not as_dict:
+            return out
+        view = lambda t: t.view_as(t) if t is not None else None  # noqa: E731
+        return {"hidden": out.hidden, "weight": view(out.weight), "bias": view(out.bias)}
 
     own = module.__dict__.get("forward")  # an instance-level forward (a wrapper) stays
     module.forward = forward
@@ -154,7 +160,10 @@ def grads_through(z, dz, params: list[torch.Tensor]) -> list[torch.Tensor]:
     for tensor, g in ((z.weight, dz.weight), (z.bias, dz.bias)):
         if g is None or tensor is None:
             continue
-        i = next((k for k, p in enumerate(params) if p is tensor), None)
+        i = next(
+            (k for k, p in enumerate(params) if p is tensor or getattr(tensor, "_base", None) is p),
+            None,
+        )
         if i is None:
             raise RuntimeError("the output layer's parameter is not among the model's params()")
         gs[i] = gs[i] + g.to(gs[i].dtype)
