@@ -66,10 +66,6 @@ class HeadGrad:
 
     __rmul__ = __mul__
 
-    def __add__(self, other: HeadGrad) -> HeadGrad:
-        b = self.bias + other.bias if self.bias is not None else None
-        return HeadGrad(self.hidden + other.hidden, self.weight + other.weight, b)
-
 
 def output_layer(module: nn.Module) -> nn.Module:
     return module.get_output_embeddings()
