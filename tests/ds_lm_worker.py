@@ -26,15 +26,23 @@ from tests.ds_worker import ds_config, full_params, local_storage  # noqa: E402
 from tests.helpers import lm_batch, tiny_decoder  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 3
-# name: (method, teacher stage, student stage, precision, gradient accumulation steps)
+# name: (method, teacher stage, student stage, precision, gradient accumulation steps,
+#        fused head, model pair)
 CASES = {
-    "lm_z2_2": ("lgtm", 2, 2, "fp32", 1),
-    "lm_z2_2_gas2": ("lgtm", 2, 2, "fp32", 2),
-    "lm_z3_3": ("lgtm", 3, 3, "fp32", 1),
-    "lm_z3_2": ("lgtm", 3, 2, "fp32", 1),
-    "lm_online_z2_2_gas2": ("online_kd", 2, 2, "fp32", 2),
-    "lm_z3_3_bf16": ("lgtm", 3, 3, "bf16", 1),
+    "lm_z2_2": ("lgtm", 2, 2, "fp32", 1, False, "gpt2"),
+    "lm_z2_2_gas2": ("lgtm", 2, 2, "fp32", 2, False, "gpt2"),
+    "lm_z3_3": ("lgtm", 3, 3, "fp32", 1, False, "gpt2"),
+    "lm_z3_2": ("lgtm", 3, 2, "fp32", 1, False, "gpt2"),
+    "lm_online_z2_2_gas2": ("online_kd", 2, 2, "fp32", 2, False, "gpt2"),
+    "lm_z3_3_bf16": ("lgtm", 3, 3, "bf16", 1, False, "gpt2"),
+    # the fused head (no full logits) on ZeRO-3: the output layer is gathered by its own hooks
+    "lm_z3_3_fused_gas2": ("lgtm", 3, 3, "fp32", 2, True, "gpt2"),  # tied output layer
+    "lm_z3_2_fused_llama": ("lgtm", 3, 2, "fp32", 1, True, "llama"),  # untied
+    "lm_online_z3_3_fused_llama": ("online_kd", 3, 3, "fp32", 1, True, "llama"),
+    "lm_z3_3_bf16_fused": ("lgtm", 3, 3, "bf16", 1, True, "gpt2"),
+    "lm_z3_3_bf16_fused_llama": ("lgtm", 3, 3, "bf16", 1, True, "llama"),
 }
+PAIRS = {"gpt2": ("gpt2-teacher", "gpt2-student"), "llama": ("student", "tiny")}
 
 
 def batches(step, rank, world, gas):
@@ -47,13 +55,24 @@ def batches(step, rank, world, gas):
     return out
 
 
-def _models():
-    return tiny_decoder("gpt2-teacher", 1), tiny_decoder("gpt2-student", 2)
+def _models(pair):
+    t, s = PAIRS[pair]
+    return tiny_decoder(t, 1), tiny_decoder(s, 2)
+
+
+def _released(adapter) -> bool:
+    """Under ZeRO-3: every parameter is back to its shard (nothing left gathered)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    ps = [p for p in adapter.module.parameters() if hasattr(p, "ds_status") and not p.ds_persist]
+    # and no parameter was read outside its module (ZeRO-3 then registers it with another one)
+    external = [p for m in adapter.module.modules() for _, p in m.ds_external_parameters()]
+    return not external and all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in ps)
 
 
 def run_case(name, rank, world):
-    method, ts, ss, precision, gas = CASES[name]
-    teacher, student = _models()
+    method, ts, ss, precision, gas, fused, pair = CASES[name]
+    teacher, student = _models(pair)
     init = {
         "teacher": [p.detach().clone() for p in teacher.parameters()],
         "student": [p.detach().clone() for p in student.parameters()],
@@ -66,12 +85,19 @@ def run_case(name, rank, world):
             model,
             opt,
             warmup_linear(opt, 10, 0.2),
-            ds_config(stage, precision, micro, gas, world, None, role),
+            # fused cases: no persistent parameters, so the output layer is truly partitioned
+            ds_config(stage, precision, micro, gas, world, 0 if fused else None, role),
             role,
         )
-    task = get_task("causal_lm")()
-    d = Distiller(method, teacher=engines["teacher"], student=engines["student"], task=task)
-    restored, influence = True, []
+    task = get_task("causal_lm")(head_chunk=5 if fused else None)
+    d = Distiller(
+        method,
+        teacher=engines["teacher"],
+        student=engines["student"],
+        task=task,
+        fused_head=fused,
+    )
+    restored, released, influence = True, True, []
     for step in range(STEPS):
         train, quiz = batches(step, rank, world, gas)
         if method == "lgtm":
@@ -84,18 +110,22 @@ def run_case(name, rank, world):
         else:
             d.method.teacher_update(train, None)
         d.method.student_update(train)
+        for role, stage in (("teacher", ts), ("student", ss)):
+            released &= stage < 3 or _released(engines[role])
     return {
         "teacher": full_params(engines["teacher"]),
         "student": full_params(engines["student"]),
         "init": init,
         "restored": restored,
+        "released": released,
+        "fused": {role: e.fused_head for role, e in engines.items()},
         "influence": torch.cat(influence) if influence else None,
     }
 
 
-def run_torch(method):
-    """The plain-module path, one micro-batch of the whole global batch."""
-    teacher, student = _models()
+def run_torch(method, pair="gpt2"):
+    """The plain-module path (full logits), one micro-batch of the whole global batch."""
+    teacher, student = _models(pair)
     opts = {}
     for role, model, lr in (("teacher", teacher, 3e-3), ("student", student, 5e-3)):
         opt = build_adamw(model, lr, 0.01)
@@ -135,7 +165,12 @@ def main():
         if rank == 0:
             torch.save(res, os.path.join(args.out, f"{name}.w{world}.pt"))
     if rank == 0:
-        ref = {"lgtm": run_torch("lgtm"), "online_kd": run_torch("online_kd")}
+        ref = {
+            "lgtm": run_torch("lgtm"),
+            "online_kd": run_torch("online_kd"),
+            "lgtm_llama": run_torch("lgtm", "llama"),
+            "online_kd_llama": run_torch("online_kd", "llama"),
+        }
         torch.save(ref, os.path.join(args.out, f"torch.w{world}.pt"))
     print(f"rank {rank}: done", flush=True)
     shutdown_distributed()

@@ -63,11 +63,6 @@ class Engine:
     # so that the task forms the logits chunk by chunk (engines/head.py); set by the trainer
     fused_head: bool = False
 
-    @property
-    def supports_fused_head(self) -> bool:
-        """Whether the output layer's parameters can be read outside its own forward."""
-        return True
-
     def head_ctx(self):
         """The block in which the module's forward returns a HeadOutput (when ``fused_head``)."""
         return head_mode(self.module) if self.fused_head else contextlib.nullcontext()

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import AdamState, Engine, adam_hparams, adam_state_from_torch, get_logits, model_inputs
-from .head import HeadOutput, head_mode
+from .head import head_mode
 
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
@@ -136,21 +136,15 @@ class DeepSpeedEngineAdapter(Engine):
     def forward(self, batch: dict) -> torch.Tensor:
         if not self.fused_head:
             return get_logits(self.engine(**model_inputs(batch)))
-        # a dict of tensors (the output layer's parameters as views): DeepSpeed's engine forward
-        # hooks them as it hooks logits, so the engine's backward prologue runs for this graph too
-        with head_mode(self.module, as_dict=True):
-            out = self.engine(**model_inputs(batch))
-        return HeadOutput(**out)
+        # a HeadOutput is a dict of tensors: DeepSpeed's engine forward hooks them as it hooks
+        # logits, so the engine's backward prologue runs for this graph too
+        with head_mode(self.module):
+            return self.engine(**model_inputs(batch))
 
     def raw_forward(self, batch: dict) -> torch.Tensor:
         # ZeRO-3 included: the module's own hooks gather the parameters
         with self.head_ctx():
             return get_logits(self.module(**model_inputs(batch)))
-
-    @property
-    def supports_fused_head(self) -> bool:
-        # ZeRO-3: the output layer's weight is a shard outside its module's forward
-        return self.stage < 3
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

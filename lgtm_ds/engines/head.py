@@ -20,14 +20,30 @@ import torch.nn.functional as F
 from torch import nn
 
 
-@dataclass
-class HeadOutput:
-    """``weight`` / ``bias`` are the live tensors (no copy, also after ``detach()``): read a
+class HeadOutput(dict):
+    """``{"hidden": [B, L, H], "weight": [V_model, H](, "bias": [V_model])}``, read as attributes.
+
+    A dict, so that a wrapper which hooks the tensors of its module's output finds all three:
+    DeepSpeed's engine forward (its backward prologue) and ZeRO-3's module hooks (the gathers
+    for the backward) traverse dicts in place and keep the object. ``weight_param`` /
+    ``bias_param`` are plain attributes, not items (ZeRO-3 would take a parameter among a
+    module's outputs for an external parameter of the enclosing module): the tensors
+    ``weight`` / ``bias`` were read from (the module's parameters, or a functional call's),
+    what :func:`grads_through` adds their gradients to; under ZeRO-3 ``weight`` is a hooked
+    alias of the gathered parameter, not a view of it.
+
+    ``weight`` / ``bias`` are the live tensors (no copy, also after ``detach()``): read a
     HeadOutput before its model's optimizer steps, or copy them."""
 
-    hidden: torch.Tensor  # [B, L, H]: the body's output, the output layer's input
-    weight: torch.Tensor  # [V_model, H]
-    bias: torch.Tensor | None = None  # [V_model]
+    def __init__(self, hidden, weight, bias=None, weight_param=None, bias_param=None):
+        super().__init__(hidden=hidden, weight=weight)
+        if bias is not None:
+            self["bias"] = bias
+        self.weight_param, self.bias_param = weight_param, bias_param
+
+    hidden = property(lambda self: self["hidden"])
+    weight = property(lambda self: self["weight"])
+    bias = property(lambda self: self.get("bias"))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -44,7 +60,9 @@ class HeadOutput:
 
     def detach(self) -> HeadOutput:
         b = self.bias.detach() if self.bias is not None else None
-        return HeadOutput(self.hidden.detach(), self.weight.detach(), b)
+        return HeadOutput(
+            self.hidden.detach(), self.weight.detach(), b, self.weight_param, self.bias_param
+        )
 
     def full_logits(self) -> torch.Tensor:
         """The full logits (with graph): for paths that have no chunked form."""
@@ -72,20 +90,14 @@ def output_layer(module: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def head_mode(module: nn.Module, as_dict: bool = False):
+def head_mode(module: nn.Module):
     """Within the block, calling ``module`` (directly, through a DeepSpeed engine's forward or
-    a functional call) returns :func:`head_forward`'s :class:`HeadOutput`; ``as_dict``: a dict
-    ``hidden`` / ``weight`` / ``bias`` with the parameters as views (a wrapper that hooks the
-    tensors of its module's output, as DeepSpeed's engine does, then sees all three)."""
+    a functional call) returns :func:`head_forward`'s :class:`HeadOutput`."""
 
     def forward(*args, **kwargs):
         if args:
             raise TypeError("fused-head forwards take keyword inputs only")
-        out = head_forward(module, kwargs)
-        if not as_dict:
-            return out
-        view = lambda t: t.view_as(t) if t is not None else None  # noqa: E731
-        return {"hidden": out.hidden, "weight": view(out.weight), "bias": view(out.bias)}
+        return head_forward(module, kwargs)
 
     own = module.__dict__.get("forward")  # an instance-level forward (a wrapper) stays
     module.forward = forward
@@ -100,9 +112,9 @@ def head_mode(module: nn.Module, as_dict: bool = False):
 
 def enable_fused_head(task, method_cls, engines: dict, on: bool = True) -> dict:
     """Turn ``fused_head`` on for each engine of ``engines`` (role -> Engine) where the task
-    and the method take a HeadOutput, the engine can (not ZeRO-3) and the model's logits are its
-    output layer (``task.head_matches``). Returns role -> None (on, or not asked for: ``on``
-    False or a task without a fused head) or the reason it is off."""
+    and the method take a HeadOutput and the model's logits are its output layer
+    (``task.head_matches``), at any ZeRO stage. Returns role -> None (on, or not asked for:
+    ``on`` False or a task without a fused head) or the reason it is off."""
     out = {}
     for role, eng in engines.items():
         eng.fused_head = False
@@ -113,8 +125,6 @@ def enable_fused_head(task, method_cls, engines: dict, on: bool = True) -> dict:
             out[role] = f"method {method_cls.name} takes full logits"
             continue
         why = task.head_matches(eng.module)
-        if why is None and not eng.supports_fused_head:
-            why = "ZeRO-3 shards the output layer"
         eng.fused_head = why is None
         out[role] = why
     return out
@@ -125,8 +135,40 @@ def head_forward(module: nn.Module, inputs: dict) -> HeadOutput:
     as read now (inside a functional call: the swapped-in tensors)."""
     out = module.get_decoder()(**inputs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    head = output_layer(module)
-    return HeadOutput(hidden, head.weight, head.bias)
+    return call_head(output_layer(module), hidden)
+
+
+def call_head(head: nn.Module, hidden: torch.Tensor) -> HeadOutput:
+    """The HeadOutput of *calling* the output layer on ``hidden``, its forward swapped for one
+    that returns its input and views of its parameters instead of logits.
+
+    Calling the module (rather than reading ``head.weight``) runs the hooks a wrapper put on
+    it. Under ZeRO-3 those gather the weight for the forward (the views keep the gathered
+    storage alive after the module releases it, until the loss has read it), wrap the outputs
+    so that the backward gathers the weight again before its gradient lands (the parameter is
+    full-size when its gradient is accumulated and reduce-scattered) and release it once the
+    gradient of ``hidden`` (the module's input) has passed, exactly as for an ``nn.Linear``
+    call. Without such hooks this is the parameters themselves, as views."""
+
+    read = []
+
+    def forward(x):
+        # read the parameters here, while gathered: a ZeRO-3 parameter read outside its
+        # module's forward is registered as an external parameter of the enclosing module
+        w, b = head.weight, head.bias
+        read.extend((w, b))
+        return x, w.view_as(w), b.view_as(b) if b is not None else None
+
+    own = head.__dict__.get("forward")
+    head.forward = forward
+    try:
+        hidden, weight, bias = head(hidden)
+        return HeadOutput(hidden, weight, bias, *read)
+    finally:
+        if own is not None:
+            head.forward = own
+        else:
+            del head.forward
 
 
 def surrogate(z, dz) -> torch.Tensor:
@@ -153,11 +195,18 @@ def grads_through(z, dz, params: list[torch.Tensor]) -> list[torch.Tensor]:
         z.hidden, params, grad_outputs=dz.hidden.to(z.hidden.dtype), allow_unused=True
     )
     gs = [_fp32(g, p) for g, p in zip(gs, params)]
-    for tensor, g in ((z.weight, dz.weight), (z.bias, dz.bias)):
+    for tensor, source, g in (
+        (z.weight, z.weight_param, dz.weight),
+        (z.bias, z.bias_param, dz.bias),
+    ):
         if g is None or tensor is None:
             continue
         i = next(
-            (k for k, p in enumerate(params) if p is tensor or getattr(tensor, "_base", None) is p),
+            (
+                k
+                for k, p in enumerate(params)
+                if p is source or p is tensor or getattr(tensor, "_base", None) is p
+            ),
             None,
         )
         if i is None:
@@ -168,4 +217,7 @@ def grads_through(z, dz, params: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _fp32(g: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(p.dtype, torch.float32)
-    return torch.zeros(p.shape, dtype=dtype, device=p.device) if g is None else g.to(dtype)
+    if g is not None:
+        return g.to(dtype)
+    shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 parameter's full shape
+    return torch.zeros(shape, dtype=dtype, device=p.device)

@@ -287,7 +287,7 @@ def _own(out):
     if not isinstance(out, HeadOutput):
         return out
     b = out.bias.clone() if out.bias is not None else None
-    return HeadOutput(out.hidden, out.weight.clone(), b)
+    return HeadOutput(out.hidden, out.weight.clone(), b, out.weight_param, out.bias_param)
 
 
 def _accumulate(acc, grads, n_micro: int) -> list[torch.Tensor]:

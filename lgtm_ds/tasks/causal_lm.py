@@ -100,8 +100,7 @@ class CausalLMTask(ClassificationTask):
         """Output rows of both models vs the tokenizer. Equal rows: fine. Different rows that
         both cover the tokenizer (an output layer padded past it, e.g. 152064 vs 151936): the
         logits are cut to the smaller size, the shared vocabulary. Anything else: ModelError."""
-        vt = teacher.get_output_embeddings().weight.shape[0]
-        vs = student.get_output_embeddings().weight.shape[0]
+        vt, vs = _out_rows(teacher), _out_rows(student)
         n_tok = self.tokenizer_size or min(vt, vs)
         shared = min(vt, vs)
         if shared < n_tok:
@@ -143,10 +142,9 @@ class CausalLMTask(ClassificationTask):
             return f"no decoder / output layer to split at ({e})"
         if not isinstance(head, nn.Linear):
             return f"its output layer is a {type(head).__name__}, not a Linear"
-        device = head.weight.device
-        if head.weight.numel() == 0:
-            return "its output layer is partitioned (ZeRO-3)"
-        ids = torch.arange(3, 11, device=device).remainder(head.weight.shape[0]).unsqueeze(0)
+        # ZeRO-3: the module's hooks gather the parameters for both forwards
+        ids = torch.arange(3, 11, device=head.weight.device).remainder(_out_rows(module))
+        ids = ids.unsqueeze(0)
         was = module.training
         module.eval()
         try:
@@ -422,3 +420,9 @@ def _rows(r, lo: int, hi: int) -> torch.Tensor:
 
 def _full_rows(r):
     return r.full() if isinstance(r, HeadRows) else r
+
+
+def _out_rows(model: nn.Module) -> int:
+    """The output layer's row count (its full shape also when ZeRO-3 has partitioned it)."""
+    w = model.get_output_embeddings().weight
+    return int(getattr(w, "ds_shape", w.shape)[0])
