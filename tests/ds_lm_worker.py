@@ -120,12 +120,13 @@ def run_case(name, rank, world):
         "released": released,
         "fused": {role: e.fused_head for role, e in engines.items()},
         "influence": torch.cat(influence) if influence else None,
+        "influence_steps": influence,  # this rank's sequences (rank::world of the global batch)
     }
 
 
-def run_torch(method, pair="gpt2"):
+def run_torch(method, pair="gpt2", dtype=torch.float32):
     """The plain-module path (full logits), one micro-batch of the whole global batch."""
-    teacher, student = _models(pair)
+    teacher, student = (m.to(dtype) for m in _models(pair))
     opts = {}
     for role, model, lr in (("teacher", teacher, 3e-3), ("student", student, 5e-3)):
         opt = build_adamw(model, lr, 0.01)
@@ -141,12 +142,14 @@ def run_torch(method, pair="gpt2"):
         max_grad_norm=1.0,
         task=get_task("causal_lm")(),
     )
+    influence = []
     for step in range(STEPS):
         train, quiz = batches(step, 0, 1, 1)
-        d.step(train, quiz)
+        influence.append(d.step(train, quiz).get("influence"))
     return {
-        "teacher": [p.detach().clone() for p in teacher.parameters()],
-        "student": [p.detach().clone() for p in student.parameters()],
+        "teacher": [p.detach().float().clone() for p in teacher.parameters()],
+        "student": [p.detach().float().clone() for p in student.parameters()],
+        "influence_steps": influence,
     }
 
 
@@ -170,6 +173,8 @@ def main():
             "online_kd": run_torch("online_kd"),
             "lgtm_llama": run_torch("lgtm", "llama"),
             "online_kd_llama": run_torch("online_kd", "llama"),
+            # float64 oracle of the per-sequence influence (GPT-2 blocks are float64 throughout)
+            "lgtm_fp64": run_torch("lgtm", "gpt2", torch.float64),
         }
         torch.save(ref, os.path.join(args.out, f"torch.w{world}.pt"))
     print(f"rank {rank}: done", flush=True)

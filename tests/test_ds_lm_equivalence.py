@@ -85,3 +85,21 @@ def test_bf16_zero3_fused_head_tracks_full_logits(results):
         assert err_on < 1.25 * err_off + 0.01, (role, err_on, err_off)
     cos = torch.nn.functional.cosine_similarity(on["influence"], off["influence"], dim=0)
     assert cos > 0.999
+
+
+@pytest.mark.parametrize("name", ["lm_z3_3_bf16", "lm_z3_3_bf16_fused"])
+def test_bf16_zero3_student_influence_vs_float64(results, name):
+    """The issue's bf16 ZeRO-3 student figure: per-sequence influence of 2-rank bf16 ZeRO-3
+    engines (rank 0's sequences) against the float64 plain-module run of the same steps, cosine
+    >= 0.99 at the first step (same starting point) and over all 3 steps. Measured (2-core
+    CPU), steps 1/2/3: full logits 0.999995 / 0.999991 / 0.999738, fused head 0.999995 /
+    0.999972 / 0.999798 (the fp32 plain modules: 1.0 / 1.0 / 0.999999)."""
+    res, ref = results(name, 2), results("torch", 1)["lgtm_fp64"]["influence_steps"]
+    cos = torch.nn.functional.cosine_similarity
+    mine = [r[0::2].double() for r in ref]  # rank 0 holds rows 0::2 of each global batch
+    first, every = res["influence_steps"][0].double(), res["influence"].double()
+    assert float(cos(first, mine[0], dim=0)) >= 0.99
+    assert float(cos(every, torch.cat(mine), dim=0)) >= 0.99
+    # centred (Pearson): the influence is mostly one sign; its spread is what weights examples
+    c = lambda x: x - x.mean()  # noqa: E731
+    assert float(cos(c(first), c(mine[0]), dim=0)) >= 0.99
