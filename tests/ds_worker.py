@@ -21,6 +21,7 @@ from lgtm_ds.engines.deepspeed import (  # noqa: E402
 )
 from lgtm_ds.engines.optim import build_adamw, warmup_linear  # noqa: E402
 from lgtm_ds.errors import ConfigError  # noqa: E402
+from lgtm_ds.methods.lookahead import adamw_lookahead  # noqa: E402
 from tests.helpers import random_batch, tiny_model  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 3
@@ -205,17 +206,23 @@ def influence_gradient(teacher_stage, rank, world):
             train, quiz = batches(0, 0, 1, 1)
         if not eta_on:
             te.lr = lambda: 0.0  # eta = 0: the influence term vanishes, the rest is unchanged
+        calls = []
+        hook = teacher.register_forward_pre_hook(lambda *_: calls.append(1))
         Distiller("lgtm", teacher=te, student=se).method.teacher_update(train, quiz)
-        return captured["G"]
+        hook.remove()
+        captured["forwards"] = len(calls)
+        return captured
 
-    diff = [a - b for a, b in zip(run("ds", True), run("ds", False))]
+    on, off = run("ds", True), run("ds", False)
+    diff = [a - b for a, b in zip(on["G"], off["G"])]
     if rank != 0:
         return {}
-    ref = [a - b for a, b in zip(run("torch", True), run("torch", False))]
+    ref = [a - b for a, b in zip(run("torch", True)["G"], run("torch", False)["G"])]
     d, r = torch.cat([x.reshape(-1) for x in diff]), torch.cat([x.reshape(-1) for x in ref])
     return {
         "cos": float(torch.nn.functional.cosine_similarity(d, r, dim=0)),
         "norm_ratio": float(d.norm() / r.norm()),
+        "forwards": on["forwards"],  # teacher forwards in one LGTM teacher update
     }
 
 
@@ -240,6 +247,13 @@ def student_state(student_stage, precision, rank, world):
     se = engines["student"]
     got = {"master": se.master_params(), **dict(zip(("m", "v"), _moments(se.adam_state())))}
     got["step"] = se.adam_state().step
+    # the look-ahead on this rank's moment partitions + one gather vs on gathered moments
+    gen = torch.Generator().manual_seed(7)  # the same g on every rank
+    g = [torch.randn(p.shape, generator=gen) * 1e-2 for p in got["master"]]
+    mine = se.lookahead(got["master"], g, adamw_lookahead)
+    full = adamw_lookahead(got["master"], g, se.adam_state())
+    a, b = (torch.cat([x.reshape(-1).double() for x in xs]) for xs in (mine, full))
+    lookahead_err = float((a - b).abs().max() / b.abs().max())
     if rank != 0:
         return {}
     t2, s2 = tiny_model(seed=1, size="student"), tiny_model(seed=2)
@@ -257,7 +271,7 @@ def student_state(student_stage, precision, rank, world):
         d2.step(train, quiz)
     ref = d2.student
     want = {"master": ref.master_params(), **dict(zip(("m", "v"), _moments(ref.adam_state())))}
-    out = {"step": got["step"], "ref_step": ref.adam_state().step}
+    out = {"step": got["step"], "ref_step": ref.adam_state().step, "lookahead": lookahead_err}
     for k in ("master", "m", "v"):
         a = torch.cat([x.reshape(-1).double().cpu() for x in got[k]])
         b = torch.cat([x.reshape(-1).double().cpu() for x in want[k]])

@@ -202,3 +202,4 @@ def test_teacher_offload_through_the_role_dict(tmp_path, dist_env):
         "offload_param: {device: cpu}}, zero_force_ds_cpu_optimizer: false}",
     )
     assert s["steps"] == 2 and s["zero_stage"]["teacher"] == 3
+    assert s["fused_head"] == {"teacher": True, "student": True}  # gathered from the CPU copy

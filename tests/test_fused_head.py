@@ -221,6 +221,44 @@ def test_bf16_zero_lgtm_with_the_fused_head_matches_full_logits(tmp_path, dist_e
         assert on["final"][key] == pytest.approx(value, rel=1e-3), key
 
 
+def test_bf16_zero2_fused_head_with_activation_checkpointing(tmp_path, dist_env):
+    """Both models with (non-reentrant) activation checkpointing, bf16 ZeRO-2, the fused head,
+    one micro-batch: the teacher's influence backward runs through the step's own checkpointed
+    graph (recomputed for it and again for the ordinary backward). Same run as without
+    checkpointing, to bf16 rounding."""
+    from lgtm_ds.config import load_config
+    from lgtm_ds.training import run
+
+    def go(ckpt):
+        out = tmp_path / ckpt
+        cfg = load_config(
+            f"{ROOT}/configs/examples/causal_lm_tiny.yaml",
+            [
+                f"output.dir={out}",
+                "data.synthetic_examples=300",
+                "train.micro_batch_size=8",
+                "train.eval_batch_size=32",
+                "train.max_steps=2",
+                "train.eval_every=0",
+                "train.log_every=1",
+                "model.dropout=0",
+                "deepspeed.config=ds_configs/zero2.json",
+                "train.precision=bf16",
+                f"model.teacher_gradient_checkpointing={ckpt}",
+                f"model.student_gradient_checkpointing={ckpt}",
+            ],
+        )
+        s = run(cfg)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return s, [r["teacher_loss"] for r in rows if "teacher_loss" in r]
+
+    (on, l_on), (off, l_off) = go("true"), go("false")
+    assert on["fused_head"] == {"teacher": True, "student": True} and len(l_on) == 2
+    assert l_on == pytest.approx(l_off, rel=1e-3)
+    for key, value in off["final"].items():
+        assert on["final"][key] == pytest.approx(value, rel=1e-3), key
+
+
 _MEMORY_PROBE = textwrap.dedent(
     """
     import json, sys, torch

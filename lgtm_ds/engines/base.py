@@ -110,6 +110,13 @@ class Engine:
     def adam_state(self) -> AdamState:
         raise NotImplementedError
 
+    def lookahead(self, theta: list[torch.Tensor], g: list[torch.Tensor], step_fn):
+        """LGTM's step B, ``theta + AdamW_update(g)`` as full fp32 tensors: ``step_fn(params,
+        grads, AdamState)`` (``methods.lookahead.adamw_lookahead``, elementwise) on whatever
+        this engine holds. Here: on the full tensors. ZeRO-1/2/3 (the DeepSpeed adapter): on this
+        rank's partitions of the moments, then one all-gather of the result."""
+        return step_fn(theta, g, self.adam_state())
+
     def functional_forward(self, params: list[torch.Tensor], batch: dict) -> torch.Tensor:
         """Forward with ``params`` in place of ``params()`` (any dtype; fp32 for bf16 models)."""
         names = self._param_names()
@@ -201,6 +208,19 @@ class Engine:
     def add_grads_(self, grads: list[torch.Tensor]) -> None:
         """Add (rank-local) ``grads`` to the accumulated gradients, before the boundary step."""
         raise NotImplementedError
+
+    @property
+    def reuses_graph_for_influence(self) -> bool:
+        """Whether :meth:`unhooked` offers the forward's graph (split influence backward)."""
+        return False
+
+    def unhooked(self, z):
+        """For an output ``z`` of :meth:`forward`: the same values on the same graph, but
+        upstream of anything the engine hooked on the output, so that a backward from it
+        (``torch.autograd.grad``, graph retained) leaves the engine's state alone and the
+        ordinary backward of ``z`` still follows. None where the engine cannot offer one: the
+        caller then runs a separate forward (:meth:`raw_forward`)."""
+        return None
 
     def _param_names(self) -> list[str]:
         if not hasattr(self, "_names_cache"):

@@ -10,6 +10,7 @@ assembles both roles.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 
@@ -17,7 +18,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import AdamState, Engine, adam_hparams, adam_state_from_torch, get_logits, model_inputs
-from .head import head_mode
+from .head import HeadOutput
 
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
@@ -134,12 +135,64 @@ class DeepSpeedEngineAdapter(Engine):
 
     # -- ordinary training -------------------------------------------------------------------
     def forward(self, batch: dict) -> torch.Tensor:
-        if not self.fused_head:
+        # fused head: a HeadOutput is a dict of tensors, which DeepSpeed's engine forward hooks
+        # as it hooks logits, so the engine's backward prologue runs for this graph too
+        with self.head_ctx(), self._aliased_output():
             return get_logits(self.engine(**model_inputs(batch)))
-        # a HeadOutput is a dict of tensors: DeepSpeed's engine forward hooks them as it hooks
-        # logits, so the engine's backward prologue runs for this graph too
-        with head_mode(self.module):
-            return self.engine(**model_inputs(batch))
+
+    @property
+    def reuses_graph_for_influence(self) -> bool:
+        return self._keeps_unhooked
+
+    @property
+    def _keeps_unhooked(self) -> bool:
+        # bf16 ZeRO-2 teachers: the influence backward reuses the forward's graph. ZeRO-3's
+        # module hooks gather a module's parameters once per forward for one backward (a
+        # reference count): a second backward through the graph would find them released.
+        return self.split_influence_backward and self.stage < 3
+
+    @contextlib.contextmanager
+    def _aliased_output(self):
+        """With :attr:`_keeps_unhooked`: the module's output tensors (logits, or a HeadOutput's)
+        leave its forward as aliases (``view_as``), which the engine hooks; the originals ride
+        along on the output (``_lgtm_unhooked``) for :meth:`unhooked`."""
+        if not self._keeps_unhooked:
+            yield
+            return
+        module, inner = self.module, self.module.forward
+        own = module.__dict__.get("forward")
+
+        def forward(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            if isinstance(out, HeadOutput):
+                raw = out
+                out = HeadOutput(
+                    *(t.view_as(t) if t is not None else None for t in (raw.hidden, raw.weight)),
+                    raw.bias.view_as(raw.bias) if raw.bias is not None else None,
+                    raw.weight_param,
+                    raw.bias_param,
+                )
+                out.lgtm_unhooked = raw
+                return out
+            raw = get_logits(out)
+            alias = raw.view_as(raw)
+            alias.lgtm_unhooked = raw
+            if hasattr(out, "logits"):
+                out["logits"] = alias  # a ModelOutput: item and attribute
+                return out
+            return alias
+
+        module.forward = forward
+        try:
+            yield
+        finally:
+            if own is not None:
+                module.forward = own
+            else:
+                del module.forward
+
+    def unhooked(self, z):
+        return getattr(z, "lgtm_unhooked", None)
 
     def raw_forward(self, batch: dict) -> torch.Tensor:
         # ZeRO-3 included: the module's own hooks gather the parameters
@@ -189,6 +242,32 @@ class DeepSpeedEngineAdapter(Engine):
         params = self.params()
         if self.engine.optimizer is basic:  # ZeRO-0, fp32: the torch optimizer sees our params
             return adam_state_from_torch(basic, params)
+        state = self._adam_meta()
+        if state.step == 0:
+            return state
+        opt = self.engine.optimizer
+        views = _fp16_optimizer_views(opt, params)
+        if views is not None:
+            m, v = [], []
+            for p in params:
+                _, flat, lo, hi = views[id(p)]
+                m.append(basic.state[flat]["exp_avg"].view(-1)[lo:hi].view_as(p))
+                v.append(basic.state[flat]["exp_avg_sq"].view(-1)[lo:hi].view_as(p))
+        elif self.stage in (1, 2):
+            m, v = self._zero12_gather("exp_avg"), self._zero12_gather("exp_avg_sq")
+        else:
+            from deepspeed.utils import safe_get_full_optimizer_state
+
+            _link_moments(opt, basic)
+            # note: collectives, one per tensor and moment
+            m = [safe_get_full_optimizer_state(p, "exp_avg") for p in params]
+            v = [safe_get_full_optimizer_state(p, "exp_avg_sq") for p in params]
+        return dataclasses.replace(state, exp_avg=m, exp_avg_sq=v)
+
+    def _adam_meta(self) -> AdamState:
+        """The wrapped optimizer's step count and per-parameter hyper-parameters (no moments)."""
+        basic = self.engine.basic_optimizer
+        params = self.params()
         if not isinstance(basic, torch.optim.Adam | torch.optim.AdamW):
             raise ConfigError(
                 f"the LGTM look-ahead simulates Adam/AdamW; the student's optimizer "
@@ -207,25 +286,112 @@ class DeepSpeedEngineAdapter(Engine):
         steps = {int(s["step"]) for s in basic.state.values() if "step" in s}
         if len(steps) > 1:
             raise RuntimeError(f"student optimizer partitions disagree on the step count: {steps}")
-        step = steps.pop() if steps else 0
-        m = v = None
-        views = _fp16_optimizer_views(opt, params)
-        if step > 0 and views is not None:
-            m, v = [], []
-            for p in params:
-                _, flat, lo, hi = views[id(p)]
-                m.append(basic.state[flat]["exp_avg"].view(-1)[lo:hi].view_as(p))
-                v.append(basic.state[flat]["exp_avg_sq"].view(-1)[lo:hi].view_as(p))
-        elif step > 0 and self.stage in (1, 2):
-            m, v = self._zero12_gather("exp_avg"), self._zero12_gather("exp_avg_sq")
-        elif step > 0:
-            from deepspeed.utils import safe_get_full_optimizer_state
+        return AdamState(None, None, steps.pop() if steps else 0, *hparams)
 
-            _link_moments(opt, basic)
-            # note: collectives, one per tensor and moment
-            m = [safe_get_full_optimizer_state(p, "exp_avg") for p in params]
-            v = [safe_get_full_optimizer_state(p, "exp_avg_sq") for p in params]
-        return AdamState(m, v, step, *hparams)
+    def lookahead(self, theta, g, step_fn):
+        """ZeRO-1/2/3: the simulated AdamW step on this rank's partitions of the moments (no
+        gathered copies of them: two full fp32 copies of the student fewer, and under ZeRO-3
+        no collective per tensor and moment), then one all-gather of the result (ZeRO-1/2: one
+        per parameter group). ``theta`` and ``g`` are full and equal on every rank."""
+        if self.engine.optimizer is self.engine.basic_optimizer or self.stage == 0:
+            return super().lookahead(theta, g, step_fn)
+        meta = self._adam_meta()
+        if meta.step == 0:  # no moments yet: nothing to gather
+            return step_fn(theta, g, meta)
+        parts = self._moment_parts()
+        idx = [i for i, part in enumerate(parts) if part is not None]
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        flat = lambda t, i: t.reshape(-1).narrow(0, parts[i][0], parts[i][1])  # noqa: E731
+        local = step_fn(
+            [flat(theta[i], i) for i in idx],
+            [flat(g[i], i) for i in idx],
+            AdamState(
+                [parts[i][2] for i in idx],
+                [parts[i][3] for i in idx],
+                meta.step,
+                *(pick(h) for h in (meta.lr, meta.betas, meta.eps, meta.weight_decay)),
+            ),
+        )
+        return self._gather_parts(dict(zip(idx, local)), theta)
+
+    def _moment_parts(self) -> list[tuple | None]:
+        """Per trainable parameter: ``(start, numel, exp_avg, exp_avg_sq)``, the elements of its
+        flattened tensor that this rank's optimizer partition holds and their moments (views),
+        or None where it holds none (ZeRO-1/2)."""
+        import deepspeed.comm as dist
+
+        opt, basic = self.engine.optimizer, self.engine.basic_optimizer
+        _link_moments(opt, basic)
+        out = []
+        for p in self.params():
+            if self.stage == 3:
+                from deepspeed.utils import safe_get_local_optimizer_state
+
+                n = p.ds_tensor.ds_numel  # rank r holds flat[r*n:(r+1)*n], the tail padded
+                lo = dist.get_rank(group=p.ds_process_group) * n
+                k = max(0, min(n, p.ds_numel - lo))
+                m, v = (safe_get_local_optimizer_state(p, key) for key in ("exp_avg", "exp_avg_sq"))
+                out.append((lo, k, m.reshape(-1)[:k], v.reshape(-1)[:k]))
+                continue
+            mapping = p._hp_mapping
+            if mapping is None:
+                out.append(None)
+                continue
+            addr = mapping.lp_fragment_address
+            m, v = (mapping.get_optim_state_fragment(key) for key in ("exp_avg", "exp_avg_sq"))
+            out.append((addr.start, addr.numel, m.reshape(-1), v.reshape(-1)))
+        return out
+
+    def _gather_parts(self, local: dict, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Full tensors from each rank's parts (``local``: param index -> its flat part, as laid
+        out by :meth:`_moment_parts`); ``like``: the full tensors' shapes and dtype."""
+        import deepspeed.comm as dist
+
+        params = self.params()
+        if self.stage == 3:
+            # every rank holds n elements of every parameter: one buffer, one all-gather
+            sizes = [p.ds_tensor.ds_numel for p in params]
+            buf = torch.zeros(sum(sizes), dtype=like[0].dtype, device=like[0].device)
+            offsets = [0]
+            for n in sizes:
+                offsets.append(offsets[-1] + n)
+            for i, part in local.items():
+                buf.narrow(0, offsets[i], part.numel()).copy_(part)
+            group = params[0].ds_process_group
+            world = dist.get_world_size(group=group)
+            gathered = buf.new_empty(world * buf.numel())
+            dist.all_gather_into_tensor(gathered, buf, group=group)  # note: one collective
+            rows = gathered.view(world, -1)
+            out = []
+            for i, (p, t) in enumerate(zip(params, like)):
+                full = rows[:, offsets[i] : offsets[i] + sizes[i]].reshape(-1)  # a copy
+                out.append(full[: p.ds_numel].view_as(t))
+            return out
+        # ZeRO-1/2: each group's partition layout, then the group's flat buffer
+        opt = self.engine.optimizer
+        index = {id(p): i for i, p in enumerate(params)}
+        out: list[torch.Tensor | None] = [None] * len(params)
+        for gi, lp_group in enumerate(opt.bit16_groups):
+            part = opt.single_partition_of_fp32_groups[gi]
+            buf = torch.zeros(part.numel(), dtype=like[0].dtype, device=like[0].device)
+            for p in lp_group:
+                i = index.get(id(p))
+                if i is None or i not in local:
+                    continue
+                addr = p._hp_mapping.get_hp_fragment_address()
+                buf.narrow(0, addr.start, addr.numel).copy_(local[i])
+            group = opt.real_dp_process_group[gi]
+            full = buf.new_empty(dist.get_world_size(group=group) * buf.numel())
+            dist.all_gather_into_tensor(full, buf, group=group)  # note: one collective per group
+            del buf
+            base = opt.bit16_groups_flat[gi]
+            for p in lp_group:
+                i = index.get(id(p))
+                if i is None:
+                    continue
+                offset = (p.data_ptr() - base.data_ptr()) // p.element_size()
+                out[i] = full.narrow(0, offset, p.numel()).view_as(like[i])
+        return out
 
     def _zero12_gather(self, key: str | None) -> list[torch.Tensor]:
         """Full fp32 masters (``key`` None) or Adam moments of ``params()`` under ZeRO-1/2: one

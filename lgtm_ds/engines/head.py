@@ -184,15 +184,23 @@ def surrogate(z, dz) -> torch.Tensor:
     return out
 
 
-def grads_through(z, dz, params: list[torch.Tensor]) -> list[torch.Tensor]:
+def grads_through(
+    z, dz, params: list[torch.Tensor], retain_graph: bool = False
+) -> list[torch.Tensor]:
     """The gradient of :func:`surrogate` with respect to ``params`` (fp32, float64 stays),
     without touching ``.grad``. On a :class:`HeadOutput` the weight and bias gradients are added
     to their parameters' entries in fp32 directly (a bf16 backward would round them)."""
     if not isinstance(z, HeadOutput):
-        gs = torch.autograd.grad(z, params, grad_outputs=dz.to(z.dtype), allow_unused=True)
+        gs = torch.autograd.grad(
+            z, params, dz.to(z.dtype), retain_graph=retain_graph, allow_unused=True
+        )
         return [_fp32(g, p) for g, p in zip(gs, params)]
     gs = torch.autograd.grad(
-        z.hidden, params, grad_outputs=dz.hidden.to(z.hidden.dtype), allow_unused=True
+        z.hidden,
+        params,
+        dz.hidden.to(z.hidden.dtype),
+        retain_graph=retain_graph,
+        allow_unused=True,
     )
     gs = [_fp32(g, p) for g, p in zip(gs, params)]
     for tensor, source, g in (

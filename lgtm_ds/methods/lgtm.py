@@ -89,17 +89,20 @@ class LGTM(Method):
         d.teacher.module.train()
         d.student.module.train()
         split = d.teacher.split_influence_backward
-        # one micro-batch: reuse the teacher forward's graph in D (not when the influence term is
-        # backpropagated on its own: that pass replays the dropout mask of D's forward)
-        keep_graph = len(micro) == 1 and not split
+        # one micro-batch: reuse the teacher forward's graph in D. A split influence term is
+        # backpropagated through that graph too where the engine offers it unhooked, else
+        # through a forward of its own that replays the dropout mask (record_rng)
+        keep_graph = len(micro) == 1
+        own_pass = split and not d.teacher.reuses_graph_for_influence
         # influence_ratio: on request, and on the first step of an adaptive scale
         target = d.hp.influence_ratio_target
         measure = d.telemetry.influence_ratio or (target is not None and self._q_ema[1] == 0)
         w, wq = self.row_weights(micro, quiz)  # each micro-batch's share of the global rows
-        g, fwd = student_grad(d, micro, w, keep_graph, record_rng=measure and keep_graph)  # A
+        record = (measure or own_pass) and keep_graph
+        g, fwd = student_grad(d, micro, w, keep_graph, record_rng=record)  # A
         stats = self._example_stats(micro, fwd) if d.telemetry.example_stats else None
         theta = d.student.master_params()
-        look = adamw_lookahead(theta, g, d.student.adam_state())  # B
+        look = d.student.lookahead(theta, g, adamw_lookahead)  # B
         del g
         v, quiz_ce = self._quiz_grad(look, quiz, wq)  # C
         del look
@@ -215,8 +218,7 @@ class LGTM(Method):
                 dz, _ = d.task.lgtm_logit_grad(z, s, s_plus, s_minus, labels, no_eta)
                 term = d.task.influence_logit_term(s_plus, s_minus, p, z=z, labels=labels)
                 term = weighted(term, w[j])
-                replay_teacher()
-                g_infl = self._influence_grad(mb, term, g_infl, n_micro)
+                g_infl = self._influence_grad(mb, z, replay_teacher, term, g_infl, n_micro)
             with torch.no_grad():  # before the step: a fused-head z reads the live output layer
                 t_total += weighted(d.teacher_loss(z.detach(), s, labels), w[j])
             loss = surrogate(z, weighted(dz, w[j]))  # grad_phi of it: dL/dz through the teacher
@@ -230,14 +232,21 @@ class LGTM(Method):
             influences.append(infl.detach())
         return float(t_total) / n_micro, torch.cat(influences).cpu()
 
-    def _influence_grad(self, mb, term, acc, n_micro):
+    def _influence_grad(self, mb, z, replay, term, acc, n_micro):
         """bf16 teachers: the influence part of dL/dz is ~1e-5 of the rest and would vanish in
-        one bf16 tensor. Backpropagate it on its own (module forward with the same dropout mask,
-        ``torch.autograd.grad``: the engine's buffers and hooks untouched), accumulated in fp32
-        over the micro-batches; added to the engine's fp32 gradients before the step."""
+        one bf16 tensor. Backpropagate it on its own with ``torch.autograd.grad`` (the engine's
+        buffers and hooks untouched), accumulated in fp32 over the micro-batches; added to the
+        engine's fp32 gradients before the step. Through the graph of the teacher forward ``z``
+        where the engine offers it unhooked (ZeRO-2: no extra forward), else through a module
+        forward of its own with the same dropout mask (ZeRO-3)."""
         t = self.d.teacher
-        z_alone = t.raw_forward(mb)
-        return _accumulate(acc, grads_through(z_alone, term, t.params()), n_micro)
+        z_alone = t.unhooked(z)
+        if z_alone is None:
+            replay()
+            z_alone = t.raw_forward(mb)
+            return _accumulate(acc, grads_through(z_alone, term, t.params()), n_micro)
+        grads = grads_through(z_alone, term, t.params(), retain_graph=True)
+        return _accumulate(acc, grads, n_micro)
 
 
 class _RatioProbe:
