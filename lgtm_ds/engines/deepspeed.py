@@ -232,10 +232,17 @@ class DeepSpeedEngineAdapter(Engine):
             return [views[id(p)][0].view_as(p) for p in params]
         if self.stage in (1, 2):
             return self._zero12_gather(None)
-        from deepspeed.utils import safe_get_full_fp32_param
+        # ZeRO-3: this rank's fp32 partition of every parameter, one all-gather for them all
+        import deepspeed.comm as dist
+        from deepspeed.utils import safe_get_local_fp32_param
 
-        # note: one all-reduce per tensor (collective: every rank calls it in the same order)
-        return [safe_get_full_fp32_param(p).detach() for p in params]
+        local = {}
+        for i, p in enumerate(params):
+            n = p.ds_tensor.ds_numel
+            lo = dist.get_rank(group=p.ds_process_group) * n
+            k = max(0, min(n, p.ds_numel - lo))
+            local[i] = safe_get_local_fp32_param(p).detach().reshape(-1)[:k]
+        return self._gather_parts(local, torch.float32, local[0].device)
 
     def adam_state(self) -> AdamState:
         basic = self.engine.basic_optimizer
@@ -312,7 +319,7 @@ class DeepSpeedEngineAdapter(Engine):
                 *(pick(h) for h in (meta.lr, meta.betas, meta.eps, meta.weight_decay)),
             ),
         )
-        return self._gather_parts(dict(zip(idx, local)), theta)
+        return self._gather_parts(dict(zip(idx, local)), theta[0].dtype, theta[0].device)
 
     def _moment_parts(self) -> list[tuple | None]:
         """Per trainable parameter: ``(start, numel, exp_avg, exp_avg_sq)``, the elements of its
@@ -342,16 +349,16 @@ class DeepSpeedEngineAdapter(Engine):
             out.append((addr.start, addr.numel, m.reshape(-1), v.reshape(-1)))
         return out
 
-    def _gather_parts(self, local: dict, like: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Full tensors from each rank's parts (``local``: param index -> its flat part, as laid
-        out by :meth:`_moment_parts`); ``like``: the full tensors' shapes and dtype."""
+    def _gather_parts(self, local: dict, dtype, device) -> list[torch.Tensor]:
+        """Full tensors of ``params()``' shapes from each rank's parts (``local``: param index
+        -> its flat part, laid out as :meth:`_moment_parts` says)."""
         import deepspeed.comm as dist
 
         params = self.params()
         if self.stage == 3:
             # every rank holds n elements of every parameter: one buffer, one all-gather
             sizes = [p.ds_tensor.ds_numel for p in params]
-            buf = torch.zeros(sum(sizes), dtype=like[0].dtype, device=like[0].device)
+            buf = torch.zeros(sum(sizes), dtype=dtype, device=device)
             offsets = [0]
             for n in sizes:
                 offsets.append(offsets[-1] + n)
@@ -363,9 +370,9 @@ class DeepSpeedEngineAdapter(Engine):
             dist.all_gather_into_tensor(gathered, buf, group=group)  # note: one collective
             rows = gathered.view(world, -1)
             out = []
-            for i, (p, t) in enumerate(zip(params, like)):
+            for i, p in enumerate(params):
                 full = rows[:, offsets[i] : offsets[i] + sizes[i]].reshape(-1)  # a copy
-                out.append(full[: p.ds_numel].view_as(t))
+                out.append(full[: p.ds_numel].view(p.ds_shape))
             return out
         # ZeRO-1/2: each group's partition layout, then the group's flat buffer
         opt = self.engine.optimizer
@@ -373,7 +380,7 @@ class DeepSpeedEngineAdapter(Engine):
         out: list[torch.Tensor | None] = [None] * len(params)
         for gi, lp_group in enumerate(opt.bit16_groups):
             part = opt.single_partition_of_fp32_groups[gi]
-            buf = torch.zeros(part.numel(), dtype=like[0].dtype, device=like[0].device)
+            buf = torch.zeros(part.numel(), dtype=dtype, device=device)
             for p in lp_group:
                 i = index.get(id(p))
                 if i is None or i not in local:
@@ -390,7 +397,7 @@ class DeepSpeedEngineAdapter(Engine):
                 if i is None:
                     continue
                 offset = (p.data_ptr() - base.data_ptr()) // p.element_size()
-                out[i] = full.narrow(0, offset, p.numel()).view_as(like[i])
+                out[i] = full.narrow(0, offset, p.numel()).view_as(p)
         return out
 
     def _zero12_gather(self, key: str | None) -> list[torch.Tensor]:

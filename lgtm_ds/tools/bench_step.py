@@ -111,6 +111,7 @@ def child(args) -> dict:
             out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
         return [{k: v.to(dev) for k, v in b.items()} for b in out]
 
+    zero_stage = ""  # "teacher/student" on DeepSpeed engines
     if method == NAIVE:
         t_opt = build_adamw(teacher, cfg.train.teacher_lr, cfg.train.weight_decay)
         s_opt = build_adamw(student, cfg.train.student_lr, cfg.train.weight_decay)
@@ -133,6 +134,7 @@ def child(args) -> dict:
         from lgtm_ds.methods import get_method
 
         engines = {"teacher": te, "student": se}
+        zero_stage = "/".join(str(getattr(e, "stage", "")) for e in (te, se))  # teacher/student
         enable_fused_head(task, get_method(method), engines, args.fused_head == "on")
         d = Distiller.from_config(cfg.method, teacher=te, student=se, task=task)
 
@@ -187,6 +189,7 @@ def child(args) -> dict:
         "vocab": vocab,
         "tok_per_s": batch * seq / statistics.median(times) * 1e3,
         "fused_head": fused,
+        "zero_stage": zero_stage,
         "growth_mib": growth / 2**20,
         "x_nv": growth / (tokens * width * 4),
     }
@@ -239,6 +242,7 @@ CSV_HEADER = [
     "fused_head",
     "growth_mib",
     "x_nv",
+    "zero_stage",
 ]
 
 
@@ -373,6 +377,7 @@ def _write_csv(args, rows: list[dict]) -> None:
                     int(r.get("fused_head", False)),
                     f"{r.get('growth_mib', float('nan')):.0f}",
                     f"{r.get('x_nv', float('nan')):.3f}",
+                    r.get("zero_stage", ""),
                 ]
             )
 
