@@ -155,7 +155,8 @@ class DeepSpeedEngineAdapter(Engine):
     def _aliased_output(self):
         """With :attr:`_keeps_unhooked`: the module's output tensors (logits, or a HeadOutput's)
         leave its forward as aliases (``view_as``), which the engine hooks; the originals ride
-        along on the output (``_lgtm_unhooked``) for :meth:`unhooked`."""
+        along on the output (``lgtm_unhooked``) for :meth:`unhooked`. (Any bf16 engine; only
+        the teacher's are used.)"""
         if not self._keeps_unhooked:
             yield
             return
@@ -167,7 +168,8 @@ class DeepSpeedEngineAdapter(Engine):
             if isinstance(out, HeadOutput):
                 raw = out
                 out = HeadOutput(
-                    *(t.view_as(t) if t is not None else None for t in (raw.hidden, raw.weight)),
+                    raw.hidden.view_as(raw.hidden),
+                    raw.weight.view_as(raw.weight),
                     raw.bias.view_as(raw.bias) if raw.bias is not None else None,
                     raw.weight_param,
                     raw.bias_param,
