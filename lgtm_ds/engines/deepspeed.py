@@ -18,7 +18,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import AdamState, Engine, adam_hparams, adam_state_from_torch, get_logits, model_inputs
-from .head import HeadOutput
+from .head import HeadOutput, swap_forward
 
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
@@ -161,7 +161,6 @@ class DeepSpeedEngineAdapter(Engine):
             yield
             return
         module, inner = self.module, self.module.forward
-        own = module.__dict__.get("forward")
 
         def forward(*args, **kwargs):
             out = inner(*args, **kwargs)
@@ -184,14 +183,8 @@ class DeepSpeedEngineAdapter(Engine):
                 return out
             return alias
 
-        module.forward = forward
-        try:
+        with swap_forward(module, forward):
             yield
-        finally:
-            if own is not None:
-                module.forward = own
-            else:
-                del module.forward
 
     def unhooked(self, z):
         return getattr(z, "lgtm_unhooked", None)
@@ -367,6 +360,12 @@ class DeepSpeedEngineAdapter(Engine):
             for i, part in local.items():
                 buf.narrow(0, offsets[i], part.numel()).copy_(part)
             group = params[0].ds_process_group
+            if any(p.ds_process_group is not group for p in params):
+                raise ConfigError(
+                    f"the {self.role}'s ZeRO-3 parameters are partitioned over more than one "
+                    "process group (MiCS / hpZ): LGTM's influence passes support one "
+                    "data-parallel group"
+                )
             world = dist.get_world_size(group=group)
             gathered = buf.new_empty(world * buf.numel())
             dist.all_gather_into_tensor(gathered, buf, group=group)  # note: one collective

@@ -90,6 +90,21 @@ def output_layer(module: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
+def swap_forward(module: nn.Module, forward):
+    """Within the block, ``module.forward`` is ``forward`` (an instance attribute: the module's
+    hooks still run around it); an instance-level forward it had (a wrapper's) comes back after."""
+    own = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if own is not None:
+            module.forward = own
+        else:
+            del module.forward
+
+
+@contextlib.contextmanager
 def head_mode(module: nn.Module):
     """Within the block, calling ``module`` (directly, through a DeepSpeed engine's forward or
     a functional call) returns :func:`head_forward`'s :class:`HeadOutput`."""
@@ -99,15 +114,8 @@ def head_mode(module: nn.Module):
             raise TypeError("fused-head forwards take keyword inputs only")
         return head_forward(module, kwargs)
 
-    own = module.__dict__.get("forward")  # an instance-level forward (a wrapper) stays
-    module.forward = forward
-    try:
+    with swap_forward(module, forward):
         yield
-    finally:
-        if own is not None:
-            module.forward = own
-        else:
-            del module.forward
 
 
 def enable_fused_head(task, method_cls, engines: dict, on: bool = True) -> dict:
@@ -159,16 +167,9 @@ def call_head(head: nn.Module, hidden: torch.Tensor) -> HeadOutput:
         read.extend((w, b))
         return x, w.view_as(w), b.view_as(b) if b is not None else None
 
-    own = head.__dict__.get("forward")
-    head.forward = forward
-    try:
+    with swap_forward(head, forward):
         hidden, weight, bias = head(hidden)
-        return HeadOutput(hidden, weight, bias, *read)
-    finally:
-        if own is not None:
-            head.forward = own
-        else:
-            del head.forward
+    return HeadOutput(hidden, weight, bias, *read)
 
 
 def surrogate(z, dz) -> torch.Tensor:
@@ -227,5 +228,10 @@ def _fp32(g: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(p.dtype, torch.float32)
     if g is not None:
         return g.to(dtype)
-    shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 parameter's full shape
-    return torch.zeros(shape, dtype=dtype, device=p.device)
+    return torch.zeros(full_shape(p), dtype=dtype, device=p.device)
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's full shape, also when a ZeRO-3 engine has partitioned it (its data is
+    then an empty placeholder and DeepSpeed keeps the shape as ``ds_shape``)."""
+    return torch.Size(getattr(p, "ds_shape", p.shape))

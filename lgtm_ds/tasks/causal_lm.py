@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engines.head import HeadGrad, HeadOutput, head_mode
+from ..engines.head import HeadGrad, HeadOutput, full_shape, head_mode
 from ..errors import ModelError
 from . import hf
 from .base import TASKS, InfluenceParams, ModelOptions
@@ -424,5 +424,4 @@ def _full_rows(r):
 
 def _out_rows(model: nn.Module) -> int:
     """The output layer's row count (its full shape also when ZeRO-3 has partitioned it)."""
-    w = model.get_output_embeddings().weight
-    return int(getattr(w, "ds_shape", w.shape)[0])
+    return int(full_shape(model.get_output_embeddings().weight)[0])
