@@ -201,14 +201,14 @@ def _influence_term(dtype, t64, s64, b, q, eta=1e-3):
     seen = {}
 
     class Spy(type(CLS)):
-        def lgtm_logit_grad(self, z, s_logits, s_plus, s_minus, labels, p):
+        def lgtm_teacher_pass(self, z, s_logits, s_plus, s_minus, labels, p, **kw):
             seen["term"] = (
                 (torch.softmax(s_plus.double(), -1) - torch.softmax(s_minus.double(), -1))
                 * p.eta
                 * 0.4
                 / (2 * p.radius * z.shape[0])
             )
-            return super().lgtm_logit_grad(z, s_logits, s_plus, s_minus, labels, p)
+            return super().lgtm_teacher_pass(z, s_logits, s_plus, s_minus, labels, p, **kw)
 
     d = Distiller(
         "lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so, task=Spy()

@@ -44,3 +44,33 @@ def test_bench_step_writes_one_row_per_method(tmp_path):
     assert float(rows[0]["x_vanilla"]) == 1.0 and float(rows[1]["ms_median"]) > 0
     assert rows[1]["batch"] == "4" and rows[1]["engine"] == "torch"
     assert "lgtm" in proc.stdout.splitlines()[-2] or "lgtm" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "name,billions,tied", [("llama-1b", 1.236, True), ("llama-125m", 0.1305, True)]
+)
+def test_gpu_decoder_preset_models_have_the_documented_size(name, billions, tied):
+    """The decoder-1b preset (GPU issue): a Llama-3.2-1B-shaped 1.24B teacher and a ~0.13B
+    student at V = 128256 with 1024 positions (built on the meta device: no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lgtm_ds.tasks import hf
+    from lgtm_ds.tasks.base import ModelOptions
+    from lgtm_ds.tools.bench_step import PRESETS
+
+    assert PRESETS["decoder-1b"][1:] == (
+        "embedded:llama-1b",
+        "embedded:llama-125m",
+        8,
+        1024,
+        128256,
+    )
+    cfg = hf.embedded_decoder_config(
+        name, options=ModelOptions(vocab_size=128256), max_position=1024
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    n = sum(p.numel() for p in model.parameters()) / 1e9
+    assert n == pytest.approx(billions, rel=1e-3) and cfg.tie_word_embeddings == tied
+    assert cfg.max_position_embeddings == 1024

@@ -354,3 +354,68 @@ def test_split_influence_path_with_the_fused_head_equals_one_backward_fp64(pair,
 
     fused, full = run(True), run(False)
     assert _rel(list(fused.parameters()), list(full.parameters())) < 1e-12
+
+
+def _head(g, B, L, H, V, bias):
+    """A HeadOutput of random float64 hidden states / output layer (V + 3 model rows: the cut)."""
+    b = torch.randn(V + 3, generator=g, dtype=torch.float64) if bias else None
+    return HeadOutput(
+        torch.randn(B, L, H, generator=g, dtype=torch.float64),
+        torch.randn(V + 3, H, generator=g, dtype=torch.float64) * 0.5,
+        b,
+    )
+
+
+def _as_tensors(x):
+    from lgtm_ds.engines.head import HeadGrad
+
+    if isinstance(x, HeadGrad):
+        return [x.hidden, x.weight] + ([x.bias] if x.bias is not None else [])
+    return [x]
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("hp", ["kl", "jsd-T2"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_teacher_pass_equals_its_parts(split, hp, fused):
+    """``CausalLMTask.lgtm_teacher_pass`` (one chunked pass: dL/dz, the split influence term,
+    the influence, L_t) equals the three separate calls it replaces (``Task``'s composition:
+    ``lgtm_logit_grad``, ``influence_logit_term``, ``distill_loss``): float64, fresh random
+    inputs, a chunk that splits sequences, the vocabulary cut, on the fused head and on full
+    logits; and a micro-batch without a valid token."""
+    from lgtm_ds.tasks.base import InfluenceParams, Task
+
+    g = torch.Generator().manual_seed(7 + split + 2 * fused)
+    B, L, H, V = 3, 13, 6, LM_VOCAB
+    task = get_task("causal_lm")(head_chunk=5)
+    task.vocab_size = V
+    h = HP[hp]
+    p = InfluenceParams(
+        h["alpha_teacher"], h.get("temperature", 1.0), 3e-3, 0.05, h.get("scale_by_t2", False),
+        beta_teacher=h.get("teacher_jsd_beta", 0.0), beta_student=h.get("jsd_beta", 0.0),
+    )  # fmt: skip
+    sides = [_head(g, B, L, H, V, bias=i % 2 == 0) for i in range(4)]
+    if not fused:
+        sides = [x.full_logits() for x in sides]
+    labels = lm_batch(B, 11)["labels"][:, :L]
+    got = task.lgtm_teacher_pass(*sides, labels, p, split=split)
+    ref = Task.lgtm_teacher_pass(task, *sides, labels, p, split=split)
+    assert float(got.loss) == pytest.approx(float(ref.loss), rel=1e-12)
+    torch.testing.assert_close(got.influence, ref.influence, rtol=1e-9, atol=1e-15)
+    assert got.influence.abs().min() > 0
+    pairs = [(got.grad, ref.grad)] + ([(got.term, ref.term)] if split else [])
+    for a, b in pairs:
+        for x, y in zip(_as_tensors(a), _as_tensors(b), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-15 * float(y.abs().max()))
+    assert (got.term is None) == (not split)
+    if split:  # the main part: bitwise the eta = 0 gradient
+        import dataclasses
+
+        main, _ = task.lgtm_logit_grad(*sides, labels, dataclasses.replace(p, eta=0.0))
+        for x, y in zip(_as_tensors(got.grad), _as_tensors(main)):
+            assert torch.equal(x, y)
+    none = torch.full_like(labels, -100)
+    empty = task.lgtm_teacher_pass(*sides, none, p, split=split)
+    assert float(empty.loss) == 0 and empty.influence.abs().max() == 0
+    for part in [empty.grad] + ([empty.term] if split else []):
+        assert all(float(x.abs().max()) == 0 for x in _as_tensors(part))

@@ -1,6 +1,8 @@
 """The composed objectives vs autograd in float64: the cheap-form logit gradient equals the
 logit-space derivative of L_t(theta) - eta * h, with and without the T^2 factor."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -46,6 +48,31 @@ def test_teacher_logit_grad_matches_autograd(temperature, scale_by_t2):
     torch.testing.assert_close(
         CLS.influence_logit_term(sp, sm, p), term_expected, rtol=1e-10, atol=1e-13
     )
+
+    # every quantity of LGTM's step D in one call (split: the main part with eta = 0 and the
+    # term apart; the loss is L_t(z; s)), vs the separate calls in float64; in fp32 the term
+    # (a difference of close probabilities) is as close to the float64 one as the old call's
+    for dtype in (torch.float64, torch.float32):
+        args = [x.detach().to(dtype) for x in (z, s, sp, sm)]
+        rtol = 1e-10 if dtype == torch.float64 else 2e-5
+        for split in (False, True):
+            tp = CLS.lgtm_teacher_pass(*args, y, p, split=split)
+            whole, infl_ = CLS.lgtm_logit_grad(*args, y, p)
+            torch.testing.assert_close(tp.influence, infl_, rtol=rtol, atol=1e-7 * eta)
+            loss = CLS.distill_loss(args[0], args[1], y, **kw)
+            assert float(tp.loss) == pytest.approx(float(loss), rel=rtol)
+            if not split:
+                assert tp.term is None and torch.equal(tp.grad, whole)
+                continue
+            old = CLS.influence_logit_term(*args[2:], p)
+            err_new = float((tp.term.double() - term_expected).abs().max())
+            err_old = float((old.double() - term_expected).abs().max())
+            assert err_new <= 3 * err_old + 1e-12 * float(term_expected.abs().max())
+            main, _ = CLS.lgtm_logit_grad(*args, y, dataclasses.replace(p, eta=0.0))
+            assert torch.equal(tp.grad, main)
+    # regression composes its own forms
+    tp = REG.lgtm_teacher_pass(z[:, :1].detach(), s[:, :1], sp[:, :1], sm[:, :1], y.double(), p)
+    assert tp.loss.dim() == 0 and tp.influence.shape == (n,)
 
 
 def test_student_loss_fp32_path_matches_fp64_oracle():

@@ -157,7 +157,12 @@ def fused_linear_logit_grad(
     returns ``(grad_hidden`` in hidden's dtype, ``grad_weight``, ``grad_bias`` (None without a
     bias) in fp32 (float64 for float64 inputs), the ``extra`` rows concatenated or None``): the
     gradient with respect to the layer's input and parameters of any objective whose logit
-    gradient is ``dz``. No graph, no full ``[N, V]`` tensor."""
+    gradient is ``dz``. No graph, no full ``[N, V]`` tensor.
+
+    Several gradients in one pass (the logits computed once): ``dz`` a tuple of ``k`` tensors
+    gives tuples of ``k`` for ``grad_hidden``, ``grad_weight`` and ``grad_bias``; ``extra`` a
+    tuple of per-row tensors gives a tuple of their concatenations (e.g. LGTM's main and
+    influence parts of the teacher gradient kept apart, with the influence and the loss rows)."""
     _check_rows(hidden, weight, bias, "fused_linear_logit_grad")
     n = hidden.shape[0]
     V = vocab_size or weight.shape[0]
@@ -165,26 +170,53 @@ def fused_linear_logit_grad(
         raise ValueError(f"vocab_size {V} exceeds the output layer's {weight.shape[0]} rows")
     chunk = chunk_size or default_chunk_size(n, hidden.shape[1], V)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    W = weight[:V]
+    b = bias[:V] if bias is not None else None
+    grads, extras = None, None  # per gradient: [grad_h, grad_w, grad_b]; per extra: its rows
+    multi_dz = multi_extra = False
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        hc = hidden[lo:hi]
+        dz, extra = logit_grad(F.linear(hc, W, b), lo, hi)
+        multi_dz = isinstance(dz, (tuple, list))
+        dzs = tuple(dz) if multi_dz else (dz,)
+        if grads is None:
+            grads = [_grad_buffers(hidden, weight, bias, acc) for _ in dzs]
+        if len(dzs) != len(grads):
+            raise ValueError(
+                f"fused_linear_logit_grad: logit_grad returned {len(dzs)} gradients for rows "
+                f"{lo}:{hi}, {len(grads)} before"
+            )
+        for (grad_h, grad_w, grad_b), g in zip(grads, dzs):
+            grad_h[lo:hi] = g.to(hidden.dtype) @ W.to(hidden.dtype)
+            grad_w[:V].addmm_(g.t().to(acc), hc.to(acc))
+            if grad_b is not None:
+                grad_b[:V] += g.to(acc).sum(0)
+        if extra is not None:
+            multi_extra = isinstance(extra, (tuple, list))
+            parts = tuple(extra) if multi_extra else (extra,)
+            extras = [[] for _ in parts] if extras is None else extras
+            for rows, e in zip(extras, parts):
+                rows.append(e)
+        del dz, dzs
+    if grads is None:  # no rows: one gradient of zeros (the shape of a single-dz call)
+        grads = [_grad_buffers(hidden, weight, bias, acc)]
+    cat = [torch.cat(rows) for rows in extras] if extras is not None else None
+    out_extra = (tuple(cat) if multi_extra else cat[0]) if cat is not None else None
+    if multi_dz:
+        grad_h, grad_w, grad_b = (tuple(g[i] for g in grads) for i in range(3))
+        return grad_h, grad_w, grad_b, out_extra
+    return (*grads[0], out_extra)
+
+
+def _grad_buffers(hidden, weight, bias, acc):
+    """``[grad_hidden, grad_weight, grad_bias]`` for one gradient through the output layer."""
     grad_h = torch.empty_like(hidden)
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     grad_b = (
         torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None else None
     )
-    W = weight[:V]
-    b = bias[:V] if bias is not None else None
-    extras = []
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        hc = hidden[lo:hi]
-        dz, extra = logit_grad(F.linear(hc, W, b), lo, hi)
-        grad_h[lo:hi] = dz.to(hidden.dtype) @ W.to(hidden.dtype)
-        grad_w[:V].addmm_(dz.t().to(acc), hc.to(acc))
-        if grad_b is not None:
-            grad_b[:V] += dz.to(acc).sum(0)
-        if extra is not None:
-            extras.append(extra)
-        del dz
-    return grad_h, grad_w, grad_b, (torch.cat(extras) if extras else None)
+    return [grad_h, grad_w, grad_b]
 
 
 def _check_rows(h, weight, bias, name: str) -> None:

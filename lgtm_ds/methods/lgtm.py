@@ -211,16 +211,15 @@ class LGTM(Method):
                 unit = dataclasses.replace(p, eta=1.0)
                 term = d.task.influence_logit_term(s_plus, s_minus, unit, z=z, labels=labels)
                 probe.add(mb, replay_teacher, weighted(main, w[j]), weighted(term, w[j]), hs, w[j])
-            dz, infl = d.task.lgtm_logit_grad(z, s, s_plus, s_minus, labels, p)
+            # dL/dz, the influence and L_t in one pass over the logits (before the step: a
+            # fused-head z reads the live output layer). split: dL/dz with eta = 0 (bitwise
+            # what it would be without the influence term) and the influence term apart
+            tp = d.task.lgtm_teacher_pass(z, s, s_plus, s_minus, labels, p, split=split)
+            dz, infl = tp.grad, tp.influence
             if split:
-                # the main part with eta = 0: bitwise what it would be without the influence term
-                no_eta = dataclasses.replace(p, eta=0.0)
-                dz, _ = d.task.lgtm_logit_grad(z, s, s_plus, s_minus, labels, no_eta)
-                term = d.task.influence_logit_term(s_plus, s_minus, p, z=z, labels=labels)
-                term = weighted(term, w[j])
+                term = weighted(tp.term, w[j])
                 g_infl = self._influence_grad(mb, z, replay_teacher, term, g_infl, n_micro)
-            with torch.no_grad():  # before the step: a fused-head z reads the live output layer
-                t_total += weighted(d.teacher_loss(z.detach(), s, labels), w[j])
+            t_total += weighted(tp.loss, w[j])
             loss = surrogate(z, weighted(dz, w[j]))  # grad_phi of it: dL/dz through the teacher
             if hs is not None:  # the teacher's hidden-state term, the student's states the target
                 share = 1 / n_micro

@@ -8,9 +8,10 @@ registered with ``@TASKS.register``; the trainer asks ``get_task(name)`` and nev
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -52,6 +53,16 @@ class InfluenceParams:
     scale_by_t2: bool = False
     beta_teacher: float = 0.0  # divergence of the teacher's KD term (0: forward KL)
     beta_student: float = 0.0  # divergence of the student's KD term (the influence's l_i)
+
+
+@dataclass
+class TeacherPass:
+    """What LGTM's step D takes from one micro-batch (:meth:`Task.lgtm_teacher_pass`)."""
+
+    grad: Any  # dL/dz (split: the part without the influence term, computed with eta = 0)
+    influence: torch.Tensor  # per example (fp32)
+    loss: torch.Tensor  # the teacher's own loss L_t(z; s) at theta, the micro-batch mean
+    term: Any = None  # split: the influence part of dL/dz alone (fp32)
 
 
 class Task:
@@ -216,6 +227,44 @@ class Task:
         teacher logits, for divergences whose gradient depends on them; ``labels`` for tasks
         whose rows depend on them)."""
         raise NotImplementedError
+
+    def lgtm_teacher_pass(
+        self,
+        z: torch.Tensor,
+        s: torch.Tensor,
+        s_plus: torch.Tensor,
+        s_minus: torch.Tensor,
+        labels: torch.Tensor,
+        p: InfluenceParams,
+        *,
+        split: bool = False,
+    ) -> TeacherPass:
+        """All LGTM's step D needs from one micro-batch's logits: dL/dz, the influence and the
+        teacher's loss ``L_t(z; s)`` (reported). ``split`` (low-precision teachers): ``grad`` is
+        dL/dz with ``eta = 0`` (bitwise what it is without the influence term) and ``term``
+        the influence part alone. This composes :meth:`lgtm_logit_grad`,
+        :meth:`influence_logit_term` and :meth:`distill_loss`; tasks with large outputs
+        override it with one pass over the logits (``CausalLMTask``: one chunked pass)."""
+        grad, influence = self.lgtm_logit_grad(z, s, s_plus, s_minus, labels, p)
+        term = None
+        if split:
+            no_eta = dataclasses.replace(p, eta=0.0)
+            grad, _ = self.lgtm_logit_grad(z, s, s_plus, s_minus, labels, no_eta)
+            term = self.influence_logit_term(s_plus, s_minus, p, z=z, labels=labels)
+        return TeacherPass(grad, influence, self.teacher_loss_value(z, s, labels, p), term)
+
+    @torch.no_grad()
+    def teacher_loss_value(self, z, s, labels, p: InfluenceParams) -> torch.Tensor:
+        """``L_t(z; s)`` (:meth:`distill_loss` with the teacher's ``alpha``/``beta``), no graph."""
+        return self.distill_loss(
+            z.detach(),
+            s,
+            labels,
+            alpha=p.alpha_teacher,
+            temperature=p.temperature,
+            scale_by_t2=p.scale_by_t2,
+            beta=p.beta_teacher,
+        )
 
     @torch.no_grad()
     def example_stat(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

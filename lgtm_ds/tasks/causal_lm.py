@@ -21,7 +21,7 @@ from torch import nn
 from ..engines.head import HeadGrad, HeadOutput, full_shape, head_mode
 from ..errors import ModelError
 from . import hf
-from .base import TASKS, InfluenceParams, ModelOptions
+from .base import TASKS, InfluenceParams, ModelOptions, TeacherPass
 from .classification import ClassificationTask
 from .lm_data import CausalLMCollator, encode_lm
 
@@ -78,7 +78,9 @@ class CausalLMTask(ClassificationTask):
         self.tokenizer_size = o.vocab_size
         if hf.is_embedded(name_or_path):
             cfg = hf.embedded_decoder_config(
-                name_or_path.removeprefix(hf.EMBEDDED_PREFIX), options=o
+                name_or_path.removeprefix(hf.EMBEDDED_PREFIX),
+                options=o,
+                max_position=max(512, getattr(self, "max_length", 0) or 0),
             )
             with hf.seeded(hf.init_seed(o.seed, role)):
                 return AutoModelForCausalLM.from_config(cfg)
@@ -314,6 +316,49 @@ class CausalLMTask(ClassificationTask):
         per_seq = torch.zeros(labels.shape[0], dtype=infl_rows.dtype, device=infl_rows.device)
         per_seq.index_add_(0, seq, infl_rows)
         return grad, per_seq
+
+    def lgtm_teacher_pass(self, z, s, s_plus, s_minus, labels, p, *, split=False):
+        """:meth:`Task.lgtm_teacher_pass` on the token rows in ONE pass: with a
+        :class:`HeadOutput` teacher, one chunked pass through the teacher's output layer that
+        forms each chunk's four logits once and takes from them dL/dz (and, ``split``, the
+        influence term as a second gradient through the layer), the influence and the
+        teacher's loss (was: a pass per quantity, each recomputing the four logit chunks).
+        The loss is the mean over this micro-batch's valid tokens, the influence per sequence."""
+        rz, y, mask = self.rows(z, labels)
+        rs, rp, rm = (self._target_rows(t, mask) for t in (s, s_plus, s_minus))
+        n = y.shape[0]
+        parent = super()
+        if _is_head(rz):
+
+            def chunk(zc, lo, hi):
+                sides = (_rows(r, lo, hi) for r in (rs, rp, rm))
+                g, term, infl, loss = parent.lgtm_rows(
+                    zc, *sides, y[lo:hi], p, split=split, n_rows=n
+                )
+                return ((g, term) if split else g), (infl, loss)
+
+            gh, gw, gb, rows = lgtm_kernels.fused_linear_logit_grad(
+                rz.hidden, rz.weight, rz.bias, chunk, vocab_size=rz.V,
+                chunk_size=self._chunk(n, rz),
+            )  # fmt: skip
+            if n == 0:  # no valid token: zero gradients of the single-gradient form
+                gh, gw, gb = ((x, x) for x in (gh, gw, gb)) if split else (gh, gw, gb)
+                dtype = torch.promote_types(rz.hidden.dtype, torch.float32)
+                rows = (torch.zeros(0, dtype=dtype, device=y.device),) * 2
+            infl_rows, loss_rows = rows
+            if split:
+                grad = self._head_grad(z, mask, gh[0], gw[0], gb[0])
+                term = self._head_grad(z, mask, gh[1], gw[1], gb[1])
+            else:
+                grad, term = self._head_grad(z, mask, gh, gw, gb), None
+        else:
+            rs, rp, rm = (_full_rows(r) for r in (rs, rp, rm))
+            g, term, infl_rows, loss_rows = parent.lgtm_rows(rz, rs, rp, rm, y, p, split=split)
+            grad = self._scatter(z, mask, g)
+            term = self._scatter(z, mask, term) if split else None
+        per_seq = torch.zeros(labels.shape[0], dtype=infl_rows.dtype, device=infl_rows.device)
+        per_seq.index_add_(0, mask.nonzero()[:, 0], infl_rows)
+        return TeacherPass(grad, per_seq, loss_rows.sum() / max(n, 1), term)
 
     def influence_logit_term(self, s_plus, s_minus, p: InfluenceParams, z=None, labels=None):
         """The classifier's influence term on the token rows, scattered to ``[B, L, V]``; with a

@@ -14,6 +14,7 @@ the cheap LGTM form carries over with ``softmax(z/T) - q`` replaced by ``2(z - s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import ClassVar
 
@@ -24,7 +25,7 @@ from torch import nn
 
 from ..errors import ModelError
 from . import hf
-from .base import SOURCE_INDEX, TASKS, InfluenceParams, ModelOptions, Task
+from .base import SOURCE_INDEX, TASKS, InfluenceParams, ModelOptions, Task, TeacherPass
 
 
 @TASKS.register
@@ -235,6 +236,71 @@ class ClassificationTask(Task):
         influence = -p.eta * k * (l_plus - l_minus) / (2 * p.radius)
         return grad.to(z.dtype), influence
 
+    def lgtm_teacher_pass(self, z, s, s_plus, s_minus, labels, p, *, split=False):
+        """:meth:`Task.lgtm_teacher_pass` over the rows with one call of :meth:`lgtm_rows`
+        (the reported loss through :meth:`distill_loss`: a subclass's ``task_loss`` counts)."""
+        grad, term, influence, _ = self.lgtm_rows(
+            z, s, s_plus, s_minus, labels, p, split=split, loss=False
+        )
+        return TeacherPass(grad, influence, self.teacher_loss_value(z, s, labels, p), term)
+
+    @torch.no_grad()
+    def lgtm_rows(
+        self, z, s, s_plus, s_minus, labels, p: InfluenceParams, *, split, n_rows=None, loss=True
+    ):
+        """``(dL/dz, term, influence, teacher loss)`` per row, from one read of the four
+        logits: what :meth:`lgtm_logit_grad` gives (``split``: dL/dz with ``eta = 0``, and
+        ``term`` the :meth:`influence_logit_term`; else ``term`` None) and (``loss``; else None)
+        the teacher's loss ``a k KD(s || z) + (1 - a) CE(z, y)`` per row (not yet divided by
+        ``n``; 0 at ignored labels' CE). ``n_rows``: the gradients' normaliser ``n`` (default:
+        the rows here; a chunk of rows passes the micro-batch's count)."""
+        n = max(n_rows or z.shape[0], 1)
+        rows = ClassificationTask.lgtm_logit_grad  # on rows (subclasses' take their own shapes)
+        if not split:
+            grad, influence = rows(self, z, s, s_plus, s_minus, labels, p, n_rows=n)
+            term = None
+        else:
+            no_eta = dataclasses.replace(p, eta=0.0)
+            grad, _ = rows(self, z, s, s_plus, s_minus, labels, no_eta, n_rows=n)
+            term, influence = self._influence_rows(z, s_plus, s_minus, p, n)
+        loss_rows = self._teacher_loss_rows(z, s, labels, p) if loss else None
+        return grad, term, influence, loss_rows
+
+    def _influence_rows(self, z, s_plus, s_minus, p: InfluenceParams, n: int):
+        """(the influence part of dL/dz, the per-row influence), sharing the student's
+        log-probabilities at theta +- R v (forward KL); other divergences compose."""
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        T, k = float(p.temperature), self.kd_scale(p.temperature, p.scale_by_t2)
+        if p.beta_teacher != 0.0 or p.beta_student != 0.0:
+            term = ClassificationTask.influence_logit_term(self, s_plus, s_minus, p, z=z, n_rows=n)
+            zt = z.detach().to(dtype)
+            l_plus, l_minus = (
+                self.kd_per_row(x.detach().to(dtype), zt, T, p.beta_student)
+                for x in (s_plus, s_minus)
+            )
+            return term, -p.eta * k * (l_plus - l_minus) / (2 * p.radius)
+        lq_plus = torch.log_softmax(s_plus.detach().to(dtype) / T, dim=-1)
+        lq_minus = torch.log_softmax(s_minus.detach().to(dtype) / T, dim=-1)
+        coef = p.eta * p.alpha_teacher * k / (2 * p.radius * T * n)
+        term = coef * (lq_plus.exp() - lq_minus.exp())
+        zt = z.detach().to(dtype)
+        pt = torch.softmax(zt / T, dim=-1)
+        diff = torch.where(zt == float("-inf"), 0.0, pt * (lq_minus - lq_plus)).sum(-1)
+        return term, -p.eta * k * diff / (2 * p.radius)
+
+    def _teacher_loss_rows(self, z, s, labels, p: InfluenceParams) -> torch.Tensor:
+        """``a k KD_beta_t(s || z) + (1 - a) CE(z, y)`` per row (fp32; float64 stays)."""
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        a = float(p.alpha_teacher)
+        out = torch.zeros(z.shape[0], dtype=dtype, device=z.device)
+        if a > 0:
+            kd = self.kd_per_row(z.detach(), s, p.temperature, p.beta_teacher)
+            out += (a * self.kd_scale(p.temperature, p.scale_by_t2)) * kd.to(dtype)
+        if a < 1:
+            ce = F.cross_entropy(z.detach().to(dtype), labels, ignore_index=-100, reduction="none")
+            out += (1 - a) * ce
+        return out
+
     def influence_logit_term(
         self, s_plus, s_minus, p: InfluenceParams, z=None, labels=None, n_rows=None
     ):
@@ -313,6 +379,8 @@ class RegressionTask(ClassificationTask):
         grad = 2 * a * (z - s) / n + 2 * (1 - a) * (z - y) / n + eta * a * (sp - sm) / (radius * n)
         influence = -eta * ((sp - z).pow(2) - (sm - z).pow(2)).sum(-1) / (2 * radius)
         return grad, influence
+
+    lgtm_teacher_pass = Task.lgtm_teacher_pass  # the composition: outputs are one column
 
     def influence_logit_term(self, s_plus, s_minus, p: InfluenceParams, z=None, labels=None):
         """``eta a_t 2 (s+ - s-) / (2 R n)``, fp32."""

@@ -61,7 +61,8 @@ EMBEDDED_DECODERS = {
             intermediate_size=32,
         ),
     ),
-    # the decoder-1b benchmark preset (GPU): Llama-3.2-1B-shaped teacher, ~0.27B student
+    # the decoder-1b benchmark preset (GPU): a Llama-3.2-1B-shaped teacher (tied embeddings,
+    # 1.24B at V = 128256) and a ~0.13B student (SmolLM-135M-like blocks, 16 layers, tied)
     "llama-1b": (
         "llama",
         dict(
@@ -70,16 +71,18 @@ EMBEDDED_DECODERS = {
             num_attention_heads=32,
             num_key_value_heads=8,
             intermediate_size=8192,
+            tie_word_embeddings=True,
         ),
     ),
-    "llama-270m": (
+    "llama-125m": (
         "llama",
         dict(
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            num_key_value_heads=4,
-            intermediate_size=2048,
+            hidden_size=576,
+            num_hidden_layers=16,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            intermediate_size=1536,
+            tie_word_embeddings=True,
         ),
     ),
     "gpt2-teacher": ("gpt2", dict(n_embd=32, n_layer=2, n_head=2)),
@@ -143,12 +146,9 @@ def embedded_decoder_config(name: str, *, options, max_position: int = 512) -> P
         pad_token_id=o.pad_token_id, bos_token_id=o.bos_token_id, eos_token_id=o.eos_token_id
     )
     if family == "llama":
+        shape = {"tie_word_embeddings": False, **shape}  # untied unless the entry says so
         cfg = LlamaConfig(
-            vocab_size=o.vocab_size,
-            max_position_embeddings=max_position,
-            tie_word_embeddings=False,
-            **ids,
-            **shape,
+            vocab_size=o.vocab_size, max_position_embeddings=max_position, **ids, **shape
         )
     else:
         cfg = GPT2Config(vocab_size=o.vocab_size, n_positions=max_position, **ids, **shape)

@@ -5,7 +5,7 @@ each, a table last.
     python launch/bench_step.py                        # CPU-sized embedded BERTs
     python launch/bench_step.py --preset bert-base     # BERT-base -> 6-layer BERT (GPU)
     python launch/bench_step.py --preset decoder-cpu   # Llama-shaped decoders, token level
-    python launch/bench_step.py --preset decoder-1b    # 1.2B -> 0.27B Llama, V = 128256 (GPU)
+    python launch/bench_step.py --preset decoder-1b    # 1.24B -> 0.13B Llama, V = 128256 (GPU)
     python launch/bench_step.py --preset decoder-mem --exact-rss [--fused-head off]  # memory
 
 Decoders run with the fused head (``model.fused_head``, no full logits) unless ``--fused-head
@@ -42,7 +42,7 @@ PRESETS = {
     "bert-base": ("classification", "embedded:bert-base", "embedded:bert-6l", 32, 128, 30522),
     # teacher 1.43M ~ 7x the student's 0.20M parameters
     "decoder-cpu": ("causal_lm", "embedded:teacher", "embedded:student", 16, 64, 1000),
-    "decoder-1b": ("causal_lm", "embedded:llama-1b", "embedded:llama-270m", 8, 512, 128256),
+    "decoder-1b": ("causal_lm", "embedded:llama-1b", "embedded:llama-125m", 8, 1024, 128256),
     # the memory table: tiny bodies (H = 16), so the vocabulary decides; 16 x 344 -> 4112 loss
     # tokens (--batch / --seq / --vocab for the other sizes)
     "decoder-mem": ("causal_lm", "embedded:tiny", "embedded:tiny", 16, 344, 32000),
@@ -91,6 +91,8 @@ def child(args) -> dict:
     decoder = task_type == "causal_lm"
     task = get_task(task_type)(num_labels=None if decoder else LABELS)
     options = ModelOptions(vocab_size=vocab, seed=0)
+    if decoder:
+        task.max_length = seq  # positions for the embedded decoders (and check_pair's rule)
     teacher = task.build_model(t_name, role="teacher", options=options).to(dev)
     student = task.build_model(s_name, role="student", options=options).to(dev)
     on_deepspeed = args.engine == "deepspeed" and method != NAIVE

@@ -273,5 +273,38 @@ def test_generic_loss_and_logit_grad_match_autograd_on_full_logits():
     assert gw[V:].abs().max() == 0 and gb[V:].abs().max() == 0  # rows past V: no gradient
 
 
+def test_logit_grad_several_gradients_in_one_pass():
+    """``dz`` and ``extra`` as tuples: each gradient equals its own single-gradient pass (the
+    logits computed once), each extra its own concatenation; float64, odd chunking."""
+    x = _inputs(n=23, v=19)
+    V, chunk = 17, 5
+    h, w, b = (x[k].detach() for k in ("hidden", "weight", "bias"))
+    g = torch.Generator().manual_seed(11)
+    target = torch.randn(23, V, generator=g, dtype=torch.float64)
+    parts = (
+        lambda zc, lo, hi: torch.softmax(zc, -1) - torch.softmax(target[lo:hi], -1),
+        lambda zc, lo, hi: 1e-5 * (zc - target[lo:hi]),
+    )
+
+    def both(zc, lo, hi):
+        return tuple(f(zc, lo, hi) for f in parts), (zc.amax(-1), zc.sum(-1))
+
+    gh, gw, gb, (e1, e2) = K.fused_linear_logit_grad(h, w, b, both, vocab_size=V, chunk_size=chunk)
+    assert len(gh) == len(gw) == len(gb) == 2
+    for i, f in enumerate(parts):
+        ref = K.fused_linear_logit_grad(
+            h, w, b, lambda zc, lo, hi, f=f: (f(zc, lo, hi), None), vocab_size=V, chunk_size=7
+        )
+        for a, r in zip((gh[i], gw[i], gb[i]), ref[:3]):
+            _close(a, r)
+        assert ref[3] is None
+    z = F.linear(h, w[:V], b[:V])
+    _close(e1, z.amax(-1))
+    _close(e2, z.sum(-1))
+    # no rows: zeros of the single-gradient shape
+    gh0, gw0, gb0, e0 = K.fused_linear_logit_grad(h[:0], w, b, both, vocab_size=V)
+    assert gh0.shape == (0, h.shape[1]) and gw0.abs().max() == 0 and e0 is None
+
+
 def _close(a, b, rel=1e-12):
     assert_close_verbose(a, b, rel * float(b.detach().abs().max()) + 1e-300)
