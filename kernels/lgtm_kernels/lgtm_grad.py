@@ -65,6 +65,45 @@ def lgtm_teacher_logit_grad_ref(
     return g, infl.to(torch.float32) if ct == torch.float32 else infl
 
 
+def lgtm_teacher_logit_grad_torch(
+    z, s, sp, sm, labels, *, alpha_teacher, temperature, eta, radius, n_rows=None
+):
+    """The torch path (CPU, float64, and CUDA without Triton): the reference's math with
+    in-place updates, ~5 ``N x V`` temporaries instead of ~12, one softmax shared by the KD and
+    CE terms at ``T = 1``, the CE's one-hot as an indexed subtraction. Returns (dL/dz in the
+    compute dtype, influence), as the reference."""
+    V = z.shape[-1]
+    ct = torch.float64 if z.dtype == torch.float64 else torch.float32
+    z, s, sp, sm = (x.reshape(-1, V) for x in (z, s, sp, sm))
+    y = labels.reshape(-1).to(z.device)
+    n = n_rows if n_rows is not None else z.shape[0]
+    T, a = float(temperature), float(alpha_teacher)
+    R = float(radius)  # note: host sync for a device radius (the Triton path takes it as is)
+
+    def scaled(x):  # x / T in the compute dtype, a new tensor (the inputs stay untouched)
+        return x.to(ct) / T if T != 1.0 else x.to(ct, copy=True)
+
+    pt = torch.softmax(scaled(z), -1)
+    g = pt * (a / (T * n))
+    g.sub_(torch.softmax(scaled(s), -1), alpha=a / (T * n))
+    if a != 1.0:
+        p1 = pt if T == 1.0 else torch.softmax(z.to(ct), -1)
+        valid = (y >= 0).to(ct)[:, None]  # ignored rows: no CE term
+        g.addcmul_(p1, valid, value=(1.0 - a) / n)
+        rows = (y >= 0).nonzero().squeeze(-1)
+        sub = torch.full(rows.shape, -(1.0 - a) / n, dtype=ct, device=g.device)
+        g.index_put_((rows, y[rows]), sub, accumulate=True)
+    lqp = torch.log_softmax(scaled(sp), -1)
+    lqm = torch.log_softmax(scaled(sm), -1)
+    c = eta * a / (2.0 * R * T * n)
+    g.add_(lqp.exp(), alpha=c)
+    g.sub_(lqm.exp(), alpha=c)
+    diff = lqm.sub_(lqp).mul_(pt)
+    diff.masked_fill_(torch.isneginf(z), 0.0)  # masked vocabulary: -inf - -inf = nan, times 0
+    infl = -eta * diff.sum(-1) / (2.0 * R)
+    return g, infl
+
+
 @torch.no_grad()
 def lgtm_teacher_logit_grad(
     teacher_logits,
@@ -106,7 +145,7 @@ def lgtm_teacher_logit_grad(
         y = y.to(device=ins[0].device, dtype=torch.int64).contiguous()
         g, infl = lgtm_grad_triton(*ins, y, coef, 1.0 / float(temperature))
     else:
-        g, infl = lgtm_teacher_logit_grad_ref(
+        g, infl = lgtm_teacher_logit_grad_torch(
             *ins,
             y,
             alpha_teacher=alpha_teacher,

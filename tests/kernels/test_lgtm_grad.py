@@ -95,6 +95,29 @@ def test_lgtm_grad_ref_float64_exact():
     assert torch.allclose(infl, I_ref, rtol=1e-8, atol=1e-14)
 
 
+@pytest.mark.parametrize("a_t,T", [(0.4, 1.0), (0.4, 2.0), (1.0, 1.0), (0.0, 0.5)])
+def test_lgtm_grad_torch_path_float64_exact_and_inputs_untouched(a_t, T):
+    """The lean torch path (in place, shared softmax at T = 1, indexed one-hot) reproduces the
+    definition to rounding in float64, ignored rows included, and leaves its inputs as they
+    were; in fp32 it matches the reference to fp32 rounding."""
+    z, s, sp, sm, y = make(6, 53, torch.float64, 1e-3, seed=int(10 * T + 100 * a_t))
+    y[4] = -100
+    copies = [x.clone() for x in (z, s, sp, sm, y)]
+    kw = dict(alpha_teacher=a_t, temperature=T, eta=0.1, radius=1e-3, n_rows=9)
+    G, I_ref = definition64(z, s, sp, sm, y, a_t=a_t, T=T, eta=0.1, R=1e-3, n=9)
+    g, infl = lgtm_kernels.lgtm_grad.lgtm_teacher_logit_grad_torch(z, s, sp, sm, y, **kw)
+    assert torch.allclose(g, G, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(infl, I_ref, rtol=1e-8, atol=1e-14)
+    for x, c in zip((z, s, sp, sm, y), copies):
+        assert torch.equal(x, c)
+    x32 = [x.float() for x in (z, s, sp, sm)]
+    g32, i32 = lgtm_kernels.lgtm_grad.lgtm_teacher_logit_grad_torch(*x32, y, **kw)
+    r32, ri32 = lgtm_kernels.lgtm_teacher_logit_grad_ref(*x32, y, **kw)
+    assert g32.dtype == i32.dtype == torch.float32
+    assert_close_verbose(g32, r32, 1e-6 * r32.abs().amax(), "fp32 dL/dz")
+    assert_close_verbose(i32, ri32, 1e-3 * ri32.abs().amax(), "fp32 influence")
+
+
 def test_lgtm_grad_masked_vocab(backend):
     """-inf at the same vocabulary positions in all four inputs: those entries get 0 gradient."""
     z, s, sp, sm, y = make(4, 300, torch.float32, 0.05, seed=11)
