@@ -157,6 +157,10 @@ def test_lookahead_equals_a_real_adamw_step_and_leaves_state_alone(dtype, tol):
     g = torch.autograd.grad(CLS.task_loss(engine.forward(b), b["labels"]), engine.params())
     state_before = copy.deepcopy(opt.state_dict())
     look = adamw_lookahead(engine.master_params(), g, engine.adam_state())
+    # LGTM's call: the result written into its (spent) gradient, the same values
+    spent = [gi.detach().to(look[0].dtype).clone() for gi in g]
+    reused = engine.lookahead(engine.master_params(), spent, adamw_lookahead, reuse_g=True)
+    assert all(x is y and torch.equal(x, z) for x, y, z in zip(reused, spent, look))
     s2, opt2 = copy.deepcopy((s, opt))
     for p, gi in zip(s2.parameters(), g):
         p.grad = gi.clone()

@@ -110,12 +110,16 @@ class Engine:
     def adam_state(self) -> AdamState:
         raise NotImplementedError
 
-    def lookahead(self, theta: list[torch.Tensor], g: list[torch.Tensor], step_fn):
+    def lookahead(
+        self, theta: list[torch.Tensor], g: list[torch.Tensor], step_fn, reuse_g: bool = False
+    ):
         """LGTM's step B, ``theta + AdamW_update(g)`` as full fp32 tensors: ``step_fn(params,
-        grads, AdamState)`` (``methods.lookahead.adamw_lookahead``, elementwise) on whatever
-        this engine holds. Here: on the full tensors. ZeRO-1/2/3 (the DeepSpeed adapter): on this
-        rank's partitions of the moments, then one all-gather of the result."""
-        return step_fn(theta, g, self.adam_state())
+        grads, AdamState, out=None)`` (``methods.lookahead.adamw_lookahead``, elementwise) on
+        whatever this engine holds. Here: on the full tensors. ZeRO-1/2/3 (the DeepSpeed
+        adapter): on this rank's partitions of the moments, then one all-gather of the result.
+        ``reuse_g``: the caller is done with ``g``; its memory may hold the result (one full
+        fp32 copy of the student fewer here and at ZeRO-3)."""
+        return step_fn(theta, g, self.adam_state(), out=g if reuse_g else None)
 
     def functional_forward(self, params: list[torch.Tensor], batch: dict) -> torch.Tensor:
         """Forward with ``params`` in place of ``params()`` (any dtype; fp32 for bf16 models)."""

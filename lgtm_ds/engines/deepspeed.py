@@ -290,16 +290,17 @@ class DeepSpeedEngineAdapter(Engine):
             raise RuntimeError(f"student optimizer partitions disagree on the step count: {steps}")
         return AdamState(None, None, steps.pop() if steps else 0, *hparams)
 
-    def lookahead(self, theta, g, step_fn):
+    def lookahead(self, theta, g, step_fn, reuse_g=False):
         """ZeRO-1/2/3: the simulated AdamW step on this rank's partitions of the moments (no
         gathered copies of them: two full fp32 copies of the student fewer, and under ZeRO-3
         no collective per tensor and moment), then one all-gather of the result (ZeRO-1/2: one
-        per parameter group). ``theta`` and ``g`` are full and equal on every rank."""
+        per parameter group, the result views of the gathered buffer; ZeRO-3 with ``reuse_g``:
+        copied into ``g``). ``theta`` and ``g`` are full and equal on every rank."""
         if self.engine.optimizer is self.engine.basic_optimizer or self.stage == 0:
-            return super().lookahead(theta, g, step_fn)
+            return super().lookahead(theta, g, step_fn, reuse_g)
         meta = self._adam_meta()
         if meta.step == 0:  # no moments yet: nothing to gather
-            return step_fn(theta, g, meta)
+            return step_fn(theta, g, meta, out=g if reuse_g else None)
         parts = self._moment_parts()
         idx = [i for i, part in enumerate(parts) if part is not None]
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
@@ -314,7 +315,8 @@ class DeepSpeedEngineAdapter(Engine):
                 *(pick(h) for h in (meta.lr, meta.betas, meta.eps, meta.weight_decay)),
             ),
         )
-        return self._gather_parts(dict(zip(idx, local)), theta[0].dtype, theta[0].device)
+        into = g if reuse_g and self.stage == 3 else None
+        return self._gather_parts(dict(zip(idx, local)), theta[0].dtype, theta[0].device, into)
 
     def _moment_parts(self) -> list[tuple | None]:
         """Per trainable parameter: ``(start, numel, exp_avg, exp_avg_sq)``, the elements of its
@@ -344,9 +346,10 @@ class DeepSpeedEngineAdapter(Engine):
             out.append((addr.start, addr.numel, m.reshape(-1), v.reshape(-1)))
         return out
 
-    def _gather_parts(self, local: dict, dtype, device) -> list[torch.Tensor]:
+    def _gather_parts(self, local: dict, dtype, device, into=None) -> list[torch.Tensor]:
         """Full tensors of ``params()``' shapes from each rank's parts (``local``: param index
-        -> its flat part, laid out as :meth:`_moment_parts` says)."""
+        -> its flat part, laid out as :meth:`_moment_parts` says). ZeRO-3: written into
+        ``into`` (full tensors of those shapes) when given, else new tensors."""
         import deepspeed.comm as dist
 
         params = self.params()
@@ -369,11 +372,15 @@ class DeepSpeedEngineAdapter(Engine):
             world = dist.get_world_size(group=group)
             gathered = buf.new_empty(world * buf.numel())
             dist.all_gather_into_tensor(gathered, buf, group=group)  # note: one collective
+            del buf
             rows = gathered.view(world, -1)
             out = []
             for i, p in enumerate(params):
                 full = rows[:, offsets[i] : offsets[i] + sizes[i]].reshape(-1)  # a copy
-                out.append(full[: p.ds_numel].view(p.ds_shape))
+                full = full[: p.ds_numel].view(p.ds_shape)
+                if into is not None:
+                    full = into[i].copy_(full)  # the copy above lives for one tensor only
+                out.append(full)
             return out
         # ZeRO-1/2: each group's partition layout, then the group's flat buffer
         opt = self.engine.optimizer

@@ -102,7 +102,7 @@ class LGTM(Method):
         g, fwd = student_grad(d, micro, w, keep_graph, record_rng=record)  # A
         stats = self._example_stats(micro, fwd) if d.telemetry.example_stats else None
         theta = d.student.master_params()
-        look = d.student.lookahead(theta, g, adamw_lookahead)  # B
+        look = d.student.lookahead(theta, g, adamw_lookahead, reuse_g=True)  # B (g is spent)
         del g
         v, quiz_ce = self._quiz_grad(look, quiz, wq)  # C
         del look

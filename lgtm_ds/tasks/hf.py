@@ -85,6 +85,17 @@ EMBEDDED_DECODERS = {
             tie_word_embeddings=True,
         ),
     ),
+    # bench_step's decoder-zero preset: 50M parameters, nearly all in the body
+    "wide": (
+        "llama",
+        dict(
+            hidden_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            intermediate_size=2560,
+        ),
+    ),
     "gpt2-teacher": ("gpt2", dict(n_embd=32, n_layer=2, n_head=2)),
     "gpt2-student": ("gpt2", dict(n_embd=16, n_layer=1, n_head=2)),
 }

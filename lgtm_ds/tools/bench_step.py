@@ -46,6 +46,10 @@ PRESETS = {
     # the memory table: tiny bodies (H = 16), so the vocabulary decides; 16 x 344 -> 4112 loss
     # tokens (--batch / --seq / --vocab for the other sizes)
     "decoder-mem": ("causal_lm", "embedded:tiny", "embedded:tiny", 16, 344, 32000),
+    # the extra memory per rank of the student-side passes, in fp32 student copies: a 50M
+    # student, a tiny teacher and a short batch, so that the student's size decides
+    # (--ranks 2 --ds_config ds_configs/zero3.json for ZeRO-3 across two ranks)
+    "decoder-zero": ("causal_lm", "embedded:tiny", "embedded:wide", 2, 64, 1000),
 }
 LABELS = 3
 NAIVE = "naive"  # the reference form of LGTM (lgtm_ds.methods.naive), plain modules
@@ -70,7 +74,10 @@ def child(args) -> dict:
 
     task_type, t_name, s_name, batch, seq, vocab = PRESETS[args.preset]
     batch, seq, vocab = args.batch or batch, args.seq or seq, args.vocab or vocab
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     method = args.method
     n_steps = args.warmup + args.steps
     cfg = load_config(
@@ -95,6 +102,7 @@ def child(args) -> dict:
         task.max_length = seq  # positions for the embedded decoders (and check_pair's rule)
     teacher = task.build_model(t_name, role="teacher", options=options).to(dev)
     student = task.build_model(s_name, role="student", options=options).to(dev)
+    student_bytes = 4 * sum(p.numel() for p in student.parameters())  # one fp32 copy
     on_deepspeed = args.engine == "deepspeed" and method != NAIVE
     if args.precision == "bf16" and not on_deepspeed:
         teacher, student = teacher.bfloat16(), student.bfloat16()
@@ -194,6 +202,7 @@ def child(args) -> dict:
         "zero_stage": zero_stage,
         "growth_mib": growth / 2**20,
         "x_nv": growth / (tokens * width * 4),
+        "x_student": growth / student_bytes,
     }
 
 
@@ -245,38 +254,59 @@ CSV_HEADER = [
     "growth_mib",
     "x_nv",
     "zero_stage",
+    "ranks",
+    "x_student",
 ]
 
 
 def _run_child(method: str, args) -> dict | None:
+    """One measurement: ``args.ranks`` child processes (one rank each, a process group of
+    their own). Rank 0's row, with the largest memory growth of any rank."""
     cmd = [sys.executable, "-m", "lgtm_ds.tools.bench_step", "--method", method]
     for key in ("preset", "engine", "precision", "batch", "seq", "vocab", "steps", "warmup"):
         cmd += [f"--{key}", str(getattr(args, key))]
     if args.ds_config:
         cmd += ["--ds_config", args.ds_config]
     cmd += ["--fused-head", args.fused_head]
-    env = dict(
-        os.environ,
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-    )
-    if args.exact_rss:
-        # glibc: every allocation >= 64 KiB is its own mapping, returned to the OS on free (the
-        # default threshold rises to 32 MiB after large frees, and the warm-up's freed chunk
-        # buffers would stay in the RSS and hide the measured step's peak). Slower steps.
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    env["PYTHONPATH"] = os.pathsep.join(
-        [ROOT, os.path.join(ROOT, "kernels"), *filter(None, [env.get("PYTHONPATH")])]
-    )
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        print(f"{method}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(lines[-1][7:])
+    port = str(_free_port())
+    procs = []
+    for rank in range(args.ranks):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(args.ranks),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        if args.exact_rss:
+            # glibc: every allocation >= 64 KiB is its own mapping, returned to the OS on free
+            # (the default threshold rises to 32 MiB after large frees, and the warm-up's
+            # freed chunk buffers would stay in the RSS and hide the measured step's peak).
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        env["PYTHONPATH"] = os.pathsep.join(
+            [ROOT, os.path.join(ROOT, "kernels"), *filter(None, [env.get("PYTHONPATH")])]
+        )
+        procs.append(
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
+        )
+    results = []
+    for rank, proc in enumerate(procs):
+        out, err = proc.communicate()
+        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"{method} (rank {rank}): failed\n{err[-2000:]}", file=sys.stderr)
+            for p in procs:
+                p.kill()
+            return None
+        results.append(json.loads(lines[-1][7:]))
+    row = dict(results[0], ranks=args.ranks)
+    top = max(results, key=lambda r: r["growth_mib"])
+    for key in ("growth_mib", "x_nv", "x_student"):
+        row[key] = top[key]
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="CPU memory runs: large allocations are returned to the OS on free, so growth_mib "
         "is the step's own peak (times are slower; measure time without it)",
+    )
+    ap.add_argument(
+        "--ranks",
+        type=int,
+        default=1,
+        help="data-parallel ranks per measurement (one process each; CPU: gloo); memory "
+        "growth is the largest of any rank's",
     )
     ap.add_argument("--csv", default=os.path.join(ROOT, "benchmarks", "step.csv"))
     ap.add_argument("--method", help=argparse.SUPPRESS)  # child mode
@@ -380,6 +417,8 @@ def _write_csv(args, rows: list[dict]) -> None:
                     f"{r.get('growth_mib', float('nan')):.0f}",
                     f"{r.get('x_nv', float('nan')):.3f}",
                     r.get("zero_stage", ""),
+                    r.get("ranks", 1),
+                    f"{r.get('x_student', float('nan')):.3f}",
                 ]
             )
 
@@ -387,19 +426,22 @@ def _write_csv(args, rows: list[dict]) -> None:
 def _print_table(args, rows: list[dict]) -> None:
     print(
         f"\n{args.preset} preset, batch {rows[0]['batch']} x {rows[0]['seq']}, "
-        f"{args.precision}, {rows[0]['device']}, engine {args.engine} (naive: plain torch)"
+        f"{args.precision}, {rows[0]['device']}, engine {args.engine} (naive: plain torch), "
+        f"{args.ranks} rank(s), ZeRO {rows[0].get('zero_stage') or '-'} (teacher/student)"
     )
     print(
         f"{'method':<12}{'ms/step':>10}{'p20':>9}{'p80':>9}{'x vanilla':>11}{'peak MiB':>10}"
-        f"{'tokens/s':>10}{'fused':>7}{'growth MiB':>12}{'x N*V fp32':>12}"
+        f"{'tokens/s':>10}{'fused':>7}{'growth MiB':>12}{'x N*V fp32':>12}{'x student':>11}"
     )
     for r, x in zip(rows, _x_vanilla(rows)):
         print(
             f"{r['method']:<12}{r['ms_median']:>10.1f}{r['ms_p20']:>9.1f}{r['ms_p80']:>9.1f}"
             f"{x:>11.2f}{r['peak_mib']:>10.0f}{r['tok_per_s']:>10.0f}"
             f"{'yes' if r['fused_head'] else 'no':>7}{r['growth_mib']:>12.0f}{r['x_nv']:>12.3f}"
+            f"{r['x_student']:>11.2f}"
         )
     print("peak MiB: CUDA max allocated on GPU; process max RSS on CPU (includes the runtime).")
+    print("x student: the growth in fp32 copies of the whole student (largest over ranks).")
 
 
 if __name__ == "__main__":
