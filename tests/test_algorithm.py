@@ -352,3 +352,51 @@ def test_influence_scale_multiplies_the_influence_term_exactly():
     assert err < 1e-10, f"influence_scale=3: influence term rel. error {err:.2e}"
     assert torch.equal(infl[0.0], torch.zeros_like(infl[0.0]))
     assert torch.allclose(infl[3.0], 3 * infl[1.0], rtol=1e-12, atol=0)
+
+
+class _ReadsAChildsWeight(torch.nn.Module):
+    """A model whose forward reads a child's parameter outside the child's own forward."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.extra = torch.nn.Linear(4, 3)
+
+    def forward(self, **kw):
+        logits = get_logits(self.inner(**kw))
+        return logits + self.extra.weight.sum()  # read here, not in extra's forward
+
+
+@pytest.mark.parametrize("kind", ["classifier", "gpt2", "gpt2-fused", "llama-fused", "external"])
+def test_forward_perturbed_forms_parameters_per_module_and_equals_full_work_tensors(kind):
+    """Step D's ``Engine.forward_perturbed`` (theta + a v formed module by module, no full work
+    copy) equals ``forward_at`` on the full ``theta + a v`` bit for bit, with dropout (the same
+    RNG state), tied embeddings and the fused head; a model that reads a parameter outside its
+    module's forward is detected and runs on full work tensors, still equal."""
+    from .helpers import lm_batch, tiny_decoder
+
+    torch.manual_seed(0)
+    fused = kind.endswith("fused")
+    if kind in ("classifier", "external"):
+        model, batch = tiny_model(seed=4), random_batch(5, 3)
+        model.train()  # dropout on
+        if kind == "external":
+            model = _ReadsAChildsWeight(model)
+    else:
+        model = tiny_decoder("tiny" if kind.startswith("llama") else "gpt2-student", 5)
+        batch = {k: v for k, v in lm_batch(3, 4).items() if k != "labels"}
+    engine = TorchEngine(model, build_adamw(model, 1e-3, 0.0))
+    engine.fused_head = fused
+    theta = engine.master_params()
+    g = torch.Generator().manual_seed(1)
+    v = [torch.randn(t.shape, generator=g) for t in theta]
+    for alpha in (1e-2, -1e-2):
+        rng = torch.get_rng_state()
+        got = engine.forward_perturbed(theta, v, alpha, batch)
+        torch.set_rng_state(rng)
+        want = engine.forward_at([torch.add(t, d, alpha=alpha) for t, d in zip(theta, v)], batch)
+        if fused:
+            got, want = got.full_logits(), want.full_logits()
+        assert torch.equal(got, want), kind
+    assert engine._perturb_lazily is (kind != "external")
+    assert all(p is q for p, q in zip(engine.params(), model.parameters()))  # put back

@@ -15,8 +15,10 @@ before by construction, in fp32 and bf16 alike, and a bf16 student still *sees* 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
+import lgtm_kernels
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -118,7 +120,9 @@ class Engine:
         whatever this engine holds. Here: on the full tensors. ZeRO-1/2/3 (the DeepSpeed
         adapter): on this rank's partitions of the moments, then one all-gather of the result.
         ``reuse_g``: the caller is done with ``g``; its memory may hold the result (one full
-        fp32 copy of the student fewer here and at ZeRO-3)."""
+        fp32 copy of the student fewer here and at ZeRO-3). ``theta`` None: this engine's own
+        masters (ZeRO-1/2/3: only this rank's partitions of them are read)."""
+        theta = self.master_params() if theta is None else theta
         return step_fn(theta, g, self.adam_state(), out=g if reuse_g else None)
 
     def functional_forward(self, params: list[torch.Tensor], batch: dict) -> torch.Tensor:
@@ -139,6 +143,81 @@ class Engine:
         """No-grad forward of the module as if its parameters were ``params`` (full tensors)."""
         with torch.no_grad():
             return self.functional_forward(params, batch)
+
+    def forward_perturbed(
+        self, theta: list[torch.Tensor], v: list[torch.Tensor], alpha: float, batch: dict
+    ) -> torch.Tensor:
+        """No-grad forward at ``theta + alpha * v`` (LGTM's step D, fp32 work tensors). Each
+        module's parameters are formed just before its own forward and dropped after it, so the
+        extra memory is one module's parameters (plus what the output keeps: a fused head's
+        weight), not a full copy of the student. Bit for bit :meth:`forward_at` on
+        ``theta + alpha v``. A model that reads a parameter outside its own module's forward
+        (or never reads one) is found on the first call and runs on full work tensors from
+        then on (the first call is repeated with the same RNG state)."""
+        if self._perturb_lazily is not False:
+            rng = torch.get_rng_state()
+            cuda = theta[0].device.type == "cuda" if theta else False
+            cuda_rng = torch.cuda.get_rng_state(theta[0].device) if cuda else None
+            out, complete = self._forward_per_module(theta, v, alpha, batch)
+            if complete:
+                self._perturb_lazily = True
+                return out
+            self._perturb_lazily = False
+            _log.info(
+                "%s: a parameter is read outside its module's forward; the perturbed forwards "
+                "run on full work tensors (one fp32 copy of the model)",
+                getattr(self, "role", "model"),
+            )
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, theta[0].device)
+        work = [torch.empty_like(t) for t in theta]
+        _axpy(work, theta, v, alpha)
+        with torch.no_grad():  # (not forward_at: an engine may wrap both in one context)
+            return self.functional_forward(work, batch)
+
+    _perturb_lazily: bool | None = None  # None: not known yet (set by the first call)
+
+    def _forward_per_module(self, theta, v, alpha, batch):
+        """(the forward's output, whether every trainable parameter was formed in its module's
+        forward); see :meth:`forward_perturbed`."""
+        index = {id(p): i for i, p in enumerate(self.params())}
+        slots = {}  # module -> [(attribute, parameter index)], tied parameters in every owner
+        for mod in self.module.modules():
+            own = [(k, index[id(p)]) for k, p in dict.items(mod._parameters) if id(p) in index]
+            if own:
+                slots[mod] = own
+        formed, stash, handles = set(), {}, []
+
+        def pre(mod, args):
+            saved = []
+            for attr, i in slots[mod]:
+                work = torch.empty_like(theta[i])
+                _axpy([work], [theta[i]], [v[i]], alpha)
+                # the dict's own read: a ZeRO-3 module's getter would gather the parameter
+                saved.append((attr, dict.__getitem__(mod._parameters, attr)))
+                mod._parameters[attr] = work  # the module reads it as its parameter
+                formed.add(i)
+            stash.setdefault(mod, []).append(saved)
+
+        def post(mod, args, out):
+            for attr, param in stash[mod].pop():
+                mod._parameters[attr] = param
+
+        try:
+            for mod in slots:
+                handles.append(mod.register_forward_pre_hook(pre))
+                handles.append(mod.register_forward_hook(post))
+            with torch.no_grad(), self.head_ctx():
+                out = get_logits(self.module(**model_inputs(batch)))
+        finally:
+            for h in handles:
+                h.remove()
+            for mod, frames in stash.items():  # an exception inside a forward: put them back
+                for saved in reversed(frames):
+                    for attr, param in saved:
+                        mod._parameters[attr] = param
+        return out, len(formed) == len(index)
 
     def jvp_at(
         self, params: list[torch.Tensor], tangents: list[torch.Tensor], batch: dict
@@ -182,7 +261,7 @@ class Engine:
         from torch.nn.utils.stateless import _reparametrize_module
 
         leaves = [p.detach().requires_grad_() for p in params]
-        grads = [torch.zeros_like(p) for p in leaves]
+        grads = None  # the first batch's gradients are the accumulator (no zeros + copy)
         total = 0.0
         swap = dict(zip(self._param_names(), leaves))
         for b in batches:
@@ -192,11 +271,18 @@ class Engine:
             ):
                 loss = loss_fn(get_logits(self.module(**model_inputs(b))), b)
                 gs = torch.autograd.grad(loss / len(batches), leaves, allow_unused=True)
-                for acc, g in zip(grads, gs):
-                    if g is not None:  # None: a parameter the loss does not use (a projection)
-                        acc.add_(g)
+                # None: a parameter the loss does not use (a projection)
+                if grads is None:
+                    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, gs)]
+                else:
+                    for acc, g in zip(grads, gs):
+                        if g is not None:
+                            acc.add_(g)
+                del gs
             total += loss.detach()
-        return grads, total / len(batches)
+        if grads is None:  # no batch
+            grads = [torch.zeros_like(x) for x in leaves]
+        return grads, total / max(len(batches), 1)
 
     def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
         """Average tensors over data-parallel ranks, in place (no-op on one process)."""
@@ -371,3 +457,16 @@ def adam_hparams(params: list[torch.Tensor], group_of: dict[int, dict], decouple
         eps.append(float(g["eps"]))
         wd.append(float(g["weight_decay"]) if decoupled else 0.0)
     return lr, betas, eps, wd
+
+
+_log = logging.getLogger(__name__)
+
+
+def _axpy(out: list[torch.Tensor], x: list[torch.Tensor], v: list[torch.Tensor], a: float) -> None:
+    """``out = x + a * v`` over lists: ``lgtm_kernels.perturb_`` from the fp32 source (one launch
+    on CUDA); fp64 (the test oracle) elementwise in fp64."""
+    if all(o.dtype == torch.float32 for o in out):
+        lgtm_kernels.perturb_(out, v, a, source=x)
+        return
+    for o, xi, vi in zip(out, x, v):
+        torch.add(xi, vi, alpha=a, out=o)

@@ -300,23 +300,50 @@ class DeepSpeedEngineAdapter(Engine):
             return super().lookahead(theta, g, step_fn, reuse_g)
         meta = self._adam_meta()
         if meta.step == 0:  # no moments yet: nothing to gather
+            theta = self.master_params() if theta is None else theta
             return step_fn(theta, g, meta, out=g if reuse_g else None)
         parts = self._moment_parts()
         idx = [i for i, part in enumerate(parts) if part is not None]
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         flat = lambda t, i: t.reshape(-1).narrow(0, parts[i][0], parts[i][1])  # noqa: E731
+        if theta is None:  # this rank's own fp32 masters: no gathered copy
+            masters = self._master_parts()
+            source = [masters[i] for i in idx]
+        else:
+            source = [flat(theta[i], i) for i in idx]
+        g_parts = [flat(g[i], i) for i in idx]
         local = step_fn(
-            [flat(theta[i], i) for i in idx],
-            [flat(g[i], i) for i in idx],
+            source,
+            g_parts,
             AdamState(
                 [parts[i][2] for i in idx],
                 [parts[i][3] for i in idx],
                 meta.step,
                 *(pick(h) for h in (meta.lr, meta.betas, meta.eps, meta.weight_decay)),
             ),
+            out=g_parts if reuse_g else None,  # this rank's part of the result, in g's place
         )
         into = g if reuse_g and self.stage == 3 else None
-        return self._gather_parts(dict(zip(idx, local)), theta[0].dtype, theta[0].device, into)
+        return self._gather_parts(dict(zip(idx, local)), torch.float32, g[0].device, into)
+
+    def _master_parts(self) -> list[torch.Tensor | None]:
+        """Per trainable parameter: this rank's fp32 master elements, laid out as
+        :meth:`_moment_parts` says (flat views; None where it holds none)."""
+        import deepspeed.comm as dist
+
+        out = []
+        for p in self.params():
+            if self.stage == 3:
+                from deepspeed.utils import safe_get_local_fp32_param
+
+                n = p.ds_tensor.ds_numel
+                lo = dist.get_rank(group=p.ds_process_group) * n
+                k = max(0, min(n, p.ds_numel - lo))
+                out.append(safe_get_local_fp32_param(p).detach().reshape(-1)[:k])
+                continue
+            mapping = p._hp_mapping
+            out.append(None if mapping is None else mapping.get_hp_fragment().detach().reshape(-1))
+        return out
 
     def _moment_parts(self) -> list[tuple | None]:
         """Per trainable parameter: ``(start, numel, exp_avg, exp_avg_sq)``, the elements of its
@@ -354,34 +381,7 @@ class DeepSpeedEngineAdapter(Engine):
 
         params = self.params()
         if self.stage == 3:
-            # every rank holds n elements of every parameter: one buffer, one all-gather
-            sizes = [p.ds_tensor.ds_numel for p in params]
-            buf = torch.zeros(sum(sizes), dtype=dtype, device=device)
-            offsets = [0]
-            for n in sizes:
-                offsets.append(offsets[-1] + n)
-            for i, part in local.items():
-                buf.narrow(0, offsets[i], part.numel()).copy_(part)
-            group = params[0].ds_process_group
-            if any(p.ds_process_group is not group for p in params):
-                raise ConfigError(
-                    f"the {self.role}'s ZeRO-3 parameters are partitioned over more than one "
-                    "process group (MiCS / hpZ): LGTM's influence passes support one "
-                    "data-parallel group"
-                )
-            world = dist.get_world_size(group=group)
-            gathered = buf.new_empty(world * buf.numel())
-            dist.all_gather_into_tensor(gathered, buf, group=group)  # note: one collective
-            del buf
-            rows = gathered.view(world, -1)
-            out = []
-            for i, p in enumerate(params):
-                full = rows[:, offsets[i] : offsets[i] + sizes[i]].reshape(-1)  # a copy
-                full = full[: p.ds_numel].view(p.ds_shape)
-                if into is not None:
-                    full = into[i].copy_(full)  # the copy above lives for one tensor only
-                out.append(full)
-            return out
+            return self._gather_zero3(params, local, dtype, device, into)
         # ZeRO-1/2: each group's partition layout, then the group's flat buffer
         opt = self.engine.optimizer
         index = {id(p): i for i, p in enumerate(params)}
@@ -396,8 +396,17 @@ class DeepSpeedEngineAdapter(Engine):
                 addr = p._hp_mapping.get_hp_fragment_address()
                 buf.narrow(0, addr.start, addr.numel).copy_(local[i])
             group = opt.real_dp_process_group[gi]
-            full = buf.new_empty(dist.get_world_size(group=group) * buf.numel())
-            dist.all_gather_into_tensor(full, buf, group=group)  # note: one collective per group
+            world, ps = dist.get_world_size(group=group), buf.numel()
+            full = buf.new_empty(world * ps)
+            rows = full.view(world, ps)  # rank r's partition is row r
+            step = max(1, -(-ps // self.GATHER_BUCKETS))
+            for a in range(0, ps, step):  # in slices: the transient buffer is one slice
+                b = min(ps, a + step)
+                part_rows = buf.new_empty(world * (b - a))
+                # note: GATHER_BUCKETS collectives per group
+                dist.all_gather_into_tensor(part_rows, buf[a:b], group=group)
+                rows[:, a:b].copy_(part_rows.view(world, b - a))
+                del part_rows
             del buf
             base = opt.bit16_groups_flat[gi]
             for p in lp_group:
@@ -406,6 +415,51 @@ class DeepSpeedEngineAdapter(Engine):
                     continue
                 offset = (p.data_ptr() - base.data_ptr()) // p.element_size()
                 out[i] = full.narrow(0, offset, p.numel()).view_as(p)
+        return out
+
+    GATHER_BUCKETS = 8  # ZeRO-3 gathers: the transient buffer is ~1/8 of the model
+
+    def _gather_zero3(self, params, local: dict, dtype, device, into=None) -> list[torch.Tensor]:
+        """ZeRO-3: every rank holds ``n_i`` elements of parameter i (rank r: ``flat[r n_i:(r+1)
+        n_i]``, the tail padded). The parameters in ~:attr:`GATHER_BUCKETS` buckets, one
+        all-gather each, written into ``into`` (or new tensors) tensor by tensor: the transient
+        buffers are one bucket, not a second copy of the model."""
+        import deepspeed.comm as dist
+
+        group = params[0].ds_process_group
+        if any(p.ds_process_group is not group for p in params):
+            raise ConfigError(
+                f"the {self.role}'s ZeRO-3 parameters are partitioned over more than one "
+                "process group (MiCS / hpZ): LGTM's influence passes support one "
+                "data-parallel group"
+            )
+        world = dist.get_world_size(group=group)
+        sizes = [p.ds_tensor.ds_numel for p in params]
+        cap = max(max(sizes, default=0), -(-sum(sizes) // self.GATHER_BUCKETS))
+        out: list[torch.Tensor] = []
+        lo = 0
+        while lo < len(params):
+            hi, total = lo, 0
+            while hi < len(params) and (hi == lo or total + sizes[hi] <= cap):
+                total += sizes[hi]
+                hi += 1
+            buf = torch.zeros(total, dtype=dtype, device=device)
+            offsets = [0]
+            for i in range(lo, hi):
+                if i in local:
+                    buf.narrow(0, offsets[-1], local[i].numel()).copy_(local[i])
+                offsets.append(offsets[-1] + sizes[i])
+            gathered = buf.new_empty(world * total)
+            dist.all_gather_into_tensor(gathered, buf, group=group)  # note: one per bucket
+            del buf
+            rows = gathered.view(world, total)
+            for k, i in enumerate(range(lo, hi)):
+                p = params[i]
+                full = rows[:, offsets[k] : offsets[k + 1]].reshape(-1)[: p.ds_numel]
+                full = full.view(p.ds_shape)  # (reshape copied: one tensor's worth)
+                out.append(into[i].copy_(full) if into is not None else full)
+            del gathered, rows
+            lo = hi
         return out
 
     def _zero12_gather(self, key: str | None) -> list[torch.Tensor]:
@@ -475,6 +529,12 @@ class DeepSpeedEngineAdapter(Engine):
         with self._zero3_hooks_off():
             return super().forward_at(params, batch)
 
+    def forward_perturbed(self, theta, v, alpha, batch):
+        if self.stage < 3:
+            return super().forward_perturbed(theta, v, alpha, batch)
+        with self._zero3_hooks_off():
+            return super().forward_perturbed(theta, v, alpha, batch)
+
     def grad_at(self, params, batches, loss_fn):
         if self.stage < 3:
             return super().grad_at(params, batches, loss_fn)
@@ -522,13 +582,27 @@ class DeepSpeedEngineAdapter(Engine):
 
         if not dist.is_initialized() or dist.get_world_size() == 1 or not tensors:
             return
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)  # note: one collective for the whole list
-        flat.div_(dist.get_world_size())
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+        world = dist.get_world_size()
+        # ~GATHER_BUCKETS collectives, each over one flat bucket: the transient buffer is a
+        # bucket, not a second copy of the list (a full-size student gradient, for instance)
+        sizes = [t.numel() for t in tensors]
+        cap = max(max(sizes), -(-sum(sizes) // self.GATHER_BUCKETS))
+        lo = 0
+        while lo < len(tensors):
+            hi, total = lo, 0
+            while hi < len(tensors) and (hi == lo or total + sizes[hi] <= cap):
+                total += sizes[hi]
+                hi += 1
+            bucket = tensors[lo:hi]
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            dist.all_reduce(flat)  # note: one collective per bucket
+            flat.div_(world)
+            offset = 0
+            for t in bucket:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+            del flat
+            lo = hi
 
     # -- saving ----------------------------------------------------------------------------------
     def save_pretrained(self, path: str, is_main: bool, drop: str | None = None, **kwargs) -> None:

@@ -5,13 +5,15 @@ One LGTM step over a global batch split into micro-batches ``x_j`` (lgtm-method.
 A. per micro-batch: teacher logits, student forward at ``theta`` and
    ``g += grad_theta L_s / n_micro`` (``torch.autograd.grad``: the engine's gradient buffers
    and hooks are not touched); ``g`` is averaged over data-parallel ranks.
-B. look-ahead ``theta' = theta + AdamW_update(g)`` (student optimizer simulated, state unchanged).
+B. look-ahead ``theta' = theta + AdamW_update(g)`` (student optimizer simulated, state unchanged),
+   from the engine's own masters, written into the spent ``g``.
 C. ``v = grad_theta' CE(y_q, f(x_q; theta'))`` over the quiz micro-batches, rank-averaged, so
    ``||v||`` and ``R = r / ||v||`` agree on every rank.
-D. per micro-batch: student forwards at ``theta +- R v`` (fp32 work tensors, same dropout mask
-   on both sides), one teacher forward with graph and ONE teacher backward of
-   ``(z * dL/dz).sum()``; teacher step. (bf16 teachers: the influence part of dL/dz is
-   backpropagated on its own and added to fp32-accumulated gradients, see ``_influence_grad``.)
+D. per micro-batch: student forwards at ``theta +- R v`` (fp32, formed module by module inside
+   the forward: ``Engine.forward_perturbed``; same dropout mask on both sides), one teacher
+   forward with graph and ONE teacher backward of ``(z * dL/dz).sum()``; teacher step. (bf16
+   teachers: the influence part of dL/dz is backpropagated on its own and added to
+   fp32-accumulated gradients, see ``_influence_grad``.)
 E. the student step with the updated teacher (:meth:`Method.student_update`).
 """
 
@@ -22,10 +24,9 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-import lgtm_kernels
 import torch
 
-from ..engines.head import HeadOutput, grads_through, surrogate
+from ..engines.head import grads_through, surrogate
 from ..errors import ConfigError
 from ..tasks.base import InfluenceParams
 from .base import METHODS, Method, device_of, weighted
@@ -101,11 +102,13 @@ class LGTM(Method):
         record = (measure or own_pass) and keep_graph
         g, fwd = student_grad(d, micro, w, keep_graph, record_rng=record)  # A
         stats = self._example_stats(micro, fwd) if d.telemetry.example_stats else None
-        theta = d.student.master_params()
-        look = d.student.lookahead(theta, g, adamw_lookahead, reuse_g=True)  # B (g is spent)
+        # B: from the engine's own masters (ZeRO-1/2/3: this rank's partitions), written into
+        # the spent g; theta (full) is fetched only for D, after C
+        look = d.student.lookahead(None, g, adamw_lookahead, reuse_g=True)
         del g
         v, quiz_ce = self._quiz_grad(look, quiz, wq)  # C
         del look
+        theta = d.student.master_params()
         v_norm = float(torch.sqrt(sum((vi.double() ** 2).sum() for vi in v)))  # note: host sync
         if not math.isfinite(v_norm):
             # fp16 overflow in the student's passes: skip this step in both engines (the
@@ -184,16 +187,14 @@ class LGTM(Method):
             beta_student=hp.jsd_beta,
         )
         n_micro = len(micro)
-        work = [torch.empty_like(t) for t in theta]
         device = device_of(d.student)
         influences, t_total, g_infl = [], 0.0, None
         for j, mb in enumerate(micro):
+            # theta +- R v formed module by module inside the forwards (no full work copy)
             with torch.no_grad(), _same_rng(device) as replay:
-                _axpy(work, theta, v, radius)
-                s_plus = _own(d.student.forward_at(work, mb))  # `work` is reused below
+                s_plus = d.student.forward_perturbed(theta, v, radius, mb)
                 replay()
-                _axpy(work, theta, v, -radius)
-                s_minus = d.student.forward_at(work, mb)
+                s_minus = d.student.forward_perturbed(theta, v, -radius, mb)
             ht = fwd.t_hidden[j] if fwd.t_graph and d.hidden.on else None
             with _same_rng(device) as replay_teacher:
                 if fwd.t_graph:
@@ -288,16 +289,6 @@ class _RatioProbe:
         return infl / main if main > 0 else math.inf
 
 
-def _own(out):
-    """A forward's output that does not alias the work tensors: a HeadOutput from
-    ``forward_at`` holds the output layer's work tensors, which the next perturbation overwrites
-    (one ``[V, H]`` copy; logits own their memory already)."""
-    if not isinstance(out, HeadOutput):
-        return out
-    b = out.bias.clone() if out.bias is not None else None
-    return HeadOutput(out.hidden, out.weight.clone(), b, out.weight_param, out.bias_param)
-
-
 def _accumulate(acc, grads, n_micro: int) -> list[torch.Tensor]:
     """``acc += grads / n_micro`` in fp32 (float64 stays float64)."""
     if acc is None:
@@ -340,8 +331,8 @@ def student_grad(
             fwd.t_hidden.append(ht)
             fwd.s_hidden.append({k: x.detach() for k, x in hs.items()})
         gs = torch.autograd.grad(ls / len(micro), params)
-        if g is None:
-            g = [gi.to(torch.promote_types(gi.dtype, torch.float32)).clone() for gi in gs]
+        if g is None:  # the first micro-batch's gradients (fresh tensors) are the accumulator
+            g = [gi.to(torch.promote_types(gi.dtype, torch.float32)) for gi in gs]
         else:
             for acc, gi in zip(g, gs):
                 acc.add_(gi)
@@ -402,13 +393,3 @@ def _same_rng(device: torch.device):
             torch.cuda.set_rng_state(cuda_state, device)
 
     yield replay
-
-
-def _axpy(out: list[torch.Tensor], x: list[torch.Tensor], v: list[torch.Tensor], a: float) -> None:
-    """``out = x + a * v`` over lists: ``lgtm_kernels.perturb_`` from the fp32 source (one launch
-    on CUDA); fp64 (the test oracle) elementwise in fp64."""
-    if all(o.dtype == torch.float32 for o in out):
-        lgtm_kernels.perturb_(out, v, a, source=x)
-        return
-    for o, xi, vi in zip(out, x, v):
-        torch.add(xi, vi, alpha=a, out=o)
