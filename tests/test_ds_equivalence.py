@@ -171,3 +171,20 @@ def test_lookahead_inputs_read_through_each_zero_stage(results, name, world):
     # the look-ahead on this rank's moment partitions (ZeRO-1/2/3) equals the one on gathered
     # moments: the same elementwise arithmetic, so to the last bit
     assert res["lookahead"] == 0.0, res["lookahead"]
+
+
+def test_buckets_cover_every_item_once_within_the_cap():
+    """The pieces of the adapter's bucketed all-gathers / all-reduces: consecutive, complete,
+    each at most ~1/n of the total unless one item alone is larger."""
+    from lgtm_ds.engines.deepspeed import _buckets
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 3, 8):
+        sizes = torch.randint(1, 50, (37,), generator=g).tolist() + [400]
+        spans = list(_buckets(sizes, n))
+        assert [lo for lo, _ in spans] == [0] + [hi for _, hi in spans[:-1]]
+        assert spans[-1][1] == len(sizes)
+        cap = max(max(sizes), -(-sum(sizes) // n))
+        assert all(sum(sizes[lo:hi]) <= cap for lo, hi in spans)
+        assert len(spans) <= 2 * n + 1
+    assert list(_buckets([], 8)) == []

@@ -293,9 +293,11 @@ class DeepSpeedEngineAdapter(Engine):
     def lookahead(self, theta, g, step_fn, reuse_g=False):
         """ZeRO-1/2/3: the simulated AdamW step on this rank's partitions of the moments (no
         gathered copies of them: two full fp32 copies of the student fewer, and under ZeRO-3
-        no collective per tensor and moment), then one all-gather of the result (ZeRO-1/2: one
-        per parameter group, the result views of the gathered buffer; ZeRO-3 with ``reuse_g``:
-        copied into ``g``). ``theta`` and ``g`` are full and equal on every rank."""
+        no collective per tensor and moment), then an all-gather of the result in
+        ~:attr:`GATHER_BUCKETS` pieces (ZeRO-1/2: the result views of one buffer per parameter
+        group; ZeRO-3 with ``reuse_g``: copied into ``g``). ``g`` (and ``theta``, when given)
+        are full and equal on every rank; ``reuse_g``: this rank's part of the result is
+        written into ``g`` too."""
         if self.engine.optimizer is self.engine.basic_optimizer or self.stage == 0:
             return super().lookahead(theta, g, step_fn, reuse_g)
         meta = self._adam_meta()
@@ -417,7 +419,9 @@ class DeepSpeedEngineAdapter(Engine):
                 out[i] = full.narrow(0, offset, p.numel()).view_as(p)
         return out
 
-    GATHER_BUCKETS = 8  # ZeRO-3 gathers: the transient buffer is ~1/8 of the model
+    # all-gathers and all-reduces of model-sized lists run in ~this many pieces: the transient
+    # buffer is ~1/8 of the model, not a copy of it
+    GATHER_BUCKETS = 8
 
     def _gather_zero3(self, params, local: dict, dtype, device, into=None) -> list[torch.Tensor]:
         """ZeRO-3: every rank holds ``n_i`` elements of parameter i (rank r: ``flat[r n_i:(r+1)
@@ -435,14 +439,9 @@ class DeepSpeedEngineAdapter(Engine):
             )
         world = dist.get_world_size(group=group)
         sizes = [p.ds_tensor.ds_numel for p in params]
-        cap = max(max(sizes, default=0), -(-sum(sizes) // self.GATHER_BUCKETS))
         out: list[torch.Tensor] = []
-        lo = 0
-        while lo < len(params):
-            hi, total = lo, 0
-            while hi < len(params) and (hi == lo or total + sizes[hi] <= cap):
-                total += sizes[hi]
-                hi += 1
+        for lo, hi in _buckets(sizes, self.GATHER_BUCKETS):
+            total = sum(sizes[lo:hi])
             buf = torch.zeros(total, dtype=dtype, device=device)
             offsets = [0]
             for i in range(lo, hi):
@@ -459,7 +458,6 @@ class DeepSpeedEngineAdapter(Engine):
                 full = full.view(p.ds_shape)  # (reshape copied: one tensor's worth)
                 out.append(into[i].copy_(full) if into is not None else full)
             del gathered, rows
-            lo = hi
         return out
 
     def _zero12_gather(self, key: str | None) -> list[torch.Tensor]:
@@ -585,14 +583,7 @@ class DeepSpeedEngineAdapter(Engine):
         world = dist.get_world_size()
         # ~GATHER_BUCKETS collectives, each over one flat bucket: the transient buffer is a
         # bucket, not a second copy of the list (a full-size student gradient, for instance)
-        sizes = [t.numel() for t in tensors]
-        cap = max(max(sizes), -(-sum(sizes) // self.GATHER_BUCKETS))
-        lo = 0
-        while lo < len(tensors):
-            hi, total = lo, 0
-            while hi < len(tensors) and (hi == lo or total + sizes[hi] <= cap):
-                total += sizes[hi]
-                hi += 1
+        for lo, hi in _buckets([t.numel() for t in tensors], self.GATHER_BUCKETS):
             bucket = tensors[lo:hi]
             flat = torch.cat([t.reshape(-1) for t in bucket])
             dist.all_reduce(flat)  # note: one collective per bucket
@@ -602,7 +593,6 @@ class DeepSpeedEngineAdapter(Engine):
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
             del flat
-            lo = hi
 
     # -- saving ----------------------------------------------------------------------------------
     def save_pretrained(self, path: str, is_main: bool, drop: str | None = None, **kwargs) -> None:
@@ -680,3 +670,17 @@ def _fp16_optimizer_views(opt, params):
     if missing:
         raise RuntimeError(f"{len(missing)} student params are not in the fp16 optimizer groups")
     return out
+
+
+def _buckets(sizes: list[int], n: int):
+    """``(lo, hi)`` index ranges of consecutive items, each at most ~1/n of the total size (or
+    one item, when an item alone is larger)."""
+    cap = max(max(sizes, default=0), -(-sum(sizes) // n))
+    lo = 0
+    while lo < len(sizes):
+        hi, total = lo, 0
+        while hi < len(sizes) and (hi == lo or total + sizes[hi] <= cap):
+            total += sizes[hi]
+            hi += 1
+        yield lo, hi
+        lo = hi
