@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.ranks < 1:
+        ap.error(f"--ranks must be >= 1, got {args.ranks}")
     if args.method:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return 0
