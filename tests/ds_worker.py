@@ -57,6 +57,8 @@ CASES = {
     "state_z1": None,
     "state_z2": None,
     "state_z3": None,
+    "sharded_z3": None,  # the ZeRO-3 influence passes on partitions vs on full tensors
+    "sharded_z3_bf16": None,
 }
 
 
@@ -284,6 +286,67 @@ def student_state(student_stage, precision, rank, world):
     return out
 
 
+def sharded_passes(precision, rank, world):
+    """A ZeRO-3 student after 2 LGTM steps: each influence pass on this rank's partitions
+    (``Sharded``: LGTM's path) vs the same pass on full tensors (the 0.8 path), the partitioned
+    results all-gathered. Steps B (look-ahead), C (``v``, plain and with activation
+    checkpointing), the norm of ``v`` and D (a perturbed forward). Max relative errors."""
+    from lgtm_ds.engines.base import Sharded
+    from lgtm_ds.training.trainer import _checkpoint_activations
+
+    teacher, student = tiny_model(seed=1, size="student"), tiny_model(seed=2)
+    micro = GLOBAL_BATCH // world
+    engines = {}
+    for role, model, stage, lr in (("teacher", teacher, 2, 3e-3), ("student", student, 3, 5e-3)):
+        opt = build_adamw(model, lr, 0.01)
+        engines[role] = build_engine(
+            model, opt, None, ds_config(stage, precision, micro, 1, world, role=role), role
+        )
+    d = Distiller("lgtm", teacher=engines["teacher"], student=engines["student"])
+    for step in range(2):
+        train, quiz = batches(step, rank, world, 1)
+        d.step(train, quiz)
+    se = engines["student"]
+    params = se.params()
+
+    def full(xs):
+        return [se._gather_one(p, x) for p, x in zip(params, xs)]
+
+    def rel(a, b):
+        a, b = (torch.cat([x.reshape(-1).double() for x in xs]) for xs in (a, b))
+        return float((a - b).abs().max() / b.abs().max())
+
+    gen = torch.Generator().manual_seed(7)  # the same g on every rank
+    g = [torch.randn(p.ds_shape, generator=gen) * 1e-2 for p in params]
+    look = se.lookahead(None, [x.clone() for x in g], adamw_lookahead)
+    look_sh = se.lookahead(None, [x.clone() for x in g], adamw_lookahead, True, sharded=True)
+    out = {"is_sharded": isinstance(look_sh, Sharded), "lookahead": rel(full(look_sh), look)}
+    train, quiz = batches(5, rank, world, 1)
+    loss_fn = lambda logits, b: d.task.task_loss(logits, b["labels"])  # noqa: E731
+    se.module.train()
+    for tag in ("v", "v_ckpt"):
+        if tag == "v_ckpt":
+            _checkpoint_activations(se.module)
+        torch.manual_seed(3)
+        v, _ = se.grad_at(look, quiz, loss_fn)
+        se.all_reduce_mean_(v)
+        torch.manual_seed(3)
+        v_sh, _ = se.grad_at(look_sh, quiz, loss_fn)
+        se.all_reduce_mean_(v_sh)  # a no-op on a Sharded gradient
+        out[tag] = rel(full(v_sh), v)
+        out["is_sharded"] &= isinstance(v_sh, Sharded)
+    out["norm"] = abs(se.sq_norm(v_sh) / se.sq_norm(v) - 1)
+    theta, theta_sh = se.master_params(), se.master_params(sharded=True)
+    with torch.no_grad():
+        torch.manual_seed(4)
+        s = se.forward_perturbed(theta, v, 0.1, train[0])
+        torch.manual_seed(4)
+        s_sh = se.forward_perturbed(theta_sh, v_sh, 0.1, train[0])
+    out["forward"] = rel([s_sh], [s])
+    out["per_module"] = se._perturb_lazily is True
+    return out
+
+
 def _moments(state):
     return state.exp_avg, state.exp_avg_sq
 
@@ -327,6 +390,9 @@ def main():
         try:
             if name.startswith("infl_bf16_z"):
                 res = influence_gradient(int(name[-1]), rank, world)
+            elif name.startswith("sharded_z3"):
+                prec = "bf16" if name.endswith("bf16") else "fp32"
+                res = sharded_passes(prec, rank, world)
             elif name.startswith("state_z"):
                 res = student_state(int(name[7]), "fp32", rank, world)
             else:

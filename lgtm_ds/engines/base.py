@@ -56,6 +56,15 @@ class AdamState:
     weight_decay: list[float]
 
 
+class Sharded(list):
+    """A student-sized list (``g``, the look-ahead, ``v``, ``theta``) held as this rank's parts
+    only: per trainable parameter, the flat elements of the engine's partition of it (ZeRO-3:
+    rank r holds ``flat[r n:(r + 1) n]``, ``n = ds_tensor.ds_numel``, the tail zero-padded).
+    Returned by engines that partition their parameters when asked (``sharded=True``); the
+    engine's influence passes take it wherever they take a full list, and gather module by
+    module what one forward needs. A reduced gradient in this form is already rank-averaged."""
+
+
 class Engine:
     """What one role (teacher or student) must provide to the distillation algorithms."""
 
@@ -102,8 +111,10 @@ class Engine:
         """Trainable parameters as the forward reads them (full tensors)."""
         return [p for p in self.module.parameters() if p.requires_grad]
 
-    def master_params(self) -> list[torch.Tensor]:
-        """fp32 values of ``params()`` (the masters in mixed precision; the params in fp32)."""
+    def master_params(self, sharded: bool = False) -> list[torch.Tensor]:
+        """fp32 values of ``params()`` (the masters in mixed precision; the params in fp32).
+        ``sharded``: a :class:`Sharded` view of this rank's master partitions where the engine
+        partitions its parameters (ZeRO-3; no copy), else the full tensors."""
         return [
             p.detach() if p.dtype in (torch.float32, torch.float64) else p.detach().float()
             for p in self.params()
@@ -113,7 +124,12 @@ class Engine:
         raise NotImplementedError
 
     def lookahead(
-        self, theta: list[torch.Tensor], g: list[torch.Tensor], step_fn, reuse_g: bool = False
+        self,
+        theta: list[torch.Tensor],
+        g: list[torch.Tensor],
+        step_fn,
+        reuse_g: bool = False,
+        sharded: bool = False,
     ):
         """LGTM's step B, ``theta + AdamW_update(g)`` as full fp32 tensors: ``step_fn(params,
         grads, AdamState, out=None)`` (``methods.lookahead.adamw_lookahead``, elementwise) on
@@ -121,7 +137,9 @@ class Engine:
         adapter): on this rank's partitions of the moments, then one all-gather of the result.
         ``reuse_g``: the caller is done with ``g``; its memory may hold the result (one full
         fp32 copy of the student fewer here and at ZeRO-3). ``theta`` None: this engine's own
-        masters (ZeRO-1/2/3: only this rank's partitions of them are read)."""
+        masters (ZeRO-1/2/3: only this rank's partitions of them are read). ``sharded``: the
+        result as a :class:`Sharded` list where the engine partitions its parameters (ZeRO-3:
+        no gather), else full tensors."""
         theta = self.master_params() if theta is None else theta
         return step_fn(theta, g, self.adam_state(), out=g if reuse_g else None)
 
@@ -154,12 +172,29 @@ class Engine:
         ``theta + alpha v``. A model that reads a parameter outside its own module's forward
         (or never reads one) is found on the first call and runs on full work tensors from
         then on (the first call is repeated with the same RNG state)."""
+
+        def form(i):
+            work = torch.empty_like(theta[i])
+            _axpy([work], [theta[i]], [v[i]], alpha)
+            return work
+
+        return self._forward_formed(form, batch)
+
+    _perturb_lazily: bool | None = None  # None: not known yet (set by the first call)
+
+    def _forward_formed(self, form, batch: dict) -> torch.Tensor:
+        """No-grad forward in which trainable parameter ``i`` is ``form(i)``, formed module by
+        module (:meth:`_per_module`), or on the full list ``[form(i) for all i]`` for a model
+        that reads a parameter outside its own module's forward (see
+        :meth:`forward_perturbed`)."""
+        n = len(self.params())
         if self._perturb_lazily is not False:
             rng = torch.get_rng_state()
-            cuda = theta[0].device.type == "cuda" if theta else False
-            cuda_rng = torch.cuda.get_rng_state(theta[0].device) if cuda else None
-            out, complete = self._forward_per_module(theta, v, alpha, batch)
-            if complete:
+            cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+            cuda_rng = torch.cuda.get_rng_state() if cuda else None
+            with torch.no_grad(), self._per_module(form) as formed, self.head_ctx():
+                out = get_logits(self.module(**model_inputs(batch)))
+            if len(formed) == n:
                 self._perturb_lazily = True
                 return out
             self._perturb_lazily = False
@@ -168,19 +203,21 @@ class Engine:
                 "run on full work tensors (one fp32 copy of the model)",
                 getattr(self, "role", "model"),
             )
+            del out
             torch.set_rng_state(rng)
             if cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_rng, theta[0].device)
-        work = [torch.empty_like(t) for t in theta]
-        _axpy(work, theta, v, alpha)
+                torch.cuda.set_rng_state(cuda_rng)
         with torch.no_grad():  # (not forward_at: an engine may wrap both in one context)
+            work = [form(i) for i in range(n)]
             return self.functional_forward(work, batch)
 
-    _perturb_lazily: bool | None = None  # None: not known yet (set by the first call)
-
-    def _forward_per_module(self, theta, v, alpha, batch):
-        """(the forward's output, whether every trainable parameter was formed in its module's
-        forward); see :meth:`forward_perturbed`."""
+    @contextlib.contextmanager
+    def _per_module(self, form):
+        """Within the block, each module that owns trainable parameters reads parameter ``i``
+        as ``form(i)`` during its forward: formed by a pre-forward hook, dropped by the
+        forward hook (tied parameters in every owner; a module called twice forms them twice;
+        a backward that recomputes a forward, activation checkpointing, forms them again).
+        Yields the set of the indices formed so far."""
         index = {id(p): i for i, p in enumerate(self.params())}
         slots = {}  # module -> [(attribute, parameter index)], tied parameters in every owner
         for mod in self.module.modules():
@@ -192,8 +229,7 @@ class Engine:
         def pre(mod, args):
             saved = []
             for attr, i in slots[mod]:
-                work = torch.empty_like(theta[i])
-                _axpy([work], [theta[i]], [v[i]], alpha)
+                work = form(i)
                 # the dict's own read: a ZeRO-3 module's getter would gather the parameter
                 saved.append((attr, dict.__getitem__(mod._parameters, attr)))
                 mod._parameters[attr] = work  # the module reads it as its parameter
@@ -208,8 +244,7 @@ class Engine:
             for mod in slots:
                 handles.append(mod.register_forward_pre_hook(pre))
                 handles.append(mod.register_forward_hook(post))
-            with torch.no_grad(), self.head_ctx():
-                out = get_logits(self.module(**model_inputs(batch)))
+            yield formed
         finally:
             for h in handles:
                 h.remove()
@@ -217,7 +252,6 @@ class Engine:
                 for saved in reversed(frames):
                     for attr, param in saved:
                         mod._parameters[attr] = param
-        return out, len(formed) == len(index)
 
     def jvp_at(
         self, params: list[torch.Tensor], tangents: list[torch.Tensor], batch: dict
@@ -285,7 +319,13 @@ class Engine:
         return grads, total / max(len(batches), 1)
 
     def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
-        """Average tensors over data-parallel ranks, in place (no-op on one process)."""
+        """Average tensors over data-parallel ranks, in place (no-op on one process, and on a
+        :class:`Sharded` gradient, which is reduced already)."""
+
+    def sq_norm(self, tensors: list[torch.Tensor]) -> float:
+        """``sum ||t||^2`` over a parameter-aligned list, in float64 (a :class:`Sharded` list:
+        over every rank's parts; the same value on every rank)."""
+        return float(sum((t.double() ** 2).sum() for t in tensors))
 
     # -- teacher: the influence term's gradient, kept apart from the main term -----------------
     @property

@@ -13,12 +13,28 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import warnings
+import weakref
 
 import torch
 
 from ..errors import ConfigError
-from .base import AdamState, Engine, adam_hparams, adam_state_from_torch, get_logits, model_inputs
+from .base import (
+    AdamState,
+    Engine,
+    Sharded,
+    _axpy,
+    adam_hparams,
+    adam_state_from_torch,
+    get_logits,
+    model_inputs,
+)
 from .head import HeadOutput, swap_forward
+
+# torch 2.13 marks the reduce-scatter DeepSpeed's comm calls as deprecated (one warning per rank)
+warnings.filterwarnings(
+    "ignore", message=r".*reduce_scatter_tensor. is deprecated", category=FutureWarning
+)
 
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
@@ -217,7 +233,9 @@ class DeepSpeedEngineAdapter(Engine):
     def module_dtype(self) -> torch.dtype:
         return next(self.module.parameters()).dtype
 
-    def master_params(self) -> list[torch.Tensor]:
+    def master_params(self, sharded: bool = False) -> list[torch.Tensor]:
+        if sharded and self.stage == 3:
+            return self._sharded_masters()
         params = self.params()
         if self.stage < 3 and all(p.dtype == torch.float32 for p in params):
             # ZeRO-0/1/2 in fp32: the module's params hold the master values (every rank).
@@ -290,17 +308,20 @@ class DeepSpeedEngineAdapter(Engine):
             raise RuntimeError(f"student optimizer partitions disagree on the step count: {steps}")
         return AdamState(None, None, steps.pop() if steps else 0, *hparams)
 
-    def lookahead(self, theta, g, step_fn, reuse_g=False):
+    def lookahead(self, theta, g, step_fn, reuse_g=False, sharded=False):
         """ZeRO-1/2/3: the simulated AdamW step on this rank's partitions of the moments (no
         gathered copies of them: two full fp32 copies of the student fewer, and under ZeRO-3
         no collective per tensor and moment), then an all-gather of the result in
         ~:attr:`GATHER_BUCKETS` pieces (ZeRO-1/2: the result views of one buffer per parameter
         group; ZeRO-3 with ``reuse_g``: copied into ``g``). ``g`` (and ``theta``, when given)
         are full and equal on every rank; ``reuse_g``: this rank's part of the result is
-        written into ``g`` too."""
+        written into ``g`` too. ZeRO-3 with ``sharded``: no gather, this rank's part as a
+        :class:`Sharded` list."""
         if self.engine.optimizer is self.engine.basic_optimizer or self.stage == 0:
             return super().lookahead(theta, g, step_fn, reuse_g)
         meta = self._adam_meta()
+        if sharded and self.stage == 3:
+            return self._sharded_lookahead(theta, g, step_fn, reuse_g, meta)
         if meta.step == 0:  # no moments yet: nothing to gather
             theta = self.master_params() if theta is None else theta
             return step_fn(theta, g, meta, out=g if reuse_g else None)
@@ -481,6 +502,124 @@ class DeepSpeedEngineAdapter(Engine):
                 where[id(p)] = full.narrow(0, offset, p.numel()).view_as(p)
         return [where[id(p)] for p in self.params()]
 
+    # -- ZeRO-3: the influence passes on this rank's partitions (Sharded) ------------------------
+    def _sharded_masters(self) -> Sharded:
+        """This rank's fp32 master partition of every trainable parameter (views, no copy)."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        out = Sharded()
+        for p in self.params():
+            local = safe_get_local_fp32_param(p).detach().reshape(-1)
+            n = p.ds_tensor.ds_numel
+            if local.numel() != n:  # not a layout DeepSpeed 0.19 has: pad a copy
+                local = torch.cat([local[:n], local.new_zeros(max(0, n - local.numel()))])
+            out.append(local)
+        return out
+
+    def _sharded_lookahead(self, theta, g, step_fn, reuse_g, meta) -> Sharded:
+        """Step B on this rank's partitions (masters, moments, ``g``'s slices), no gather: each
+        result zero-padded to the partition size."""
+        params = self.params()
+        parts = self._moment_parts() if meta.step else None
+        los = []
+        for p in params:
+            n = p.ds_tensor.ds_numel
+            lo = _shard_rank(p) * n
+            los.append((lo, max(0, min(n, p.ds_numel - lo))))
+        if theta is None:
+            source = self._master_parts()
+        else:
+            source = [t.reshape(-1).narrow(0, lo, k) for t, (lo, k) in zip(theta, los)]
+        g_parts = [t.reshape(-1).narrow(0, lo, k) for t, (lo, k) in zip(g, los)]
+        state = dataclasses.replace(
+            meta,
+            exp_avg=[x[2] for x in parts] if parts else None,
+            exp_avg_sq=[x[3] for x in parts] if parts else None,
+        )
+        local = step_fn(source, g_parts, state, out=g_parts if reuse_g else None)
+        out = Sharded()
+        for p, x in zip(params, local):
+            buf = x.new_zeros(p.ds_tensor.ds_numel)
+            buf.narrow(0, 0, x.numel()).copy_(x)
+            out.append(buf)
+        return out
+
+    def _gather_flat(self, p, part: torch.Tensor) -> torch.Tensor:
+        """The ``world * n`` elements of every rank's part of ``p`` (one all-gather)."""
+        import deepspeed.comm as dist
+
+        group = p.ds_process_group
+        full = part.new_empty(dist.get_world_size(group=group) * part.numel())
+        dist.all_gather_into_tensor(full, part.contiguous(), group=group)  # note: collective
+        return full
+
+    def _gather_one(self, p, part: torch.Tensor) -> torch.Tensor:
+        """The full tensor of ``p``'s shape from every rank's part."""
+        return self._gather_flat(p, part).narrow(0, 0, p.ds_numel).view(p.ds_shape)
+
+    def _scatter_mean(self, p, grad: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the rank-average of ``grad`` (a full gradient of ``p``): one
+        reduce-scatter of the zero-padded flat gradient."""
+        import deepspeed.comm as dist
+
+        group = p.ds_process_group
+        world, n = dist.get_world_size(group=group), p.ds_tensor.ds_numel
+        padded = grad.new_zeros(world * n)
+        padded.narrow(0, 0, grad.numel()).copy_(grad.reshape(-1))
+        out = grad.new_empty(n)
+        dist.reduce_scatter_tensor(out, padded, group=group)  # note: collective
+        return out.div_(world)
+
+    def _sharded_perturbed(self, theta: Sharded, v: Sharded, alpha: float, batch: dict):
+        """Step D on partitions: each module's ``theta + alpha v`` formed from this rank's
+        parts and all-gathered just before its forward (one module's parameters at a time)."""
+        params = self.params()
+
+        def form(i):
+            local = torch.empty_like(v[i])
+            _axpy([local], [theta[i]], [v[i]], alpha)
+            return self._gather_one(params[i], local)
+
+        return self._forward_formed(form, batch)
+
+    def _sharded_grad_at(self, parts: Sharded, batches, loss_fn):
+        """Step C on partitions: the gradient at the parameters whose parts are ``parts``,
+        rank-averaged, as a :class:`Sharded` list. Each module's parameters are all-gathered
+        before its forward through :class:`_GatherPart` (whose backward reduce-scatters the
+        gradient to this rank's part); what the autograd graph saves of them is a recipe, not
+        the tensor (:func:`_regathered`), gathered again in the backward. Peak: the parts, one
+        module's parameters and the activations, not a full copy of the model."""
+        params = self.params()
+        leaves = [x.detach().requires_grad_() for x in parts]
+        live: dict = {}  # storage address -> (weakref to the gathered tensor, re-gather)
+
+        def form(i):
+            p, part = params[i], leaves[i].detach()
+            work = _GatherPart.apply(leaves[i], self, p)
+            live[work.untyped_storage().data_ptr()] = (
+                weakref.ref(work),
+                lambda: self._gather_flat(p, part),
+            )
+            return work
+
+        grads, total = None, 0.0
+        for b in batches:
+            with self._per_module(form), _regathered(live), self.head_ctx():
+                loss = loss_fn(get_logits(self.module(**model_inputs(b))), b)
+                gs = torch.autograd.grad(loss / len(batches), leaves, allow_unused=True)
+            live.clear()
+            if grads is None:  # a parameter the loss does not use (a projection): zeros
+                grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, gs)]
+            else:
+                for acc, g in zip(grads, gs):
+                    if g is not None:
+                        acc.add_(g)
+            del gs
+            total += loss.detach()
+        if grads is None:
+            grads = [torch.zeros_like(x) for x in leaves]
+        return Sharded(grads), total / max(len(batches), 1)
+
     # -- teacher: influence gradient added in fp32 (bf16 engines) -------------------------------
     @property
     def split_influence_backward(self) -> bool:
@@ -531,12 +670,16 @@ class DeepSpeedEngineAdapter(Engine):
         if self.stage < 3:
             return super().forward_perturbed(theta, v, alpha, batch)
         with self._zero3_hooks_off():
+            if isinstance(v, Sharded):
+                return self._sharded_perturbed(theta, v, alpha, batch)
             return super().forward_perturbed(theta, v, alpha, batch)
 
     def grad_at(self, params, batches, loss_fn):
         if self.stage < 3:
             return super().grad_at(params, batches, loss_fn)
         with self._zero3_hooks_off():
+            if isinstance(params, Sharded):
+                return self._sharded_grad_at(params, batches, loss_fn)
             return super().grad_at(params, batches, loss_fn)
 
     def jvp_at(self, params, tangents, batch):
@@ -575,9 +718,22 @@ class DeepSpeedEngineAdapter(Engine):
             del po.FWD_MODULE_STACK[stack_len:]  # setup pushes the top module again
             offload.get_param_coordinator().reset_step()
 
+    def sq_norm(self, tensors: list[torch.Tensor]) -> float:
+        local = super().sq_norm(tensors)
+        if not isinstance(tensors, Sharded):
+            return local
+        import deepspeed.comm as dist
+
+        group = self.params()[0].ds_process_group
+        total = torch.tensor([local], dtype=torch.float64, device=tensors[0].device)
+        dist.all_reduce(total, group=group)  # note: collective
+        return float(total)
+
     def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
         import deepspeed.comm as dist
 
+        if isinstance(tensors, Sharded):  # reduced by the reduce-scatter that made it
+            return
         if not dist.is_initialized() or dist.get_world_size() == 1 or not tensors:
             return
         world = dist.get_world_size()
@@ -626,6 +782,54 @@ class DeepSpeedEngineAdapter(Engine):
         load_path, _ = self.engine.load_checkpoint(path, tag=tag)
         if load_path is None:
             raise ConfigError(f"no {self.role} checkpoint {tag!r} under {path}")
+
+
+class _GatherPart(torch.autograd.Function):
+    """``part`` (this rank's flat part of ZeRO-3 parameter ``p``) -> the full tensor
+    (all-gather); backward: the gradient's part of the rank-average (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, part, adapter, p):
+        ctx.adapter, ctx.p = adapter, p
+        return adapter._gather_one(p, part)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.adapter._scatter_mean(ctx.p, grad), None, None
+
+
+_REGATHER = object()  # marks a packed recipe in _regathered
+
+
+@contextlib.contextmanager
+def _regathered(live: dict):
+    """Within the block, a tensor the autograd graph saves that shares storage with a live
+    gathered parameter in ``live`` (address -> (weakref, re-gather)) is saved as a recipe
+    (re-gather, size, stride, offset) and gathered again when the backward needs it: the
+    graph holds no full parameter (ZeRO-3's own hooks do the same for its parameters)."""
+
+    def pack(t):
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+            return t
+        hit = live.get(t.untyped_storage().data_ptr())
+        if hit is None or hit[0]() is None:
+            return t
+        return (_REGATHER, hit[1], t.size(), t.stride(), t.storage_offset())
+
+    def unpack(x):
+        if isinstance(x, tuple) and x and x[0] is _REGATHER:
+            _, again, size, stride, offset = x
+            return again().as_strided(size, stride, offset)
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def _shard_rank(p) -> int:
+    import deepspeed.comm as dist
+
+    return dist.get_rank(group=p.ds_process_group)
 
 
 def _link_moments(opt, basic) -> None:

@@ -6,7 +6,9 @@ A. per micro-batch: teacher logits, student forward at ``theta`` and
    ``g += grad_theta L_s / n_micro`` (``torch.autograd.grad``: the engine's gradient buffers
    and hooks are not touched); ``g`` is averaged over data-parallel ranks.
 B. look-ahead ``theta' = theta + AdamW_update(g)`` (student optimizer simulated, state unchanged),
-   from the engine's own masters, written into the spent ``g``.
+   from the engine's own masters, written into the spent ``g``. ZeRO-3: from here to D the
+   look-ahead, ``v`` and ``theta`` are this rank's partitions only (``engines.base.Sharded``)
+   and each forward gathers one module's parameters at a time.
 C. ``v = grad_theta' CE(y_q, f(x_q; theta'))`` over the quiz micro-batches, rank-averaged, so
    ``||v||`` and ``R = r / ||v||`` agree on every rank.
 D. per micro-batch: student forwards at ``theta +- R v`` (fp32, formed module by module inside
@@ -103,13 +105,14 @@ class LGTM(Method):
         g, fwd = student_grad(d, micro, w, keep_graph, record_rng=record)  # A
         stats = self._example_stats(micro, fwd) if d.telemetry.example_stats else None
         # B: from the engine's own masters (ZeRO-1/2/3: this rank's partitions), written into
-        # the spent g; theta (full) is fetched only for D, after C
-        look = d.student.lookahead(None, g, adamw_lookahead, reuse_g=True)
+        # the spent g. ZeRO-3 (sharded): the look-ahead, v and theta stay this rank's parts from
+        # here on and C and D gather module by module; else theta (full) is fetched after C
+        look = d.student.lookahead(None, g, adamw_lookahead, reuse_g=True, sharded=True)
         del g
         v, quiz_ce = self._quiz_grad(look, quiz, wq)  # C
         del look
-        theta = d.student.master_params()
-        v_norm = float(torch.sqrt(sum((vi.double() ** 2).sum() for vi in v)))  # note: host sync
+        theta = d.student.master_params(sharded=True)
+        v_norm = math.sqrt(d.student.sq_norm(v))  # note: host sync
         if not math.isfinite(v_norm):
             # fp16 overflow in the student's passes: skip this step in both engines (the
             # teacher has not been touched yet)
