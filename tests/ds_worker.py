@@ -289,7 +289,7 @@ def student_state(student_stage, precision, rank, world):
 def sharded_passes(precision, rank, world):
     """A ZeRO-3 student after 2 LGTM steps: each influence pass on this rank's partitions
     (``Sharded``: LGTM's path) vs the same pass on full tensors (the 0.8 path), the partitioned
-    results all-gathered. Steps B (look-ahead), C (``v``, plain and with activation
+    results all-gathered. Steps A (the KD gradient ``g``), B (look-ahead), C (``v``, plain and with activation
     checkpointing), the norm of ``v`` and D (a perturbed forward). Max relative errors."""
     from lgtm_ds.engines.base import Sharded
     from lgtm_ds.training.trainer import _checkpoint_activations
@@ -316,11 +316,24 @@ def sharded_passes(precision, rank, world):
         a, b = (torch.cat([x.reshape(-1).double() for x in xs]) for xs in (a, b))
         return float((a - b).abs().max() / b.abs().max())
 
+    # A: the student's KD gradient through the shards (partitioned_backward) vs full tensors
+    from lgtm_ds.methods.lgtm import student_grad
+
+    train, _ = batches(4, rank, world, 1)
+    grads = {}
+    for sharded in (False, True):
+        torch.manual_seed(2)
+        grads[sharded], _ = student_grad(d, train, [1.0], False, sharded=sharded)
+    out = {
+        "is_sharded": isinstance(grads[True], Sharded),
+        "g": rel(full(grads[True]), grads[False]),
+    }
     gen = torch.Generator().manual_seed(7)  # the same g on every rank
     g = [torch.randn(p.ds_shape, generator=gen) * 1e-2 for p in params]
     look = se.lookahead(None, [x.clone() for x in g], adamw_lookahead)
     look_sh = se.lookahead(None, [x.clone() for x in g], adamw_lookahead, True, sharded=True)
-    out = {"is_sharded": isinstance(look_sh, Sharded), "lookahead": rel(full(look_sh), look)}
+    out["is_sharded"] &= isinstance(look_sh, Sharded)
+    out["lookahead"] = rel(full(look_sh), look)
     train, quiz = batches(5, rank, world, 1)
     loss_fn = lambda logits, b: d.task.task_loss(logits, b["labels"])  # noqa: E731
     se.module.train()

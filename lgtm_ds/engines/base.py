@@ -318,6 +318,16 @@ class Engine:
             grads = [torch.zeros_like(x) for x in leaves]
         return grads, total / max(len(batches), 1)
 
+    @contextlib.contextmanager
+    def partitioned_backward(self):
+        """A block of forwards and backwards whose parameter gradients land on this rank's
+        partitions: yields an object with ``backward(loss)`` (the gradient of ``loss`` with
+        respect to ``params()``, added to its ``grads``, a rank-averaged fp32
+        :class:`Sharded` list) where the engine partitions its parameters (ZeRO-3), else
+        None (the caller takes ``torch.autograd.grad`` of full tensors). The engine's own
+        gradients and hooks are not involved."""
+        yield None
+
     def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
         """Average tensors over data-parallel ranks, in place (no-op on one process, and on a
         :class:`Sharded` gradient, which is reduced already)."""

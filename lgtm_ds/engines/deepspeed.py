@@ -530,13 +530,18 @@ class DeepSpeedEngineAdapter(Engine):
             source = self._master_parts()
         else:
             source = [t.reshape(-1).narrow(0, lo, k) for t, (lo, k) in zip(theta, los)]
-        g_parts = [t.reshape(-1).narrow(0, lo, k) for t, (lo, k) in zip(g, los)]
+        if isinstance(g, Sharded):  # step A on partitions
+            g_parts = [t.narrow(0, 0, k) for t, (_, k) in zip(g, los)]
+        else:
+            g_parts = [t.reshape(-1).narrow(0, lo, k) for t, (lo, k) in zip(g, los)]
         state = dataclasses.replace(
             meta,
             exp_avg=[x[2] for x in parts] if parts else None,
             exp_avg_sq=[x[3] for x in parts] if parts else None,
         )
         local = step_fn(source, g_parts, state, out=g_parts if reuse_g else None)
+        if reuse_g and isinstance(g, Sharded):
+            return g  # the result is in g's parts, its zero tail untouched
         out = Sharded()
         for p, x in zip(params, local):
             buf = x.new_zeros(p.ds_tensor.ds_numel)
@@ -569,6 +574,16 @@ class DeepSpeedEngineAdapter(Engine):
         out = grad.new_empty(n)
         dist.reduce_scatter_tensor(out, padded, group=group)  # note: collective
         return out.div_(world)
+
+    @contextlib.contextmanager
+    def partitioned_backward(self):
+        if self.stage < 3:
+            yield None
+            return
+        with self._zero3_hooks_off():
+            pb = _PartitionedBackward(self)
+            with self._per_module(pb.form), _regathered(pb.live):
+                yield pb
 
     def _sharded_perturbed(self, theta: Sharded, v: Sharded, alpha: float, batch: dict):
         """Step D on partitions: each module's ``theta + alpha v`` formed from this rank's
@@ -796,6 +811,54 @@ class _GatherPart(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return ctx.adapter._scatter_mean(ctx.p, grad), None, None
+
+
+class _GatherInto(torch.autograd.Function):
+    """Like :class:`_GatherPart` from a shard in the module's dtype (``ds_tensor``: the values
+    ZeRO-3 itself gathers); backward: the gradient's part of the rank-average, in fp32, added
+    to ``acc`` (returns none: the shard gets no ``.grad``)."""
+
+    @staticmethod
+    def forward(ctx, part, adapter, p, acc):
+        ctx.adapter, ctx.p, ctx.acc = adapter, p, acc
+        return adapter._gather_one(p, part)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.acc.add_(ctx.adapter._scatter_mean(ctx.p, grad.float()))
+        return None, None, None, None
+
+
+class _PartitionedBackward:
+    """``Engine.partitioned_backward`` at ZeRO-3: each module's forward reads its parameters
+    gathered from the shards (:class:`_GatherInto`); ``backward(loss)`` adds the gradient to
+    ``grads`` (fp32, this rank's parts, rank-averaged). Memory: ``grads`` (1/world of an fp32
+    student) and one module's parameters and gradients at a time."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+        self.params = adapter.params()
+        # the shards as leaves (aliases, no copy), so that the gathers have a backward
+        self.leaves = [p.ds_tensor.detach().requires_grad_() for p in self.params]
+        self.grads = Sharded(
+            torch.zeros(p.ds_tensor.ds_numel, dtype=torch.float32, device=p.ds_tensor.device)
+            for p in self.params
+        )
+        self.live: dict = {}
+
+    def form(self, i):
+        p, leaf = self.params[i], self.leaves[i]
+        work = _GatherInto.apply(leaf, self.adapter, p, self.grads[i])
+        part = leaf.detach()
+        self.live[work.untyped_storage().data_ptr()] = (
+            weakref.ref(work),
+            lambda: self.adapter._gather_flat(p, part),
+        )
+        return work
+
+    def backward(self, loss: torch.Tensor) -> None:
+        torch.autograd.grad(loss, self.leaves, allow_unused=True)
+        self.live.clear()
 
 
 _REGATHER = object()  # marks a packed recipe in _regathered

@@ -102,7 +102,7 @@ class LGTM(Method):
         measure = d.telemetry.influence_ratio or (target is not None and self._q_ema[1] == 0)
         w, wq = self.row_weights(micro, quiz)  # each micro-batch's share of the global rows
         record = (measure or own_pass) and keep_graph
-        g, fwd = student_grad(d, micro, w, keep_graph, record_rng=record)  # A
+        g, fwd = student_grad(d, micro, w, keep_graph, record_rng=record, sharded=True)  # A
         stats = self._example_stats(micro, fwd) if d.telemetry.example_stats else None
         # B: from the engine's own masters (ZeRO-1/2/3: this rank's partitions), written into
         # the spent g. ZeRO-3 (sharded): the look-ahead, v and theta stay this rank's parts from
@@ -302,12 +302,20 @@ def _accumulate(acc, grads, n_micro: int) -> list[torch.Tensor]:
 
 
 def student_grad(
-    d, micro, w, keep_graph: bool, record_rng: bool = False
+    d, micro, w, keep_graph: bool, record_rng: bool = False, sharded: bool = False
 ) -> tuple[list[torch.Tensor], _BatchPass]:
     """Step A (LGTM and MetaDistil): ``g = grad_theta L_s`` over the micro-batches (fp32,
     rank-averaged; each micro-batch weighted by its row share ``w``) and the logits.
     ``keep_graph``: keep the teacher forwards' graphs; ``record_rng``: a ``replay()`` per
-    micro-batch for the teacher and the student forward (their dropout masks, for a later pass)."""
+    micro-batch for the teacher and the student forward (their dropout masks, for a later pass).
+    ``sharded``: ``g`` as this rank's partitions where the student engine partitions its
+    parameters (``Engine.partitioned_backward``, ZeRO-3), else full tensors."""
+    ctx = d.student.partitioned_backward() if sharded else contextlib.nullcontext()
+    with ctx as pb:
+        return _student_grad(d, micro, w, keep_graph, record_rng, pb)
+
+
+def _student_grad(d, micro, w, keep_graph, record_rng, pb):
     params = d.student.params()
     device = device_of(d.student)
     g = None  # full-size fp32 gradients (ZeRO-3 params are empty placeholders: no zeros_like)
@@ -333,6 +341,10 @@ def student_grad(
         if h.on:
             fwd.t_hidden.append(ht)
             fwd.s_hidden.append({k: x.detach() for k, x in hs.items()})
+        if pb is not None:  # into this rank's fp32 parts, one module at a time
+            pb.backward(ls / len(micro))
+            fwd.s_logits.append(s.detach())
+            continue
         gs = torch.autograd.grad(ls / len(micro), params)
         if g is None:  # the first micro-batch's gradients (fresh tensors) are the accumulator
             g = [gi.to(torch.promote_types(gi.dtype, torch.float32)) for gi in gs]
@@ -340,6 +352,8 @@ def student_grad(
             for acc, gi in zip(g, gs):
                 acc.add_(gi)
         fwd.s_logits.append(s.detach())
+    if pb is not None:
+        return pb.grads, fwd  # rank-averaged by the reduce-scatters
     d.student.all_reduce_mean_(g)
     return g, fwd
 
