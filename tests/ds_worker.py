@@ -59,6 +59,7 @@ CASES = {
     "state_z3": None,
     "sharded_z3": None,  # the ZeRO-3 influence passes on partitions vs on full tensors
     "sharded_z3_bf16": None,
+    "external_z3": None,  # a parameter read outside its module: the full-tensor path
 }
 
 
@@ -288,9 +289,10 @@ def student_state(student_stage, precision, rank, world):
 
 def sharded_passes(precision, rank, world):
     """A ZeRO-3 student after 2 LGTM steps: each influence pass on this rank's partitions
-    (``Sharded``: LGTM's path) vs the same pass on full tensors (the 0.8 path), the partitioned
-    results all-gathered. Steps A (the KD gradient ``g``), B (look-ahead), C (``v``, plain and with activation
-    checkpointing), the norm of ``v`` and D (a perturbed forward). Max relative errors."""
+    (``Sharded``: LGTM's path) vs the same pass on full tensors (the 0.8 path), the
+    partitioned results all-gathered. Steps A (the KD gradient ``g``), B (look-ahead), C
+    (``v``, plain and with activation checkpointing), the norm of ``v`` and D (a perturbed
+    forward). Max relative errors."""
     from lgtm_ds.engines.base import Sharded
     from lgtm_ds.training.trainer import _checkpoint_activations
 
@@ -360,6 +362,53 @@ def sharded_passes(precision, rank, world):
     return out
 
 
+class ReadsAChildsWeight(torch.nn.Module):
+    """A classifier whose forward reads a child's parameter outside the child's forward (its
+    ZeRO-3 placeholder, were the partitioned passes used)."""
+
+    def __init__(self, inner):
+        from deepspeed.runtime.zero import register_external_parameter
+
+        super().__init__()
+        self.inner = inner
+        self.extra = torch.nn.Linear(4, 3)
+        # how DeepSpeed's own ZeRO-3 forward learns to gather it (ZeRO-0-2: no effect)
+        register_external_parameter(self, self.extra.weight)
+
+    def forward(self, **kw):
+        return self.inner(**kw).logits + self.extra.weight.sum()
+
+
+def external_read(rank, world):
+    """ZeRO-3 student that reads a parameter outside its module's forward: the first LGTM step
+    gives the partitioned passes up (and repeats step A on full tensors, same dropout masks);
+    3 steps then match a run that took the full-tensor path from the start."""
+    out = {}
+    for forced in (False, True):
+        torch.manual_seed(0)
+        teacher = tiny_model(seed=1, size="student")
+        student = ReadsAChildsWeight(tiny_model(seed=2))
+        engines = {}
+        for role, model, stage, lr in (
+            ("teacher", teacher, 2, 3e-3),
+            ("student", student, 3, 5e-3),
+        ):
+            opt = build_adamw(model, lr, 0.01)
+            engines[role] = build_engine(
+                model, opt, None, ds_config(stage, "fp32", GLOBAL_BATCH // world, 1, world), role
+            )
+        if forced:
+            engines["student"]._partitioned = False
+        d = Distiller("lgtm", teacher=engines["teacher"], student=engines["student"])
+        for step in range(STEPS):
+            train, quiz = batches(step, rank, world, 1)
+            d.step(train, quiz)
+        out[forced] = full_params(engines["student"])
+        out[f"partitioned_{forced}"] = engines["student"]._partitioned
+    a, b = (torch.cat([x.reshape(-1).double() for x in out[k]]) for k in (False, True))
+    return {"rel": float((a - b).norm() / b.norm()), "partitioned": out["partitioned_False"]}
+
+
 def _moments(state):
     return state.exp_avg, state.exp_avg_sq
 
@@ -403,6 +452,8 @@ def main():
         try:
             if name.startswith("infl_bf16_z"):
                 res = influence_gradient(int(name[-1]), rank, world)
+            elif name == "external_z3":
+                res = external_read(rank, world)
             elif name.startswith("sharded_z3"):
                 prec = "bf16" if name.endswith("bf16") else "fp32"
                 res = sharded_passes(prec, rank, world)

@@ -185,9 +185,24 @@ def test_zero3_influence_passes_on_partitions_equal_the_full_passes(results, nam
     assert "error" not in res, res.get("error")
     assert res["is_sharded"] and res["per_module"]
     assert res["lookahead"] == 0.0
-    tol = 1e-5 if name.endswith("bf16") else 1e-6  # bf16: fp32 work values in a bf16 model
     for key in ("g", "v", "v_ckpt", "norm", "forward"):
+        # bf16 g: the full path sums a tied weight's two bf16 gradients in bf16 (autograd),
+        # the partitioned path each in fp32 after its reduce-scatter (measured 1.2e-5 of the
+        # largest element on 1 rank; bf16 resolution is 3.9e-3)
+        tol = 1e-3 if name.endswith("bf16") and key == "g" else 1e-6
         assert res[key] < tol, f"{name} ({world} rank(s)) {key}: {res[key]:.2e}"
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_zero3_student_reading_a_parameter_outside_its_module_runs_on_full_tensors(results, world):
+    """The partitioned passes would hand such a read the ZeRO-3 placeholder (silently wrong:
+    an empty tensor sums to 0); the first step detects it, repeats step A on full tensors with
+    the same dropout masks and keeps to the full-tensor path: after 3 LGTM steps the student
+    is bitwise the one of a run on the full-tensor path from the start."""
+    res = results("external_z3", world)
+    assert "error" not in res, res.get("error")
+    assert res["partitioned"] is False
+    assert res["rel"] == 0.0, res["rel"]
 
 
 def test_buckets_cover_every_item_once_within_the_cap():

@@ -306,8 +306,11 @@ class Engine:
                 loss = loss_fn(get_logits(self.module(**model_inputs(b))), b)
                 gs = torch.autograd.grad(loss / len(batches), leaves, allow_unused=True)
                 # None: a parameter the loss does not use (a projection)
-                if grads is None:
-                    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, gs)]
+                if grads is None:  # (contiguous: an expanded gradient cannot accumulate)
+                    grads = [
+                        torch.zeros_like(x) if g is None else g.contiguous()
+                        for x, g in zip(leaves, gs)
+                    ]
                 else:
                     for acc, g in zip(grads, gs):
                         if g is not None:
@@ -327,6 +330,17 @@ class Engine:
         None (the caller takes ``torch.autograd.grad`` of full tensors). The engine's own
         gradients and hooks are not involved."""
         yield None
+
+    def accept_partitions(self, pb, error: Exception | None = None) -> bool:
+        """After a step A under :meth:`partitioned_backward` (``pb``), or the ``error`` it
+        raised: True to keep its result. False when this model cannot run on partitions (a
+        trainable parameter was never formed in its module's forward: read outside it, or not
+        read; or the first partitioned pass raised): the caller repeats step A without, and
+        from then on every pass runs on full tensors. Raises ``error`` where partitions had
+        been settled already (a real error)."""
+        if error is not None:
+            raise error
+        return True
 
     def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
         """Average tensors over data-parallel ranks, in place (no-op on one process, and on a

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import logging
 import os
 import warnings
 import weakref
@@ -30,6 +31,8 @@ from .base import (
     model_inputs,
 )
 from .head import HeadOutput, swap_forward
+
+_log = logging.getLogger(__name__)
 
 # torch 2.13 marks the reduce-scatter DeepSpeed's comm calls as deprecated (one warning per rank)
 warnings.filterwarnings(
@@ -234,7 +237,7 @@ class DeepSpeedEngineAdapter(Engine):
         return next(self.module.parameters()).dtype
 
     def master_params(self, sharded: bool = False) -> list[torch.Tensor]:
-        if sharded and self.stage == 3:
+        if sharded and self._shards:
             return self._sharded_masters()
         params = self.params()
         if self.stage < 3 and all(p.dtype == torch.float32 for p in params):
@@ -320,7 +323,7 @@ class DeepSpeedEngineAdapter(Engine):
         if self.engine.optimizer is self.engine.basic_optimizer or self.stage == 0:
             return super().lookahead(theta, g, step_fn, reuse_g)
         meta = self._adam_meta()
-        if sharded and self.stage == 3:
+        if sharded and self._shards:
             return self._sharded_lookahead(theta, g, step_fn, reuse_g, meta)
         if meta.step == 0:  # no moments yet: nothing to gather
             theta = self.master_params() if theta is None else theta
@@ -575,15 +578,41 @@ class DeepSpeedEngineAdapter(Engine):
         dist.reduce_scatter_tensor(out, padded, group=group)  # note: collective
         return out.div_(world)
 
+    # ZeRO-3 influence passes on partitions: None = not tried yet, then whether they work for
+    # this model (see accept_partitions)
+    _partitioned: bool | None = None
+
+    @property
+    def _shards(self) -> bool:
+        return self.stage == 3 and self._partitioned is not False
+
     @contextlib.contextmanager
     def partitioned_backward(self):
-        if self.stage < 3:
+        if not self._shards:
             yield None
             return
         with self._zero3_hooks_off():
             pb = _PartitionedBackward(self)
-            with self._per_module(pb.form), _regathered(pb.live):
+            with self._per_module(pb.form) as formed, _regathered(pb.live):
+                pb.formed = formed
                 yield pb
+
+    def accept_partitions(self, pb, error: Exception | None = None) -> bool:
+        if error is None and len(pb.formed) == len(pb.params):
+            self._partitioned = True
+            return True
+        if error is not None and self._partitioned is not None:
+            raise error  # it worked before (or was given up already): a real error
+        self._partitioned = False
+        _log.warning(
+            "%s: the ZeRO-3 influence passes cannot run on partitions for this model (%s); "
+            "they run on full fp32 tensors from now on (O(student) memory per rank)",
+            self.role,
+            f"{type(error).__name__}: {error}"
+            if error is not None
+            else "a parameter is read outside its module's forward, or never read",
+        )
+        return False
 
     def _sharded_perturbed(self, theta: Sharded, v: Sharded, alpha: float, batch: dict):
         """Step D on partitions: each module's ``theta + alpha v`` formed from this rank's
@@ -855,6 +884,8 @@ class _PartitionedBackward:
             lambda: self.adapter._gather_flat(p, part),
         )
         return work
+
+    formed: set  # the parameter indices formed so far (set by partitioned_backward)
 
     def backward(self, loss: torch.Tensor) -> None:
         torch.autograd.grad(loss, self.leaves, allow_unused=True)

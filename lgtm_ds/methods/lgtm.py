@@ -4,11 +4,13 @@ One LGTM step over a global batch split into micro-batches ``x_j`` (lgtm-method.
 
 A. per micro-batch: teacher logits, student forward at ``theta`` and
    ``g += grad_theta L_s / n_micro`` (``torch.autograd.grad``: the engine's gradient buffers
-   and hooks are not touched); ``g`` is averaged over data-parallel ranks.
+   and hooks are not touched); ``g`` is averaged over data-parallel ranks. ZeRO-3: gathered
+   module by module from the shards, ``g`` lands in this rank's fp32 parts
+   (``Engine.partitioned_backward``).
 B. look-ahead ``theta' = theta + AdamW_update(g)`` (student optimizer simulated, state unchanged),
-   from the engine's own masters, written into the spent ``g``. ZeRO-3: from here to D the
-   look-ahead, ``v`` and ``theta`` are this rank's partitions only (``engines.base.Sharded``)
-   and each forward gathers one module's parameters at a time.
+   from the engine's own masters, written into the spent ``g``. ZeRO-3: from A to D ``g``,
+   the look-ahead, ``v`` and ``theta`` are this rank's partitions only
+   (``engines.base.Sharded``) and each forward gathers one module's parameters at a time.
 C. ``v = grad_theta' CE(y_q, f(x_q; theta'))`` over the quiz micro-batches, rank-averaged, so
    ``||v||`` and ``R = r / ||v||`` agree on every rank.
 D. per micro-batch: student forwards at ``theta +- R v`` (fp32, formed module by module inside
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engines.head import grads_through, surrogate
+from ..engines.head import full_shape, grads_through, surrogate
 from ..errors import ConfigError
 from ..tasks.base import InfluenceParams
 from .base import METHODS, Method, device_of, weighted
@@ -310,9 +312,24 @@ def student_grad(
     micro-batch for the teacher and the student forward (their dropout masks, for a later pass).
     ``sharded``: ``g`` as this rank's partitions where the student engine partitions its
     parameters (``Engine.partitioned_backward``, ZeRO-3), else full tensors."""
-    ctx = d.student.partitioned_backward() if sharded else contextlib.nullcontext()
-    with ctx as pb:
-        return _student_grad(d, micro, w, keep_graph, record_rng, pb)
+    if not sharded:
+        return _student_grad(d, micro, w, keep_graph, record_rng, None)
+    pb = None
+    with _same_rng(device_of(d.student)) as replay:
+        try:
+            with d.student.partitioned_backward() as pb:
+                out = _student_grad(d, micro, w, keep_graph, record_rng, pb)
+            keep = pb is None or d.student.accept_partitions(pb)
+        except Exception as e:  # the first partitioned pass: the model may not allow it
+            if pb is None:
+                raise
+            keep = d.student.accept_partitions(pb, e)  # raises it unless the first pass
+            out = None
+        if keep:
+            return out
+        del out
+        replay()  # the same dropout masks for the repeat on full tensors
+    return _student_grad(d, micro, w, keep_graph, record_rng, None)
 
 
 def _student_grad(d, micro, w, keep_graph, record_rng, pb):
@@ -345,9 +362,14 @@ def _student_grad(d, micro, w, keep_graph, record_rng, pb):
             pb.backward(ls / len(micro))
             fwd.s_logits.append(s.detach())
             continue
-        gs = torch.autograd.grad(ls / len(micro), params)
+        gs = torch.autograd.grad(ls / len(micro), params, allow_unused=True)
+        gs = [  # None: a parameter the loss does not use
+            torch.zeros(full_shape(p), dtype=p.dtype, device=p.device) if gi is None else gi
+            for gi, p in zip(gs, params)
+        ]
         if g is None:  # the first micro-batch's gradients (fresh tensors) are the accumulator
-            g = [gi.to(torch.promote_types(gi.dtype, torch.float32)) for gi in gs]
+            # (contiguous: the gradient of a parameter's sum() is an expanded view)
+            g = [gi.to(torch.promote_types(gi.dtype, torch.float32)).contiguous() for gi in gs]
         else:
             for acc, gi in zip(g, gs):
                 acc.add_(gi)
