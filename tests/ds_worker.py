@@ -291,8 +291,8 @@ def sharded_passes(precision, rank, world):
     """A ZeRO-3 student after 2 LGTM steps: each influence pass on this rank's partitions
     (``Sharded``: LGTM's path) vs the same pass on full tensors (the 0.8 path), the
     partitioned results all-gathered. Steps A (the KD gradient ``g``), B (look-ahead), C
-    (``v``, plain and with activation checkpointing), the norm of ``v`` and D (a perturbed
-    forward). Max relative errors."""
+    (``v``, plain and with activation checkpointing; A again with it), the norm of ``v`` and D
+    (a perturbed forward). Max relative errors."""
     from lgtm_ds.engines.base import Sharded
     from lgtm_ds.training.trainer import _checkpoint_activations
 
@@ -350,6 +350,12 @@ def sharded_passes(precision, rank, world):
         se.all_reduce_mean_(v_sh)  # a no-op on a Sharded gradient
         out[tag] = rel(full(v_sh), v)
         out["is_sharded"] &= isinstance(v_sh, Sharded)
+    # step A with activation checkpointing: the recomputation gathers again
+    train_a, _ = batches(4, rank, world, 1)
+    for sharded in (False, True):
+        torch.manual_seed(2)
+        grads[sharded], _ = student_grad(d, train_a, [1.0], False, sharded=sharded)
+    out["g_ckpt"] = rel(full(grads[True]), grads[False])
     out["norm"] = abs(se.sq_norm(v_sh) / se.sq_norm(v) - 1)
     theta, theta_sh = se.master_params(), se.master_params(sharded=True)
     with torch.no_grad():

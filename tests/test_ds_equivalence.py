@@ -185,11 +185,11 @@ def test_zero3_influence_passes_on_partitions_equal_the_full_passes(results, nam
     assert "error" not in res, res.get("error")
     assert res["is_sharded"] and res["per_module"]
     assert res["lookahead"] == 0.0
-    for key in ("g", "v", "v_ckpt", "norm", "forward"):
+    for key in ("g", "g_ckpt", "v", "v_ckpt", "norm", "forward"):
         # bf16 g: the full path sums a tied weight's two bf16 gradients in bf16 (autograd),
         # the partitioned path each in fp32 after its reduce-scatter (measured 1.2e-5 of the
         # largest element on 1 rank; bf16 resolution is 3.9e-3)
-        tol = 1e-3 if name.endswith("bf16") and key == "g" else 1e-6
+        tol = 1e-3 if name.endswith("bf16") and key.startswith("g") else 1e-6
         assert res[key] < tol, f"{name} ({world} rank(s)) {key}: {res[key]:.2e}"
 
 
