@@ -1,36 +1,85 @@
 #!/usr/bin/env bash
-# Everything this project needs a GPU for, in one call on a lent device machine (repo root):
-# kernel correctness at full size, the kernel benchmark, and the BERT-base step benchmark.
-# Results (text logs and CSV rows) go to $OUT. No GPU has run this yet.
+# Everything this project needs a GPU for, in one call on a lent device machine (repo root),
+# in priority order under one time budget: kernel correctness at full size, the kernel
+# benchmark, the BERT-base step benchmark, the bf16 influence cosine on CUDA, the README's
+# main command (bf16, ZeRO-2) and a ZeRO-3-teacher run through the deepspeed launcher, and the
+# decoder-1b preset (tokens/s and peak memory per method: LGTM vs online KD at teacher ~10x
+# student). Results (a log per step, CSV rows, steps.tsv: name, exit code, seconds, limit) go
+# to $OUT. A step that would start with under 20 s left is skipped and says so in steps.tsv.
+# No GPU has run this yet.
 #
 # Prepare the wheels here first (the device has torch + triton, not deepspeed/transformers):
-#   echo /.whl/ >> .git/info/exclude
+#   echo /.whl/ >> "$(git rev-parse --git-dir)/info/exclude"
 #   pip wheel --no-deps -w .whl deepspeed==0.19.8
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --platform manylinux_2_17_x86_64 -d .whl hjson pydantic pydantic-core annotated-types \
 #     typing-inspection typing-extensions transformers tokenizers safetensors huggingface-hub \
-#     pyyaml tqdm regex filelock packaging scikit-learn scipy joblib threadpoolctl
+#     pyyaml tqdm regex filelock packaging scikit-learn scipy joblib threadpoolctl ninja \
+#     py-cpuinfo psutil msgpack einops
 # then call the device tool with: bash launch/gpu_check.sh   (carry: [".whl"], timeout_s 600)
+#
+# LGTM_GPU_BUDGET_S: seconds for the whole call (default 540: the device call's 600 s limit
+# minus the wheel install and a margin). LGTM_GPU_DRYRUN=1: every step at CPU toy size
+# (checks the script's plumbing here; the kernel steps fail without CUDA, which is expected).
 set -u
 OUT=${OUT:-/tmp/lgtm_gpu_out}
+BUDGET=${LGTM_GPU_BUDGET_S:-540}
+DRY=${LGTM_GPU_DRYRUN:-}
 mkdir -p "$OUT"
+START=$SECONDS
+printf 'step\trc\tseconds\tlimit\n' > "$OUT/steps.tsv"
+
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+    > "$OUT/install.txt" 2>&1
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD:$PWD/kernels"
+export WANDB_MODE=offline TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
 unset TRITON_INTERPRET
-nvidia-smi -L > "$OUT/gpu.txt" 2>&1
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/gpu.txt" 2>&1
-timeout 150 python3 -m pytest -q -m gpu tests/kernels > "$OUT/kernels_gpu_tests.txt" 2>&1
-timeout 240 python3 launch/bench_kernels.py --out "$OUT/kernels.csv" > "$OUT/bench_kernels.txt" 2>&1
-timeout 150 python3 launch/bench_step.py --preset bert-base --steps 20 --csv "$OUT/step.csv" \
-  > "$OUT/bench_step.txt" 2>&1
-# Decoder preset (1.24B -> 0.13B Llama, 8 x 1024 tokens, V = 128256, bf16): tokens/s and
-# peak memory per method.
-# Opt-in (LGTM_GPU_DECODER=1) until the call's time budget is re-planned around it.
-if [ -n "${LGTM_GPU_DECODER:-}" ]; then
-  timeout 240 python3 launch/bench_step.py --preset decoder-1b --precision bf16 --steps 8 \
-    --warmup 2 --csv "$OUT/step.csv" > "$OUT/bench_step_decoder.txt" 2>&1
+
+# step NAME SECONDS COMMAND...: run COMMAND with at most SECONDS (less if the budget is short)
+step() {
+  local name=$1 want=$2
+  shift 2
+  local left=$((BUDGET - (SECONDS - START)))
+  local limit=$((want < left ? want : left))
+  if ((limit < 20)); then
+    printf '%s\tskipped\t0\t%s\n' "$name" "$limit" >> "$OUT/steps.tsv"
+    return
+  fi
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" $((SECONDS - t0)) "$limit" >> "$OUT/steps.tsv"
+}
+
+# the deepspeed launcher, one GPU (the module form: no `deepspeed` script on the device)
+LAUNCH=(python3 -m deepspeed.launcher.runner --num_gpus 1)
+if [ -n "$DRY" ]; then
+  KSIZE=--quick STEP_PRESET=cpu DEC_PRESET=decoder-cpu MAIN_STEPS=2 NSTEPS=1 PREC=bf16
+  SMALL=(--batch 4 --seq 16)
+else
+  KSIZE="" STEP_PRESET=bert-base DEC_PRESET=decoder-1b MAIN_STEPS=30 NSTEPS=20 PREC=bf16
+  SMALL=()
 fi
-tail -n 30 "$OUT"/*.txt
+
+{ nvidia-smi -L; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
+  git log -1 --format='%h %cs'; } > "$OUT/gpu.txt" 2>&1
+step kernels_gpu_tests 120 python3 -m pytest -q -m gpu tests/kernels
+step bench_kernels 180 python3 launch/bench_kernels.py $KSIZE --out "$OUT/kernels.csv"
+step bench_step 120 python3 launch/bench_step.py --preset "$STEP_PRESET" --steps "$NSTEPS" \
+  "${SMALL[@]}" --csv "$OUT/step.csv"
+step influence_precision 60 python3 launch/influence_precision.py
+step train_main 90 "${LAUNCH[@]}" launch/train.py --ds_config ds_configs/zero2.json \
+  --train.precision="$PREC" --train.max_steps="$MAIN_STEPS" --train.eval_every=0 \
+  --output.dir="$OUT/run_main"
+step train_zero3_teacher 90 "${LAUNCH[@]}" launch/train.py --ds_config ds_configs/zero2.json \
+  --deepspeed.teacher.zero_optimization.stage=3 --train.precision="$PREC" \
+  --train.max_steps="$MAIN_STEPS" --train.eval_every=0 --output.dir="$OUT/run_z3"
+step bench_step_decoder 240 python3 launch/bench_step.py --preset "$DEC_PRESET" \
+  --precision "$PREC" --methods online_kd,lgtm --steps 6 --warmup 2 --csv "$OUT/step.csv"
+rm -rf "$OUT/run_main/student" "$OUT/run_main/teacher" "$OUT/run_z3/student" \
+  "$OUT/run_z3/teacher"  # model weights: not needed back
+cat "$OUT/steps.tsv"
+tail -n 15 "$OUT"/*.txt

@@ -20,7 +20,7 @@ def test_bench_step_writes_one_row_per_method(tmp_path):
             "--engine",
             "torch",
             "--methods",
-            "vanilla_kd,lgtm",
+            "vanilla_kd,lgtm,naive",  # naive: the reference form (the GPU check's 3x target)
             "--steps",
             "2",
             "--warmup",
@@ -40,7 +40,7 @@ def test_bench_step_writes_one_row_per_method(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
-    assert [r["method"] for r in rows] == ["vanilla_kd", "lgtm"]
+    assert [r["method"] for r in rows] == ["vanilla_kd", "lgtm", "naive"]
     assert float(rows[0]["x_vanilla"]) == 1.0 and float(rows[1]["ms_median"]) > 0
     assert rows[1]["batch"] == "4" and rows[1]["engine"] == "torch"
     assert "lgtm" in proc.stdout.splitlines()[-2] or "lgtm" in proc.stdout
@@ -100,3 +100,19 @@ def test_gpu_decoder_preset_models_have_the_documented_size(name, billions, tied
     n = sum(p.numel() for p in model.parameters()) / 1e9
     assert n == pytest.approx(billions, rel=1e-3) and cfg.tie_word_embeddings == tied
     assert cfg.max_position_embeddings == 1024
+
+
+@pytest.mark.slow
+def test_influence_precision_tool_reports_the_cosines(capsys):
+    """``launch/influence_precision.py`` (a GPU-check step) on one tiny step: it records the
+    term through the task's step-D call (0.8 moved step D to ``lgtm_teacher_pass``, and the tool
+    recorded nothing until 0.9) and LGTM-DS's bf16 influence term tracks float64."""
+    import re
+
+    from lgtm_ds.tools.influence_precision import main
+
+    assert main(["--steps", "1", "--batch", "8", "--warm_steps", "0"]) == 0
+    out = capsys.readouterr().out
+    got = re.search(r"fp32 work tensors\)\s+cosine vs fp64: influence term ([0-9.]+)", out)
+    assert got, out
+    assert float(got.group(1)) >= 0.99

@@ -151,6 +151,11 @@ def child(args) -> dict:
     batches, quiz = data(n_steps), data(n_steps)
 
     hp = vars(DistillHParams.from_config(cfg.method))  # the same hyper-parameters for all
+    if method == NAIVE:  # the reference form takes the paper's knobs only (eta = teacher lr)
+        import inspect
+
+        takes = inspect.signature(naive_lgtm_step).parameters
+        hp = {k: v for k, v in hp.items() if k in takes}
 
     def one(i):
         if method == NAIVE:

@@ -41,16 +41,18 @@ class RecordingTask(ClassificationTask):
         super().__init__(**kw)
         self.seen, self.in_grad = [], []
 
-    def lgtm_logit_grad(self, z, s, s_plus, s_minus, labels, p):
+    def lgtm_teacher_pass(self, z, s, s_plus, s_minus, labels, p, *, split=False):
+        # (step D's one call per micro-batch; lgtm_logit_grad is not called on its own)
         T = p.temperature
         dq = torch.softmax(s_plus.double() / T, -1) - torch.softmax(s_minus.double() / T, -1)
         term = p.eta * p.alpha_teacher * dq / (2 * p.radius * T * z.shape[0])
         self.seen.append(term.reshape(-1))
-        grad, infl = super().lgtm_logit_grad(z, s, s_plus, s_minus, labels, p)
+        tp = super().lgtm_teacher_pass(z, s, s_plus, s_minus, labels, p, split=split)
+        grad = tp.grad if tp.term is None else tp.grad + tp.term  # the whole dL/dz
         # what the teacher backward receives of the term, after dL/dz is cast to z's dtype
         without = (grad.double() - term).to(z.dtype)
         self.in_grad.append((grad.to(z.dtype).double() - without.double()).reshape(-1))
-        return grad, infl
+        return tp
 
 
 def influence(mode, teacher, student, batches, quiz, lrs, num_labels):
@@ -61,6 +63,8 @@ def influence(mode, teacher, student, batches, quiz, lrs, num_labels):
     task = RecordingTask(num_labels=num_labels)
     d = Distiller("lgtm", teacher=t, student=s_engine, teacher_optimizer=t_opt, task=task)
     infl = [d.step(b, q)["influence"].double() for b, q in zip(batches, quiz)]
+    if not task.seen:
+        raise RuntimeError("the LGTM step never called Task.lgtm_teacher_pass: nothing recorded")
     return torch.cat(task.seen), torch.cat(infl), torch.cat(task.in_grad)
 
 
