@@ -8,15 +8,21 @@
 # to $OUT. A step that would start with under 20 s left is skipped and says so in steps.tsv.
 # No GPU has run this yet.
 #
-# Prepare the wheels here first (the device has torch + triton, not deepspeed/transformers):
+# Prepare the wheels here first (the device has torch + triton, not deepspeed/transformers;
+# the device tool carries at most 64 MiB with the tree: this set is 27 MB, measured 0.9):
 #   echo /.whl/ >> "$(git rev-parse --git-dir)/info/exclude"
 #   pip wheel --no-deps -w .whl deepspeed==0.19.8
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --platform manylinux_2_17_x86_64 -d .whl hjson pydantic pydantic-core annotated-types \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     --platform manylinux_2_28_x86_64 -d .whl hjson pydantic pydantic-core annotated-types \
 #     typing-inspection typing-extensions transformers tokenizers safetensors huggingface-hub \
-#     pyyaml tqdm regex filelock packaging scikit-learn scipy joblib threadpoolctl ninja \
-#     py-cpuinfo psutil msgpack einops
+#     pyyaml tqdm regex filelock fsspec packaging ninja py-cpuinfo psutil msgpack einops \
+#     pytest pluggy iniconfig pytest-timeout
 # then call the device tool with: bash launch/gpu_check.sh   (carry: [".whl"], timeout_s 600)
+# Not in the set: `datasets` (with pyarrow 55 MB and pandas 12 MB it would not fit), which
+# influence_precision and the two training runs need: they run where the device has it
+# ($OUT/pip_list.txt says), else steps.tsv lists them as skipped. bench_step builds its models
+# and batches without it.
 #
 # LGTM_GPU_BUDGET_S: seconds for the whole call (default 540: the device call's 600 s limit
 # minus the wheel install and a margin). LGTM_GPU_DRYRUN=1: every step at CPU toy size
@@ -66,17 +72,26 @@ fi
 
 { nvidia-smi -L; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
   git log -1 --format='%h %cs'; } > "$OUT/gpu.txt" 2>&1
+python3 -m pip list > "$OUT/pip_list.txt" 2>&1
+# needs NAME: skip the steps that import `datasets` where it is missing
+needs_datasets() {
+  python3 -c "import datasets" 2> /dev/null && return 0
+  printf '%s\tskipped (no datasets)\t0\t0\n' "$1" >> "$OUT/steps.tsv"
+  return 1
+}
 step kernels_gpu_tests 120 python3 -m pytest -q -m gpu tests/kernels
 step bench_kernels 180 python3 launch/bench_kernels.py $KSIZE --out "$OUT/kernels.csv"
 step bench_step 120 python3 launch/bench_step.py --preset "$STEP_PRESET" --steps "$NSTEPS" \
   "${SMALL[@]}" --csv "$OUT/step.csv"
-step influence_precision 60 python3 launch/influence_precision.py
-step train_main 90 "${LAUNCH[@]}" launch/train.py --ds_config ds_configs/zero2.json \
+needs_datasets influence_precision && step influence_precision 60 \
+  python3 launch/influence_precision.py
+needs_datasets train_main && step train_main 90 "${LAUNCH[@]}" launch/train.py \
+  --ds_config ds_configs/zero2.json --train.precision="$PREC" --train.max_steps="$MAIN_STEPS" \
+  --train.eval_every=0 --output.dir="$OUT/run_main"
+needs_datasets train_zero3_teacher && step train_zero3_teacher 90 "${LAUNCH[@]}" launch/train.py \
+  --ds_config ds_configs/zero2.json --deepspeed.teacher.zero_optimization.stage=3 \
   --train.precision="$PREC" --train.max_steps="$MAIN_STEPS" --train.eval_every=0 \
-  --output.dir="$OUT/run_main"
-step train_zero3_teacher 90 "${LAUNCH[@]}" launch/train.py --ds_config ds_configs/zero2.json \
-  --deepspeed.teacher.zero_optimization.stage=3 --train.precision="$PREC" \
-  --train.max_steps="$MAIN_STEPS" --train.eval_every=0 --output.dir="$OUT/run_z3"
+  --output.dir="$OUT/run_z3"
 step bench_step_decoder 240 python3 launch/bench_step.py --preset "$DEC_PRESET" \
   --precision "$PREC" --methods online_kd,lgtm --steps 6 --warmup 2 --csv "$OUT/step.csv"
 rm -rf "$OUT/run_main/student" "$OUT/run_main/teacher" "$OUT/run_z3/student" \
