@@ -31,6 +31,12 @@ set -u
 OUT=${OUT:-/tmp/lgtm_gpu_out}
 BUDGET=${LGTM_GPU_BUDGET_S:-540}
 DRY=${LGTM_GPU_DRYRUN:-}
+case $BUDGET in
+  '' | *[!0-9]*)
+    echo "gpu_check.sh: LGTM_GPU_BUDGET_S must be a whole number of seconds, got '$BUDGET'" >&2
+    exit 2
+    ;;
+esac
 mkdir -p "$OUT"
 START=$SECONDS
 printf 'step\trc\tseconds\tlimit\n' > "$OUT/steps.tsv"

@@ -229,9 +229,9 @@ def influence_gradient(teacher_stage, rank, world):
     }
 
 
-def student_state(student_stage, precision, rank, world):
-    """After 2 LGTM steps: the student's masters and Adam moments as the DeepSpeed adapter reads
-    them (the look-ahead's inputs) vs the plain-module twin's. Max relative error per kind."""
+def _after_two_lgtm_steps(student_stage, precision, rank, world):
+    """(Distiller, student engine) after 2 LGTM steps: a ZeRO-2 teacher, the student at
+    ``student_stage`` (optimizer state exists)."""
     teacher, student = tiny_model(seed=1, size="student"), tiny_model(seed=2)
     micro = GLOBAL_BATCH // world
     engines = {}
@@ -247,7 +247,13 @@ def student_state(student_stage, precision, rank, world):
     for step in range(2):
         train, quiz = batches(step, rank, world, 1)
         d.step(train, quiz)
-    se = engines["student"]
+    return d, engines["student"]
+
+
+def student_state(student_stage, precision, rank, world):
+    """After 2 LGTM steps: the student's masters and Adam moments as the DeepSpeed adapter reads
+    them (the look-ahead's inputs) vs the plain-module twin's. Max relative error per kind."""
+    _, se = _after_two_lgtm_steps(student_stage, precision, rank, world)
     got = {"master": se.master_params(), **dict(zip(("m", "v"), _moments(se.adam_state())))}
     got["step"] = se.adam_state().step
     # the look-ahead on this rank's moment partitions + one gather vs on gathered moments
@@ -296,19 +302,7 @@ def sharded_passes(precision, rank, world):
     from lgtm_ds.engines.base import Sharded
     from lgtm_ds.training.trainer import _checkpoint_activations
 
-    teacher, student = tiny_model(seed=1, size="student"), tiny_model(seed=2)
-    micro = GLOBAL_BATCH // world
-    engines = {}
-    for role, model, stage, lr in (("teacher", teacher, 2, 3e-3), ("student", student, 3, 5e-3)):
-        opt = build_adamw(model, lr, 0.01)
-        engines[role] = build_engine(
-            model, opt, None, ds_config(stage, precision, micro, 1, world, role=role), role
-        )
-    d = Distiller("lgtm", teacher=engines["teacher"], student=engines["student"])
-    for step in range(2):
-        train, quiz = batches(step, rank, world, 1)
-        d.step(train, quiz)
-    se = engines["student"]
+    d, se = _after_two_lgtm_steps(3, precision, rank, world)
     params = se.params()
 
     def full(xs):

@@ -305,16 +305,7 @@ class Engine:
             ):
                 loss = loss_fn(get_logits(self.module(**model_inputs(b))), b)
                 gs = torch.autograd.grad(loss / len(batches), leaves, allow_unused=True)
-                # None: a parameter the loss does not use (a projection)
-                if grads is None:  # (contiguous: an expanded gradient cannot accumulate)
-                    grads = [
-                        torch.zeros_like(x) if g is None else g.contiguous()
-                        for x, g in zip(leaves, gs)
-                    ]
-                else:
-                    for acc, g in zip(grads, gs):
-                        if g is not None:
-                            acc.add_(g)
+                grads = accumulate_grads(grads, gs, leaves)
                 del gs
             total += loss.detach()
         if grads is None:  # no batch
@@ -524,6 +515,19 @@ def adam_hparams(params: list[torch.Tensor], group_of: dict[int, dict], decouple
 
 
 _log = logging.getLogger(__name__)
+
+
+def accumulate_grads(acc, grads, leaves) -> list[torch.Tensor]:
+    """``acc += grads`` (``acc`` None: the first batch's gradients become the accumulator, no
+    zeros + copy). A None gradient, a parameter the loss does not use (a projection), counts
+    as zeros; the accumulator is contiguous (autograd may return an expanded view, e.g. the
+    gradient of ``p.sum()``, which cannot accumulate in place)."""
+    if acc is None:
+        return [torch.zeros_like(x) if g is None else g.contiguous() for x, g in zip(leaves, grads)]
+    for a, g in zip(acc, grads):
+        if g is not None:
+            a.add_(g)
+    return acc
 
 
 def _axpy(out: list[torch.Tensor], x: list[torch.Tensor], v: list[torch.Tensor], a: float) -> None:

@@ -25,6 +25,7 @@ from .base import (
     Engine,
     Sharded,
     _axpy,
+    accumulate_grads,
     adam_hparams,
     adam_state_from_torch,
     get_logits,
@@ -652,12 +653,7 @@ class DeepSpeedEngineAdapter(Engine):
                 loss = loss_fn(get_logits(self.module(**model_inputs(b))), b)
                 gs = torch.autograd.grad(loss / len(batches), leaves, allow_unused=True)
             live.clear()
-            if grads is None:  # a parameter the loss does not use (a projection): zeros
-                grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, gs)]
-            else:
-                for acc, g in zip(grads, gs):
-                    if g is not None:
-                        acc.add_(g)
+            grads = accumulate_grads(grads, gs, leaves)
             del gs
             total += loss.detach()
         if grads is None:
