@@ -22,7 +22,7 @@ _LAZY = {
 }
 
 __all__ = ["LGTMError", "ConfigError", "DataError", "ModelError", *_LAZY]
-__version__ = "0.9.0"
+__version__ = "0.9.1"
 
 
 def __getattr__(name: str) -> Any:

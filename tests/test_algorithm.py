@@ -330,6 +330,47 @@ def test_cheap_form_matches_reference_form_regression_fp64():
         assert _rel(list(s.parameters()), list(s2.parameters())) < 1e-10
 
 
+class _SmoothedCE(type(CLS)):
+    """A user's task: label-smoothed CE (its own task_loss, no closed form declared)."""
+
+    def task_loss(self, logits, labels):
+        return torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
+
+
+class _HuberRegression(type(get_task("regression")())):
+    """A user's regression task: Huber loss instead of the squared error."""
+
+    def task_loss(self, logits, labels):
+        y = labels.to(logits.dtype)
+        return torch.nn.functional.huber_loss(logits.squeeze(-1), y, delta=0.3)
+
+
+@pytest.mark.parametrize("task_cls", [_SmoothedCE, _HuberRegression])
+def test_a_tasks_own_loss_reaches_the_teacher_logit_gradient(task_cls):
+    """A Task subclass that overrides task_loss: the LGTM teacher gradient is that of ITS
+    objective (the reference form differentiates ``distill_loss``, which calls task_loss),
+    not the closed form's CE/MSE (which would differ by (1 - a_t) x the loss difference)."""
+    task, regression = task_cls(), task_cls is _HuberRegression
+    assert not task.task_loss_is_closed_form() and CLS.task_loss_is_closed_form()
+    labels = 1 if regression else 3
+    t = tiny_model(torch.float64, seed=1, num_labels=labels)
+    s = tiny_model(torch.float64, seed=2, num_labels=labels)
+    to, so = build_adamw(t, 3e-3, 0.01), build_adamw(s, 5e-3, 0.01)
+    t2, s2, to2, so2 = copy.deepcopy((t, s, to, so))
+    kw = dict(alpha_student=0.5, alpha_teacher=0.3)
+    d = Distiller("lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so,
+                  task=task, **kw)  # fmt: skip
+    cheap_g = _capture_grads(to, list(t.parameters()))
+    for step in range(3):
+        b = random_batch(9, 100 + step, regression=regression)
+        q = random_batch(7, 200 + step, regression=regression)
+        d.step(b, q)
+        ref = naive_lgtm_step(t2, s2, to2, so2, b, q, task=task_cls(), **kw)
+        err = _rel(cheap_g[-1], ref["G"])
+        assert err < 1e-6, f"step {step}: teacher gradient rel. error {err:.2e}"
+        assert _rel(list(s.parameters()), list(s2.parameters())) < 1e-10
+
+
 def test_influence_scale_multiplies_the_influence_term_exactly():
     """G(k) = G(0) + k (G(1) - G(0)) for the teacher gradient (float64), influence x k."""
     grads, infl = {}, {}

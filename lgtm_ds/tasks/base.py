@@ -172,6 +172,17 @@ class Task:
         """The supervised loss against the labels, averaged over rows."""
         raise NotImplementedError
 
+    # A class whose closed-form ``lgtm_logit_grad`` assumes its own ``task_loss`` sets this to
+    # True in its body; a subclass that overrides ``task_loss`` without it gets the LGTM logit
+    # gradient of its loss by autograd (or a clear error where the task has no such path).
+    task_loss_closed_form = False
+
+    def task_loss_is_closed_form(self) -> bool:
+        """Whether :meth:`task_loss` is the loss this class's closed-form LGTM logit gradient
+        was derived for: the class that defines ``task_loss`` declares it in its own body."""
+        owner = next(k for k in type(self).__mro__ if "task_loss" in vars(k))
+        return bool(vars(owner).get("task_loss_closed_form", False))
+
     def kd_scale(self, temperature: float, scale_by_t2: bool) -> float:
         """Factor on the KD term: ``T^2`` when ``scale_by_t2`` (softmax tasks), else 1."""
         return temperature**2 if scale_by_t2 else 1.0

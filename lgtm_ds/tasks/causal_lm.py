@@ -249,6 +249,8 @@ class CausalLMTask(ClassificationTask):
         out = torch.zeros(logits.shape[0], dtype=per_row.dtype, device=per_row.device)
         return out.index_add_(0, mask.nonzero()[:, 0], per_row)
 
+    task_loss_closed_form = True  # the chunked LGTM logit gradient's CE term is this loss
+
     def task_loss(self, logits, labels):
         """Next-token CE, mean over the valid tokens."""
         if not isinstance(logits, HeadOutput) and logits.dim() == 2:  # already rows
@@ -291,6 +293,7 @@ class CausalLMTask(ClassificationTask):
         """The softmax classifier's logit gradient on the token rows (divided by this
         micro-batch's valid tokens), scattered to ``[B, L, V]``; the influence per *sequence*,
         the sum of its tokens' influence (lgtm-method.md, token level)."""
+        self._require_closed_form()
         rz, y, mask = self.rows(z, labels)
         rs, rp, rm = (self._target_rows(t, mask) for t in (s, s_plus, s_minus))
         seq = mask.nonzero()[:, 0]
@@ -324,6 +327,7 @@ class CausalLMTask(ClassificationTask):
         influence term as a second gradient through the layer), the influence and the
         teacher's loss (was: a pass per quantity, each recomputing the four logit chunks).
         The loss is the mean over this micro-batch's valid tokens, the influence per sequence."""
+        self._require_closed_form()
         rz, y, mask = self.rows(z, labels)
         rs, rp, rm = (self._target_rows(t, mask) for t in (s, s_plus, s_minus))
         n = y.shape[0]
@@ -359,6 +363,17 @@ class CausalLMTask(ClassificationTask):
         per_seq = torch.zeros(labels.shape[0], dtype=infl_rows.dtype, device=infl_rows.device)
         per_seq.index_add_(0, mask.nonzero()[:, 0], infl_rows)
         return TeacherPass(grad, per_seq, loss_rows.sum() / max(n, 1), term)
+
+    def _require_closed_form(self) -> None:
+        """LGTM's token-level teacher gradient has the next-token CE in closed form (chunked,
+        no full logits); a subclass's own ``task_loss`` would be silently ignored there."""
+        if not self.task_loss_is_closed_form():
+            raise NotImplementedError(
+                f"{type(self).__name__} overrides task_loss: LGTM's teacher logit gradient on "
+                "decoders takes the next-token CE in closed form; override lgtm_logit_grad and "
+                "lgtm_teacher_pass too, or set task_loss_closed_form = True in the class if "
+                "task_loss is still that CE"
+            )
 
     def influence_logit_term(self, s_plus, s_minus, p: InfluenceParams, z=None, labels=None):
         """The classifier's influence term on the token rows, scattered to ``[B, L, V]``; with a

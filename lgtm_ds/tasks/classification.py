@@ -157,6 +157,8 @@ class ClassificationTask(Task):
             reduction="none",
         )
 
+    task_loss_closed_form = True  # the fused LGTM logit gradient's CE term is this loss
+
     def task_loss(self, logits, labels):
         """Cross-entropy summed over rows / number of rows; labels < 0 add nothing."""
         dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -181,7 +183,8 @@ class ClassificationTask(Task):
         rescaled to ``a' = a T^2 / s`` with ``s = a T^2 + 1 - a`` and its gradient multiplied by
         ``s`` (so the KD terms get ``a T^2``, the CE term ``1 - a``); the influence by ``T^2``.
         """
-        if p.beta_teacher != 0.0 or p.beta_student != 0.0:
+        if p.beta_teacher != 0.0 or p.beta_student != 0.0 or not self.task_loss_is_closed_form():
+            # other divergences, or a subclass's own task_loss: autograd on the logits
             return self._lgtm_logit_grad_autograd(z, s, s_plus, s_minus, labels, p, n_rows)
         a, t2 = float(p.alpha_teacher), self.kd_scale(p.temperature, p.scale_by_t2)
         scale = a * t2 + (1 - a)
@@ -355,6 +358,8 @@ class RegressionTask(ClassificationTask):
         target = target_logits if differentiable else target_logits.detach()
         return (logits.to(dtype) - target.to(dtype)).pow(2).sum(-1)
 
+    task_loss_closed_form = True  # the closed-form logit gradient below assumes this MSE
+
     def task_loss(self, logits, labels):
         dtype = torch.promote_types(logits.dtype, torch.float32)
         return (logits.to(dtype).squeeze(-1) - labels.to(dtype)).pow(2).mean()
@@ -371,7 +376,10 @@ class RegressionTask(ClassificationTask):
 
     def lgtm_logit_grad(self, z, s, s_plus, s_minus, labels, p: InfluenceParams):
         """``dL/dz = 2 a_t (z - s)/n + 2 (1 - a_t)(z - y)/n + eta a_t 2 (s+ - s-)/(2 R n)``,
-        ``I_i = -eta ((s+_i - z_i)^2 - (s-_i - z_i)^2) / (2R)``."""
+        ``I_i = -eta ((s+_i - z_i)^2 - (s-_i - z_i)^2) / (2R)``. A subclass with its own
+        ``task_loss``: the same with that loss's gradient, by autograd."""
+        if not self.task_loss_is_closed_form():
+            return self._lgtm_logit_grad_autograd(z, s, s_plus, s_minus, labels, p)
         dtype = torch.promote_types(z.dtype, torch.float32)
         z, s, sp, sm = (x.detach().to(dtype) for x in (z, s, s_plus, s_minus))
         y = labels.to(dtype).reshape(z.shape)
