@@ -53,6 +53,8 @@ CASES = {
     "z2_3_bf16": ("lgtm", 2, 3, "bf16", 1),  # influence passes on fp32 tensors, hooks off
     "infl_bf16_z2": None,  # the influence part of the bf16 teacher gradient (ZeRO-2 teacher)
     "infl_bf16_z3": None,
+    "meta_bf16_z2": None,  # the same for MetaDistil's meta-gradient beside the teacher's CE
+    "meta_bf16_z3": None,
     "state_z0": None,  # the look-ahead's inputs (masters, moments) read through each ZeRO stage
     "state_z1": None,
     "state_z2": None,
@@ -161,9 +163,11 @@ def run_case(name, rank, world):
     }
 
 
-def influence_gradient(teacher_stage, rank, world):
+def influence_gradient(teacher_stage, rank, world, method="lgtm"):
     """The influence part of the teacher gradient (G with eta minus G with eta = 0, one LGTM
-    step) of a bf16 engine pair vs float64 plain modules: its cosine and norm ratio."""
+    step) of a bf16 engine pair vs float64 plain modules: its cosine and norm ratio.
+    ``method="metadistil"``: the meta-gradient part (G with the pilot's lr minus G with
+    pilot_lr = 0) of a teacher that also learns from its own CE (teacher_ce_weight 0.5)."""
     from deepspeed.utils import safe_get_full_grad
 
     from lgtm_ds.engines import TorchEngine
@@ -207,11 +211,14 @@ def influence_gradient(teacher_stage, rank, world):
 
             t_opt.step = opt_step
             train, quiz = batches(0, 0, 1, 1)
-        if not eta_on:
+        hp = {}
+        if method == "metadistil":  # pilot_lr 0: no meta-gradient, the teacher's CE unchanged
+            hp = dict(teacher_ce_weight=0.5, pilot_lr=None if eta_on else 0.0)
+        elif not eta_on:
             te.lr = lambda: 0.0  # eta = 0: the influence term vanishes, the rest is unchanged
         calls = []
         hook = teacher.register_forward_pre_hook(lambda *_: calls.append(1))
-        Distiller("lgtm", teacher=te, student=se).method.teacher_update(train, quiz)
+        Distiller(method, teacher=te, student=se, **hp).method.teacher_update(train, quiz)
         hook.remove()
         captured["forwards"] = len(calls)
         return captured
@@ -452,6 +459,8 @@ def main():
         try:
             if name.startswith("infl_bf16_z"):
                 res = influence_gradient(int(name[-1]), rank, world)
+            elif name.startswith("meta_bf16_z"):
+                res = influence_gradient(int(name[-1]), rank, world, "metadistil")
             elif name == "external_z3":
                 res = external_read(rank, world)
             elif name.startswith("sharded_z3"):

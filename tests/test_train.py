@@ -381,6 +381,11 @@ def test_bf16_lgtm_needs_a_zero2_teacher(tmp_path, dist_env):
     with pytest.raises(ConfigError, match="teacher at ZeRO stage 2 or 3"):
         _run(tmp_path, "train.precision=bf16", "deepspeed.teacher.zero_optimization.stage=1")
     assert not (tmp_path / "out").exists()
+    # MetaDistil too once its teacher learns from its own CE beside the meta-gradient
+    with pytest.raises(ConfigError, match="method metadistil .* ZeRO stage 2 or 3.*meta-gradient"):
+        _run(tmp_path, "method.name=metadistil", "method.teacher_ce_weight=0.5",
+             "train.precision=bf16", "deepspeed.teacher.zero_optimization.stage=1")  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ D. per micro-batch: student forwards at ``theta +- R v`` (fp32, formed module by
    the forward: ``Engine.forward_perturbed``; same dropout mask on both sides), one teacher
    forward with graph and ONE teacher backward of ``(z * dL/dz).sum()``; teacher step. (bf16
    teachers: the influence part of dL/dz is backpropagated on its own and added to
-   fp32-accumulated gradients, see ``_influence_grad``.)
+   fp32-accumulated gradients, see :func:`grad_apart`.)
 E. the student step with the updated teacher (:meth:`Method.student_update`).
 """
 
@@ -86,7 +86,7 @@ class LGTM(Method):
     @classmethod
     def prepare_ds_configs(cls, cfg, teacher: dict, student: dict) -> None:
         if cfg.train.precision == "bf16":
-            _fp32_teacher_grads_(teacher)
+            fp32_teacher_grads_(teacher, cls.name)
 
     # ------------------------------------------------------------------------------------------
     def teacher_update(self, micro, quiz):
@@ -224,7 +224,7 @@ class LGTM(Method):
             dz, infl = tp.grad, tp.influence
             if split:
                 term = weighted(tp.term, w[j])
-                g_infl = self._influence_grad(mb, z, replay_teacher, term, g_infl, n_micro)
+                g_infl = grad_apart(d.teacher, mb, z, replay_teacher, term, g_infl, n_micro)
             t_total += weighted(tp.loss, w[j])
             loss = surrogate(z, weighted(dz, w[j]))  # grad_phi of it: dL/dz through the teacher
             if hs is not None:  # the teacher's hidden-state term, the student's states the target
@@ -236,22 +236,6 @@ class LGTM(Method):
             d.teacher.step()
             influences.append(infl.detach())
         return float(t_total) / n_micro, torch.cat(influences).cpu()
-
-    def _influence_grad(self, mb, z, replay, term, acc, n_micro):
-        """bf16 teachers: the influence part of dL/dz is ~1e-5 of the rest and would vanish in
-        one bf16 tensor. Backpropagate it on its own with ``torch.autograd.grad`` (the engine's
-        buffers and hooks untouched), accumulated in fp32 over the micro-batches; added to the
-        engine's fp32 gradients before the step. Through the graph of the teacher forward ``z``
-        where the engine offers it unhooked (ZeRO-2: no extra forward), else through a module
-        forward of its own with the same dropout mask (ZeRO-3)."""
-        t = self.d.teacher
-        z_alone = t.unhooked(z)
-        if z_alone is None:
-            replay()
-            z_alone = t.raw_forward(mb)
-            return _accumulate(acc, grads_through(z_alone, term, t.params()), n_micro)
-        grads = grads_through(z_alone, term, t.params(), retain_graph=True)
-        return _accumulate(acc, grads, n_micro)
 
 
 class _RatioProbe:
@@ -292,6 +276,25 @@ class _RatioProbe:
         infl = math.sqrt(sum(float((g.double() ** 2).sum()) for g in self.infl))
         self.main = self.infl = None
         return infl / main if main > 0 else math.inf
+
+
+def grad_apart(t, mb, z, replay, term, acc, n_micro: int) -> list[torch.Tensor]:
+    """bf16 teachers: a small part of dL/dz (LGTM's influence term, ~1e-5 of the rest;
+    MetaDistil's meta-gradient beside the teacher's CE) would vanish in one bf16 tensor.
+    Backpropagate it (``term``) on its own through the teacher ``t`` with
+    ``torch.autograd.grad`` (the engine's buffers and hooks untouched), accumulated in fp32 over
+    the micro-batches into ``acc`` (divided by ``n_micro``, as the engine divides its own); the
+    caller adds it to the engine's fp32 gradients before the step (``add_grads_``). Through the
+    graph of the teacher forward ``z`` where the engine offers it unhooked (ZeRO-2: no extra
+    forward), else through a module forward of its own after ``replay()`` (the same dropout
+    mask; ZeRO-3)."""
+    z_alone = t.unhooked(z)
+    if z_alone is None:
+        replay()
+        z_alone = t.raw_forward(mb)
+        return _accumulate(acc, grads_through(z_alone, term, t.params()), n_micro)
+    grads = grads_through(z_alone, term, t.params(), retain_graph=True)
+    return _accumulate(acc, grads, n_micro)
 
 
 def _accumulate(acc, grads, n_micro: int) -> list[torch.Tensor]:
@@ -398,24 +401,23 @@ def _stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def _fp32_teacher_grads_(teacher: dict) -> None:
-    """Make the teacher's DeepSpeed dict fit for bf16 LGTM (in place).
-
-    The influence part of the teacher gradient is ~1e-5 of the rest and vanishes in bf16
-    gradients; it is backpropagated on its own and added to fp32-accumulated gradients, which
-    DeepSpeed offers at ZeRO-2/3 with ``data_types.grad_accum_dtype = fp32``."""
+def fp32_teacher_grads_(teacher: dict, method: str, term: str = "influence term") -> None:
+    """Make the teacher's DeepSpeed dict fit for a bf16 teacher whose gradient has a small
+    part kept apart (:func:`grad_apart`), in place: the part would vanish in bf16 gradients;
+    it is backpropagated on its own and added to fp32-accumulated gradients, which DeepSpeed
+    offers at ZeRO-2/3 with ``data_types.grad_accum_dtype = fp32``."""
     stage = _stage(teacher)
     if stage < 2:
         raise ConfigError(
-            f"method lgtm with train.precision=bf16 needs the teacher at ZeRO stage 2 or 3 (got "
-            f"{stage}; deepspeed.teacher.zero_optimization.stage): at stage 0/1 DeepSpeed keeps "
-            f"bf16 gradients, which round the influence term away"
+            f"method {method} with train.precision=bf16 needs the teacher at ZeRO stage 2 or 3 "
+            f"(got {stage}; deepspeed.teacher.zero_optimization.stage): at stage 0/1 DeepSpeed "
+            f"keeps bf16 gradients, which round the {term} away"
         )
     data_types = teacher.setdefault("data_types", {})
     if data_types.get("grad_accum_dtype", "fp32") != "fp32":
         raise ConfigError(
-            f"method lgtm with bf16 needs the teacher's data_types.grad_accum_dtype = fp32, got "
-            f"{data_types['grad_accum_dtype']!r}"
+            f"method {method} with bf16 needs the teacher's data_types.grad_accum_dtype = fp32, "
+            f"got {data_types['grad_accum_dtype']!r}"
         )
     data_types["grad_accum_dtype"] = "fp32"
 

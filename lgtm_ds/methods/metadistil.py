@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import METHODS, Method, weighted
-from .lgtm import quiz_grad, student_grad
+from .lgtm import fp32_teacher_grads_, grad_apart, quiz_grad, student_grad
 
 
 @METHODS.register
@@ -57,6 +57,12 @@ class MetaDistil(Method):
                 "step's forward-mode pass has no loss scaling; use bf16 or fp32"
             )
 
+    @classmethod
+    def prepare_ds_configs(cls, cfg, teacher: dict, student: dict) -> None:
+        # a bf16 teacher with its own CE: the meta-gradient (~1e-4 of the CE's) is kept apart
+        if cfg.train.precision == "bf16" and cfg.method.teacher_ce_weight > 0:
+            fp32_teacher_grads_(teacher, cls.name, "meta-gradient beside the teacher's CE")
+
     def teacher_update(self, micro, quiz):
         d = self.d
         d.teacher.module.train()
@@ -76,6 +82,10 @@ class MetaDistil(Method):
         if not math.isfinite(v_norm):
             return {"skipped": True, "v_norm": v_norm}
         ce_w, t_total, meta_sq = d.hp.teacher_ce_weight, 0.0, 0.0
+        # bf16 teacher with its own CE: the meta-gradient would round away beside the CE's in
+        # one bf16 dL/dz; backpropagated apart, added in fp32 (as LGTM's influence term)
+        split = ce_w > 0 and d.teacher.split_influence_backward
+        g_meta = None
         for j, mb in enumerate(micro):  # D
             a.student_rng[j]()  # the dropout mask of step A's student forward
             s_j, u_j = d.student.jvp_at(theta, v, mb)
@@ -86,12 +96,18 @@ class MetaDistil(Method):
             else:  # step A's teacher forward again, same dropout mask, now with graph
                 a.teacher_rng[j]()
                 z = d.teacher.forward(mb)
-            surrogate = (z * dz.to(z.dtype)).sum() * n  # the engine divides by n (accumulation)
+            if split:  # n * dz: the engine divides its own backward by n, grad_apart too
+                g_meta = grad_apart(d.teacher, mb, z, a.teacher_rng[j], dz * n, g_meta, n)
+                surrogate = 0.0
+            else:
+                surrogate = (z * dz.to(z.dtype)).sum() * n  # the engine divides by n
             if ce_w > 0:
                 ce = weighted(d.task.task_loss(z, mb["labels"]), w[j])
                 surrogate = surrogate + ce_w * ce
                 t_total += float(ce.detach())
             d.teacher.backward(surrogate)
+            if split and j == n - 1:
+                d.teacher.add_grads_(g_meta)  # boundary micro-batch: before the optimizer step
             d.teacher.step()
         out = {
             "quiz_ce_pilot": float(quiz_ce),
