@@ -176,6 +176,30 @@ def test_lookahead_equals_a_real_adamw_step_and_leaves_state_alone(dtype, tol):
             assert torch.equal(st[key], after["state"][k][key])
 
 
+def test_a_low_precision_plain_teacher_is_warned_about():
+    """Plain bf16 modules keep bf16 gradients: LGTM's influence term (and MetaDistil's
+    meta-gradient beside the teacher's CE) would round away silently; a warning says so."""
+    import warnings
+
+    def make(method, dtype, **hp):
+        t, s = tiny_model(dtype, seed=1), tiny_model(seed=2)
+        opt = dict(
+            teacher_optimizer=build_adamw(t, 1e-3, 0), student_optimizer=build_adamw(s, 1e-3, 0)
+        )
+        return Distiller(method, teacher=t, student=s, **opt, **hp)
+
+    with pytest.warns(UserWarning, match="lgtm: .*bfloat16.* influence term .* rounds away"):
+        make("lgtm", torch.bfloat16)
+    with pytest.warns(UserWarning, match="metadistil: .* meta-gradient beside the teacher's CE"):
+        make("metadistil", torch.bfloat16, teacher_ce_weight=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make("lgtm", torch.float32)
+        make("online_kd", torch.bfloat16)
+        make("metadistil", torch.bfloat16)  # the meta-gradient alone keeps its relative precision
+
+
+@pytest.mark.filterwarnings("ignore:lgtm. the teacher's parameters")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_student_bit_identical_after_influence_passes(dtype):
     t, s = tiny_model(dtype, seed=1), tiny_model(dtype, seed=2)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +67,7 @@ class LGTM(Method):
         super().__init__(distiller)
         self.scale = distiller.hp.influence_scale  # eta = teacher lr * scale
         self._q_ema = [0.0, 0]  # (biased EMA of q, measurements): the adaptive scale's state
+        warn_low_precision_grads(distiller.teacher, self.name, "influence term")
 
     def state_dict(self) -> dict:
         return {"influence_scale": self.scale, "q_ema": list(self._q_ema)}
@@ -399,6 +401,23 @@ def quiz_grad(d, params, quiz, wq) -> tuple[list[torch.Tensor], torch.Tensor]:
 
 def _stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def warn_low_precision_grads(teacher, method: str, term: str) -> None:
+    """A bf16/fp16 teacher that keeps its gradients in its own dtype (plain modules in the
+    Python API, a DeepSpeed engine without the fp32 split) loses the small ``term``: warn."""
+    if teacher.split_influence_backward:
+        return
+    dtypes = {p.dtype for p in teacher.params()}
+    low = dtypes & {torch.bfloat16, torch.float16}
+    if low:
+        warnings.warn(
+            f"{method}: the teacher's parameters are {sorted(map(str, low))[0]} with gradients "
+            f"in that dtype: the {term} (a small part of the teacher's gradient, ~1e-5 for "
+            "LGTM) rounds away and the teacher trains as without it. Use fp32 modules (e.g. "
+            "with autocast) or DeepSpeed engines (bf16 with ZeRO-2/3 keeps it in fp32)",
+            stacklevel=4,
+        )
 
 
 def fp32_teacher_grads_(teacher: dict, method: str, term: str = "influence term") -> None:

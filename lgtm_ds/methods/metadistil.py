@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import METHODS, Method, weighted
-from .lgtm import fp32_teacher_grads_, grad_apart, quiz_grad, student_grad
+from .lgtm import fp32_teacher_grads_, grad_apart, quiz_grad, student_grad, warn_low_precision_grads
 
 
 @METHODS.register
@@ -56,6 +56,12 @@ class MetaDistil(Method):
                 "method metadistil with train.precision=fp16 is not supported: the pilot "
                 "step's forward-mode pass has no loss scaling; use bf16 or fp32"
             )
+
+    def __init__(self, distiller):
+        super().__init__(distiller)
+        if distiller.hp.teacher_ce_weight > 0:
+            term = "meta-gradient beside the teacher's CE"
+            warn_low_precision_grads(distiller.teacher, self.name, term)
 
     @classmethod
     def prepare_ds_configs(cls, cfg, teacher: dict, student: dict) -> None:
