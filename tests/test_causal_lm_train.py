@@ -46,6 +46,8 @@ def test_example_two_ranks_zero3_bf16(tmp_path):
             "--data.synthetic_examples=600",
             "--train.eval_batch_size=64",
             "--method.influence_ratio_every=3",
+            "--train.eval_generate=25",  # odd: rank 1 repeats a prompt; ZeRO-3: synced_gpus
+            "--train.eval_max_new_tokens=12",
         ],
         2,
     )
@@ -75,6 +77,17 @@ def test_example_two_ranks_zero3_bf16(tmp_path):
         tok = AutoTokenizer.from_pretrained(out / role)
         assert tok.chat_template and model.config.vocab_size == len(tok)
     assert (out / "data_split.json").exists()
+    # generation eval across 2 ZeRO-3 ranks: every prompt once, in order, scores = the file's
+    for step in (0, 3, 6):
+        gen = out / "generations" / f"step{step}.jsonl"
+        rows = [json.loads(x) for x in gen.read_text().splitlines()]
+        assert [r["eval_index"] for r in rows] == list(range(25))
+        ev = next(e for e in s["evaluations"] if e["step"] == step)
+        for role in ("student", "teacher"):
+            share = sum(r[f"{role}_exact"] for r in rows) / 25
+            assert ev[f"{role}/exact_match"] == pytest.approx(share)
+            if step == 0:  # the random start completes with something
+                assert all(r[role] for r in rows)
 
 
 @pytest.mark.parametrize("method", ["vanilla_kd", "online_kd", "lgtm"])

@@ -622,6 +622,16 @@ class TrainConfig(Section):
         100, ge=0, description="evaluate every N optimizer steps; 0 = only at the end"
     )
     eval_batch_size: int = Field(64, gt=0, description="examples per rank per eval batch")
+    eval_generate: int = Field(
+        0,
+        ge=0,
+        description="decoders: at each evaluation both models greedily complete the prompts of "
+        "the first N held-out examples (exact match, word F1; generations/step<k>.jsonl); "
+        "0 = off",
+    )
+    eval_max_new_tokens: int = Field(
+        32, gt=0, description="the most tokens a completion of eval_generate may have"
+    )
     log_every: int = Field(10, gt=0, description="log metrics every N optimizer steps")
     max_skipped_steps: int = Field(
         10,

@@ -92,6 +92,7 @@ def format_summary(s: dict, out: Path) -> str:
         f"best student {pm}: {s['best_student']:.4f}" if s["best_student"] is not None else "",
         f"outputs: {out}/ (config.yaml, metrics.jsonl, data_split.json, "
         + ("influence.jsonl, " if (out / "influence.jsonl").exists() else "")
+        + ("generations/, " if (out / "generations").exists() else "")
         + ("student/, " if not s.get("failure") else "")
         + ("teacher/, " if (out / "teacher").exists() and not s.get("failure") else "")
         + "summary.txt, summary.json)",

@@ -8,6 +8,7 @@ finished run. The trainer asks the method (``lgtm_ds.methods``) what it needs an
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -39,6 +40,7 @@ from ..methods import Distiller, get_method
 from ..methods.hidden import HIDDEN_PROJ, HiddenSpec, attach_projection
 from ..tasks import get_task
 from ..tasks.base import ModelOptions
+from ..tasks.generation import greedy_complete, prompt_and_reference, word_f1
 from ..tasks.hf import is_embedded
 from .checkpoint import (
     load_checkpoint,
@@ -58,6 +60,7 @@ _RUN_OUTPUTS = (
     "checkpoints",
     "metrics.jsonl",
     "influence.jsonl",
+    "generations",
     "config.yaml",
     "data_split.json",
     "student",
@@ -112,6 +115,7 @@ class Trainer:
         self.ds_teacher, self.ds_student = resolve_ds_configs(cfg, self.world)
         check_sources(_hub_sources(cfg))  # typos and a missing network fail here, in seconds
         self._build_data()
+        self.gen_rows = self._generation_rows()
         teacher, student = self._build_models()
         self._plan_steps()
         self._build_engines(teacher, student)
@@ -203,6 +207,30 @@ class Trainer:
         self.data = load_task(cfg.data, self.tokenizer, cfg.train.seed)
         self.task = self.data.task
         self.collate = self.task.collator(self.tokenizer)
+
+    def _generation_rows(self) -> list[int]:
+        """The held-out rows ``train.eval_generate`` completes: the first N with a prompt."""
+        k = self.cfg.train.eval_generate
+        if not k:
+            return []
+        if self.task.name != "causal_lm":
+            raise ConfigError(
+                f"train.eval_generate={k} is for decoders (data.task_type causal_lm); this run's "
+                f"task is {self.task.name!r}"
+            )
+        ev, rows = self.data.eval, []
+        for i in range(len(ev)):
+            if prompt_and_reference(ev[i]["input_ids"], ev[i]["labels"]) is not None:
+                rows.append(i)
+                if len(rows) == k:
+                    break
+        if not rows:
+            raise ConfigError(
+                f"train.eval_generate={k}: no held-out example has a prompt to complete (the "
+                f"loss starts at the first token: data.format text); use format "
+                f"prompt_completion or messages, or eval_generate=0"
+            )
+        return rows
 
     def _build_models(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         m = self.cfg.model
@@ -361,7 +389,61 @@ class Trainer:
                 if k not in full:
                     full[k] = np.zeros((n, *a.shape[1:]), dtype=a.dtype)
                 full[k][np.asarray(ids)] = a  # padded duplicates land on their own row
-        return self.task.score(full, self.data.eval["labels"])
+        scores = self.task.score(full, self.data.eval["labels"])
+        if self.gen_rows:
+            scores.update(self._generation_eval(engines))
+        return scores
+
+    def _generation_eval(self, engines: dict) -> dict:
+        """``train.eval_generate``: both models greedily complete the prompts of
+        ``self.gen_rows`` (rank-sharded, gathered), scored against the references; rank 0
+        writes ``generations/step<k>.jsonl`` (prompt, reference, both completions)."""
+        cfg, tok, ev = self.cfg.train, self.tokenizer, self.data.eval
+        rows = self.gen_rows
+        per = math.ceil(len(rows) / self.world)
+        padded = rows + rows[: per * self.world - len(rows)]  # same batch count on every rank
+        mine = padded[self.rank :: self.world]
+        pairs = [prompt_and_reference(ev[i]["input_ids"], ev[i]["labels"]) for i in mine]
+        bs = cfg.eval_batch_size
+        done = {}
+        for role, eng in engines.items():
+            eng.module.eval()
+            synced = self.world > 1 and getattr(eng, "stage", 0) == 3  # forwards are collectives
+            done[role] = []
+            for lo in range(0, len(pairs), bs):
+                done[role] += greedy_complete(
+                    eng.module,
+                    [p for p, _ in pairs[lo : lo + bs]],
+                    pad_id=self.collate.pad_id,
+                    eos_id=tok.eos_token_id,
+                    max_new_tokens=cfg.eval_max_new_tokens,
+                    synced_gpus=synced,
+                )
+            eng.module.train()
+        by_row = {}
+        for ids, got in all_gather_object((mine, done)):
+            for j, i in enumerate(ids):
+                by_row[i] = {role: got[role][j] for role in got}
+
+        def text(ids):
+            return tok.decode(ids, skip_special_tokens=True).strip()
+
+        records, out = [], {}
+        for i in rows:
+            prompt, ref = prompt_and_reference(ev[i]["input_ids"], ev[i]["labels"])
+            rec = {"eval_index": i, "prompt": text(prompt), "reference": text(ref)}
+            for role in engines:
+                rec[role] = text(by_row[i][role])
+                rec[f"{role}_exact"] = rec[role] == rec["reference"]
+                rec[f"{role}_f1"] = word_f1(rec[role], rec["reference"])
+            records.append(rec)
+        for role in engines:
+            out[f"{role}/exact_match"] = float(np.mean([r[f"{role}_exact"] for r in records]))
+            out[f"{role}/gen_f1"] = float(np.mean([r[f"{role}_f1"] for r in records]))
+        if self.is_main:
+            lines = "".join(json.dumps(r) + "\n" for r in records)
+            atomic_write_text(self.out / "generations" / f"step{self.step}.jsonl", lines)
+        return out
 
     # -- training ----------------------------------------------------------------------------------
     def train(self) -> dict:
