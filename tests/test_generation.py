@@ -71,7 +71,8 @@ def test_trainer_scores_and_writes_what_the_models_generate(tmp_path, dist_env):
     # for a few steps they first learn to end at once)
     t = _trainer(tmp_path, "train.max_steps=2", "train.eval_generate=10",
                  "train.eval_max_new_tokens=5", "train.eval_batch_size=4",
-                 "train.student_lr=0", "train.teacher_lr=0")  # fmt: skip
+                 "train.student_lr=0", "train.teacher_lr=0",
+                 "train.best_metric=exact_match")  # fmt: skip
     s = t.finish(t.train())
     out = tmp_path / "out"
     files = sorted(p.name for p in (out / "generations").iterdir())
@@ -96,6 +97,22 @@ def test_trainer_scores_and_writes_what_the_models_generate(tmp_path, dist_env):
             assert r[role] == t.tokenizer.decode(ids, skip_special_tokens=True).strip()
             assert r["reference"] == t.tokenizer.decode(ref, skip_special_tokens=True).strip()
     assert "generations/" in (out / "summary.txt").read_text()
+    # train.best_metric: the best evaluation by exact match (higher is better)
+    assert s["primary_metric"] == "exact_match" and s["lower_is_better"] is False
+    assert s["best_student"] == max(h["student/exact_match"] for h in s["evaluations"][1:])
+
+
+def test_best_metric_must_be_one_the_run_reports(tmp_path, dist_env):
+    from lgtm_ds.training import run
+
+    with pytest.raises(ConfigError, match="best_metric='exact_match'.*need train.eval_generate"):
+        _trainer(tmp_path, "train.best_metric=exact_match")
+    with pytest.raises(ConfigError, match="best_metric='perplexity' is not .* accuracy"):
+        run(load_config(None, [f"output.dir={tmp_path / 'a'}", "train.best_metric=perplexity"]))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "a").exists()
+    s = run(load_config(None, [f"output.dir={tmp_path / 'b'}", "train.max_steps=2",
+                               "train.eval_every=1", "train.best_metric=accuracy"]))  # fmt: skip
+    assert s["primary_metric"] == "accuracy"
 
 
 def test_generation_eval_needs_a_decoder_and_prompts(tmp_path, dist_env):

@@ -632,6 +632,12 @@ class TrainConfig(Section):
     eval_max_new_tokens: int = Field(
         32, gt=0, description="the most tokens a completion of eval_generate may have"
     )
+    best_metric: NonEmptyStr | None = Field(
+        None,
+        description="the student metric that picks the best evaluation (summary best_student, "
+        "the compare tables), e.g. accuracy, f1, perplexity, exact_match (with eval_generate); "
+        "null = the task's primary metric",
+    )
     log_every: int = Field(10, gt=0, description="log metrics every N optimizer steps")
     max_skipped_steps: int = Field(
         10,

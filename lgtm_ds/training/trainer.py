@@ -116,6 +116,7 @@ class Trainer:
         check_sources(_hub_sources(cfg))  # typos and a missing network fail here, in seconds
         self._build_data()
         self.gen_rows = self._generation_rows()
+        self.best_metric = self._best_metric()
         teacher, student = self._build_models()
         self._plan_steps()
         self._build_engines(teacher, student)
@@ -231,6 +232,23 @@ class Trainer:
                 f"prompt_completion or messages, or eval_generate=0"
             )
         return rows
+
+    def _best_metric(self) -> str:
+        """``train.best_metric`` (checked against what this run's evaluations report), or the
+        task's primary metric."""
+        name = self.cfg.train.best_metric
+        if name is None:
+            return self.task.primary_metric
+        known = list(self.task.metric_names)
+        if self.gen_rows:
+            known += ["exact_match", "gen_f1"]
+        if name not in known:
+            raise ConfigError(
+                f"train.best_metric={name!r} is not a student metric of this run; it reports "
+                f"{', '.join(known)}"
+                + ("" if self.gen_rows else " (exact_match / gen_f1 need train.eval_generate)")
+            )
+        return name
 
     def _build_models(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         m = self.cfg.model
@@ -660,8 +678,8 @@ class Trainer:
         return build_summary(
             self.cfg,
             task_name=self.data.name,
-            primary=self.task.primary_metric,
-            lower_is_better=self.task.primary_metric in self.task.lower_is_better,
+            primary=self.best_metric,
+            lower_is_better=self.best_metric in self.task.lower_is_better,
             data=self.data.split_record(),
             steps=self.step,
             stage1_steps=self.stage1_done,
