@@ -41,6 +41,9 @@ CASES = {
     "lm_online_z3_3_fused_llama": ("online_kd", 3, 3, "fp32", 1, True, "llama"),
     "lm_z3_3_bf16_fused": ("lgtm", 3, 3, "bf16", 1, True, "gpt2"),
     "lm_z3_3_bf16_fused_llama": ("lgtm", 3, 3, "bf16", 1, True, "llama"),
+    # MetaDistil with the fused head: the student's JVP and the meta-gradient through the heads
+    "lm_meta_z3_3_fused_gas2": ("metadistil", 3, 3, "fp32", 2, True, "gpt2"),
+    "lm_meta_z3_2_fused_llama": ("metadistil", 3, 2, "fp32", 1, True, "llama"),
 }
 PAIRS = {"gpt2": ("gpt2-teacher", "gpt2-student"), "llama": ("student", "tiny")}
 
@@ -108,7 +111,7 @@ def run_case(name, rank, world):
             )
             influence.append(m["influence"])
         else:
-            d.method.teacher_update(train, None)
+            d.method.teacher_update(train, quiz if method == "metadistil" else None)
         d.method.student_update(train)
         for role, stage in (("teacher", ts), ("student", ss)):
             released &= stage < 3 or _released(engines[role])
@@ -173,6 +176,8 @@ def main():
             "online_kd": run_torch("online_kd"),
             "lgtm_llama": run_torch("lgtm", "llama"),
             "online_kd_llama": run_torch("online_kd", "llama"),
+            "metadistil": run_torch("metadistil"),
+            "metadistil_llama": run_torch("metadistil", "llama"),
             # float64 oracle of the per-sequence influence (GPT-2 blocks are float64 throughout)
             "lgtm_fp64": run_torch("lgtm", "gpt2", torch.float64),
         }

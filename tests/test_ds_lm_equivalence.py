@@ -17,7 +17,13 @@ from .test_ds_equivalence import _rel_update
 TOL = 1e-4
 pytestmark = pytest.mark.slow
 FP32 = ["lm_z2_2", "lm_z2_2_gas2", "lm_z3_3", "lm_z3_2", "lm_online_z2_2_gas2"]
-FUSED = ["lm_z3_3_fused_gas2", "lm_z3_2_fused_llama", "lm_online_z3_3_fused_llama"]
+FUSED = [
+    "lm_z3_3_fused_gas2",
+    "lm_z3_2_fused_llama",
+    "lm_online_z3_3_fused_llama",
+    "lm_meta_z3_3_fused_gas2",
+    "lm_meta_z3_2_fused_llama",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +50,8 @@ def test_token_level_engine_path_equals_plain_module_path(results, name, world):
     assert "error" not in res, res.get("error")
     assert res["fused"] == {"teacher": name in FUSED, "student": name in FUSED}
     assert res["released"], "a ZeRO-3 parameter stayed gathered after the step"
-    key = ("online_kd" if "online" in name else "lgtm") + ("_llama" if "llama" in name else "")
+    method = "online_kd" if "online" in name else "metadistil" if "meta" in name else "lgtm"
+    key = method + ("_llama" if "llama" in name else "")
     ref = results("torch", 1)[key]
     for role in ("teacher", "student"):
         err = _rel_update(res[role], ref[role], res["init"][role])

@@ -13,7 +13,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lgtm_ds import Distiller
 from lgtm_ds.engines import get_logits, model_inputs
+from lgtm_ds.engines.head import HeadOutput
 from lgtm_ds.engines.optim import build_adamw
+from lgtm_ds.tasks import get_task
 
 from .helpers import capture_grads, lm_batch, random_batch, tiny_decoder, tiny_model
 
@@ -76,12 +78,22 @@ CASES = {
     "cls_jsd": (False, [9], [7], 1.0, 1.5, 0.4, 0.0),
     "lm": (True, [5], [4], 0.8, 1.0, 0.0, 0.0),
     "lm_gas2": (True, [3, 4], [3, 2], 0.5, 2.0, 0.0, 0.2),
+    # the fused head: hidden states + output layer, the meta-gradient chunk by chunk (3 rows)
+    "lm_fused": (True, [5], [4], 0.8, 1.0, 0.0, 0.0),
+    "lm_fused_gas2_jsd": (True, [3, 4], [3, 2], 0.5, 2.0, 0.3, 0.2),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_teacher_gradient_matches_float64_second_order_oracle(name):
+def test_teacher_gradient_matches_float64_second_order_oracle(name, monkeypatch):
     causal, sizes, qsizes, alpha, T, beta, ce_w = CASES[name]
+    fused = "fused" in name
+    if fused:  # no full [B, L, V] logits anywhere on the fused path
+
+        def _boom(self):
+            raise AssertionError("full logits formed on the fused-head path")
+
+        monkeypatch.setattr(HeadOutput, "full_logits", _boom)
     if causal:
         t = tiny_decoder("gpt2-teacher", seed=1, dtype=torch.float64)
         s = tiny_decoder("gpt2-student", seed=2, dtype=torch.float64)
@@ -106,8 +118,10 @@ def test_teacher_gradient_matches_float64_second_order_oracle(name):
         jsd_beta=beta,
         pilot_lr=lam,
         teacher_ce_weight=ce_w,
-        task="causal_lm" if causal else "classification",
+        task=get_task("causal_lm")(head_chunk=3) if causal else "classification",
+        fused_head=fused,
     )
+    assert d.student.fused_head == d.teacher.fused_head == fused
     for step in range(2):  # the second step starts from updated models and Adam state
         micro = [make(n, 100 * step + i) for i, n in enumerate(sizes)]
         quiz = [make(n, 100 * step + 50 + i) for i, n in enumerate(qsizes)]

@@ -313,7 +313,7 @@ class ModelConfig(Section):
         description="decoders (causal_lm): every loss, the LGTM teacher gradient and evaluation "
         "from the models' last hidden states through their output layers, chunk by chunk of "
         "tokens (lgtm_kernels fused-linear ops), never the full [tokens, vocab] logits; false = "
-        "full logits. Not at ZeRO-3, for MetaDistil, or for a model whose logits are not its "
+        "full logits. Every method and ZeRO stage; not for a model whose logits are not its "
         "output layer on its decoder's states (soft-capped, scaled): full logits there",
     )
     fused_head_chunk: int | None = Field(

@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import ConfigError
-from .head import head_mode
+from .head import HeadOutput, head_mode
 
 _NOT_INPUTS = frozenset({"labels", "source_index"})  # source_index: tasks.base.SOURCE_INDEX
 
@@ -258,29 +258,43 @@ class Engine:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f(x; params), d/de f(x; params + e * tangents) at e = 0)``: the logits and their
         exact directional derivative (forward-mode AD, ``torch.func.jvp``), no graph kept.
-        Full logits even with ``fused_head`` (MetaDistil's path).
-        Attention runs on the math kernel (the fused CPU/CUDA attention kernels have no
-        forward-mode rule). Dropout draws from the RNG as one ordinary forward does."""
+        With ``fused_head`` both are :class:`HeadOutput` s (hidden states and output-layer
+        parameters, and their tangents: the logits' tangent is ``hidden' W^T + hidden W'^T +
+        b'``), no full logits. Attention runs on the math kernel (the fused CPU/CUDA attention
+        kernels have no forward-mode rule). Dropout draws from the RNG as one ordinary forward
+        does."""
         from torch.func import jvp
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         names = self._param_names()
         inputs = model_inputs(batch)
+        fused = self.fused_head
 
         def f(*ps):
-            return get_logits(
+            out = get_logits(
                 functional_call(
                     self.module, dict(zip(names, ps)), args=(), kwargs=inputs, strict=False
                 )
             )
+            if not fused:
+                return out
+            # a tuple of tensors for torch.func (a HeadOutput is a dict subclass)
+            bias = out.bias if out.bias is not None else out.hidden.new_zeros(0)
+            return out.hidden, out.weight, bias
 
         with (
             torch.no_grad(),
             sdpa_kernel([SDPBackend.MATH]),
             _torch_linear(),
             _no_activation_checkpointing(self.module),
+            self.head_ctx(),
         ):
-            return jvp(f, tuple(p.detach() for p in params), tuple(t.detach() for t in tangents))
+            primal, tangent = jvp(
+                f, tuple(p.detach() for p in params), tuple(t.detach() for t in tangents)
+            )
+        if not fused:
+            return primal, tangent
+        return tuple(HeadOutput(h, w, b if b.numel() else None) for h, w, b in (primal, tangent))
 
     def grad_at(
         self, params: list[torch.Tensor], batches: list[dict], loss_fn

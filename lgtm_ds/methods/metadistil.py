@@ -32,6 +32,7 @@ import math
 
 import torch
 
+from ..engines.head import surrogate as head_surrogate
 from ..errors import ConfigError
 from .base import METHODS, Method, weighted
 from .lgtm import fp32_teacher_grads_, grad_apart, quiz_grad, student_grad, warn_low_precision_grads
@@ -44,9 +45,6 @@ class MetaDistil(Method):
         "each step: teacher on the quiz loss of a pilot student one SGD step ahead (exact "
         "second order), then student L_s"
     )
-    # the meta-gradient is a second derivative in logit space (twice-differentiable losses on
-    # full logits; the fused-head losses compute their gradients in the forward)
-    fused_head = False
     needs_quiz = True
 
     @classmethod
@@ -94,9 +92,14 @@ class MetaDistil(Method):
         g_meta = None
         for j, mb in enumerate(micro):  # D
             a.student_rng[j]()  # the dropout mask of step A's student forward
-            s_j, u_j = d.student.jvp_at(theta, v, mb)
-            dz = self._meta_logit_grad(a.t_logits[j], s_j, u_j, mb["labels"], w[j] / n, lam)
-            meta_sq += float(dz.double().pow(2).sum())  # note: host sync
+            s_j, u_j = d.student.jvp_at(theta, v, mb)  # fused head: HeadOutputs, no logits
+            hp = d.hp
+            dz, sq = d.task.meta_logit_grad(
+                a.t_logits[j], s_j, u_j, mb["labels"], coef=-lam * w[j] / n,
+                alpha=hp.alpha_student, temperature=hp.temperature,
+                scale_by_t2=hp.scale_by_t2, beta=hp.jsd_beta,
+            )  # fmt: skip
+            meta_sq += sq
             if a.t_graph:  # one micro-batch: step A's teacher forward kept its graph
                 z = a.t_graph[j]
             else:  # step A's teacher forward again, same dropout mask, now with graph
@@ -106,7 +109,7 @@ class MetaDistil(Method):
                 g_meta = grad_apart(d.teacher, mb, z, a.teacher_rng[j], dz * n, g_meta, n)
                 surrogate = 0.0
             else:
-                surrogate = (z * dz.to(z.dtype)).sum() * n  # the engine divides by n
+                surrogate = head_surrogate(z, dz) * n  # the engine divides by n
             if ce_w > 0:
                 ce = weighted(d.task.task_loss(z, mb["labels"]), w[j])
                 surrogate = surrogate + ce_w * ce
@@ -124,24 +127,3 @@ class MetaDistil(Method):
         if ce_w > 0:
             out["teacher_ce"] = t_total / n
         return out
-
-    def _meta_logit_grad(self, z, s, u, labels, scale, lam):
-        """``-lam * d/dz < d(scale * L_s(s, z))/ds, u >`` by autograd in logit space."""
-        d = self.d
-        dtype = torch.promote_types(s.dtype, torch.float32)
-        z_ = z.detach().to(dtype).requires_grad_()
-        s_ = s.detach().to(dtype).requires_grad_()
-        with torch.enable_grad():
-            loss = scale * d.task.distill_loss(
-                s_,
-                z_,
-                labels,
-                alpha=d.hp.alpha_student,
-                temperature=d.hp.temperature,
-                scale_by_t2=d.hp.scale_by_t2,
-                beta=d.hp.jsd_beta,
-                differentiable=True,
-            )
-            (gs,) = torch.autograd.grad(loss, s_, create_graph=True)
-            (dz,) = torch.autograd.grad((gs * u.detach().to(dtype)).sum(), z_)
-        return -lam * dz

@@ -226,6 +226,42 @@ class Task:
         and the student logits at theta (``s``) and theta +- R v; see the subclasses."""
         raise NotImplementedError
 
+    def meta_logit_grad(
+        self,
+        z,
+        s,
+        u,
+        labels: torch.Tensor,
+        *,
+        coef: float,
+        alpha: float,
+        temperature: float,
+        scale_by_t2: bool = False,
+        beta: float = 0.0,
+    ):
+        """MetaDistil: ``coef * d/dz < d L_s(s; z) / ds, u >``, the mixed second derivative of
+        the student's objective (:meth:`distill_loss`, the teacher's logits ``z`` the target)
+        along the student's logit tangent ``u``, by autograd in logit space. Returns ``(dz``
+        (fp32, float64 stays), ``||dz||^2)``."""
+        dtype = torch.promote_types(s.dtype, torch.float32)
+        z_ = z.detach().to(dtype).requires_grad_()
+        s_ = s.detach().to(dtype).requires_grad_()
+        with torch.enable_grad():
+            loss = self.distill_loss(
+                s_,
+                z_,
+                labels,
+                alpha=alpha,
+                temperature=temperature,
+                scale_by_t2=scale_by_t2,
+                beta=beta,
+                differentiable=True,
+            )
+            (gs,) = torch.autograd.grad(loss, s_, create_graph=True)
+            (dz,) = torch.autograd.grad((gs * u.detach().to(dtype)).sum(), z_)
+        dz = coef * dz
+        return dz, float(dz.double().pow(2).sum())
+
     def influence_logit_term(
         self,
         s_plus: torch.Tensor,

@@ -364,6 +364,44 @@ class CausalLMTask(ClassificationTask):
         per_seq.index_add_(0, mask.nonzero()[:, 0], infl_rows)
         return TeacherPass(grad, per_seq, loss_rows.sum() / max(n, 1), term)
 
+    def meta_logit_grad(self, z, s, u, labels, *, coef, alpha, temperature, scale_by_t2=False,
+                        beta=0.0):  # fmt: skip
+        """:meth:`Task.meta_logit_grad`; with :class:`HeadOutput` s (the fused head: ``u`` the
+        tangent of the student's, its logits' tangent ``u.hidden W^T + hidden u.weight^T +
+        u.bias``) chunk by chunk of token rows through the teacher's output layer: a
+        :class:`HeadGrad`, no full logits. Only the KD term depends on ``z`` (the CE's mixed
+        derivative is 0): per row ``coef a k / n d/dz < d KD(s || z) / ds, u >``."""
+        if not isinstance(z, HeadOutput):
+            z, s, u = (self._full(x) for x in (z, s, u))
+            return super().meta_logit_grad(
+                z, s, u, labels, coef=coef, alpha=alpha, temperature=temperature,
+                scale_by_t2=scale_by_t2, beta=beta,
+            )  # fmt: skip
+        rz, y, mask = self.rows(z, labels)
+        rs = self._target_rows(s, mask)
+        u_h = self._target_rows(HeadOutput(u.hidden, s.weight, u.bias), mask)  # h' W^T + b'
+        u_w = self._target_rows(HeadOutput(s.hidden, u.weight), mask)  # h W'^T
+        n = y.shape[0]
+        c = coef * alpha * self.kd_scale(temperature, scale_by_t2) / max(n, 1)
+
+        def logit_grad(zc, lo, hi):
+            dtype = torch.promote_types(zc.dtype, torch.float32)
+            z_ = zc.detach().to(dtype).requires_grad_()
+            s_ = _rows(rs, lo, hi).detach().to(dtype).requires_grad_()
+            uc = (_rows(u_h, lo, hi) + _rows(u_w, lo, hi)).to(dtype)
+            with torch.enable_grad():
+                kd = self.kd_per_row(s_, z_, temperature, beta, differentiable=True).sum()
+                (gs,) = torch.autograd.grad(kd, s_, create_graph=True)
+                (dz,) = torch.autograd.grad((gs * uc).sum(), z_)
+            dz = c * dz
+            return dz, dz.double().pow(2).sum(-1)
+
+        gh, gw, gb, sq = lgtm_kernels.fused_linear_logit_grad(
+            rz.hidden, rz.weight, rz.bias, logit_grad, vocab_size=rz.V,
+            chunk_size=self._chunk(n, rz),
+        )  # fmt: skip
+        return self._head_grad(z, mask, gh, gw, gb), float(sq.sum()) if sq is not None else 0.0
+
     def _require_closed_form(self) -> None:
         """LGTM's token-level teacher gradient has the next-token CE in closed form (chunked,
         no full logits); a subclass's own ``task_loss`` would be silently ignored there."""
