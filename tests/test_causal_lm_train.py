@@ -90,7 +90,7 @@ def test_example_two_ranks_zero3_bf16(tmp_path):
                 assert all(r[role] for r in rows)
 
 
-@pytest.mark.parametrize("method", ["vanilla_kd", "online_kd", "lgtm"])
+@pytest.mark.parametrize("method", ["vanilla_kd", "online_kd", "lgtm", "metadistil"])
 def test_each_method_on_decoders(tmp_path, dist_env, method):
     s = _run(
         tmp_path,
@@ -101,6 +101,7 @@ def test_each_method_on_decoders(tmp_path, dist_env, method):
         "method.teacher_jsd_beta=1.0",
     )
     assert s["steps"] == 3 and s["method"] == method
+    assert s["fused_head"] == {"teacher": True, "student": True}  # every method, 0.9.1
     assert (s["stage1_steps"] > 0) == (method == "vanilla_kd")
     assert s["final"]["student/perplexity"] > 1
 
