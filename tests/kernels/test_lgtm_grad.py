@@ -99,7 +99,10 @@ def test_lgtm_grad_ref_float64_exact():
 def test_lgtm_grad_torch_path_float64_exact_and_inputs_untouched(a_t, T):
     """The lean torch path (in place, shared softmax at T = 1, indexed one-hot) reproduces the
     definition to rounding in float64, ignored rows included, and leaves its inputs as they
-    were; in fp32 it matches the reference to fp32 rounding."""
+    were; in fp32 it is as close to the float64 definition as the fp32 reference is (both
+    ~4e-6 of the largest entry at a_t = T = 1: the eta / 2R difference of two close
+    probabilities amplifies fp32 rounding, and the CPU's vector exp decides its last bits:
+    a direct lean-vs-reference bound of 1e-6 failed on an AMD EPYC machine, 1.7e-6)."""
     z, s, sp, sm, y = make(6, 53, torch.float64, 1e-3, seed=int(10 * T + 100 * a_t))
     y[4] = -100
     copies = [x.clone() for x in (z, s, sp, sm, y)]
@@ -114,7 +117,11 @@ def test_lgtm_grad_torch_path_float64_exact_and_inputs_untouched(a_t, T):
     g32, i32 = lgtm_kernels.lgtm_grad.lgtm_teacher_logit_grad_torch(*x32, y, **kw)
     r32, ri32 = lgtm_kernels.lgtm_teacher_logit_grad_ref(*x32, y, **kw)
     assert g32.dtype == i32.dtype == torch.float32
-    assert_close_verbose(g32, r32, 1e-6 * r32.abs().amax(), "fp32 dL/dz")
+
+    def err(x):  # vs the float64 definition, relative to its largest entry
+        return float((x.double() - G).abs().max() / G.abs().max())
+
+    assert err(g32) <= 2 * err(r32) + 1e-7, f"fp32 dL/dz: lean {err(g32):.2e}, ref {err(r32):.2e}"
     assert_close_verbose(i32, ri32, 1e-3 * ri32.abs().amax(), "fp32 influence")
 
 
