@@ -85,3 +85,33 @@ def test_compare_bad_input_is_one_error(tmp_path):
     proc = _compare(tmp_path / "file")
     assert proc.returncode == 2 and "cannot create the folder" in proc.stderr
     assert "Traceback" not in proc.stderr
+    for variant, says in (
+        ("nope", "expected NAME=OVERRIDES"),
+        ("lgtm=--method.influence_scale=2", "taken by another row"),
+        ("x=--train.seed=3", "--variant 'x': --train.seed is set by compare.py"),
+        ("x=--method.bogus=1", "--variant 'x': "),
+        ("x=method.name=lgtm", "unexpected argument 'method.name=lgtm'"),
+    ):
+        proc = _compare(tmp_path / "x", "--variant", variant)
+        assert proc.returncode == 2 and says in proc.stderr, (variant, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert not any((tmp_path / "x").glob("*/seed*"))  # nothing ran
+
+
+def test_compare_variant_is_a_row_with_its_own_overrides(tmp_path):
+    out = tmp_path / "v"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch", "compare.py"), "--seeds=1", f"--out={out}",
+         "--variant", "lgtm_x10=--method.name=lgtm --method.influence_scale 10",
+         "--data.synthetic_examples=400", "--train.micro_batch_size=8", "--train.max_steps=2",
+         "--train.eval_every=0"],
+        env=clean_env(), capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = list(csv.DictReader(open(out / "runs.csv")))
+    assert [(r["method"], r["seed"]) for r in runs] == [("lgtm_x10", "42")]
+    run = out / "lgtm_x10" / "seed42"
+    assert json.loads((run / "summary.json").read_text())["method"] == "lgtm"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["influence_scale"] for r in rows if "influence_scale" in r} == {10.0}
+    assert "| lgtm_x10 | 1/1 |" in (out / "table.md").read_text()

@@ -1,14 +1,18 @@
 """Compare distillation methods on one experiment: every method x seed, everything else equal.
 
     python launch/compare.py --config my.yaml --methods vanilla_kd,online_kd,metadistil,lgtm \\
-        --seeds 3 [--out compare] [--launcher "deepspeed --num_gpus 8"] [--section.key=value ...]
+        --seeds 3 [--out compare] [--launcher "deepspeed --num_gpus 8"] [--section.key=value ...] \\
+        [--variant "lgtm_x10=--method.name=lgtm --method.influence_scale=10" ...]
 
 Each run is ``launch/train.py`` in its own process (``--launcher`` prefixes it, e.g. a
 ``deepspeed`` launch for more ranks) with ``--method.name``, ``--train.seed`` and
 ``--output.dir=<out>/<method>/seed<k>`` (and ``output.resume=auto``) added to the same config
 and overrides; its console output goes to ``<run>/run.log``. A run whose ``summary.json`` says
 completed is not run again, an interrupted one continues from its checkpoints (if it wrote any),
-so the same command resumes a comparison. Then, from the runs' ``summary.json``:
+so the same command resumes a comparison. ``--variant NAME=OVERRIDES`` (repeatable) adds a row
+``NAME`` run with its own overrides on top of the shared ones (a method with other
+hyper-parameters: ``method.name`` in them picks the method, else the config's), in
+``<out>/<NAME>/seed<k>``. Then, from the runs' ``summary.json``:
 
 * ``runs.csv``: one row per run (method, seed, status, best and final student metric, final
   teacher metric, steps, training seconds, steps/s, peak memory);
@@ -50,22 +54,45 @@ def _parse(argv):
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 added to train.seed")
     ap.add_argument("--out", default="compare", help="folder for the runs and the tables")
     ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDES",
+        help='a row of its own: NAME and overrides for it, e.g. "lgtm_x10=--method.name=lgtm '
+        '--method.influence_scale=10" (repeatable)',
+    )
+    ap.add_argument(
         "--launcher",
         default=None,
         help='command that starts one run, e.g. "deepspeed --num_gpus 8" (default: this python)',
     )
     args, rest = ap.parse_known_args(argv)
-    overrides, i = [], 0  # "--a.b value" -> "--a.b=value", as launch/train.py accepts both
-    while i < len(rest):
-        tok = rest[i]
-        nxt = rest[i + 1] if i + 1 < len(rest) else None
+    return args, _pairs(rest)
+
+
+def _pairs(tokens: list[str]) -> list[str]:
+    """``--a.b value`` -> ``--a.b=value``, as launch/train.py accepts both."""
+    out, i = [], 0
+    while i < len(tokens):
+        tok = tokens[i]
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else None
         if tok.startswith("--") and "=" not in tok and nxt is not None and not nxt.startswith("--"):
-            overrides.append(f"{tok}={nxt}")
+            out.append(f"{tok}={nxt}")
             i += 2
         else:
-            overrides.append(tok)
+            out.append(tok)
             i += 1
-    return args, overrides
+    return out
+
+
+def _check_overrides(overrides: list[str], where: str, reserved: tuple[str, ...]) -> str | None:
+    """The first problem with ``overrides`` (an error line), or None."""
+    for o in overrides:
+        if not o.startswith("--") or "." not in o.split("=")[0]:
+            return f"{where}unexpected argument {o!r} (overrides look like --section.key=value)"
+        if o.split("=")[0] in reserved:
+            return f"{where}{o.split('=')[0]} is set by compare.py for each run"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,29 +102,52 @@ def main(argv: list[str] | None = None) -> int:
 
     args, overrides = _parse(sys.argv[1:] if argv is None else argv)
     known = method_names()
-    methods = args.methods.split(",") if args.methods else list(known)
+    methods = args.methods.split(",") if args.methods else ([] if args.variant else list(known))
     bad = [m for m in methods if m not in known]
-    if bad or not methods:
+    if bad:
         print(f"error: --methods: unknown {bad}; registered: {', '.join(known)}", file=sys.stderr)
         return 2
     if args.seeds < 1:
         print("error: --seeds must be >= 1", file=sys.stderr)
         return 2
-    for o in overrides:
-        if not o.startswith("--") or "." not in o.split("=")[0]:
-            print(
-                f"error: unexpected argument {o!r} (overrides look like --section.key=value)",
-                file=sys.stderr,
-            )
-            return 2
-        if o.split("=")[0] in ("--method.name", "--train.seed", "--output.dir"):
-            print(f"error: {o.split('=')[0]} is set by compare.py for each run", file=sys.stderr)
-            return 2
+    problem = _check_overrides(overrides, "", ("--method.name", "--train.seed", "--output.dir"))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     flags = [o[2:] for o in overrides]
     try:  # the experiment must load before anything runs (one clear error)
         base = load_config(args.config, flags)
     except LGTMError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    # rows: (label, method, its own overrides); a --variant's load with its overrides too
+    rows_spec = [(m, m, []) for m in methods]
+    for v in args.variant:
+        name, sep, spec = v.partition("=")
+        where = f"--variant {name!r}: "
+        if not sep or not name or not all(c.isalnum() or c in "-_." for c in name):
+            print(
+                f"error: --variant {v!r}: expected NAME=OVERRIDES with NAME of letters, digits, "
+                "'-', '_' or '.'",
+                file=sys.stderr,
+            )
+            return 2
+        if name in {r[0] for r in rows_spec}:
+            print(f"error: {where}the name is taken by another row", file=sys.stderr)
+            return 2
+        extra = _pairs(shlex.split(spec))
+        problem = _check_overrides(extra, where, ("--train.seed", "--output.dir"))
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        try:
+            cfg = load_config(args.config, flags + [o[2:] for o in extra])
+        except LGTMError as e:
+            print(f"error: {where}{e}", file=sys.stderr)
+            return 2
+        rows_spec.append((name, cfg.method.name, extra))
+    if not rows_spec:
+        print("error: nothing to compare (--methods and --variant are empty)", file=sys.stderr)
         return 2
     out = Path(args.out)
     try:
@@ -110,19 +160,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --launcher {args.launcher!r}: no such command", file=sys.stderr)
         return 2
     runs = []
-    for method in methods:
+    for label, method, extra in rows_spec:
         for k in range(args.seeds):
             seed = base.train.seed + k
-            run_dir = out / method / f"seed{seed}"
-            runs.append((method, seed, run_dir))
+            run_dir = out / label / f"seed{seed}"
+            runs.append((label, seed, run_dir))
             if _status(run_dir) == "completed":
-                print(f"{method} seed {seed}: done before ({run_dir})", flush=True)
+                print(f"{label} seed {seed}: done before ({run_dir})", flush=True)
                 continue
             cmd = [
                 *launcher,
                 str(ROOT / "launch" / "train.py"),
                 *(["--config", args.config] if args.config else []),
                 *overrides,
+                *extra,
                 f"--method.name={method}",
                 f"--train.seed={seed}",
                 f"--output.dir={run_dir}",
@@ -132,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
                 cmd.append("--output.overwrite=true")  # a failed run is rerun from scratch
             run_dir.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
-            print(f"{method} seed {seed}: running ({run_dir}/run.log)", flush=True)
+            print(f"{label} seed {seed}: running ({run_dir}/run.log)", flush=True)
             with open(run_dir / "run.log", "w") as log:
                 rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
             status = _status(run_dir) or f"exit code {rc}"
-            print(f"{method} seed {seed}: {status} in {time.time() - t0:.0f} s", flush=True)
+            print(f"{label} seed {seed}: {status} in {time.time() - t0:.0f} s", flush=True)
             if rc != 0 and status != "failed":  # a crash or bad input: stop, say where
                 tail = (run_dir / "run.log").read_text().strip().splitlines()[-3:]
                 print(
@@ -145,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 2
     rows = [_row(m, s, d) for m, s, d in runs]
-    table = aggregate(rows, methods)
+    table = aggregate(rows, [r[0] for r in rows_spec])
     write_outputs(out, rows, table, runs)
     print((out / "table.md").read_text(), flush=True)
     return 0
