@@ -229,16 +229,25 @@ def test_wandb_gets_an_influence_histogram(tmp_path, monkeypatch):
         def finish(self):
             pass
 
-    fake = types.SimpleNamespace(init=lambda **kw: Run(), Histogram=Histogram)
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    fake = types.SimpleNamespace(init=lambda **kw: Run(), Histogram=Histogram, Table=Table)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     log = MetricsLogger(tmp_path / "metrics.jsonl", enabled=True, wandb=True)
     log.log({"step": 3, "influence_mean": 0.5}, histograms={"influence": [0.25, 0.75]})
+    gen = (["prompt", "student"], [("copy : a", "a"), ("last : b c", "")])
+    log.log({"step": 4, "eval": True, "student/exact_match": 0.5}, tables={"generations": gen})
     log.close()
-    ((step, row),) = logged
+    (step, row), (step4, row4) = logged
     assert step == 3 and row["influence_mean"] == 0.5
     assert list(row["influence"].values) == [0.25, 0.75]
-    line = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert "influence" not in line  # histograms go to W&B only
+    assert step4 == 4 and row4["student/exact_match"] == 0.5  # the generation eval's table
+    assert row4["generations"].columns == ["prompt", "student"]
+    assert row4["generations"].data == [["copy : a", "a"], ["last : b c", ""]]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "influence" not in lines[0] and "generations" not in lines[1]  # W&B only
 
 
 def test_models_never_see_the_source_index():

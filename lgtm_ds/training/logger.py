@@ -108,9 +108,10 @@ class MetricsLogger:
     def rows(self) -> int:
         return self.file.rows  # lines in metrics.jsonl
 
-    def log(self, row: dict, histograms: dict | None = None) -> None:
+    def log(self, row: dict, histograms: dict | None = None, tables: dict | None = None) -> None:
         """One row to metrics.jsonl (and W&B). ``histograms``: name -> 1-D values, to W&B only
-        (``wandb.Histogram``) at the row's step."""
+        (``wandb.Histogram``) at the row's step; ``tables``: name -> (columns, rows), to W&B
+        only (``wandb.Table``, e.g. the generation eval's completions)."""
         if not self.enabled:
             return
         row = {"time": round(time.time(), 3), **row}
@@ -125,6 +126,11 @@ class MetricsLogger:
 
                 for name, values in histograms.items():
                     data[name] = wb.Histogram(np.asarray(values, dtype=np.float64))
+            if tables:
+                import wandb as wb
+
+                for name, (columns, rows) in tables.items():
+                    data[name] = wb.Table(columns=list(columns), data=[list(r) for r in rows])
             self.run.log(data, step=step)
 
     def truncate(self, rows: int | None) -> None:

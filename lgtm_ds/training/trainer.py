@@ -461,7 +461,16 @@ class Trainer:
         if self.is_main:
             lines = "".join(json.dumps(r) + "\n" for r in records)
             atomic_write_text(self.out / "generations" / f"step{self.step}.jsonl", lines)
+        self.last_generations = records
         return out
+
+    def _eval_tables(self) -> dict | None:
+        """The last evaluation's completions as a W&B table (``generations``), if any."""
+        recs = getattr(self, "last_generations", None)
+        if not recs:
+            return None
+        columns = list(recs[0])
+        return {"generations": (columns, [[r[c] for c in columns] for r in recs])}
 
     # -- training ----------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -481,7 +490,7 @@ class Trainer:
         if self.step == 0:  # the starting point (after vanilla KD's stage 1)
             ev = self.evaluate()
             history.append({"step": 0, **ev})
-            self.logger.log({"step": 0, "eval": True, **ev})
+            self.logger.log({"step": 0, "eval": True, **ev}, tables=self._eval_tables())
         while self.step < self.total_steps:
             quiz = self.quiz_batches.next() if self.quiz_batches is not None else None
             batch = self.train_batches.next()
@@ -500,7 +509,7 @@ class Trainer:
             if last or (cfg.train.eval_every and self.step % cfg.train.eval_every == 0):
                 ev = self.evaluate()
                 history.append({"step": self.step, **ev})
-                self.logger.log({"step": self.step, "eval": True, **ev})
+                self.logger.log({"step": self.step, "eval": True, **ev}, tables=self._eval_tables())
             every = cfg.output.checkpoint_every
             if every and self.step % every == 0 and not last:
                 self.save_checkpoint()
