@@ -126,3 +126,22 @@ def test_generation_eval_needs_a_decoder_and_prompts(tmp_path, dist_env):
     with pytest.raises(ConfigError, match="no held-out example has a prompt.*data.format text"):
         _trainer(tmp_path, "data.source=files", f"data.train_file={path}", "train.eval_generate=4")
     assert not (tmp_path / "out").exists()
+
+
+def test_messages_prompt_is_the_chat_up_to_the_first_assistant_turn():
+    """``messages`` data: the prompt ends with the first assistant header (the rendered
+    generation prompt), the reference is that turn (its end-of-turn token included)."""
+    import datasets
+
+    from lgtm_ds import data as D
+    from lgtm_ds.tasks.lm_data import LMFormat, encode_lm
+
+    from .test_lm_data import _chat
+
+    tok = D.build_tokenizer("embedded", D.synthetic_instruction_texts(300, 0), causal_lm=True)
+    enc, _ = encode_lm(datasets.Dataset.from_dict({"messages": [_chat()]}), tok,
+                       LMFormat("messages"), max_length=64)  # fmt: skip
+    prompt, ref = prompt_and_reference(enc[0]["input_ids"], enc[0]["labels"])
+    assert prompt[-1] == tok.convert_tokens_to_ids("<|assistant|>")
+    assert tok.decode(ref) == "red cat </s>"  # the second turn ("moon sun") is not in it
+    assert tok.decode(ref, skip_special_tokens=True).strip() == "red cat"
