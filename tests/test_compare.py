@@ -91,6 +91,7 @@ def test_compare_bad_input_is_one_error(tmp_path):
         ("x=--train.seed=3", "--variant 'x': --train.seed is set by compare.py"),
         ("x=--method.bogus=1", "--variant 'x': "),
         ("x=method.name=lgtm", "unexpected argument 'method.name=lgtm'"),
+        ("x=--train.best_metric=accuracy", "train.best_metric differs"),
     ):
         proc = _compare(tmp_path / "x", "--variant", variant)
         assert proc.returncode == 2 and says in proc.stderr, (variant, proc.stderr)

@@ -145,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         except LGTMError as e:
             print(f"error: {where}{e}", file=sys.stderr)
             return 2
+        if cfg.train.best_metric != base.train.best_metric:  # one metric ranks every row
+            print(
+                f"error: {where}train.best_metric differs from the other rows'; give it in the "
+                "shared overrides",
+                file=sys.stderr,
+            )
+            return 2
         rows_spec.append((name, cfg.method.name, extra))
     if not rows_spec:
         print("error: nothing to compare (--methods and --variant are empty)", file=sys.stderr)
