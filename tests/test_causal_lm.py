@@ -267,8 +267,8 @@ def test_max_length_beyond_learned_positions_is_one_error():
 
 def test_a_decoder_task_with_its_own_loss_is_refused_by_lgtm_not_ignored():
     """The token-level LGTM teacher gradient has the next-token CE in closed form: a subclass
-    whose task_loss differs gets one clear error at the teacher pass (online KD still runs on
-    it); declaring ``task_loss_closed_form`` says the CE is unchanged and lets it run."""
+    whose task_loss differs gets one clear error when the LGTM Distiller is built (online KD
+    still runs on it); declaring ``task_loss_closed_form`` says the CE is unchanged: it runs."""
 
     class Smoothed(type(lm_task())):
         def task_loss(self, logits, labels):
@@ -276,10 +276,15 @@ def test_a_decoder_task_with_its_own_loss_is_refused_by_lgtm_not_ignored():
 
     t, s, to, so = _pair()
     b, q = lm_batch(3, 1), lm_batch(3, 2)
-    d = Distiller("lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so,
-                  task=Smoothed())  # fmt: skip
     with pytest.raises(NotImplementedError, match="Smoothed overrides task_loss"):
-        d.step(b, q)
+        Distiller(
+            "lgtm",
+            teacher=t,
+            student=s,
+            teacher_optimizer=to,
+            student_optimizer=so,
+            task=Smoothed(),
+        )
     Distiller("online_kd", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so,
               task=Smoothed()).step(b)  # fmt: skip
     Smoothed.task_loss_closed_form = True

@@ -68,6 +68,8 @@ class LGTM(Method):
         self.scale = distiller.hp.influence_scale  # eta = teacher lr * scale
         self._q_ema = [0.0, 0]  # (biased EMA of q, measurements): the adaptive scale's state
         warn_low_precision_grads(distiller.teacher, self.name, "influence term")
+        if distiller.task is not None:  # else resolved from the first batch (checked then)
+            distiller.task.check_for_lgtm()
 
     def state_dict(self) -> dict:
         return {"influence_scale": self.scale, "q_ema": list(self._q_ema)}

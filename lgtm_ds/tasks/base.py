@@ -183,6 +183,10 @@ class Task:
         owner = next(k for k in type(self).__mro__ if "task_loss" in vars(k))
         return bool(vars(owner).get("task_loss_closed_form", False))
 
+    def check_for_lgtm(self) -> None:
+        """Raise if LGTM's teacher gradient cannot be exact for this task (called when an LGTM
+        method is built, before any step); nothing by default."""
+
     def kd_scale(self, temperature: float, scale_by_t2: bool) -> float:
         """Factor on the KD term: ``T^2`` when ``scale_by_t2`` (softmax tasks), else 1."""
         return temperature**2 if scale_by_t2 else 1.0

@@ -402,6 +402,9 @@ class CausalLMTask(ClassificationTask):
         )  # fmt: skip
         return self._head_grad(z, mask, gh, gw, gb), float(sq.sum()) if sq is not None else 0.0
 
+    def check_for_lgtm(self) -> None:
+        self._require_closed_form()
+
     def _require_closed_form(self) -> None:
         """LGTM's token-level teacher gradient has the next-token CE in closed form (chunked,
         no full logits); a subclass's own ``task_loss`` would be silently ignored there."""
