@@ -81,6 +81,8 @@ def test_compare_bad_input_is_one_error(tmp_path):
     assert proc.returncode == 2 and "train.bogus" in proc.stderr
     proc = _compare(tmp_path / "x", "--launcher=no-such-launcher --num_gpus 2")
     assert proc.returncode == 2 and "no such command" in proc.stderr
+    proc = _compare(tmp_path / "x", "--launcher=deepspeed 'x")
+    assert proc.returncode == 2 and "cannot split it" in proc.stderr
     (tmp_path / "file").write_text("")
     proc = _compare(tmp_path / "file")
     assert proc.returncode == 2 and "cannot create the folder" in proc.stderr
@@ -92,6 +94,7 @@ def test_compare_bad_input_is_one_error(tmp_path):
         ("x=--method.bogus=1", "--variant 'x': "),
         ("x=method.name=lgtm", "unexpected argument 'method.name=lgtm'"),
         ("x=--train.best_metric=accuracy", "train.best_metric differs"),
+        ('x=--method.name="lgtm', "cannot split"),  # an unbalanced quote
     ):
         proc = _compare(tmp_path / "x", "--variant", variant)
         assert proc.returncode == 2 and says in proc.stderr, (variant, proc.stderr)

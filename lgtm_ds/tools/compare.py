@@ -135,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         if name in {r[0] for r in rows_spec}:
             print(f"error: {where}the name is taken by another row", file=sys.stderr)
             return 2
-        extra = _pairs(shlex.split(spec))
+        try:
+            extra = _pairs(shlex.split(spec))
+        except ValueError as e:  # e.g. an unbalanced quote
+            print(f"error: {where}cannot split {spec!r}: {e}", file=sys.stderr)
+            return 2
         problem = _check_overrides(extra, where, ("--train.seed", "--output.dir"))
         if problem:
             print(f"error: {problem}", file=sys.stderr)
@@ -162,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: --out {args.out!r}: cannot create the folder ({e})", file=sys.stderr)
         return 2
-    launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
+    try:
+        launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
+    except ValueError as e:
+        print(f"error: --launcher {args.launcher!r}: cannot split it: {e}", file=sys.stderr)
+        return 2
     if not launcher or shutil.which(launcher[0]) is None:
         print(f"error: --launcher {args.launcher!r}: no such command", file=sys.stderr)
         return 2

@@ -376,10 +376,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Teacher and student metrics on the eval split (all ranks; rank-sharded, gathered)."""
         n = len(self.data.eval)
-        idx = list(range(n))
-        per = math.ceil(n / self.world)
-        idx += idx[: per * self.world - n]  # pad so every rank runs the same number of batches
-        mine = idx[self.rank :: self.world]
+        mine = self._rank_share(list(range(n)))
         loader = make_loader(
             self.data.eval.select(mine),
             self.cfg.train.eval_batch_size,
@@ -412,15 +409,21 @@ class Trainer:
             scores.update(self._generation_eval(engines))
         return scores
 
+    def _rank_share(self, items: list) -> list:
+        """This rank's share of ``items`` (every world-th from its rank), the list padded with
+        its own head so that every rank gets the same count (the same number of batches, i.e.
+        of collectives); the padded duplicates are gathered back onto their own rows."""
+        per = math.ceil(len(items) / self.world)
+        padded = items + items[: per * self.world - len(items)]
+        return padded[self.rank :: self.world]
+
     def _generation_eval(self, engines: dict) -> dict:
         """``train.eval_generate``: both models greedily complete the prompts of
         ``self.gen_rows`` (rank-sharded, gathered), scored against the references; rank 0
         writes ``generations/step<k>.jsonl`` (prompt, reference, both completions)."""
         cfg, tok, ev = self.cfg.train, self.tokenizer, self.data.eval
         rows = self.gen_rows
-        per = math.ceil(len(rows) / self.world)
-        padded = rows + rows[: per * self.world - len(rows)]  # same batch count on every rank
-        mine = padded[self.rank :: self.world]
+        mine = self._rank_share(rows)
         pairs = [prompt_and_reference(ev[i]["input_ids"], ev[i]["labels"]) for i in mine]
         bs = cfg.eval_batch_size
         done = {}
