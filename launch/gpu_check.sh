@@ -85,7 +85,7 @@ needs_datasets() {
   printf '%s\tskipped (no datasets)\t0\t0\n' "$1" >> "$OUT/steps.tsv"
   return 1
 }
-step kernels_gpu_tests 120 python3 -m pytest -q -m gpu tests/kernels
+step kernels_gpu_tests 120 python3 -m pytest -q -m gpu tests/kernel_ops
 step bench_kernels 180 python3 launch/bench_kernels.py $KSIZE --out "$OUT/kernels.csv"
 step bench_step 120 python3 launch/bench_step.py --preset "$STEP_PRESET" --steps "$NSTEPS" \
   "${SMALL[@]}" --csv "$OUT/step.csv"

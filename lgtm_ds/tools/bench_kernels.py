@@ -471,7 +471,7 @@ def main(argv=None) -> int:
     b.table()
     if check_rc is not None:
         print(
-            f"\ncorrectness checks (pytest -m gpu tests/kernels): "
+            f"\ncorrectness checks (pytest -m gpu tests/kernel_ops): "
             f"{'PASSED' if check_rc == 0 else f'FAILED (exit {check_rc})'}"
         )
     return 0 if not check_rc else 1

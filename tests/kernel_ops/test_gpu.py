@@ -1,5 +1,5 @@
 """The same checks at full size on a CUDA device (skipped without one): run
-``python -m pytest -q -m gpu tests/kernels`` on the GPU machine (``launch/bench_kernels.py
+``python -m pytest -q -m gpu tests/kernel_ops`` on the GPU machine (``launch/bench_kernels.py
 --check`` does this before benchmarking)."""
 
 import lgtm_kernels
