@@ -90,6 +90,13 @@ def check_sources(sources: list[tuple[str, str, str]]) -> None:
         path = os.path.expanduser(name)
         if os.path.isdir(path) or (repo_type == "dataset" and os.path.isfile(path)):
             continue  # local: nothing to ask the hub
+        if name.lower().endswith(".gguf"):  # a local GGUF checkpoint (model.*: file.gguf)
+            if not os.path.isfile(path):
+                raise ConfigError(
+                    f"{key}: no such GGUF file {name!r} (relative paths start from "
+                    f"{os.getcwd()})"
+                )
+            continue
         if _looks_like_path(name) or os.path.exists(path):
             raise ConfigError(
                 f"{key}: no such folder {name!r} (relative paths start from {os.getcwd()})"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -288,7 +289,24 @@ class ModelConfig(Section):
     )
     student: NonEmptyStr = Field(
         "embedded:student",
-        description="Hugging Face hub name, local path, or embedded:student",
+        description="Hugging Face hub name, local path, embedded:student, or from_teacher (made "
+        "from the teacher: student_layers / student_layer_stride / student_config)",
+    )
+    student_layers: list[int] | None = Field(
+        None,
+        description="student from_teacher: keep these teacher layers, weights copied "
+        "(DistilBERT's initialisation), e.g. [0, 2, 4]",
+    )
+    student_layer_stride: int | None = Field(
+        None,
+        ge=1,
+        description="student from_teacher: keep every k-th teacher layer from 0 (2: 0, 2, 4, ...)",
+    )
+    student_config: dict | None = Field(
+        None,
+        description="student from_teacher: a randomly initialised model of the teacher's "
+        "architecture and vocabulary with these config overrides, e.g. {num_hidden_layers: 2, "
+        "hidden_size: 256, intermediate_size: 1024}",
     )
     tokenizer: NonEmptyStr | None = Field(
         None,
@@ -328,6 +346,48 @@ class ModelConfig(Section):
         "BERTs; the embedded models start from random weights, where a zero head stalls learning",
     )
 
+    @field_validator("teacher", "student", "tokenizer")
+    @classmethod
+    def _home(cls, value: str | None) -> str | None:
+        return os.path.expanduser(value) if value and value.startswith("~") else value
+
+    @model_validator(mode="after")
+    def _student_from_teacher(self) -> ModelConfig:
+        from ..tasks.derive import FROM_TEACHER
+
+        keys = {
+            "student_layers": self.student_layers,
+            "student_layer_stride": self.student_layer_stride,
+            "student_config": self.student_config,
+        }
+        given = [k for k, v in keys.items() if v is not None]
+        if self.student == FROM_TEACHER and not given:
+            raise ConfigError(
+                f"model.student={FROM_TEACHER}: set model.student_layers (e.g. [0, 2, 4]), "
+                "model.student_layer_stride or model.student_config"
+            )
+        if self.student != FROM_TEACHER and given:
+            raise ConfigError(
+                f"model.{given[0]} makes the student from the teacher: set model.student: "
+                f"{FROM_TEACHER} (it is {self.student!r})"
+            )
+        if len(given) > 1:
+            raise ConfigError(
+                f"model.{given[0]} and model.{given[1]}: set one way to make the student"
+            )
+        if self.student_layers is not None:
+            if not self.student_layers:
+                raise ConfigError("model.student_layers is empty: list the teacher layers to keep")
+            if min(self.student_layers) < 0 or len(set(self.student_layers)) != len(
+                self.student_layers
+            ):
+                raise ConfigError(
+                    f"model.student_layers {self.student_layers}: indices must be distinct and >= 0"
+                )
+        if self.student_config is not None and not self.student_config:
+            raise ConfigError("model.student_config is empty: give the config keys to change")
+        return self
+
 
 class DataConfig(Section):
     source: Literal["synthetic", "glue", "files", "hub"] = Field(
@@ -348,6 +408,11 @@ class DataConfig(Section):
         None, description="csv / json / jsonl / parquet training file (source files)"
     )
     validation_file: str | None = Field(None, description="dev set file (source files)")
+    test_file: str | None = Field(
+        None,
+        description="test set file (source files), read once: both final models are evaluated "
+        "on it after training (test/* in summary.json); never used for selection",
+    )
     dataset: str | None = Field(
         None,
         description="datasets.load_dataset name on the hub, or a local dataset folder / script "
@@ -361,6 +426,10 @@ class DataConfig(Section):
         None,
         description="eval split name (source hub); null = a seeded 10% of the training split "
         "carved off, as for files",
+    )
+    test_split: str | None = Field(
+        None,
+        description="test split name (source hub), read once after training like data.test_file",
     )
     text_columns: list[str] = Field(
         default_factory=lambda: ["text"],
@@ -412,6 +481,11 @@ class DataConfig(Section):
         description="training batches of examples of similar length (less padding): seeded "
         "megabatches of 50 global batches sorted by length",
     )
+
+    @field_validator("train_file", "validation_file", "test_file", "dataset")
+    @classmethod
+    def _home(cls, value: str | None) -> str | None:
+        return os.path.expanduser(value) if value and value.startswith("~") else value
 
     @field_validator("text_columns")
     @classmethod

@@ -111,6 +111,8 @@ class TaskData:
     # Rows the task type dropped while encoding, per split (train / quiz / eval): causal_lm rows
     # left without a loss token after truncation to data.max_length; 0 for classification.
     dropped: dict[str, int] = field(default_factory=dict)
+    # data.test_file / data.test_split, encoded like eval; read once, after training
+    test: datasets.Dataset | None = None
 
     @property
     def num_labels(self) -> int:
@@ -128,8 +130,10 @@ class TaskData:
             "n_train": len(self.train),
             "n_quiz": len(self.quiz),
             "n_eval": len(self.eval),
+            "n_test": len(self.test) if self.test is not None else 0,
             "dropped_by_truncation": {
-                s: int(self.dropped.get(s, 0)) for s in ("train", "quiz", "eval")
+                s: int(self.dropped.get(s, 0))
+                for s in ("train", "quiz", "eval") + ("test",) * (self.test is not None)
             },
         }
 
@@ -582,6 +586,8 @@ def load_task(
 
     eval_enc = encode(val, "eval")
     train_enc = encode(train, "train")
+    test_raw = _test_split(cfg, load_fn, seed)
+    test_enc = encode(test_raw, "test") if test_raw is not None else None
     if cfg.quiz_source == "validation":
         quiz_enc, dropped["quiz"] = eval_enc, dropped["eval"]
     else:
@@ -596,7 +602,40 @@ def load_task(
         quiz_source=cfg.quiz_source,
         eval_indices=eval_indices,
         dropped=dropped,
+        test=test_enc,
     )
+
+
+_AS_TEST = {  # the validation split's keys and words in a message, for the test split
+    "files": (("data.validation_file", "data.test_file"), ("validation split", "test split")),
+    "hub": (("data.eval_split", "data.test_split"), ("validation split", "test split")),
+}
+
+
+def _test_split(cfg, load_fn, seed: int) -> datasets.Dataset | None:
+    """``data.test_file`` / ``data.test_split`` as the source reads a validation split (labels
+    mapped like the training file's, the same format checks), or None. Errors name the test
+    key."""
+    if cfg.test_file is None and cfg.test_split is None:
+        return None
+    if cfg.source not in _AS_TEST:
+        raise ConfigError(
+            f"data.test_file / data.test_split apply to data.source files or hub, not "
+            f"{cfg.source!r}"
+        )
+    key = "test_file" if cfg.source == "files" else "test_split"
+    if getattr(cfg, key) is None:
+        other = "test_split" if key == "test_file" else "test_file"
+        raise ConfigError(f"data.source={cfg.source!r} reads data.{key}, not data.{other}")
+    as_val = cfg.model_copy(update={"validation_file": cfg.test_file, "eval_split": cfg.test_split})
+    try:
+        test = _raw_splits(as_val, load_fn, seed).eval
+    except (DataError, ConfigError) as e:
+        msg = str(e)
+        for a, b in _AS_TEST[cfg.source]:
+            msg = msg.replace(a, b)
+        raise type(e)(msg) from None
+    return test  # the same training file, so the same sorted classes and label ids
 
 
 def _eval_split(train: datasets.Dataset, raw: RawSplits, seed: int, hint: str):

@@ -178,7 +178,11 @@ def build_tokenizer(
         return _build_embedded_tokenizer(corpus_texts)
     from transformers import AutoTokenizer
 
+    from ..tasks import hf
+
     try:
+        if hf.gguf_parts(name) is not None:
+            return hf.load_gguf_tokenizer(name, "model.tokenizer")
         return AutoTokenizer.from_pretrained(name)
     except Exception as e:  # noqa: BLE001 - any failure is reported as a DataError
         raise DataError(
@@ -205,8 +209,8 @@ def own_tokenizer(name: str):
 
     from transformers import AutoTokenizer
 
-    if name.startswith("embedded:"):
-        return None
+    if name.startswith("embedded:") or name.lower().endswith(".gguf"):
+        return None  # a GGUF file carries its tokenizer: the run's tokenizer is read from it
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):

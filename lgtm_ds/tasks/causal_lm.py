@@ -84,6 +84,8 @@ class CausalLMTask(ClassificationTask):
             )
             with hf.seeded(hf.init_seed(o.seed, role)):
                 return AutoModelForCausalLM.from_config(cfg)
+        if hf.gguf_parts(name_or_path) is not None:  # dequantised into a plain model
+            return hf.load_gguf_model(name_or_path, role, o.dropout)
         cfg = hf.load_config(name_or_path, role)
         archs = list(cfg.architectures or [])
         if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):

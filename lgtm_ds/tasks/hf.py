@@ -4,6 +4,7 @@ dropout override, seeded construction, and the embedded (config-built, no downlo
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Iterator
 
@@ -176,9 +177,77 @@ def set_dropout(cfg: PretrainedConfig, dropout: float | None) -> None:
             setattr(cfg, key, dropout)
 
 
+def gguf_parts(name_or_path: str) -> tuple[str, str] | None:
+    """``(folder, file name)`` of a GGUF checkpoint path (``.../model.Q4_1.gguf``), else None."""
+    if not name_or_path.lower().endswith(".gguf"):
+        return None
+    path = os.path.abspath(os.path.expanduser(name_or_path))
+    return os.path.dirname(path), os.path.basename(path)
+
+
+def _need_gguf(key: str, name: str) -> None:
+    import importlib.util
+
+    missing = [m for m in ("gguf",) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelError(
+            f"{key} {name!r} is a GGUF checkpoint: reading it needs the '{missing[0]}' package "
+            "(pip install 'lgtm-ds[gguf]')"
+        )
+
+
+def load_gguf_model(name: str, role: str, dropout: float | None = None) -> torch.nn.Module:
+    """A GGUF checkpoint (e.g. a 4-bit llama.cpp file) dequantised by transformers into a plain
+    fp32 ``AutoModelForCausalLM``: its config without the quantisation marker, so it trains,
+    shards and saves (``save_pretrained``) like any other model."""
+    from transformers import AutoModelForCausalLM
+
+    folder, file = gguf_parts(name)
+    key = f"model.{role}"
+    if not os.path.isfile(os.path.join(folder, file)):
+        raise ModelError(f"{key}: no such GGUF file {name!r}")
+    _need_gguf(key, name)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file)
+    except Exception as e:  # noqa: BLE001 - not a GGUF, an unsupported architecture, ...
+        raise ModelError(
+            f"{key}: cannot read {name!r} as a GGUF model checkpoint: {type(e).__name__}: {e}"
+        ) from e
+    cfg = copy.deepcopy(loaded.config)
+    if "quantization_config" in cfg.__dict__:
+        del cfg.quantization_config
+    cfg.name_or_path = name
+    set_dropout(cfg, dropout)
+    plain = AutoModelForCausalLM.from_config(cfg)  # buffers (rotary tables) from the config
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    if getattr(cfg, "tie_word_embeddings", False):
+        plain.tie_weights()
+    del loaded
+    return plain
+
+
+def load_gguf_tokenizer(name: str, key: str):
+    """The tokenizer stored in a GGUF checkpoint (vocabulary, special tokens, chat template)."""
+    from transformers import AutoTokenizer
+
+    folder, file = gguf_parts(name)
+    _need_gguf(key, name)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=file)
+
+
 def load_config(name_or_path: str, role: str) -> PretrainedConfig:
     """``AutoConfig.from_pretrained`` with one clear error: a missing local folder is named as
     such (not the hub's repo-id message), anything else says hub name or path and why."""
+    gguf = gguf_parts(name_or_path)
+    if gguf is not None:
+        _need_gguf(f"model.{role}", name_or_path)
+        try:
+            return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1])
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(
+                f"model.{role}: cannot read {name_or_path!r} as a GGUF model checkpoint: "
+                f"{type(e).__name__}: {e}"
+            ) from e
     looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))
     if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise ModelError(f"model.{role}: no such model folder {name_or_path!r}")

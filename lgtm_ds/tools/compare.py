@@ -15,7 +15,8 @@ hyper-parameters: ``method.name`` in them picks the method, else the config's), 
 ``<out>/<NAME>/seed<k>``. Then, from the runs' ``summary.json``:
 
 * ``runs.csv``: one row per run (method, seed, status, best and final student metric, final
-  teacher metric, steps, training seconds, steps/s, peak memory);
+  teacher metric, steps, training seconds, steps/s, peak memory; with ``--metrics`` or a test
+  split, ``final_<role>/<metric>`` and ``test_<role>/<metric>`` columns);
 * ``table.md`` / ``table.csv``: per method, mean +- std over seeds of the best and the final
   student metric and the final teacher metric, mean steps/s, max peak memory;
 * ``curves.png``: the student's primary metric vs step, one line per method (mean over seeds,
@@ -60,6 +61,13 @@ def _parse(argv):
         metavar="NAME=OVERRIDES",
         help='a row of its own: NAME and overrides for it, e.g. "lgtm_x10=--method.name=lgtm '
         '--method.influence_scale=10" (repeatable)',
+    )
+    ap.add_argument(
+        "--metrics",
+        default=None,
+        help="comma-separated metrics for extra columns (final student / teacher, and test "
+        "student / teacher when the data has a test split), e.g. perplexity,gen_f1 "
+        "(default: the primary metric)",
     )
     ap.add_argument(
         "--launcher",
@@ -210,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
                 return 2
-    rows = [_row(m, s, d) for m, s, d in runs]
+    extra_metrics = [m for m in (args.metrics or "").split(",") if m]
+    rows = [_row(m, s, d, extra_metrics) for m, s, d in runs]
     table = aggregate(rows, [r[0] for r in rows_spec])
     write_outputs(out, rows, table, runs)
     print((out / "table.md").read_text(), flush=True)
@@ -224,11 +233,19 @@ def _status(run_dir: Path) -> str | None:
         return None
 
 
-def _row(method: str, seed: int, run_dir: Path) -> dict:
+def _row(method: str, seed: int, run_dir: Path, metrics: list[str] | None = None) -> dict:
     s = json.loads((run_dir / "summary.json").read_text())
     pm = s["primary_metric"]
     final = s.get("final") or {}
+    test = s.get("test") or {}
     wall = s.get("wall_s") or 0.0
+    extra = {}
+    for m in [pm, *(x for x in metrics or [] if x != pm)] if (test or metrics) else []:
+        for where, src in (("final", final), ("test", test)):
+            for role in ("student", "teacher"):
+                if where == "final" and m == pm:
+                    continue  # final_student / final_teacher below
+                extra[f"{where}_{role}/{m}"] = src.get(f"{role}/{m}")
     return {
         "method": method,
         "seed": seed,
@@ -243,7 +260,19 @@ def _row(method: str, seed: int, run_dir: Path) -> dict:
         "steps_per_s": (s["steps"] + s.get("stage1_steps", 0)) / wall if wall else None,
         "peak_memory_mb": (s.get("peak_memory") or {}).get("mb"),
         "peak_memory_kind": (s.get("peak_memory") or {}).get("kind"),
+        **extra,
     }
+
+
+def _extra_keys(rows: list[dict]) -> list[str]:
+    """The metric columns beyond the primary metric's best/final (``--metrics``, test), in
+    order, those some run reports."""
+    keys = []
+    for r in rows:
+        for k in r:
+            if "/" in k and k not in keys and any(x.get(k) is not None for x in rows):
+                keys.append(k)
+    return keys
 
 
 def _mean_std(values):
@@ -264,6 +293,8 @@ def aggregate(rows: list[dict], methods: list[str]) -> list[dict]:
         entry = {"method": m, "runs": len(mine), "completed": len(done)}
         for key in ("best_student", "final_student", "final_teacher", "steps_per_s"):
             entry[key], entry[key + "_std"] = _mean_std(r[key] for r in done)
+        for key in _extra_keys(rows):
+            entry[key], entry[key + "_std"] = _mean_std(r.get(key) for r in done)
         mems = [r["peak_memory_mb"] for r in done if r["peak_memory_mb"] is not None]
         entry["peak_memory_mb"] = max(mems) if mems else None
         entry["peak_memory_kind"] = next((r["peak_memory_kind"] for r in done), None)
@@ -271,9 +302,11 @@ def aggregate(rows: list[dict], methods: list[str]) -> list[dict]:
     return table
 
 
-def _fmt(mean, std, digits=4):
+def _fmt(mean, std, digits=4, n=2):
     if mean is None:
         return "-"
+    if n < 2:  # one run: no spread to show
+        return f"{mean:.{digits}f} (n = 1)"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -293,6 +326,7 @@ def write_outputs(out: Path, rows: list[dict], table: list[dict], runs) -> None:
         w.writerows(table)
     os.replace(out / "table.csv.tmp", out / "table.csv")
     mem_kind = next((t["peak_memory_kind"] for t in table if t["peak_memory_kind"]), None)
+    extra = _extra_keys(rows)
     lines = [
         f"student / teacher {pm} ({'lower' if lower else 'higher'} is better), mean ± std over "
         f"seeds; steps/s: optimizer steps (teacher stage 1 included) per second of the training "
@@ -300,17 +334,20 @@ def write_outputs(out: Path, rows: list[dict], table: list[dict], runs) -> None:
         + ({"cuda": "max CUDA allocated", "cpu": "peak RSS of the process"}.get(mem_kind, "-")),
         "",
         f"| method | runs | best student {pm} | final student {pm} | final teacher {pm} "
-        f"| steps/s | peak memory (MiB) |",
-        "|---|---|---|---|---|---|---|",
+        + "".join(f"| {k.replace('_', ' ', 1)} " for k in extra)
+        + "| steps/s | peak memory (MiB) |",
+        "|---|---|---|---|---|" + "---|" * len(extra) + "---|---|",
     ]
     for t in table:
         mem = f"{t['peak_memory_mb']:.0f}" if t["peak_memory_mb"] is not None else "-"
+        n = t["completed"]
         lines.append(
             f"| {t['method']} | {t['completed']}/{t['runs']} | "
-            f"{_fmt(t['best_student'], t['best_student_std'])} | "
-            f"{_fmt(t['final_student'], t['final_student_std'])} | "
-            f"{_fmt(t['final_teacher'], t['final_teacher_std'])} | "
-            f"{_fmt(t['steps_per_s'], t['steps_per_s_std'], 2)} | {mem} |"
+            f"{_fmt(t['best_student'], t['best_student_std'], n=n)} | "
+            f"{_fmt(t['final_student'], t['final_student_std'], n=n)} | "
+            f"{_fmt(t['final_teacher'], t['final_teacher_std'], n=n)} | "
+            + "".join(f"{_fmt(t.get(k), t.get(k + '_std'), n=n)} | " for k in extra)
+            + f"{_fmt(t['steps_per_s'], t['steps_per_s_std'], 2, n=n)} | {mem} |"
         )
     atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
     plot_curves(out / "curves.png", runs, pm, lower)

@@ -12,7 +12,17 @@ def model_card(role: str, cfg, summary: dict, split: dict) -> str:
     """The model card of the saved ``role`` ("student" or "teacher") of a finished run."""
     m, method, train = cfg.model, cfg.method, cfg.train
     pm = summary["primary_metric"]
-    own, other = (m.student, m.teacher) if role == "student" else (m.teacher, m.student)
+    student = m.student
+    if student == "from_teacher":
+        how = (
+            f"layers {m.student_layers}"
+            if m.student_layers is not None
+            else f"every {m.student_layer_stride}-th layer"
+            if m.student_layer_stride
+            else f"random init, config {m.student_config}"
+        )
+        student = f"made from {m.teacher} ({how})"
+    own, other = (student, m.teacher) if role == "student" else (m.teacher, student)
     meta = {
         "library_name": "transformers",
         "tags": ["knowledge-distillation", "lgtm-ds", f"lgtm-ds-{method.name}"],

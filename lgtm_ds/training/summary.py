@@ -90,6 +90,12 @@ def format_summary(s: dict, out: Path) -> str:
             else ""
         ),
         f"best student {pm}: {s['best_student']:.4f}" if s["best_student"] is not None else "",
+        (
+            "test (final models): "
+            + ", ".join(f"{k} {_num(v)}" for k, v in sorted(s["test"].items()))
+            if s.get("test")
+            else ""
+        ),
         f"outputs: {out}/ (config.yaml, metrics.jsonl, data_split.json, "
         + ("influence.jsonl, " if (out / "influence.jsonl").exists() else "")
         + ("generations/, " if (out / "generations").exists() else "")

@@ -40,8 +40,9 @@ from ..methods import Distiller, get_method
 from ..methods.hidden import HIDDEN_PROJ, HiddenSpec, attach_projection
 from ..tasks import get_task
 from ..tasks.base import ModelOptions
+from ..tasks.derive import FROM_TEACHER, derive_student
 from ..tasks.generation import greedy_complete, prompt_and_reference, word_f1
-from ..tasks.hf import is_embedded
+from ..tasks.hf import init_seed, is_embedded
 from .checkpoint import (
     load_checkpoint,
     remove_partial,
@@ -115,7 +116,10 @@ class Trainer:
         self.ds_teacher, self.ds_student = resolve_ds_configs(cfg, self.world)
         check_sources(_hub_sources(cfg))  # typos and a missing network fail here, in seconds
         self._build_data()
-        self.gen_rows = self._generation_rows()
+        self.gen_rows = self._generation_rows(self.data.eval)
+        self.test_gen_rows = (
+            self._generation_rows(self.data.test) if self.data.test is not None else []
+        )
         self.best_metric = self._best_metric()
         teacher, student = self._build_models()
         self._plan_steps()
@@ -209,8 +213,9 @@ class Trainer:
         self.task = self.data.task
         self.collate = self.task.collator(self.tokenizer)
 
-    def _generation_rows(self) -> list[int]:
-        """The held-out rows ``train.eval_generate`` completes: the first N with a prompt."""
+    def _generation_rows(self, ev) -> list[int]:
+        """The rows of ``ev`` (a held-out split) ``train.eval_generate`` completes: the first N
+        with a prompt."""
         k = self.cfg.train.eval_generate
         if not k:
             return []
@@ -219,7 +224,7 @@ class Trainer:
                 f"train.eval_generate={k} is for decoders (data.task_type causal_lm); this run's "
                 f"task is {self.task.name!r}"
             )
-        ev, rows = self.data.eval, []
+        rows = []
         for i in range(len(ev)):
             if prompt_and_reference(ev[i]["input_ids"], ev[i]["labels"]) is not None:
                 rows.append(i)
@@ -263,14 +268,25 @@ class Trainer:
             eos_token_id=tok.eos_token_id,
         )
         teacher = self.task.build_model(m.teacher, role="teacher", options=options)
-        student = self.task.build_model(m.student, role="student", options=options)
+        if m.student == FROM_TEACHER:  # a layer subset, or random init in its architecture
+            student = derive_student(
+                teacher,
+                layers=m.student_layers,
+                stride=m.student_layer_stride,
+                config=m.student_config,
+                seed=init_seed(self.cfg.train.seed, "student"),
+            )
+        else:
+            student = self.task.build_model(m.student, role="student", options=options)
         self.task.check_pair(teacher, student, m.teacher, m.student)
         # hidden-state KD across widths: the student's projections, before its engine exists
         spec = HiddenSpec.of(self.cfg.method)
         attach_projection(student, teacher, spec, seed=self.cfg.train.seed)
         tok_name = m.tokenizer or m.teacher
         for role, name in (("teacher", m.teacher), ("student", m.student)):
-            if name != tok_name:  # the run's tokenizer vs the one saved with the model
+            if (
+                name != tok_name and name != FROM_TEACHER
+            ):  # the run's tokenizer vs the one saved with the model
                 self.task.check_tokenizers(tok, own_tokenizer(name), tok_name, role, name)
         for model, on in (
             (teacher, m.teacher_gradient_checkpointing),
@@ -373,12 +389,14 @@ class Trainer:
         write_json_atomic(self.out / "data_split.json", self.data.split_record())
 
     # -- evaluation --------------------------------------------------------------------------------
-    def evaluate(self) -> dict:
-        """Teacher and student metrics on the eval split (all ranks; rank-sharded, gathered)."""
-        n = len(self.data.eval)
+    def evaluate(self, split: str = "eval") -> dict:
+        """Teacher and student metrics on the eval split, or the test split (``split="test"``,
+        once after training), on all ranks: rank-sharded, gathered."""
+        ds = self.data.test if split == "test" else self.data.eval
+        n = len(ds)
         mine = self._rank_share(list(range(n)))
         loader = make_loader(
-            self.data.eval.select(mine),
+            ds.select(mine),
             self.cfg.train.eval_batch_size,
             shuffle=False,
             seed=0,
@@ -404,9 +422,11 @@ class Trainer:
                 if k not in full:
                     full[k] = np.zeros((n, *a.shape[1:]), dtype=a.dtype)
                 full[k][np.asarray(ids)] = a  # padded duplicates land on their own row
-        scores = self.task.score(full, self.data.eval["labels"])
-        if self.gen_rows:
-            scores.update(self._generation_eval(engines))
+        scores = self.task.score(full, ds["labels"])
+        gen_rows = self.test_gen_rows if split == "test" else self.gen_rows
+        if gen_rows:
+            name = "test" if split == "test" else f"step{self.step}"
+            scores.update(self._generation_eval(engines, ds, gen_rows, name))
         return scores
 
     def _rank_share(self, items: list) -> list:
@@ -417,12 +437,11 @@ class Trainer:
         padded = items + items[: per * self.world - len(items)]
         return padded[self.rank :: self.world]
 
-    def _generation_eval(self, engines: dict) -> dict:
-        """``train.eval_generate``: both models greedily complete the prompts of
-        ``self.gen_rows`` (rank-sharded, gathered), scored against the references; rank 0
-        writes ``generations/step<k>.jsonl`` (prompt, reference, both completions)."""
-        cfg, tok, ev = self.cfg.train, self.tokenizer, self.data.eval
-        rows = self.gen_rows
+    def _generation_eval(self, engines: dict, ev, rows: list[int], name: str) -> dict:
+        """``train.eval_generate``: both models greedily complete the prompts of ``rows`` of
+        the held-out split ``ev`` (rank-sharded, gathered), scored against the references;
+        rank 0 writes ``generations/<name>.jsonl`` (prompt, reference, both completions)."""
+        cfg, tok = self.cfg.train, self.tokenizer
         mine = self._rank_share(rows)
         pairs = [prompt_and_reference(ev[i]["input_ids"], ev[i]["labels"]) for i in mine]
         bs = cfg.eval_batch_size
@@ -463,7 +482,7 @@ class Trainer:
             out[f"{role}/gen_f1"] = float(np.mean([r[f"{role}_f1"] for r in records]))
         if self.is_main:
             lines = "".join(json.dumps(r) + "\n" for r in records)
-            atomic_write_text(self.out / "generations" / f"step{self.step}.jsonl", lines)
+            atomic_write_text(self.out / "generations" / f"{name}.jsonl", lines)
         self.last_generations = records
         return out
 
@@ -663,6 +682,9 @@ class Trainer:
         if cfg.output.save_teacher:
             self.teacher.save_pretrained(str(self.out / "teacher"), self.is_main)
         summary = self._summary(final=final, wall_s=result["wall_s"])
+        if self.data.test is not None:  # read once, after training; never used for selection
+            summary["test"] = self.evaluate("test")
+            self.logger.log({"step": self.step, "split": "test", **summary["test"]})
         summary["peak_memory"] = _peak_memory(all_ranks=True)
         if self.influence_log is not None:
             log = self.influence_log
@@ -730,7 +752,9 @@ def _hub_sources(cfg: ExperimentConfig) -> list[tuple[str, str, str]]:
     out = [(f"model.{r}", getattr(m, r), "model") for r in ("teacher", "student")]
     if m.tokenizer:
         out.append(("model.tokenizer", m.tokenizer, "model"))
-    out = [(k, n, t) for k, n, t in out if n != "embedded" and not is_embedded(n)]
+    out = [
+        (k, n, t) for k, n, t in out if n not in ("embedded", FROM_TEACHER) and not is_embedded(n)
+    ]
     if d.source == "glue" and (d.task or "").lower() in GLUE_TASKS:  # else: the task's error
         out.append(("data.source=glue", GLUE_DATASET_ID, "dataset"))
     elif d.source == "hub" and d.dataset:
