@@ -16,9 +16,27 @@ ROOT = Path(__file__).resolve().parents[1]
 OURS = {"lgtm_ds", "lgtm_kernels", "tests"}
 # What the dependencies import, installed here or not (optional extras included).
 DEPENDENCY_NAMES = {
-    "kernels", "datasets", "transformers", "tokenizers", "accelerate", "peft", "deepspeed",
-    "torch", "triton", "wandb", "gguf", "safetensors", "huggingface_hub", "pydantic", "yaml",
-    "numpy", "scipy", "sklearn", "matplotlib", "tqdm", "pytest",
+    "kernels",
+    "datasets",
+    "transformers",
+    "tokenizers",
+    "accelerate",
+    "peft",
+    "deepspeed",
+    "torch",
+    "triton",
+    "wandb",
+    "gguf",
+    "safetensors",
+    "huggingface_hub",
+    "pydantic",
+    "yaml",
+    "numpy",
+    "scipy",
+    "sklearn",
+    "matplotlib",
+    "tqdm",
+    "pytest",
 }
 SKIP_DIRS = {".git", ".venv", "build", "outputs", "runs", "wandb", ".torch_extensions", ".whl"}
 
@@ -53,9 +71,7 @@ def _top_level_names(folder: Path) -> dict[str, Path]:
             continue
         if child.is_file() and child.suffix == ".py":
             out[child.stem] = child
-        elif child.is_dir() and (
-            (child / "__init__.py").exists() or any(child.glob("*.py"))
-        ):
+        elif child.is_dir() and ((child / "__init__.py").exists() or any(child.glob("*.py"))):
             out[child.name] = child
     return out
 
@@ -87,7 +103,11 @@ def test_a_worker_started_as_a_script_imports_transformers_and_builds_models():
     """In its own process, as ``deepspeed tests/ds_worker.py`` starts a rank."""
     out = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "import_probe.py")],
-        env=clean_env(), capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ok BertForSequenceClassification LlamaForCausalLM" in out.stdout, out.stdout
