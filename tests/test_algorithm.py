@@ -465,3 +465,26 @@ def test_forward_perturbed_forms_parameters_per_module_and_equals_full_work_tens
         assert torch.equal(got, want), kind
     assert engine._perturb_lazily is (kind != "external")
     assert all(p is q for p, q in zip(engine.params(), model.parameters()))  # put back
+
+
+def test_student_only_is_the_students_task_loss_and_never_runs_the_teacher():
+    """One student_only step == one AdamW step on the student's CE (float64); the teacher is
+    never called and keeps its weights."""
+    b = random_batch(8, 1)
+    t, s, to, so = _pair()
+    s_ref, so_ref = copy.deepcopy((s, so))
+    t0 = [p.detach().clone() for p in t.parameters()]
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher ran")
+
+    d = Distiller("student_only", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so)
+    t.forward = no_teacher
+    m = d.step(b, None)
+    logits = s_ref(**model_inputs(b)).logits
+    loss = torch.nn.functional.cross_entropy(logits, b["labels"])
+    loss.backward()
+    so_ref.step()
+    assert m["student_loss"] == pytest.approx(loss.item(), rel=1e-12)
+    assert _rel(list(s.parameters()), list(s_ref.parameters())) < 1e-12
+    assert all(torch.equal(a, p) for a, p in zip(t0, t.parameters()))

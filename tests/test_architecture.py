@@ -60,7 +60,7 @@ def test_launch_files_hold_no_logic():
 
 
 def test_registries_are_the_only_lists():
-    assert method_names() == ("lgtm", "metadistil", "online_kd", "vanilla_kd")
+    assert method_names() == ("lgtm", "metadistil", "online_kd", "student_only", "vanilla_kd")
     assert set(TASKS.names()) == {"causal_lm", "classification", "regression"}
     with pytest.raises(ConfigError, match="method.name must be one of .*did you mean 'lgtm'"):
         get_method("lgtmm")

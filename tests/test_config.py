@@ -359,8 +359,8 @@ def test_validation_errors_name_the_dotted_key(override, parts):
         ("model.teacher= ", "model.teacher must be a non-empty string, got ' '"),
         (
             "method.name=lgtmm",
-            "method.name must be one of {lgtm, metadistil, online_kd, vanilla_kd}, got 'lgtmm'; "
-            "did you mean 'lgtm'?",
+            "method.name must be one of {lgtm, metadistil, online_kd, student_only, "
+            "vanilla_kd}, got 'lgtmm'; did you mean 'lgtm'?",
         ),
     ],
 )

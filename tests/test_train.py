@@ -526,3 +526,11 @@ def test_output_dir_that_is_a_file_or_unwritable_is_one_error(tmp_path, dist_env
             run(load_config(None, [f"output.dir={tmp_path / 'ro' / 'run'}", *SMALL]))
     finally:
         (tmp_path / "ro").chmod(0o700)
+
+
+def test_student_only_runs_through_the_trainer(tmp_path, dist_env):
+    s = _run(tmp_path, "method.name=student_only", "train.max_steps=4", "train.eval_every=4")
+    assert s["status"] == "completed" and s["stage1_steps"] == 0
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "student_loss" in r]
+    assert steps and not any("teacher_loss" in r or "teacher_ce" in r for r in steps)

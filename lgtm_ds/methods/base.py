@@ -165,13 +165,7 @@ class Method:
         d = self.d
         d.teacher.module.train()
         (w,) = self.row_weights(batch)
-        total = 0.0
-        for mb, wj in zip(batch, w):
-            loss = weighted(d.task.task_loss(d.teacher.forward(mb), mb["labels"]), wj)
-            d.teacher.backward(loss)
-            d.teacher.step()
-            total += loss.detach()
-        out = {"teacher_ce": float(total) / len(batch)}
+        out = {"teacher_ce": task_update(d.teacher, d.task, batch, w)}
         if d.teacher.step_skipped:
             out["skipped"] = "teacher"
         return out
@@ -207,6 +201,18 @@ def distill_update(
         loss = weighted(hidden.add(loss, *states, mb, role, share=1 / len(micro)), w)
         learner.backward(loss)
         learner.step()
+        total += loss.detach()
+    return float(total) / len(micro)  # note: host sync, once per step
+
+
+def task_update(engine: Engine, task, micro: list[dict], weights: list[float]) -> float:
+    """For each micro-batch: ``engine``'s own task loss (labels, no distillation) times its row
+    weight, backward, engine step. Returns the mean weighted loss (this rank's share)."""
+    total = 0.0
+    for mb, w in zip(micro, weights):
+        loss = weighted(task.task_loss(engine.forward(mb), mb["labels"]), w)
+        engine.backward(loss)
+        engine.step()
         total += loss.detach()
     return float(total) / len(micro)  # note: host sync, once per step
 
