@@ -172,11 +172,15 @@ def test_wordnet_messages_encode_through_a_chat_template(tmp_path, monkeypatch):
     only (and its end-of-turn token)."""
     _wordnet(tmp_path / "wn")
     rows = pr.wordnet_definitions(tmp_path / "wn") * 300  # enough for the seeded splits
-    monkeypatch.setattr(pr, "wordnet_definitions", lambda wn: rows)
+    long = {"word": "longword", "pos": "noun", "definition": " ".join(["word"] * 17)}
+    monkeypatch.setattr(pr, "wordnet_definitions", lambda wn: [*rows, long])
     rec = pr.convert_wordnet(tmp_path / "wn", tmp_path / "out", seed=0, n_dev=20, n_test=20)
     assert rec["splits"] == {"train": len(rows) - 40, "dev": 20, "test": 20}
+    written = "".join((tmp_path / "out" / f"{x}.jsonl").read_text() for x in ("train", "dev"))
+    assert "longword" not in written  # over MAX_DEFINITION_WORDS: dropped
     first = json.loads((tmp_path / "out" / "dev.jsonl").read_text().splitlines()[0])
-    user, assistant = first["messages"]
+    system, user, assistant = first["messages"]
+    assert system == {"role": "system", "content": pr.SYSTEM_PROMPT}
     assert user["content"] == f'What does the {first["pos"]} "{first["word"]}" mean?'
     assert assistant["role"] == "assistant" and assistant["content"]
     cfg = load_config(

@@ -16,13 +16,15 @@ Nothing comes from the Hugging Face Hub. What is read, and what it becomes under
   ``models/SmolLM2-135M-Instruct/``: dequantised to fp32, a plain ``LlamaForCausalLM`` folder
   with its tokenizer and chat template.
 - ``wordnet``: Debian ``wordnet-base`` (WordNet 3.0 data files) or ``--wordnet-dir`` ->
-  ``data/wordnet_defs/{train,dev,test}.jsonl`` with ``messages`` (user: 'What does the noun "X"
-  mean?', assistant: the gloss), ``word``, ``pos``.
+  ``data/wordnet_defs/{train,dev,test}.jsonl`` with ``messages`` (system: a one-line
+  instruction, user: 'What does the noun "X" mean?', assistant: the definition), ``word``,
+  ``pos``.
 
 Splits are seeded (``--seed``, default 0). Rotten Tomatoes is split by movie, so no movie's
 snippets appear in two splits; exact duplicate snippets are dropped. WordNet keeps one-word
 lemmas with a single sense (so each question has one answer) and the gloss's definition (its
-quoted examples removed).
+quoted examples removed) when it has at most 16 words; the short system prompt keeps the
+sequences short (without it, SmolLM2's template inserts a longer default one).
 
 Each item is written into a temporary folder and renamed into place when complete, with a
 ``PREPARED.json`` (sources, versions, row counts, checks); an item that has one is not redone, so
@@ -265,8 +267,16 @@ def _definition(gloss: str) -> str:
     return text.strip().rstrip(";").strip()
 
 
+SYSTEM_PROMPT = "Answer with a short dictionary definition."
+MAX_DEFINITION_WORDS = 16
+
+
 def convert_wordnet(wn: Path, out: Path, seed: int, n_dev: int = 1000, n_test: int = 1000):
-    rows = wordnet_definitions(wn)
+    """Definitions of up to :data:`MAX_DEFINITION_WORDS` words as chat turns (a short system
+    prompt, the question, the definition) in seeded train / dev / test splits."""
+    rows = [
+        r for r in wordnet_definitions(wn) if len(r["definition"].split()) <= MAX_DEFINITION_WORDS
+    ]
     if len(rows) < n_dev + n_test + 1000:
         raise PrepareError(f"{wn}: only {len(rows)} single-sense definitions; not WordNet 3.0?")
     perm = np.random.default_rng(seed).permutation(len(rows))
@@ -275,7 +285,11 @@ def convert_wordnet(wn: Path, out: Path, seed: int, n_dev: int = 1000, n_test: i
 
     def example(r):
         q = f'What does the {r["pos"]} "{r["word"]}" mean?'
-        msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": r["definition"]}]
+        msgs = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": r["definition"]},
+        ]
         return {"messages": msgs, "word": r["word"], "pos": r["pos"]}
 
     sizes = {}
@@ -283,7 +297,14 @@ def convert_wordnet(wn: Path, out: Path, seed: int, n_dev: int = 1000, n_test: i
         _write_jsonl(out / f"{name}.jsonl", (example(rows[int(i)]) for i in sorted(idx)))
         sizes[name] = len(idx)
     by_pos = {p: sum(r["pos"] == p for r in rows) for p in _POS.values()}
-    return {"definitions": len(rows), "by_pos": by_pos, "splits": sizes, "seed": seed}
+    return {
+        "definitions": len(rows),
+        "max_definition_words": MAX_DEFINITION_WORDS,
+        "system_prompt": SYSTEM_PROMPT,
+        "by_pos": by_pos,
+        "splits": sizes,
+        "seed": seed,
+    }
 
 
 def _write_jsonl(path: Path, rows) -> None:
