@@ -172,3 +172,24 @@ def test_tables_carry_the_test_split_and_extra_metrics_and_say_n_1(tmp_path, met
         assert "| final student/perplexity |" in md
     else:
         assert "perplexity" not in md
+
+
+def test_compare_jobs_runs_two_at_a_time(tmp_path):
+    """--jobs 2: both runs overlap in time (each on its own port), the tables as usual; a
+    custom launcher runs one at a time."""
+    out = tmp_path / "cmp"
+    proc = _compare(out, "--jobs=2", "--methods=student_only")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    spans = []
+    for seed in (42, 43):
+        rows = [
+            json.loads(x)
+            for x in (out / "student_only" / f"seed{seed}" / "metrics.jsonl")
+            .read_text()
+            .splitlines()
+        ]
+        spans.append((rows[0]["time"], rows[-1]["time"]))
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]  # they overlapped
+    assert "| student_only | 2/2 |" in (out / "table.md").read_text()
+    bad = _compare(tmp_path / "x", "--jobs=2", "--launcher=deepspeed --num_gpus 1")
+    assert bad.returncode == 2 and "1 with --launcher" in bad.stderr

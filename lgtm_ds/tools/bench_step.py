@@ -217,7 +217,7 @@ def _status(key: str) -> int:
         return next(int(x.split()[1]) * 1024 for x in f if x.startswith(key + ":"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -273,7 +273,7 @@ def _run_child(method: str, args) -> dict | None:
     if args.ds_config:
         cmd += ["--ds_config", args.ds_config]
     cmd += ["--fused-head", args.fused_head]
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(args.ranks):
         env = dict(
