@@ -385,3 +385,57 @@ def test_the_test_split_is_read_once_after_training(tmp_path, dist_env):
     split = json.loads((tmp_path / "out" / "data_split.json").read_text())
     n_test = len((tmp_path / "test.jsonl").read_text().splitlines())
     assert split["n_test"] == n_test
+
+
+# -------------------------------------------------------------------------- real-model quirks
+
+SMOLLM2_TEMPLATE = (  # SmolLM2-Instruct's chat template, as its GGUF and hub folder carry it
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _smollm2_like_tokenizer():
+    """The offline decoder tokenizer dressed as SmolLM2's: <|im_start|> / <|im_end|>, EOS =
+    pad = <|im_end|>, its chat template (a default system prompt when none is given)."""
+    tok = build_tokenizer(
+        "embedded", ["what does the noun mean a building where animals are"], causal_lm=True
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = "<|im_end|>"
+    tok.pad_token = "<|im_end|>"
+    tok.chat_template = SMOLLM2_TEMPLATE
+    return tok
+
+
+@pytest.mark.parametrize("with_system", [True, False])
+def test_smollm2_template_learns_the_answer_and_its_end_with_pad_equal_to_eos(with_system):
+    from lgtm_ds.tasks.lm_data import CausalLMCollator, LMFormat, encode_lm
+
+    tok = _smollm2_like_tokenizer()
+    assert tok.pad_token_id == tok.eos_token_id
+    msgs = [
+        {"role": "user", "content": 'what does the noun "abattoir" mean?'},
+        {"role": "assistant", "content": "a building where animals are"},
+    ]
+    if with_system:
+        msgs.insert(0, {"role": "system", "content": pr.SYSTEM_PROMPT})
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"messages": [msgs, msgs[:-1] + [msgs[-1] | {"content": "a"}]]})
+    enc, dropped = encode_lm(ds, tok, LMFormat("messages"), max_length=128)
+    assert dropped == 0
+    ids, labels = enc[0]["input_ids"], enc[0]["labels"]
+    learned = [t for t, lab in zip(ids, labels) if lab != -100]
+    assert learned[-1] == tok.eos_token_id  # <|im_end|> after the answer: the model learns to stop
+    assert tok.decode(learned[:-1]).replace(" ", "") == "abuildingwhereanimalsare"
+    default_prompt = "you are a helpful ai assistant named smollm"  # (a lowercasing tokenizer)
+    assert (default_prompt in tok.decode(ids)) != with_system
+    batch = CausalLMCollator(tok)([enc[1], enc[0]])  # the shorter row padded with <|im_end|>
+    n = len(enc[1]["input_ids"])
+    assert (batch["labels"][0, n:] == -100).all() and (batch["attention_mask"][0, n:] == 0).all()
+    short = [t for t, lab in zip(enc[1]["input_ids"], enc[1]["labels"]) if lab != -100]
+    assert short[-1] == tok.eos_token_id  # its own end still learned, padding is not
