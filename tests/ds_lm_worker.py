@@ -144,6 +144,7 @@ def run_torch(method, pair="gpt2", dtype=torch.float32):
         student_scheduler=opts["student"][1],
         max_grad_norm=1.0,
         task=get_task("causal_lm")(),
+        fused_head=False,
     )
     influence = []
     for step in range(STEPS):

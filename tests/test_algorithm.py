@@ -119,7 +119,13 @@ def _fd_error(r):
         list(t.parameters()),
     )
     d = Distiller(
-        "lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so, fd_radius=r
+        "lgtm",
+        teacher=t,
+        student=s,
+        teacher_optimizer=to,
+        student_optimizer=so,
+        alpha_student=1.0,  # as the oracle's L_s above
+        fd_radius=r,
     )
     rec = _capture_grads(to, list(t.parameters()))
     m = d.step(b, q)

@@ -2,16 +2,20 @@
 method or task type is one class in one file (the trainer and the Distiller take it unchanged)."""
 
 import ast
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from pydantic import Field
 
 from lgtm_ds import ConfigError, Distiller
-from lgtm_ds.config import load_config
+from lgtm_ds.config import ExperimentConfig, load_config
 from lgtm_ds.engines.optim import build_adamw
-from lgtm_ds.methods import METHODS, Method, get_method, method_names
+from lgtm_ds.methods import METHODS, Method, get_method, method_config, method_names
+from lgtm_ds.methods.naive import naive_lgtm_step
+from lgtm_ds.options import Options
 from lgtm_ds.tasks import TASKS, get_task
 from lgtm_ds.tasks.base import ModelOptions
 from lgtm_ds.tasks.classification import ClassificationTask
@@ -68,19 +72,33 @@ def test_registries_are_the_only_lists():
         get_task("clasification")
 
 
+class FrozenTeacherOptions(Options):
+    """frozen_teacher_kd only: a plug-in's own options."""
+
+    note: str = Field("frozen", description="free text, reported by the step")
+
+
 class FrozenTeacherKD(Method):
-    """A method as a user would add one: the teacher never learns and has no first stage."""
+    """A method as a user would add one: the teacher never learns and has no first stage; its
+    options are the section method.frozen_teacher_kd, as soon as it is registered."""
 
     name = "frozen_teacher_kd"
     summary = "teacher frozen from the start; student on L_s"
     trains_teacher = False
+    Options = FrozenTeacherOptions
+
+    def teacher_update(self, micro, quiz):
+        return {"note": self.options.note}
 
 
 @pytest.fixture
 def frozen_method():
     METHODS.register(FrozenTeacherKD)
     yield FrozenTeacherKD
-    METHODS._entries.pop(FrozenTeacherKD.name)
+    METHODS.unregister(FrozenTeacherKD.name)
+    assert (
+        "frozen_teacher_kd" not in ExperimentConfig.model_fields["method"].annotation.model_fields
+    )
 
 
 def test_a_new_method_is_one_class(frozen_method, tmp_path, dist_env):
@@ -99,16 +117,21 @@ def test_a_new_method_is_one_class(frozen_method, tmp_path, dist_env):
     )
     m = d.step(random_batch(8, 1))
     assert m["student_loss"] > 0 and all(torch.equal(p, q) for p, q in zip(t.parameters(), t0))
+    assert m["note"] == "frozen"  # its option's default
     cfg = load_config(
         None,
         [
             "method.name=frozen_teacher_kd",
+            "method.frozen_teacher_kd.note=from the config",
             f"output.dir={tmp_path / 'out'}",
             "data.synthetic_examples=200",
             "train.micro_batch_size=8",
             "train.max_steps=2",
             "train.eval_every=0",
         ],
+    )
+    assert (
+        Distiller(config=cfg.method, teacher=t, student=s).method.options.note == "from the config"
     )
     summary = run(cfg)
     assert summary["method"] == "frozen_teacher_kd" and summary["steps"] == 2
@@ -149,7 +172,7 @@ def test_a_new_task_type_is_one_class():
         assert SmoothedClassification.calls == 5
         assert m["quiz_ce_lookahead"] > 0
     finally:
-        TASKS._entries.pop(SmoothedClassification.name)
+        TASKS.unregister(SmoothedClassification.name)
 
 
 def test_model_building_leaves_the_global_rng_alone():
@@ -183,3 +206,30 @@ def test_pyproject_lists_every_package():
         if "__pycache__" not in p.parts
     }
     assert found | {"lgtm_kernels"} == listed
+
+
+def test_the_api_and_the_cli_share_every_default():
+    """One definition per default: the Distiller and the reference form take the experiment's
+    method section (every hyper-parameter keyword-only, no second set of defaults), and the
+    Distiller's other keywords default as the config keys they stand for."""
+    cfg = ExperimentConfig()
+    t, s = tiny_model(seed=1), tiny_model(seed=2)
+    d = Distiller(teacher=t, student=s, student_optimizer=build_adamw(s, 1e-3, 0.0))
+    assert d.config == cfg.method == method_config()
+    assert d.config.alpha_student == 0.5  # the default run's (random-init teacher)
+    sig = inspect.signature(Distiller).parameters
+    assert sig["fused_head"].default is cfg.model.fused_head is True
+    assert sig["gradient_accumulation_steps"].default == cfg.train.gradient_accumulation_steps
+    assert sig["max_grad_norm"].default == cfg.train.max_grad_norm
+    positional = [n for n, p in sig.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert positional == ["method"]  # no positional hyper-parameter list
+    for fn in (Distiller, naive_lgtm_step):
+        own = set(inspect.signature(fn).parameters) & set(cfg.method.model_fields)
+        assert not own, f"{fn.__name__} defines {own} again"
+    # the 0.9 keywords still work, flat, and are checked as the config checks them
+    d = Distiller("lgtm", teacher=t, student=s, alpha_student=1.0, fd_radius=1e-3)
+    assert d.config.alpha_student == 1.0 and d.config.lgtm.fd_radius == 1e-3
+    with pytest.raises(ConfigError, match="method.lgtm.fd_radius must be > 0"):
+        Distiller("lgtm", teacher=t, student=s, fd_radius=0)
+    with pytest.raises(ConfigError, match="did you mean 'alpha_student'"):
+        Distiller("lgtm", teacher=t, student=s, alpha_studnet=1.0)

@@ -26,6 +26,7 @@ from lgtm_ds.config import (
 from lgtm_ds.config.schema import SECTIONS
 from lgtm_ds.errors import ConfigError
 from lgtm_ds.io import atomic_write_text, write_json_atomic
+from lgtm_ds.methods import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 DS_JSONS = sorted((REPO / "ds_configs").glob("*.json"))
@@ -67,7 +68,7 @@ def test_default_experiment():
     assert cfg.data.max_length == 64
     m = cfg.method
     assert (m.name, m.alpha_student, m.alpha_teacher) == ("lgtm", 0.5, 0.4)
-    assert cfg.method.temperature == 1.0 and cfg.method.fd_radius == pytest.approx(1e-2)
+    assert cfg.method.temperature == 1.0 and cfg.method.lgtm.fd_radius == pytest.approx(1e-2)
     t = cfg.train
     assert (t.micro_batch_size, t.max_steps, t.eval_every, t.precision) == (32, 300, 100, "fp32")
     assert t.student_lr == pytest.approx(1e-3) and t.teacher_lr == pytest.approx(1e-3)
@@ -315,8 +316,8 @@ def test_deep_dict_override_merges_into_yaml_dict(tmp_path):
         ("method.alpha_teacher=1.5", ["method.alpha_teacher must be in [0, 1], got 1.5"]),
         ("method.alpha_student=-0.1", ["method.alpha_student", "[0, 1]"]),
         ("method.temperature=0", ["method.temperature must be > 0"]),
-        ("method.fd_radius=-1e-3", ["method.fd_radius must be > 0"]),
-        ("method.fd_radius=nan", ["method.fd_radius"]),
+        ("method.lgtm.fd_radius=-1e-3", ["method.lgtm.fd_radius must be > 0"]),
+        ("method.fd_radius=nan", ["method.lgtm.fd_radius"]),  # the 0.9 spelling, mapped
         ("train.precision=fp8", ["train.precision", "fp32", "bf16", "fp16"]),
         ("train.micro_batch_size=0", ["train.micro_batch_size must be > 0"]),
         ("train.gradient_accumulation_steps=-1", ["train.gradient_accumulation_steps"]),
@@ -572,8 +573,11 @@ def test_parse_args_help_lists_every_key(capsys):
     for flag in ("--config", "--ds_config", "--local_rank"):
         assert flag in out
     for section, cls in SECTIONS.items():
-        for key in cls.model_fields:
-            assert f"--{section}.{key}=" in out, f"{section}.{key}"
+        for key, field in cls.model_fields.items():
+            sub = getattr(field.annotation, "model_fields", None)
+            for leaf in sub or [None]:  # a method's own section: its keys
+                dotted = f"{section}.{key}" + (f".{leaf}" if leaf else "")
+                assert f"--{dotted}=" in out, dotted
     assert "--train.micro_batch_size=32" in out and "examples per rank" in out
     assert "one of {fp32, bf16, fp16}" in out
 
@@ -796,3 +800,44 @@ def test_atomic_writes(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_text(out, 5)  # type: ignore[arg-type]
     assert out.read_text() == "replaced" and os.listdir(out.parent) == ["summary.json"]
+
+
+# ---------------------------------------------------------------------- methods own their keys
+
+
+def test_method_options_are_nested_and_the_flat_keys_of_0_9_map(tmp_path):
+    flat = write_yaml(
+        tmp_path,
+        {
+            "method": {
+                "name": "online_kd",
+                "fd_radius": 0.02,
+                "influence_scale": 3,
+                "pilot_lr": 1e-4,
+            }
+        },
+    )
+    nested = write_yaml(
+        tmp_path,
+        {
+            "method": {
+                "name": "online_kd",
+                "lgtm": {"fd_radius": 0.02, "influence_scale": 3},
+                "metadistil": {"pilot_lr": 1e-4},
+            }
+        },
+        "nested.yaml",
+    )
+    a, b = load_config(flat), load_config(nested)
+    assert a == b and a.method.lgtm.fd_radius == 0.02 and a.method.metadistil.pilot_lr == 1e-4
+    # a command-line flag of either spelling overrides the file's key of either spelling
+    assert load_config(flat, ["method.lgtm.fd_radius=0.5"]).method.lgtm.fd_radius == 0.5
+    assert load_config(nested, ["--method.fd_radius=0.5"]).method.lgtm.fd_radius == 0.5
+    both = write_yaml(tmp_path, {"method": {"fd_radius": 1, "lgtm": {"fd_radius": 2}}}, "b.yaml")
+    raises(["method.fd_radius and method.lgtm.fd_radius are both set"], load_config, both)
+    raises(["unknown key 'method.lgtm.pilot_lr'"], load_config, None, ["method.lgtm.pilot_lr=1"])
+    # every option name is unique in the section, so the flat spelling has one meaning
+    section = type(ExperimentConfig().method)
+    own = [k for _, m in METHODS.items() if m.Options is not None for k in m.Options.model_fields]
+    assert len(own) == len(set(own)) and not set(own) & set(section.model_fields)
+    assert set(section.flat_keys) == set(own)

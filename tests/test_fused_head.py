@@ -13,9 +13,9 @@ import textwrap
 import pytest
 import torch
 
-from lgtm_ds import ConfigError, Distiller
+from lgtm_ds import Distiller
 from lgtm_ds.engines import TorchEngine
-from lgtm_ds.engines.head import HeadOutput
+from lgtm_ds.engines.head import FullLogitsWarning, HeadOutput
 from lgtm_ds.engines.optim import build_adamw
 from lgtm_ds.tasks import get_task
 
@@ -142,14 +142,9 @@ def test_models_whose_logits_are_not_their_output_layer_fall_back():
 
     m.forward = scaled.__get__(m)
     assert "differ" in task.head_matches(m)
-    with pytest.raises(ConfigError, match="student cannot use it: its logits differ"):
-        Distiller(
-            "lgtm",
-            teacher=tiny_decoder("tiny", 1),
-            student=m,
-            task=task,
-            fused_head=True,
-        )
+    with pytest.warns(FullLogitsWarning, match="student uses full logits.*its logits differ"):
+        d = Distiller("lgtm", teacher=tiny_decoder("tiny", 1), student=m, task=task)
+    assert d.teacher.fused_head and not d.student.fused_head and "student" in d.full_logits
 
 
 def test_trainer_uses_the_fused_head_and_reports_it(tmp_path, dist_env):

@@ -32,6 +32,7 @@ def _distiller(dtype=torch.float64, dropout=0.0, **kw):
 
     t, s = (model(1), model(2)) if dropout else (tiny_model(dtype, 1), tiny_model(dtype, 2))
     to, so = build_adamw(t, 3e-3, 0.01), build_adamw(s, 5e-3, 0.01)
+    kw.setdefault("alpha_student", 1.0)  # the reference's (the calibration below assumes it)
     d = Distiller("lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so, **kw)
     return d, t, to
 

@@ -99,6 +99,12 @@ class Task:
         if not self.metric_names:
             raise ConfigError(f"task type {self.name!r} needs at least one metric")
 
+    @classmethod
+    def claims_batch(cls, batch: dict) -> bool:
+        """Whether a batch with no named task is this task type's (``Distiller(task=None)``
+        asks the registered types in order); none by default."""
+        return False
+
     # -- data ----------------------------------------------------------------------------------
     def encode(self, ds, tokenizer, *, text_columns: Sequence[str], max_length: int):
         """Tokenize a dataset of raw examples (text columns + ``label``) into model inputs +

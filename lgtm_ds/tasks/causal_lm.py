@@ -43,6 +43,10 @@ class CausalLMTask(ClassificationTask):
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"ce", "perplexity"})
     fused_head = True  # takes HeadOutput (engines/head.py) for every loss and evaluation
 
+    @classmethod
+    def claims_batch(cls, batch: dict) -> bool:
+        return cls is CausalLMTask and batch["labels"].dim() == 2
+
     def __init__(self, *, lm_format=None, head_chunk: int | None = None, **kw):
         super().__init__(**kw)
         self.lm_format = lm_format  # lm_data.LMFormat: which columns, which loss mask

@@ -37,6 +37,11 @@ class ClassificationTask(Task):
     label_dtype: ClassVar[type] = int
 
     # -- data ----------------------------------------------------------------------------------
+
+    @classmethod
+    def claims_batch(cls, batch: dict) -> bool:
+        return cls is ClassificationTask and batch["labels"].dim() == 1
+
     def encode(self, ds, tokenizer, *, text_columns, max_length: int):
         cols = list(text_columns)
         cast = self.label_dtype

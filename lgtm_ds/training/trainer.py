@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from ..data import (
 from ..data.sources import GLUE_DATASET_ID, GLUE_TASKS
 from ..engines.build import build_engines, resolve_ds_configs
 from ..engines.deepspeed import all_gather_object, init_distributed
-from ..engines.head import enable_fused_head
+from ..engines.head import FullLogitsWarning
 from ..errors import ConfigError, TrainingError
 from ..hub import check_sources
 from ..io import atomic_write_text, write_json_atomic
@@ -154,8 +155,7 @@ class Trainer:
                 max_rows=cfg.output.influence_log_max_rows,
                 seed=cfg.train.seed,
             )
-        every = cfg.method.influence_ratio_every
-        self.ratio_every = cfg.train.log_every if every is None else every
+        self.ratio_every = self.method.influence_ratio_every(cfg)
         if self.resume_from is not None:
             self._resume(*self.resume_from)
 
@@ -302,22 +302,10 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or steps
         self.stage1_steps = 0
         if self.method.teacher_stage1:
-            _, s1 = optimizer_steps(n, cfg, self.world, cfg.method.teacher_stage1_epochs)
+            _, s1 = optimizer_steps(n, cfg, self.world, self.method.stage1_epochs(cfg))
             self.stage1_steps = min(s1, cfg.train.max_steps) if cfg.train.max_steps else s1
         # the teacher's schedule spans the steps it learns in
         self.teacher_steps = self.stage1_steps + self.total_steps * self.method.trains_teacher
-
-    def _fused_head(self) -> None:
-        """model.fused_head: decoders' losses from hidden states through the output layer, per
-        engine where it can (not ZeRO-3) and the method and the model allow it."""
-        cfg = self.cfg
-        self.task.head_chunk = cfg.model.fused_head_chunk
-        engines = {"teacher": self.teacher, "student": self.student}
-        why = enable_fused_head(self.task, self.method, engines, cfg.model.fused_head)
-        self.fused_head = {role: eng.fused_head for role, eng in engines.items()}
-        for role, reason in why.items():
-            if reason is not None and self.is_main:
-                print(f"note: the {role} uses full logits, not the fused head: {reason}")
 
     def _build_engines(self, teacher: torch.nn.Module, student: torch.nn.Module) -> None:
         cfg = self.cfg
@@ -329,10 +317,20 @@ class Trainer:
             student_steps=self.total_steps,
             ds_configs=(self.ds_teacher, self.ds_student),
         )
-        self._fused_head()
-        self.distiller = Distiller.from_config(
-            cfg.method, teacher=self.teacher, student=self.student, task=self.task
-        )
+        self.task.head_chunk = cfg.model.fused_head_chunk
+        with warnings.catch_warnings():  # the notes below say it once, on rank 0
+            warnings.simplefilter("ignore", FullLogitsWarning)
+            self.distiller = Distiller(
+                config=cfg.method,
+                teacher=self.teacher,
+                student=self.student,
+                task=self.task,
+                fused_head=cfg.model.fused_head,
+            )
+        self.fused_head = {"teacher": self.teacher.fused_head, "student": self.student.fused_head}
+        for role, reason in self.distiller.full_logits.items():
+            if self.is_main:
+                print(f"note: the {role} uses full logits, not the fused head: {reason}")
 
         def batches(ds):
             lengths = [len(x) for x in ds["input_ids"]] if cfg.data.group_by_length else None
