@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..methods import METHODS, get_method
 from ..methods.config import method_config_class
 from ..options import NonEmptyStr, Options
+from ..tasks import get_task
 
 
 class ModelConfig(Options):
@@ -188,25 +189,29 @@ class DataConfig(Options):
                 "data.dataset must name a datasets hub dataset or a local dataset folder when "
                 f"data.source is 'hub', got {self.dataset!r}"
             )
-        if self.task_type == "causal_lm" and self.source == "glue":
+        task = get_task(self.task_type) if self.task_type else None
+        if task is None:
+            return self
+        t = self.task_type
+        if task.reads == "text" and self.source == "glue":
             raise ConfigError(
-                "data.source='glue' has no causal_lm form (data.task_type 'causal_lm'); use "
+                f"data.source='glue' has no {t} form (data.task_type {t!r} reads text); use "
                 "synthetic, files or hub"
             )
         if (
-            self.task_type == "causal_lm"
+            task.reads == "text"
             and self.source == "synthetic"
             and self.format not in ("auto", "prompt_completion")
         ):
             raise ConfigError(
                 f"data.format={self.format!r}: the synthetic instruction task (data.source "
-                "'synthetic', data.task_type 'causal_lm') is prompt_completion; use auto or "
+                f"'synthetic', data.task_type {t!r}) is prompt_completion; use auto or "
                 "prompt_completion"
             )
-        if self.format != "auto" and self.task_type in ("classification", "regression"):
+        if self.format != "auto" and task.reads != "text":
             raise ConfigError(
-                f"data.format={self.format!r} applies to data.task_type 'causal_lm' only, got "
-                f"data.task_type={self.task_type!r}"
+                f"data.format={self.format!r} applies to task types that read text (e.g. "
+                f"causal_lm) only, got data.task_type={t!r}"
             )
         return self
 
@@ -381,12 +386,13 @@ class ExperimentConfig(Options):
     @model_validator(mode="after")
     def _method_checks(self) -> ExperimentConfig:
         get_method(self.method.name).check_config(self)  # the method's own ConfigErrors
-        m = self.method
+        m, t = self.method, self.data.task_type
         if m.hidden_weight > 0 and m.hidden_positions == "first":
-            if self.data.task_type == "causal_lm":
+            if t is not None and not get_task(t).first_token_summarises:
                 raise ConfigError(
                     "method.hidden_positions=first compares the first token ([CLS]) of "
-                    "classifiers; a decoder's first token is its BOS: use all"
+                    f"classifiers; the first token of data.task_type {t!r} does not summarise "
+                    "the sequence (a decoder's is its BOS): use all"
                 )
         return self
 

@@ -21,7 +21,16 @@ def task_names() -> tuple[str, ...]:
     return TASKS.names()
 
 
-__all__ = ["TASKS", "Task", "get_task", "task_from_batch", "task_names"]
+__all__ = ["TASKS", "Task", "get_task", "task_for_labels", "task_from_batch", "task_names"]
+
+
+def task_for_labels(kind: str) -> type[Task]:
+    """The first registered task type that reads labelled examples of this ``kind``
+    (``"classes"`` or ``"values"``): what ``data.task_type: null`` means for a source's labels."""
+    for _, cls in TASKS.items():
+        if cls.reads == "labels" and cls.labels == kind:
+            return cls
+    raise ConfigError(f"no task type reads {kind} labels; set data.task_type")
 
 
 def task_from_batch(batch: dict) -> Task:

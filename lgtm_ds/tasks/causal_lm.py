@@ -40,6 +40,10 @@ class CausalLMTask(ClassificationTask):
     summary = "decoder LM: token-level KL/JSD distillation + next-token CE; CE, perplexity, top-1"
     default_metrics = ("ce", "perplexity")
     embedded_tokenizer = "decoder"
+    reads = "text"  # the formats of lm_data: text, prompt_completion, messages
+    labels = None
+    generates = True
+    first_token_summarises = False  # a decoder's first token is its BOS
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"ce", "perplexity"})
     fused_head = True  # takes HeadOutput (engines/head.py) for every loss and evaluation
 
@@ -64,6 +68,12 @@ class CausalLMTask(ClassificationTask):
         enc, dropped = encode_lm(ds, tokenizer, self.lm_format, max_length=max_length)
         self.last_encode_dropped = dropped
         return enc
+
+    def prepare_tokenizer(self, tokenizer) -> None:
+        """A tokenizer without a pad token pads with EOS (padded positions carry attention 0
+        and label -100)."""
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
 
     def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
         return CausalLMCollator(tokenizer, pad_to_multiple_of=pad_to_multiple_of)

@@ -27,8 +27,7 @@ from ..data import (
     load_task,
     make_loader,
     own_tokenizer,
-    synthetic_corpus_texts,
-    synthetic_instruction_texts,
+    synthetic_texts,
 )
 from ..data.sources import GLUE_DATASET_ID, GLUE_TASKS
 from ..engines.build import build_engines, resolve_ds_configs
@@ -39,7 +38,7 @@ from ..hub import check_sources
 from ..io import atomic_write_text, write_json_atomic
 from ..methods import Distiller, get_method
 from ..methods.hidden import HIDDEN_PROJ, HiddenSpec, attach_projection
-from ..tasks import get_task
+from ..tasks import get_task, task_for_labels
 from ..tasks.base import ModelOptions
 from ..tasks.generation import greedy_complete, prompt_and_reference, word_f1
 from ..tasks.hf import is_embedded
@@ -196,14 +195,12 @@ class Trainer:
         tok_name = cfg.model.tokenizer or (
             "embedded" if is_embedded(cfg.model.teacher) else cfg.model.teacher
         )
-        decoder = get_task(cfg.data.task_type or "classification").embedded_tokenizer == "decoder"
+        # the task type named (None: the labels decide; every labelled type reads the same)
+        task_cls = get_task(cfg.data.task_type) if cfg.data.task_type else None
+        decoder = (task_cls or task_for_labels("classes")).embedded_tokenizer == "decoder"
         corpus = None
         if tok_name == "embedded" and cfg.data.source == "synthetic":
-            corpus = (
-                synthetic_instruction_texts(cfg.data.synthetic_examples, cfg.train.seed)
-                if decoder
-                else synthetic_corpus_texts(cfg.data.synthetic_examples, cfg.train.seed)
-            )
+            corpus = synthetic_texts(task_cls, cfg.data.synthetic_examples, cfg.train.seed)
         self.tokenizer = build_tokenizer(tok_name, corpus, causal_lm=decoder)
         self.data = load_task(cfg.data, self.tokenizer, cfg.train.seed)
         self.task = self.data.task
@@ -214,10 +211,10 @@ class Trainer:
         k = self.cfg.train.eval_generate
         if not k:
             return []
-        if self.task.name != "causal_lm":
+        if not self.task.generates:
             raise ConfigError(
-                f"train.eval_generate={k} is for decoders (data.task_type causal_lm); this run's "
-                f"task is {self.task.name!r}"
+                f"train.eval_generate={k} is for decoders (task types that generate, e.g. "
+                f"data.task_type causal_lm); this run's task is {self.task.name!r}"
             )
         ev, rows = self.data.eval, []
         for i in range(len(ev)):
