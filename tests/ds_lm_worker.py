@@ -15,11 +15,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lgtm_ds import Distiller  # noqa: E402
-from lgtm_ds.engines.deepspeed import (  # noqa: E402
-    build_engine,
-    init_distributed,
-    shutdown_distributed,
-)
+from lgtm_ds.engines.deepspeed import build_engine  # noqa: E402
+from lgtm_ds.engines.dist import init_distributed, shutdown_distributed  # noqa: E402
 from lgtm_ds.engines.optim import build_adamw, warmup_linear  # noqa: E402
 from lgtm_ds.tasks import get_task  # noqa: E402
 from tests.ds_worker import ds_config, full_params, local_storage  # noqa: E402

@@ -45,11 +45,41 @@ def test_methods_and_tasks_import_no_deepspeed_triton_wandb_yaml(package):
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
-def test_only_the_adapter_touches_deepspeed():
-    allowed = {LIB / "engines" / "deepspeed.py"}
+# the DeepSpeed seams: the adapter, the process group, the optimizer state per ZeRO stage, the
+# student's ZeRO-3 passes, and the list of the private attributes they read
+DEEPSPEED_MODULES = {
+    "deepspeed.py",
+    "dist.py",
+    "zero_state.py",
+    "zero3_functional.py",
+    "ds_private.py",
+}
+
+
+def test_only_the_deepspeed_seams_import_deepspeed():
+    allowed = {LIB / "engines" / name for name in DEEPSPEED_MODULES}
+    assert all(p.exists() for p in allowed)
     for path in sorted(LIB.rglob("*.py")):
         if path not in allowed:
             assert "deepspeed" not in _imports(path), f"{path.relative_to(ROOT)} imports deepspeed"
+
+
+def test_only_the_student_runs_influence_passes():
+    """The influence-pass operations are their own protocol (InfluencePasses): the methods call
+    them on the student's engine only, and on DeepSpeed only the student's engine has them."""
+    from lgtm_ds.engines.base import Engine, InfluencePasses
+    from lgtm_ds.engines.deepspeed import DeepSpeedEngine, DeepSpeedStudentEngine
+
+    passes = {n for n, v in vars(InfluencePasses).items() if callable(v) and not n.startswith("__")}
+    assert passes and not passes & set(vars(Engine))
+    assert issubclass(DeepSpeedStudentEngine, InfluencePasses)
+    assert not issubclass(DeepSpeedEngine, InfluencePasses)
+    for path in sorted((LIB / "methods").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in passes:
+                owner = node.value
+                role = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+                assert role != "teacher", f"{path.name}:{node.lineno}: teacher.{node.attr}"
 
 
 def test_launch_files_hold_no_logic():

@@ -238,7 +238,7 @@ def test_offloaded_zero3_student_takes_the_same_lgtm_steps(tmp_path, dist_env):
         ])  # fmt: skip
         t = Trainer(cfg)
         t.finish(t.train())
-        assert t.student.stage == 3 and t.student._partitioned is True  # no fallback
+        assert t.student.stage == 3 and t.student.zero3.partitioned is True  # no fallback
         rows = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         runs[name] = [{k: v for k, v in json.loads(r).items() if k != "time"} for r in rows]
     assert runs["offload"] == runs["plain"]

@@ -6,7 +6,7 @@ import weakref
 
 import torch
 
-from lgtm_ds.engines.deepspeed import _regathered
+from lgtm_ds.engines.zero3_functional import _regathered
 
 
 def test_regathered_graph_keeps_recipes_not_the_gathered_parameter():

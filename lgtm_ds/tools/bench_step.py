@@ -128,7 +128,7 @@ def child(args) -> dict:
     else:
         ds_configs = None
         if on_deepspeed:
-            from lgtm_ds.engines.deepspeed import init_distributed
+            from lgtm_ds.engines.dist import init_distributed
 
             _, world = init_distributed()
             ds_configs = resolve_ds_configs(cfg, world)  # as the trainer resolves them

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..engines.deepspeed import barrier
+from ..engines.dist import barrier
 from ..errors import ConfigError
 from ..io import atomic_write_text, write_json_atomic
 

@@ -31,7 +31,7 @@ from ..data import (
 )
 from ..data.sources import GLUE_DATASET_ID, GLUE_TASKS
 from ..engines.build import build_engines, resolve_ds_configs
-from ..engines.deepspeed import all_gather_object, init_distributed
+from ..engines.dist import all_gather_object, init_distributed
 from ..engines.head import FullLogitsWarning
 from ..errors import ConfigError, TrainingError
 from ..hub import check_sources
