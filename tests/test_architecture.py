@@ -94,6 +94,34 @@ def test_launch_files_hold_no_logic():
         assert len(path.read_text().splitlines()) < 30, f"{path.name} is not a thin entry point"
 
 
+def test_training_components_create_their_attributes_in_init():
+    """The trainer, the evaluator and the other training components assign only attributes
+    that ``__init__`` created (no state appears half-way, read back with getattr)."""
+    for path in sorted((LIB / "training").glob("*.py")):
+        for cls in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(cls, ast.ClassDef):
+                continue
+            made: dict[str, set[str]] = {}
+            for fn in cls.body:
+                if isinstance(fn, ast.FunctionDef):
+                    targets = [
+                        t
+                        for node in ast.walk(fn)
+                        for top in getattr(node, "targets", [getattr(node, "target", None)])
+                        for t in (top.elts if isinstance(top, ast.Tuple) else [top])
+                    ]
+                    made[fn.name] = {
+                        t.attr
+                        for t in targets
+                        if isinstance(t, ast.Attribute) and getattr(t.value, "id", "") == "self"
+                    }
+            if "__init__" not in made:
+                continue
+            late = set().union(*made.values()) - made["__init__"]
+            assert not late, f"{path.name}: {cls.name} creates {sorted(late)} outside __init__"
+            assert "getattr(self" not in ast.unparse(cls), f"{path.name}: {cls.name}"
+
+
 def test_registries_are_the_only_lists():
     assert method_names() == ("lgtm", "metadistil", "online_kd", "vanilla_kd")
     assert set(TASKS.names()) == {"causal_lm", "classification", "regression"}

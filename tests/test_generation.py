@@ -78,7 +78,7 @@ def test_trainer_scores_and_writes_what_the_models_generate(tmp_path, dist_env):
     files = sorted(p.name for p in (out / "generations").iterdir())
     assert files == ["step0.jsonl", "step2.jsonl"]
     rows = [json.loads(x) for x in (out / "generations" / "step2.jsonl").read_text().splitlines()]
-    assert [r["eval_index"] for r in rows] == t.gen_rows and len(rows) == 10
+    assert [r["eval_index"] for r in rows] == t.evaluator.gen_rows and len(rows) == 10
     assert all(r["student"] and r["teacher"] for r in rows)
     for role in ("student", "teacher"):
         assert s["final"][f"{role}/exact_match"] == pytest.approx(
