@@ -22,7 +22,7 @@ _LAZY = {
 }
 
 __all__ = ["LGTMError", "ConfigError", "DataError", "ModelError", *_LAZY]
-__version__ = "0.9.1"
+__version__ = "0.10.0"  # the one place the version is set (pyproject.toml reads it)
 
 
 def __getattr__(name: str) -> Any:

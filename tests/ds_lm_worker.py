@@ -1,6 +1,6 @@
 """Token-level distillation on real DeepSpeed engines: 3 steps per engine configuration on
 decoder batches of unequal lengths (prompt and padding masked), saving the final fp32
-parameters (rank 0) for ``tests/test_ds_lm_equivalence.py``.
+parameters (rank 0) for ``tests/integration/test_ds_lm_equivalence.py``.
 
     deepspeed --num_gpus N tests/ds_lm_worker.py --out DIR
 """

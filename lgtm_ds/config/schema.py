@@ -21,6 +21,11 @@ from ..methods.config import method_config_class
 from ..options import NonEmptyStr, Options
 from ..tasks import get_task
 
+_CHUNK_DOC = (
+    "token rows per chunk of the fused head; null = 2^21 logits per chunk (64 rows at a 32000 "
+    "vocabulary, 16 at 128256)"
+)
+
 
 class ModelConfig(Options):
     teacher: NonEmptyStr = Field(
@@ -58,12 +63,7 @@ class ModelConfig(Options):
         "full logits. Every method and ZeRO stage; not for a model whose logits are not its "
         "output layer on its decoder's states (soft-capped, scaled): full logits there",
     )
-    fused_head_chunk: int | None = Field(
-        None,
-        ge=1,
-        description="token rows per chunk of the fused head; null = 2^21 logits per chunk "
-        "(64 rows at a 32000 vocabulary, 16 at 128256)",
-    )
+    fused_head_chunk: int | None = Field(None, ge=1, description=_CHUNK_DOC)
     zero_init_classifier: bool = Field(
         False,
         description="zero both classification heads, as the LGTM reference does for pre-trained "

@@ -613,17 +613,18 @@ def load_task(
         quiz_enc, dropped["quiz"] = eval_enc, dropped["eval"]
     else:
         quiz_enc = encode(quiz, "quiz")
-    return TaskData(
-        name=raw.name,
-        task=task,
-        train=train_enc,
-        quiz=quiz_enc,
-        eval=eval_enc,
-        quiz_indices=quiz_indices,
-        quiz_source=cfg.quiz_source,
-        eval_indices=eval_indices,
-        dropped=dropped,
-    )
+    carved = dict(quiz_indices=quiz_indices, quiz_source=cfg.quiz_source, eval_indices=eval_indices)
+    return TaskData(raw.name, task, train_enc, quiz_enc, eval_enc, **carved, dropped=dropped)
+
+
+def _carve(train: datasets.Dataset, name: str, fraction: float, seed, what: str):
+    """A seeded ``fraction`` of the training rows (at least one, leaving at least one):
+    (positions carved, positions kept); ``what`` names the key to change when too few."""
+    n = len(train)
+    k = max(1, int(round(fraction * n)))
+    if k >= n:
+        raise DataError(f"training split of {name!r} has {n} row(s): too few to carve {what}")
+    return _seeded_split(n, k, seed)
 
 
 def _eval_split(train: datasets.Dataset, raw: RawSplits, seed: int, hint: str):
@@ -631,27 +632,15 @@ def _eval_split(train: datasets.Dataset, raw: RawSplits, seed: int, hint: str):
     validation_file, hub without an eval_split) a seeded 10% of the training rows."""
     if raw.eval is not None:
         return train, raw.eval, []
-    n = len(train)
-    n_eval = max(1, int(round(FILES_EVAL_FRACTION * n)))
-    if n_eval >= n:
-        raise DataError(
-            f"training split of {raw.name!r} has {n} row(s): too few to carve an eval split; "
-            f"set {hint}"
-        )
-    eval_indices, keep = _seeded_split(n, n_eval, [seed, 1])
+    what = f"an eval split; set {hint}"
+    eval_indices, keep = _carve(train, raw.name, FILES_EVAL_FRACTION, [seed, 1], what)
     return train.select(keep), train.select(eval_indices).remove_columns(_ORIG), eval_indices
 
 
 def _carve_quiz(train: datasets.Dataset, name: str, fraction: float, seed: int):
     """(train, quiz, quiz rows of the original training set): a seeded ``fraction``."""
-    n = len(train)
-    n_quiz = max(1, int(round(fraction * n)))
-    if n_quiz >= n:
-        raise DataError(
-            f"training split of {name!r} has {n} row(s): too few to carve a quiz split of "
-            f"data.quiz_fraction={fraction}"
-        )
-    quiz_pos, train_pos = _seeded_split(n, n_quiz, seed)
+    what = f"a quiz split of data.quiz_fraction={fraction}"
+    quiz_pos, train_pos = _carve(train, name, fraction, seed, what)
     orig = train[_ORIG]
     quiz_indices = [int(orig[i]) for i in quiz_pos]
     return train.select(train_pos), train.select(quiz_pos).remove_columns(_ORIG), quiz_indices

@@ -1,6 +1,6 @@
 """The process group: torch.distributed through DeepSpeed (gloo on CPU), its collectives of
 Python objects, its shutdown, and DeepSpeed's logger. One of the modules that import DeepSpeed
-(``tests/test_architecture.py`` lists them)."""
+(``tests/unit/test_architecture.py`` lists them)."""
 
 from __future__ import annotations
 

@@ -42,52 +42,41 @@ _FP16_UNFUSED = "deepspeed.runtime.fp16.unfused_optimizer"
 _LINK = "deepspeed.utils.mixed_precision_linkage"
 _FRAGMENT = "deepspeed.utils.tensor_fragment"
 
+
+def _group(module: str, owner: str | None, kind: str, used_by: str, *names: str):
+    return tuple(Private(module, owner, name, kind, used_by) for name in names)
+
+
+_ZERO_OPT, _OFFLOADER = "DeepSpeedZeroOptimizer", "DeepSpeedZeRoOffload"
 PRIVATE: tuple[Private, ...] = (
     # the engine: the client optimizer under DeepSpeed's wrapper
-    Private(_ENGINE, "DeepSpeedEngine", "basic_optimizer", "assigned", "zero_state, deepspeed"),
+    *_group(_ENGINE, "DeepSpeedEngine", "assigned", "zero_state, deepspeed", "basic_optimizer"),
     # ZeRO-1/2: the flat fp32 partitions and their process groups
-    Private(_ZERO12, "DeepSpeedZeroOptimizer", "bit16_groups", "assigned", "zero_state"),
-    Private(_ZERO12, "DeepSpeedZeroOptimizer", "bit16_groups_flat", "assigned", "zero_state"),
-    Private(
-        _ZERO12,
-        "DeepSpeedZeroOptimizer",
-        "single_partition_of_fp32_groups",
-        "assigned",
-        "zero_state",
-    ),
-    Private(_ZERO12, "DeepSpeedZeroOptimizer", "real_dp_process_group", "assigned", "zero_state"),
-    # ZeRO-1/2 and bf16: each parameter's fragment of the fp32 state
-    Private(_LINK, None, "lazy_init_hp_params_optimizer_state", "member", "zero_state"),
-    Private(_LINK, None, "_hp_mapping", "assigned", "zero_state (param._hp_mapping)"),
-    Private(_LINK, None, "_index_in_param_group", "assigned", "zero_state (add_grads_)"),
-    Private(_FRAGMENT, "tensor_fragment", "get_hp_fragment", "member", "zero_state"),
-    Private(_FRAGMENT, "tensor_fragment", "get_hp_fragment_address", "member", "zero_state"),
-    Private(_FRAGMENT, "tensor_fragment", "get_optim_state_fragment", "member", "zero_state"),
-    Private(_FRAGMENT, "tensor_fragment", "get_lp_grad_fragment", "member", "zero_state"),
-    Private(_FRAGMENT, "tensor_fragment", "lp_fragment_address", "field", "zero_state"),
-    # bf16 optimizer (ZeRO-0/1 bf16)
-    Private(_BF16, "BF16_Optimizer", "bf16_groups", "assigned", "zero_state"),
-    Private(_BF16, "BF16_Optimizer", "fp32_groups_flat_partition", "assigned", "zero_state"),
-    # ZeRO-0 fp16/bf16: FP16_Optimizer's masters
-    Private(_FP16, "FP16_Optimizer", "fp16_groups", "assigned", "zero_state"),
-    Private(_FP16, "FP16_Optimizer", "fp32_groups_flat", "assigned", "zero_state"),
-    Private(_FP16_UNFUSED, "FP16_UnfusedOptimizer", "fp32_groups", "assigned", "zero_state"),
-    # ZeRO-3: the partitioned parameters
-    Private(_ZERO3, "DeepSpeedZeroOptimizer_Stage3", "fp16_groups", "assigned", "zero_state"),
-    Private(_ZERO3, "DeepSpeedZeroOptimizer_Stage3", "parameter_offload", "assigned", "zero3"),
-    Private(_PARAMS, None, "ds_tensor", "assigned", "zero_state, zero3 (param.ds_tensor)"),
-    Private(_PARAMS, None, "ds_numel", "assigned", "zero_state, zero3 (param.ds_numel)"),
-    Private(_PARAMS, None, "ds_shape", "assigned", "zero3 (param.ds_shape)"),
-    Private(_PARAMS, None, "ds_process_group", "assigned", "zero_state, zero3"),
-    # ZeRO-3: the module hooks the influence passes take off and put back
-    Private(_OFFLOAD, None, "FWD_MODULE_STACK", "member", "zero3 (hooks_off)"),
-    Private(_OFFLOAD, "DeepSpeedZeRoOffload", "_remove_module_hooks", "member", "zero3"),
-    Private(_OFFLOAD, "DeepSpeedZeRoOffload", "setup_zero_stage3_hooks", "member", "zero3"),
-    Private(_OFFLOAD, "DeepSpeedZeRoOffload", "empty_partition_cache", "member", "zero3"),
-    Private(_OFFLOAD, "DeepSpeedZeRoOffload", "get_param_coordinator", "member", "zero3"),
-    Private(_OFFLOAD, "DeepSpeedZeRoOffload", "forward_hooks", "assigned", "zero3"),
-    Private(_OFFLOAD, "DeepSpeedZeRoOffload", "backward_hooks", "assigned", "zero3"),
-)
+    *_group(_ZERO12, _ZERO_OPT, "assigned", "zero_state", "bit16_groups", "bit16_groups_flat"),
+    *_group(_ZERO12, _ZERO_OPT, "assigned", "zero_state", "single_partition_of_fp32_groups"),
+    *_group(_ZERO12, _ZERO_OPT, "assigned", "zero_state", "real_dp_process_group"),
+    # ZeRO-1/2 and bf16: each parameter's fragment of the fp32 state (param._hp_mapping)
+    *_group(_LINK, None, "member", "zero_state", "lazy_init_hp_params_optimizer_state"),
+    *_group(_LINK, None, "assigned", "zero_state", "_hp_mapping", "_index_in_param_group"),
+    *_group(_FRAGMENT, "tensor_fragment", "member", "zero_state", "get_hp_fragment",
+            "get_hp_fragment_address", "get_optim_state_fragment", "get_lp_grad_fragment"),
+    *_group(_FRAGMENT, "tensor_fragment", "field", "zero_state", "lp_fragment_address"),
+    # the bf16 optimizer (ZeRO-0/1 bf16) and FP16_Optimizer (ZeRO-0 fp16/bf16): the masters
+    *_group(_BF16, "BF16_Optimizer", "assigned", "zero_state", "bf16_groups",
+            "fp32_groups_flat_partition"),
+    *_group(_FP16, "FP16_Optimizer", "assigned", "zero_state", "fp16_groups", "fp32_groups_flat"),
+    *_group(_FP16_UNFUSED, "FP16_UnfusedOptimizer", "assigned", "zero_state", "fp32_groups"),
+    # ZeRO-3: the optimizer and the partitioned parameters (param.ds_tensor, ...)
+    *_group(_ZERO3, "DeepSpeedZeroOptimizer_Stage3", "assigned", "zero_state", "fp16_groups"),
+    *_group(_ZERO3, "DeepSpeedZeroOptimizer_Stage3", "assigned", "zero3", "parameter_offload"),
+    *_group(_PARAMS, None, "assigned", "zero_state, zero3", "ds_tensor", "ds_numel", "ds_shape",
+            "ds_process_group"),
+    # ZeRO-3: the module hooks the influence passes take off and put back (hooks_off)
+    *_group(_OFFLOAD, None, "member", "zero3", "FWD_MODULE_STACK"),
+    *_group(_OFFLOAD, _OFFLOADER, "member", "zero3", "_remove_module_hooks",
+            "setup_zero_stage3_hooks", "empty_partition_cache", "get_param_coordinator"),
+    *_group(_OFFLOAD, _OFFLOADER, "assigned", "zero3", "forward_hooks", "backward_hooks"),
+)  # fmt: skip
 
 
 def missing() -> list[str]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from pydantic import Field
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..options import Options
 from ..registry import Registry
 
@@ -35,7 +35,7 @@ METHODS: Registry[Method] = Registry("method", "method.name")
 class DistillOptions(Options):
     """The two objectives every method shares, ``method.*`` (see :meth:`Distiller.student_loss`
     and :meth:`Distiller.teacher_loss`): ``L_s = a_s KD_T(p_t || p_s) + (1 - a_s) CE`` and
-    ``L_t = a_t KD_T(p_s || p_t) + (1 - a_t) CE`` (the paper's Eq. 1 and its teacher loss)."""
+    ``L_t = a_t KD_T(p_s || p_t) + (1 - a_t) CE`` (docs/algorithm.md, Eq. (1) and (2))."""
 
     alpha_student: float = Field(
         0.5,
@@ -123,6 +123,15 @@ class Method:
 
     def check_task(self, task: Task) -> None:
         """Raise if this method cannot run exactly on ``task`` (once the task is known)."""
+
+    @classmethod
+    def refuse_fp16(cls, cfg: ExperimentConfig, reason: str, note: str = "") -> None:
+        """``check_config`` helper: a ConfigError naming ``reason`` when the run is fp16."""
+        if cfg.train.precision == "fp16":
+            raise ConfigError(
+                f"method {cls.name} with train.precision=fp16 is not supported yet: {reason}; "
+                f"use bf16 or fp32{note}"
+            )
 
     @classmethod
     def stage1_epochs(cls, cfg: ExperimentConfig) -> float:

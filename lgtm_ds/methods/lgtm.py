@@ -1,7 +1,7 @@
 """LGTM: the teacher's update weighted by distillation influence (the cheap exact form).
 
 One LGTM step over a global batch split into micro-batches ``x_j`` (docs/algorithm.md: the
-reference step, the paper's Eq. 4-7, and the exactly equivalent form computed here):
+reference step, Eq. (3)-(7), and the exactly equivalent form computed here, Eq. (8)-(9)):
 
 A. per micro-batch: teacher logits, student forward at ``theta`` and
    ``g += grad_theta L_s / n_micro`` (``torch.autograd.grad``: the engine's gradient buffers
@@ -113,12 +113,12 @@ class LGTM(Method):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.train.precision == "fp16":
-            raise ConfigError(
-                "method lgtm with train.precision=fp16 is not supported yet: the influence part of "
-                "the teacher gradient (~1e-5 of the rest) is below fp16 resolution and the "
-                "fp32-accumulation path is bf16-only; use bf16 or fp32 (the baselines run in fp16)"
-            )
+        cls.refuse_fp16(
+            cfg,
+            "the influence part of the teacher gradient (~1e-5 of the rest) is below fp16 "
+            "resolution and the fp32-accumulation path is bf16-only",
+            " (the baselines run in fp16)",
+        )
 
     @classmethod
     def prepare_ds_configs(cls, cfg, teacher: dict, student: dict) -> None:

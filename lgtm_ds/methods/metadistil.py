@@ -34,21 +34,20 @@ import torch
 from pydantic import Field
 
 from ..engines.head import surrogate as head_surrogate
-from ..errors import ConfigError
 from ..options import Options
 from .base import METHODS, Method, weighted
 from .lgtm import fp32_teacher_grads_, grad_apart, quiz_grad, student_grad, warn_low_precision_grads
+
+_PILOT_LR = (
+    "learning rate of the pilot student's simulated SGD step; null = the student's current "
+    "learning rate; 0 = no meta-gradient (the teacher's CE only)"
+)
 
 
 class MetaDistilOptions(Options):
     """metadistil only: the pilot step and the teacher's own CE."""
 
-    pilot_lr: float | None = Field(
-        None,
-        ge=0,
-        description="learning rate of the pilot student's simulated SGD step; null = the "
-        "student's current learning rate; 0 = no meta-gradient (the teacher's CE only)",
-    )
+    pilot_lr: float | None = Field(None, ge=0, description=_PILOT_LR)
     teacher_ce_weight: float = Field(
         0.0,
         ge=0,
@@ -69,11 +68,7 @@ class MetaDistil(Method):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.train.precision == "fp16":
-            raise ConfigError(
-                "method metadistil with train.precision=fp16 is not supported: the pilot "
-                "step's forward-mode pass has no loss scaling; use bf16 or fp32"
-            )
+        cls.refuse_fp16(cfg, "the pilot step's forward-mode pass has no loss scaling")
 
     def __init__(self, distiller):
         super().__init__(distiller)

@@ -49,7 +49,7 @@ def naive_lgtm_step(
     t_params = [p for p in teacher.parameters() if p.requires_grad]
     s_params = [p for p in student.parameters() if p.requires_grad]
 
-    # 1-2. real look-ahead step on deep copies of the student and its optimizer.
+    # 1-2 (Eq. (3)). real look-ahead step on deep copies of the student and its optimizer.
     with torch.no_grad():
         t_logits = get_logits(teacher(**x))
     # one deepcopy of both keeps the optimizer pointing at the copied parameters
@@ -59,7 +59,7 @@ def naive_lgtm_step(
     ls.backward()
     opt_copy.step()
 
-    # 3-4. quiz gradient at theta', radius.
+    # 3-4 (Eq. (4), (5)). quiz gradient at theta', radius.
     opt_copy.zero_grad(set_to_none=True)
     ce = task.task_loss(get_logits(s_copy(**model_inputs(quiz_batch))), quiz_batch["labels"])
     v = torch.autograd.grad(ce, [p for p in s_copy.parameters() if p.requires_grad])
@@ -71,7 +71,7 @@ def naive_lgtm_step(
         lt = task.distill_loss(z, s_logits, y, alpha=alpha_teacher, **kw_t)
         return torch.autograd.grad(lt, t_params), lt.detach()
 
-    # 5-6. three teacher backward passes; saved copy of theta for an exact restore.
+    # 5-6 (Eq. (6)). three teacher backward passes; saved copy of theta for an exact restore.
     saved = [p.detach().clone() for p in s_params]
 
     @torch.no_grad()
@@ -89,7 +89,8 @@ def naive_lgtm_step(
     g_plus, _ = teacher_grad(s_plus)
     g_minus, _ = teacher_grad(s_minus)
 
-    # 7. G = grad L_t(theta) - eta * h, teacher step (eta: the teacher's lr x influence_scale).
+    # 7 (Eq. (7), (9)). G = grad L_t(theta) - eta * h, teacher step (eta: the teacher's lr x
+    # influence_scale).
     eta = float(teacher_opt.param_groups[0]["lr"]) * c.lgtm.influence_scale
     k = task.kd_scale(temperature, c.scale_by_t2)
     with torch.no_grad():

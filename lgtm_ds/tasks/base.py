@@ -248,18 +248,10 @@ class Task:
                 out.append(torch.autograd.grad(kd.sum(), z_)[0])
         return out
 
-    def lgtm_logit_grad(
-        self,
-        z: torch.Tensor,
-        s: torch.Tensor,
-        s_plus: torch.Tensor,
-        s_minus: torch.Tensor,
-        labels: torch.Tensor,
-        p: InfluenceParams,
-        n_rows: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def lgtm_logit_grad(self, z, s, s_plus, s_minus, labels, p: InfluenceParams, n_rows=None):
         """(dL/dz of the LGTM teacher objective, per-row influence) from the teacher logits ``z``
-        [N, C] and the student logits at theta (``s``) and theta +- R v: docs/algorithm.md,
+        [N, C] and the student logits at theta (``s``) and theta +- R v (tensors of ``z``'s
+        shape; ``labels`` [N]; ``n_rows`` the normaliser ``n``, default N): docs/algorithm.md,
         Eq. (8) and (9), for any task whose losses are means over rows of its logits. Here by
         autograd on the logits, the KD gradients at the student's theta, theta + R v and
         theta - R v (task types override it with closed forms and fused kernels: the

@@ -1,4 +1,4 @@
-"""Causal language models at token level (lgtm-method.md, "Token level (causal LMs)").
+"""Causal language models at token level (docs/algorithm.md, "Token level").
 
 A *row* is a valid token position: the logits at position t predict ``labels[t + 1]`` (the
 Hugging Face shift) and ``labels == -100`` (prompt, padding) are ignored. Every per-micro-batch
@@ -306,7 +306,7 @@ class CausalLMTask(ClassificationTask):
     def lgtm_logit_grad(self, z, s, s_plus, s_minus, labels, p: InfluenceParams):
         """The softmax classifier's logit gradient on the token rows (divided by this
         micro-batch's valid tokens), scattered to ``[B, L, V]``; the influence per *sequence*,
-        the sum of its tokens' influence (lgtm-method.md, token level)."""
+        the sum of its tokens' influence (docs/algorithm.md, token level)."""
         self._require_closed_form()
         rz, y, mask = self.rows(z, labels)
         rs, rp, rm = (self._target_rows(t, mask) for t in (s, s_plus, s_minus))

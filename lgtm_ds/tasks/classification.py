@@ -1,6 +1,6 @@
 """Sequence classification and regression (one-output heads): GLUE-style tasks.
 
-Conventions (lgtm-method.md): ``KL_T(p || q)`` is the mean over rows of
+Conventions (docs/algorithm.md): ``KL_T(p || q)`` is the mean over rows of
 ``sum_c p_c (log p_c - log q_c)`` with both distributions ``softmax(logits / T)``; no T^2 factor
 unless ``scale_by_t2``. Rows whose label is < 0 get no CE term; every mean divides by the number
 of rows. The KD divergence and the fused teacher logit-gradient come from ``lgtm_kernels``
