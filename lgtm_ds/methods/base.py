@@ -95,6 +95,8 @@ class Method:
     trains_teacher: ClassVar[bool] = True  # the teacher learns during distillation
     teacher_stage1: ClassVar[bool] = False  # a teacher-only fine-tuning stage comes first
     reports_influence: ClassVar[bool] = False  # step() returns the per-example "influence"
+    # the step runs the student at other parameter values (its engine's InfluencePasses)
+    student_passes: ClassVar[bool] = False
     # decoders: the losses may come from hidden states through the output layer, chunk by chunk
     # (engines/head.py); False: the engines give full logits (model.fused_head is ignored)
     fused_head: ClassVar[bool] = True

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ..engines.base import Engine, TorchEngine
+from ..engines.base import Engine, InfluencePasses, TorchEngine
 from ..engines.head import FUSED_HEAD_DEFAULT, FullLogitsWarning, enable_fused_head
 from ..errors import ConfigError
 from ..tasks import Task, get_task, task_from_batch
@@ -28,9 +28,9 @@ class Distiller:
     ``nn.Module`` s, which are wrapped in :class:`TorchEngine` with ``teacher_optimizer`` /
     ``student_optimizer`` (torch optimizers; AdamW for an LGTM student). ``task`` is a task type
     name (``"classification"``, ``"regression"``, ``"causal_lm"``, any registered one) or a
-    :class:`Task`; None picks it from the first batch (:meth:`Task.from_batch` of the built-in
-    types: ``labels`` of shape [B, L] (-100 = ignored) is a causal-LM batch, [B] a
-    classification batch; regression must be named).
+    :class:`Task`; None picks it from the first batch (the first registered type whose
+    :meth:`Task.claims_batch` takes it: ``labels`` of shape [B, L] (-100 = ignored) is a
+    causal-LM batch, [B] a classification batch; regression must be named).
 
     The hyper-parameters are the experiment's ``method`` section (:mod:`.config`): ``config``
     (e.g. ``cfg.method`` of a loaded experiment) and/or keywords of that section, flat or nested
@@ -73,6 +73,11 @@ class Distiller:
         wrap["max_grad_norm"] = max_grad_norm
         self.teacher = _engine(teacher, teacher_optimizer, teacher_scheduler, "teacher", **wrap)
         self.student = _engine(student, student_optimizer, student_scheduler, "student", **wrap)
+        if method_cls.student_passes and not isinstance(self.student, InfluencePasses):
+            raise ConfigError(
+                f"method {method_cls.name!r} runs the student at other parameter values; its "
+                f"engine ({type(self.student).__name__}) does not implement InfluencePasses"
+            )
         self.fused_head = fused_head
         # role -> why it takes full logits although fused_head asked otherwise (decoders)
         self.full_logits: dict[str, str] = {}

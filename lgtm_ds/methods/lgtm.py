@@ -89,6 +89,7 @@ class LGTM(Method):
     name = "lgtm"
     summary = "each step: teacher on L_t weighted by distillation influence, then student L_s"
     needs_quiz = True
+    student_passes = True
     reports_influence = True
     Options = LGTMOptions
 

@@ -64,6 +64,7 @@ class MetaDistil(Method):
         "second order), then student L_s"
     )
     needs_quiz = True
+    student_passes = True
     Options = MetaDistilOptions
 
     @classmethod

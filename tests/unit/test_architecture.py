@@ -70,6 +70,15 @@ def test_only_the_student_runs_influence_passes():
     assert passes and not passes & set(vars(Engine))
     assert issubclass(DeepSpeedStudentEngine, InfluencePasses)
     assert not issubclass(DeepSpeedEngine, InfluencePasses)
+
+    class TrainingOnly(Engine):  # an engine with the training API alone, as a teacher's
+        def __init__(self, module):
+            self.module = module
+
+    t, s = tiny_model(seed=1), tiny_model(seed=2)
+    with pytest.raises(ConfigError, match="does not implement InfluencePasses"):
+        Distiller("lgtm", teacher=t, student=TrainingOnly(s))
+    Distiller("online_kd", teacher=t, student=TrainingOnly(s))  # needs no passes
     for path in sorted((LIB / "methods").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr in passes:
