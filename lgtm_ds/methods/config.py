@@ -12,8 +12,8 @@ configurable components; TRL's per-trainer config classes).
 The experiment (``lgtm_ds.config``), the :class:`~lgtm_ds.methods.distiller.Distiller` and the
 reference form (``methods/naive.py``) all validate through :func:`method_config`, so a default
 exists once. Flat keys (``method.fd_radius``: the spelling before 0.10) are still accepted and
-moved into their method's section; every option name is unique across the section, so the move
-is unambiguous (:func:`build_method_config` checks it).
+moved into the section of the first method registered with that option (the built-in methods'
+option names are unique, and none may shadow a shared key: :func:`build_method_config`).
 """
 
 from __future__ import annotations
@@ -89,12 +89,14 @@ def build_method_config() -> type[MethodSection]:
         if name in shared:
             raise TypeError(f"method {name!r}: its section would hide the key method.{name}")
         for key in options.model_fields:
-            if key in shared or key in flat or key in METHODS:
+            if key in shared:
                 raise TypeError(
-                    f"method {name!r}: option {key!r} is already a key of the method section "
-                    f"({'method.' + flat[key] if key in flat else 'shared'}); rename it"
+                    f"method {name!r}: option {key!r} is a shared key of the method section "
+                    f"(method.{key}); rename it"
                 )
-            flat[key] = name
+            # the first method registered with a key keeps its flat spelling (a subclass that
+            # inherits its parent's options is spelled method.<name>.<key> only)
+            flat.setdefault(key, name)
         options.key = f"method.{name}"
         doc = (options.__doc__ or f"{name}'s own hyper-parameters").strip().split("\n")[0]
         fields[name] = (options, Field(default_factory=options, description=doc))
