@@ -17,7 +17,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from ..engines.head import FUSED_HEAD_DEFAULT
 from ..errors import ConfigError
 from ..methods import METHODS, get_method
-from ..methods.config import method_config_class
+from ..methods.config import MethodSection, method_config_class
 from ..options import NonEmptyStr, Options
 from ..tasks import get_task
 
@@ -382,6 +382,14 @@ class ExperimentConfig(Options):
     @classmethod
     def _empty_section(cls, value: Any) -> Any:
         return {} if value is None else value  # "train:" with nothing under it
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_section(cls, value: Any) -> Any:
+        # a section built before the registry changed: validated again by the current class
+        if isinstance(value, MethodSection) and type(value) is not method_config_class():
+            return value.model_dump()
+        return value
 
     @model_validator(mode="after")
     def _method_checks(self) -> ExperimentConfig:

@@ -106,13 +106,19 @@ def build_method_config() -> type[MethodSection]:
 
 
 _current: type[MethodSection] | None = None
+# one class per set of methods with options: a method registered and removed again (a test)
+# leaves the section the very class it was, so code that imported it keeps a valid class
+_built: dict[tuple, type[MethodSection]] = {}
 
 
 def method_config_class() -> type[MethodSection]:
     """The ``method`` section's class, rebuilt after the registry changes."""
     global _current
     if _current is None:
-        _current = build_method_config()
+        key = tuple((name, m.Options) for name, m in METHODS.items() if m.Options is not None)
+        if key not in _built:
+            _built[key] = build_method_config()
+        _current = _built[key]
     return _current
 
 
