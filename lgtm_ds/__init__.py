@@ -1,7 +1,8 @@
 """LGTM-DS: LGTM knowledge distillation at large-model scale on DeepSpeed.
 
-The public API is imported lazily, so ``import lgtm_ds.config`` (the launcher's argument parsing)
-does not import torch models, kernels or DeepSpeed.
+The public API is imported lazily, so ``import lgtm_ds`` imports nothing heavy.
+``lgtm_ds.config`` imports the method and task registries (and so torch): the methods' options
+are part of the experiment. DeepSpeed is imported only by the engines that run it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ _LAZY = {
 }
 
 __all__ = ["LGTMError", "ConfigError", "DataError", "ModelError", *_LAZY]
-__version__ = "0.9.1"
+__version__ = "0.10.0"  # the one place the version is set (pyproject.toml reads it)
 
 
 def __getattr__(name: str) -> Any:

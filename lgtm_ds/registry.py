@@ -7,6 +7,7 @@ The trainer, the launch scripts and the config ask a registry; none of them bran
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from .errors import ConfigError
@@ -21,6 +22,7 @@ class Registry(Generic[T]):
         self.kind = kind  # "method", "task type": used in error messages
         self.key = key  # the config key that names an entry, e.g. "method.name"
         self._entries: dict[str, type[T]] = {}
+        self._listeners: list[Callable[[], None]] = []
 
     def register(self, cls: type[T]) -> type[T]:
         name = getattr(cls, "name", None)
@@ -29,7 +31,24 @@ class Registry(Generic[T]):
         if name in self._entries and self._entries[name] is not cls:
             raise TypeError(f"{self.kind} {name!r} is registered twice")
         self._entries[name] = cls
+        self._changed()
         return cls
+
+    def unregister(self, name: str) -> None:
+        """Remove the entry ``name`` (tests that register a class of their own clean up)."""
+        if name not in self._entries:
+            raise KeyError(f"no {self.kind} {name!r} is registered")
+        del self._entries[name]
+        self._changed()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every registration and removal (what is built from the
+        entries, e.g. the config's ``method`` section, rebuilds itself)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def get(self, name: str) -> type[T]:
         try:

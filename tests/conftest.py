@@ -36,3 +36,12 @@ def dist_env(monkeypatch):
         MASTER_PORT=str(free_port()),
     ).items():
         monkeypatch.setenv(k, v)
+
+
+@pytest.fixture
+def make_distiller():
+    """``make_distiller(method, teacher, student, lrs=..., wd=..., **kw)``: a Distiller over two
+    plain modules with fresh AdamWs (``tests/helpers.py``)."""
+    from .helpers import make_distiller
+
+    return make_distiller

@@ -1,6 +1,6 @@
 """Token-level distillation on real DeepSpeed engines: 3 steps per engine configuration on
 decoder batches of unequal lengths (prompt and padding masked), saving the final fp32
-parameters (rank 0) for ``tests/test_ds_lm_equivalence.py``.
+parameters (rank 0) for ``tests/integration/test_ds_lm_equivalence.py``.
 
     deepspeed --num_gpus N tests/ds_lm_worker.py --out DIR
 """
@@ -15,11 +15,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lgtm_ds import Distiller  # noqa: E402
-from lgtm_ds.engines.deepspeed import (  # noqa: E402
-    build_engine,
-    init_distributed,
-    shutdown_distributed,
-)
+from lgtm_ds.engines.deepspeed import build_engine  # noqa: E402
+from lgtm_ds.engines.dist import init_distributed, shutdown_distributed  # noqa: E402
 from lgtm_ds.engines.optim import build_adamw, warmup_linear  # noqa: E402
 from lgtm_ds.tasks import get_task  # noqa: E402
 from tests.ds_worker import ds_config, full_params, local_storage  # noqa: E402
@@ -144,6 +141,7 @@ def run_torch(method, pair="gpt2", dtype=torch.float32):
         student_scheduler=opts["student"][1],
         max_grad_norm=1.0,
         task=get_task("causal_lm")(),
+        fused_head=False,
     )
     influence = []
     for step in range(STEPS):

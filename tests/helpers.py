@@ -134,3 +134,21 @@ def capture_grads(opt, params):
 
     opt.step = step
     return record
+
+
+def make_distiller(method="lgtm", teacher=None, student=None, *, lrs=(1e-3, 1e-3), wd=0.0, **kw):
+    """A ``Distiller`` over two plain modules, each with a fresh client AdamW (``lrs``: the
+    teacher's and the student's learning rates, ``wd`` both weight decays); ``kw``: the other
+    ``Distiller`` keywords (hyper-parameters, task, accumulation, ...). The tests' usual pair;
+    also the ``make_distiller`` fixture."""
+    from lgtm_ds import Distiller
+    from lgtm_ds.engines.optim import build_adamw
+
+    return Distiller(
+        method,
+        teacher=teacher,
+        student=student,
+        teacher_optimizer=build_adamw(teacher, lrs[0], wd),
+        student_optimizer=build_adamw(student, lrs[1], wd),
+        **kw,
+    )

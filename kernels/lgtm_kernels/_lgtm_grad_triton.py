@@ -1,5 +1,5 @@
-"""Triton kernel for the LGTM teacher logit gradient (lgtm-method.md, "cheaper, exactly
-equivalent form") and the per-row distillation influence, in one fused pass over the row.
+"""Triton kernel for the LGTM teacher logit gradient (docs/algorithm.md, "The form LGTM-DS
+computes", Eq. (8)) and the per-row distillation influence, in one fused pass over the row.
 
 Layer 1: ``_lgtm_grad_kernel`` (one program per row); layer 2: ``lgtm_grad_triton``.
 Bytes per element: read z, s, s+, s- (4 x input), write dL/dz: 5 x 2 B in bf16 when the row is

@@ -1,4 +1,5 @@
-"""LGTM teacher logit gradient and per-sample distillation influence (lgtm-method.md).
+"""LGTM teacher logit gradient and per-sample distillation influence (docs/algorithm.md,
+Eq. (8)-(9)).
 
     dL/dz = a_t (softmax(z/T) - q) / (T n) + (1 - a_t) (softmax(z) - onehot(y)) / n
             + eta a_t (q+ - q-) / (2 R T n)

@@ -2,8 +2,11 @@
 
 An experiment is a tree of six sections (``model``, ``data``, ``method``, ``train``,
 ``deepspeed``, ``output``), each a frozen pydantic model in :mod:`.schema`. The schema is the one
-source of defaults and of their documentation: ``configs/default.yaml`` is generated from it
-(``python -m lgtm_ds.config > configs/default.yaml``) and a test keeps the two equal.
+source of defaults and of their documentation: ``configs/default.yaml`` and
+``docs/configuration.md`` are generated from it (``python -m lgtm_ds.config [--markdown]``) and
+a test keeps them equal. The ``method`` section is collected from the method registry: the keys
+every method shares, and each method's own options (``method.<name>.*``, :mod:`lgtm_ds.methods.
+config`).
 
 Flow (:mod:`.loading`):
 
@@ -27,6 +30,7 @@ Flow (:mod:`.loading`):
 from .ds_json import DEFAULT_DS_CONFIG, build_ds_config, deep_merge
 from .loading import (
     config_to_dict,
+    dump_configuration_md,
     dump_default_yaml,
     load_config,
     parse_args,
@@ -54,6 +58,7 @@ __all__ = [
     "build_ds_config",
     "config_to_dict",
     "deep_merge",
+    "dump_configuration_md",
     "dump_default_yaml",
     "load_config",
     "parse_args",

@@ -1,6 +1,8 @@
 """``python -m lgtm_ds.config``: print the default experiment (every key, its default and its
-meaning), i.e. ``configs/default.yaml``."""
+meaning), i.e. ``configs/default.yaml``; with ``--markdown``, ``docs/configuration.md``."""
 
-from . import dump_default_yaml
+import sys
 
-print(dump_default_yaml(), end="")
+from . import dump_configuration_md, dump_default_yaml
+
+print(dump_configuration_md() if "--markdown" in sys.argv[1:] else dump_default_yaml(), end="")

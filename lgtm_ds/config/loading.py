@@ -15,15 +15,16 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError
 from ..io import atomic_write_text
-from .schema import SECTIONS, ExperimentConfig, base_type, config_error, rule, type_name
-from .schema import unknown_key as _unknown_key
+from ..options import base_type, config_error, rule, type_name
+from ..options import unknown_key as _unknown_key
+from . import schema
 
 # --------------------------------------------------------------------------------------------
 # YAML + overrides
@@ -55,25 +56,71 @@ def _yaml_or_raw(text: str) -> Any:
         return text
 
 
-def _resolve(dotted: str) -> tuple[list[str], Any]:
-    """``section[.key[.deep...]]`` -> (its parts, the annotation of section.key or None);
-    ConfigError for an unknown key or a sub-key of a field that is not a dict."""
+def _is_section(annotation: Any) -> bool:
+    tp = base_type(annotation)[0]
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _canonical(parts: list[str]) -> list[str]:
+    """A flat method option (``method.fd_radius``) -> its place (``method.lgtm.fd_radius``)."""
+    if len(parts) >= 2 and parts[0] == "method":
+        return ["method", *schema.SECTIONS["method"].canonical(parts[1]), *parts[2:]]
+    return parts
+
+
+def _resolve(dotted: str) -> tuple[list[str], Any, int]:
+    """``section[.sub].key[.deep...]`` -> (its parts, flat method options moved into their
+    method's section; the annotation of the field they name (None: a section); how many parts
+    name sections and that field: the rest reach into a dict field). ConfigError for an
+    unknown key or a sub-key of a field that is neither a section nor a dict."""
     parts = dotted.split(".")
     if "" in parts:
         raise ConfigError(f"malformed key {dotted!r} (expected section.key)")
-    if parts[0] not in SECTIONS:
-        raise _unknown_key(parts[0], list(SECTIONS))
-    if len(parts) == 1:
-        return parts, None
-    fields = SECTIONS[parts[0]].model_fields
-    if parts[1] not in fields:
-        raise _unknown_key(".".join(parts[:2]), list(fields))
-    annotation = fields[parts[1]].annotation
-    if len(parts) > 2 and base_type(annotation)[0] is not dict:
-        raise ConfigError(
-            f"{dotted!r}: {parts[0]}.{parts[1]} is a {type_name(annotation)}, it has no sub-keys"
-        )
-    return parts, annotation
+    sections = schema.SECTIONS
+    if parts[0] not in sections:
+        raise _unknown_key(parts[0], list(sections))
+    parts = _canonical(parts)
+    model: type[BaseModel] = sections[parts[0]]
+    for i in range(1, len(parts)):
+        fields = model.model_fields
+        if parts[i] not in fields:
+            raise _unknown_key(".".join(parts[: i + 1]), list(fields))
+        annotation = fields[parts[i]].annotation
+        if _is_section(annotation):
+            model = base_type(annotation)[0]
+            continue
+        if len(parts) > i + 1 and base_type(annotation)[0] is not dict:
+            raise ConfigError(
+                f"{dotted!r}: {'.'.join(parts[: i + 1])} is a {type_name(annotation)}, it has "
+                "no sub-keys"
+            )
+        return parts, annotation, i + 1
+    return parts, None, len(parts)
+
+
+def _nest_flat(data: dict) -> dict:
+    """The YAML's flat method options moved into their method's section (as validation would;
+    here, so that a command-line override of either spelling finds one place)."""
+    method = data.get("method")
+    if not isinstance(method, dict):
+        return data
+    canonical = schema.SECTIONS["method"].canonical
+    nested = {k: v for k, v in method.items() if len(canonical(str(k))) == 1}
+    for key, value in method.items():
+        path = canonical(str(key))
+        if len(path) == 1:
+            continue
+        owner, leaf = path
+        section = nested.get(owner) or {}
+        if not isinstance(section, dict):
+            continue  # validation names the bad section
+        if leaf in section:
+            raise ConfigError(
+                f"method.{leaf} and method.{owner}.{leaf} are both set; keep method.{owner}.{leaf}"
+            )
+        nested[owner] = {**section, leaf: value}
+    data["method"] = nested
+    return data
 
 
 def _override_items(overrides: list[str] | dict | None) -> list[tuple[str, Any]]:
@@ -99,14 +146,16 @@ def _set(data: dict, dotted: str, value: Any) -> set[tuple[str, ...]]:
     (a mapping, or its YAML text) is set key by key. Where the YAML holds a non-mapping in the
     way, nothing is set: validation then reports that value.
     """
-    parts, _ = _resolve(dotted)
-    if len(parts) == 1:
+    parts, annotation, named = _resolve(dotted)
+    dotted = ".".join(parts)
+    if annotation is None:  # a whole section (or a method's section): key by key
         if isinstance(value, str):
             value = _yaml_or_raw(value)
-        if not isinstance(value, dict):
+        if isinstance(value, dict):
+            return {kk for k, v in value.items() for kk in _set(data, f"{dotted}.{k}", v)}
+        if len(parts) == 1:
             data[dotted] = value  # validation: "<section> must be a mapping"
             return {(dotted,)}
-        return {kk for k, v in value.items() for kk in _set(data, f"{dotted}.{k}", v)}
     section = data.setdefault(parts[0], {})
     if section is None:  # "train:" with nothing under it
         section = data[parts[0]] = {}
@@ -125,15 +174,15 @@ def _set(data: dict, dotted: str, value: Any) -> set[tuple[str, ...]]:
             child = {}
         node[key] = child
         node, key = child, p
-    if len(parts) > 2 and isinstance(value, str) and value.strip():
-        value = _yaml_or_raw(value)
+    if len(parts) > named and isinstance(value, str) and value.strip():
+        value = _yaml_or_raw(value)  # inside a dict field: YAML, as the file would hold it
     node[key] = value
     return {tuple(parts[:2])}
 
 
 def load_config(
     path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None
-) -> ExperimentConfig:
+) -> schema.ExperimentConfig:
     """Read the experiment YAML (None: no file, all defaults), apply ``overrides`` in order
     (later wins), then validate the merged dict once.
 
@@ -141,7 +190,7 @@ def load_config(
     ``{"train": {"student_lr": 1e-3}}``; deep keys into dict fields work
     (``deepspeed.teacher.zero_optimization.stage=3``).
     """
-    data = {} if path is None else _read_yaml(path)
+    data = {} if path is None else _nest_flat(_read_yaml(path))
     from_file = {(s,) for s in data}
     from_file |= {(s, k) for s, sec in data.items() if isinstance(sec, dict) for k in sec}
     overridden: set[tuple[str, ...]] = set()
@@ -152,9 +201,9 @@ def load_config(
         return f" (in {path})" if loc[:2] in from_file - overridden else ""
 
     try:
-        return ExperimentConfig.model_validate(data)
+        return schema.ExperimentConfig.model_validate(data)
     except ValidationError as e:
-        raise config_error(e, ExperimentConfig, where=where) from None
+        raise config_error(e, schema.ExperimentConfig, where=where) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,16 +268,16 @@ def _overrides_from_flags(rest: list[str]) -> list[str]:
         if "." not in name:
             raise ConfigError(
                 f"unknown flag '--{name}' (known: --config, --ds_config, --log_level, "
-                f"--local_rank, --section.key=value with sections {', '.join(SECTIONS)})"
+                f"--local_rank, --section.key=value with sections {', '.join(schema.SECTIONS)})"
             )
         try:
-            parts, annotation = _resolve(name)
+            parts, annotation, named = _resolve(name)
         except ConfigError as e:
             raise ConfigError(f"unknown flag '--{name}': {e}") from None
         if not eq:
             if i < len(rest) and not rest[i].startswith("--"):
                 value, i = rest[i], i + 1
-            elif len(parts) == 2 and base_type(annotation)[0] is bool:
+            elif len(parts) == named and base_type(annotation)[0] is bool:
                 value = "true"  # bare --output.overwrite
             else:
                 raise ConfigError(f"--{name} needs a value (--{name}=VALUE)")
@@ -236,7 +285,9 @@ def _overrides_from_flags(rest: list[str]) -> list[str]:
     return overrides
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ExperimentConfig, argparse.Namespace]:
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[schema.ExperimentConfig, argparse.Namespace]:
     """Parse ``argv`` (default ``sys.argv[1:]``); ``-h`` prints every key and exits.
 
     Returns ``(cfg, args)``; ``args`` has ``config`` (YAML path or None), ``ds_config``,
@@ -263,13 +314,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExperimentConfig, argpars
 # --------------------------------------------------------------------------------------------
 
 
-def config_to_dict(cfg: ExperimentConfig) -> dict:
+def config_to_dict(cfg: schema.ExperimentConfig) -> dict:
     """Plain nested dict (YAML-dumpable); ``load_config`` of its dump gives back ``cfg``."""
     return cfg.model_dump()
 
 
 def save_resolved(
-    cfg: ExperimentConfig, teacher_ds: dict, student_ds: dict, path: str | os.PathLike
+    cfg: schema.ExperimentConfig, teacher_ds: dict, student_ds: dict, path: str | os.PathLike
 ) -> None:
     """Write ``{experiment, deepspeed_teacher, deepspeed_student}`` as one YAML, atomically.
     Call it on rank 0 only."""
@@ -287,15 +338,24 @@ def _inline(value: Any) -> str:
     return text.removesuffix("...").strip()
 
 
-def _docs() -> Iterator[tuple[str, str, list[tuple[str, str, str]]]]:
-    """Per section: (name, description, [(key, default as YAML, description (rule))])."""
-    for name, section_field in ExperimentConfig.model_fields.items():
-        keys = []
-        for key, field in SECTIONS[name].model_fields.items():
-            text = rule(field)  # never wrapped inside: its spaces are no-break spaces
-            doc = str(field.description) + (" (" + text.replace(" ", "\xa0") + ")" if text else "")
-            keys.append((key, _inline(field.get_default(call_default_factory=True)), doc))
-        yield name, str(section_field.description), keys
+class _Doc(NamedTuple):
+    key: str  # dotted, e.g. "method.lgtm.fd_radius"
+    value: str | None  # the default as one line of YAML; None: a section
+    doc: str  # the description (and the rule)
+
+
+def _docs(model: type[BaseModel] | None = None, prefix: str = "") -> Iterator[_Doc]:
+    """Every section and key of the experiment, depth first, in the schema's order."""
+    model = model or schema.ExperimentConfig
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        if _is_section(field.annotation):
+            yield _Doc(key, None, str(field.description))
+            yield from _docs(base_type(field.annotation)[0], key + ".")
+            continue
+        text = rule(field)  # never wrapped inside: its spaces are no-break spaces
+        doc = str(field.description) + (" (" + text.replace(" ", "\xa0") + ")" if text else "")
+        yield _Doc(key, _inline(field.get_default(call_default_factory=True)), doc)
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -315,24 +375,61 @@ _HEADER = """\
 
 def dump_default_yaml() -> str:
     """Every section and key with its default, its description as a trailing comment."""
-    docs = list(_docs())
-    col = 1 + max(len(f"  {k}: {v}") for _, _, keys in docs for k, v, _ in keys)
+    rows = []
+    for d in _docs():
+        depth, leaf = d.key.count("."), d.key.rsplit(".", 1)[-1]
+        left = "  " * depth + (f"{leaf}:" if d.value is None else f"{leaf}: {d.value}")
+        rows.append((depth, left, d.doc))
+    col = 1 + max(len(left) for _, left, _ in rows)
     out = [_HEADER.rstrip("\n")]
-    for name, description, keys in docs:
-        out.append("")
-        rows = [(f"{name}:", description)] + [(f"  {k}: {v}", doc) for k, v, doc in keys]
-        for left, doc in rows:
-            lines = _wrap(doc, width=100 - col - 2)
-            out.append(f"{left:<{col}}# {lines[0]}")
-            out.extend(f"{'':<{col}}# {more}" for more in lines[1:])
+    for depth, left, doc in rows:
+        if depth == 0:
+            out.append("")
+        lines = _wrap(doc, width=100 - col - 2)
+        out.append(f"{left:<{col}}# {lines[0]}")
+        out.extend(f"{'':<{col}}# {more}" for more in lines[1:])
     return "\n".join(out) + "\n"
 
 
 def _keys_help() -> str:
     out = ["experiment keys (--section.key=VALUE; the default after '='):"]
-    for name, description, keys in _docs():
-        out.append(f"  {name}: {description}")
-        for key, value, doc in keys:
-            out.append(f"    --{name}.{key}={value}")
-            out.extend(" " * 8 + line for line in _wrap(doc, width=88))
+    for d in _docs():
+        indent = "  " * (d.key.count(".") + 1)
+        if d.value is None:
+            out.append(f"{indent}{d.key}: {d.doc}")
+            continue
+        out.append(f"{indent}--{d.key}={d.value}")
+        out.extend(" " * (len(indent) + 4) + line for line in _wrap(d.doc, width=88))
     return "\n".join(out)
+
+
+_MD_HEADER = """\
+# Configuration
+
+<!-- Generated from lgtm_ds/config/schema.py and the methods' options by
+     `python -m lgtm_ds.config --markdown > docs/configuration.md`; tests/unit/test_config.py
+     fails when it is out of date. Edit the schema, not this file. -->
+
+An experiment is a YAML file validated into a typed tree of pydantic models. Every key below
+has its default; a YAML lists only what it changes, and `--section.key=value` on the command
+line overrides both (`python launch/train.py --help` prints the same list).
+[`configs/default.yaml`](../configs/default.yaml) is every key at its default.
+
+Each method's own hyper-parameters live in its section, `method.<name>.*`, defined beside the
+method (`Method.Options`). The flat spelling of 0.9 (`method.fd_radius`,
+`method.influence_scale`, `method.pilot_lr`, ...) is still accepted and moved into its section.
+"""
+
+
+def dump_configuration_md() -> str:
+    """``docs/configuration.md``: one table per section (key, default, meaning)."""
+    out = [_MD_HEADER]
+    for d in _docs():
+        if d.value is None:
+            out += ["", f"## `{d.key}`" if "." not in d.key else f"### `{d.key}`", "", d.doc, ""]
+            out += ["| key | default | meaning |", "|---|---|---|"]
+            continue
+        doc = d.doc.replace("\xa0", " ").replace("|", "\\|")
+        value = d.value.replace("|", "\\|")
+        out.append(f"| `{d.key}` | `{value}` | {doc} |")
+    return "\n".join(out) + "\n"

@@ -1,287 +1,34 @@
-"""The typed experiment tree: six frozen pydantic sections under :class:`ExperimentConfig`.
+"""The typed experiment tree: six frozen sections under :class:`ExperimentConfig`.
 
-Each field's default is THE default (``configs/default.yaml`` is generated from them), its
-``description`` documents it, its constraints (``ge``/``gt``/``le``/``lt``, ``Literal``) validate
-it. A ``pydantic.ValidationError`` never reaches the user: :func:`config_error` turns it into one
-``ConfigError`` naming the dotted key, the value and the rule, the rule worded from the field's
-own constraints (:func:`rule`). A ``ConfigError`` raised inside a validator (the method
-registry, the cross-field checks) passes through unchanged.
+Each field's default is THE default (``configs/default.yaml`` and ``docs/configuration.md`` are
+generated from them), its ``description`` documents it, its constraints validate it; bad input
+is one ``ConfigError`` naming the dotted key (:mod:`lgtm_ds.options`). The ``method`` section is
+collected from the method registry (:mod:`lgtm_ds.methods.config`): the keys every method
+shares, and one nested section per method with hyper-parameters of its own, defined beside it.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
-import importlib
 import os
-import types
-import typing
-from collections.abc import Callable
-from contextlib import suppress
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import annotated_types as at
-import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
-from pydantic.fields import FieldInfo
-from pydantic_core import PydanticCustomError
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from ..engines.head import FUSED_HEAD_DEFAULT
 from ..errors import ConfigError
+from ..methods import METHODS, get_method
+from ..methods.config import MethodSection, method_config_class
+from ..options import NonEmptyStr, Options
+from ..tasks import get_task
 
-# --------------------------------------------------------------------------------------------
-# Lenient input: command-line strings and YAML scalars -> the field's type
-# --------------------------------------------------------------------------------------------
-
-NONE_STRINGS = ("null", "none", "~", "")
-
-
-def _non_empty(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must be a non-empty string")
-    return value
-
-
-NonEmptyStr = Annotated[str, AfterValidator(_non_empty)]
-
-
-def _strip(annotation: Any) -> tuple[Any, bool]:
-    """``(annotation without None and Annotated, whether None is allowed)``."""
-    nullable = False
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        nullable = type(None) in typing.get_args(annotation)
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    if typing.get_origin(annotation) is Annotated:
-        annotation = typing.get_args(annotation)[0]
-    return annotation, nullable
-
-
-def base_type(annotation: Any) -> tuple[Any, bool]:
-    """``int | None`` -> ``(int, True)``, ``list[str]`` -> ``(list, False)``; a Literal stays."""
-    annotation, nullable = _strip(annotation)
-    origin = typing.get_origin(annotation)
-    return (annotation if origin in (None, Literal) else origin), nullable
-
-
-def type_name(annotation: Any) -> str:
-    """``float | null``, ``list[str]``, ``dict``: the type as a user reads it."""
-    if annotation is type(None):
-        return "null"
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(type_name(a) for a in args)
-    if origin is Annotated:
-        return type_name(args[0])
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _cannot_convert() -> PydanticCustomError:
-    return PydanticCustomError("cannot_convert", "cannot convert the value")
-
-
-def _yaml_value(text: str) -> Any:
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise _cannot_convert() from None
-    return {} if value is None else value  # "" / "null" for a dict field: empty
-
-
-def lenient(value: Any, annotation: Any) -> Any:
-    """What pydantic's lax mode does not do for us: "none"/"null"/"~"/"" -> None for an optional
-    field, "1e3" -> 1000 for an int, a comma string -> list, a YAML flow string -> dict/list; a
-    bool is refused for an int or float (pydantic would read True as 1)."""
-    tp, nullable = base_type(annotation)
-    if isinstance(value, str):
-        s = value.strip()
-        if nullable and s.lower() in NONE_STRINGS:
-            return None
-        if tp is float:
-            with suppress(ValueError):
-                return float(s)
-        elif tp is int:
-            with suppress(ValueError):
-                return int(s)
-            with suppress(ValueError):
-                number = float(s)  # "1e3"
-                if number.is_integer():
-                    return int(number)
-        elif tp is bool:
-            return s
-        elif tp is list and not s.startswith("["):
-            return [p.strip() for p in s.split(",") if p.strip()]
-        elif tp in (list, dict):
-            parsed = _yaml_value(s)
-            if not isinstance(parsed, tp):
-                raise _cannot_convert()
-            return parsed
-    elif isinstance(value, bool) and tp in (int, float):
-        raise _cannot_convert()
-    return value
-
-
-# --------------------------------------------------------------------------------------------
-# ValidationError -> one ConfigError
-# --------------------------------------------------------------------------------------------
-
-_BOUNDS = (at.Gt, at.Ge, at.Lt, at.Le)
-
-
-def rule(field: FieldInfo) -> str | None:
-    """The field's constraint as a user reads it: ``in (0, 0.5]``, ``null or > 0``,
-    ``one of {fp32, bf16, fp16}``; None if it has none."""
-    tp, nullable = base_type(field.annotation)
-    if typing.get_origin(tp) is Literal:
-        text = f"one of {{{', '.join(map(str, typing.get_args(tp)))}}}"
-    elif isinstance(field.json_schema_extra, dict) and "choices" in field.json_schema_extra:
-        module, name = str(field.json_schema_extra["choices"]).split(":")
-        names = getattr(importlib.import_module(module), name)()
-        text = f"one of {{{', '.join(names)}}}"
-    else:
-        bounds = [m for m in field.metadata if isinstance(m, _BOUNDS)]
-        b = {type(m): getattr(m, type(m).__name__.lower()) for m in bounds}
-        lo = b.get(at.Gt, b.get(at.Ge))
-        hi = b.get(at.Lt, b.get(at.Le))
-        if lo is not None and hi is not None:
-            text = f"in {'(' if at.Gt in b else '['}{lo:g}, {hi:g}{')' if at.Lt in b else ']'}"
-        elif lo is not None:
-            text = f"{'>' if at.Gt in b else '>='} {lo:g}"
-        elif hi is not None:
-            text = f"{'<' if at.Lt in b else '<='} {hi:g}"
-        else:
-            return None
-    return f"null or {text}" if nullable else text
-
-
-def unknown_key(dotted: str, valid: list[str]) -> ConfigError:
-    name = dotted.rsplit(".", 1)[-1]
-    owner = dotted.rsplit(".", 1)[0] if "." in dotted else "the top level"
-    msg = f"unknown key {dotted!r} (valid keys of {owner}: {', '.join(valid)})"
-    close = difflib.get_close_matches(name, valid, n=1)
-    return ConfigError(msg + (f"; did you mean {close[0]!r}?" if close else ""))
-
-
-def _dotted(loc: tuple) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-
-
-_RULE_ERRORS = (
-    "literal_error",
-    "greater_than",
-    "greater_than_equal",
-    "less_than",
-    "less_than_equal",
-    "finite_number",
+_CHUNK_DOC = (
+    "token rows per chunk of the fused head; null = 2^21 logits per chunk (64 rows at a 32000 "
+    "vocabulary, 16 at 128256)"
 )
 
 
-def _locate(model: type[BaseModel], loc: tuple) -> tuple[type[BaseModel], FieldInfo | None, list]:
-    """The model that owns the field at ``loc``, that field (None if loc ends at a model or
-    names no field), and the rest of ``loc`` below the field (list indices, dict keys)."""
-    owner, field, rest = model, None, list(loc)
-    while rest and isinstance(rest[0], str) and rest[0] in owner.model_fields:
-        field = owner.model_fields[rest.pop(0)]
-        sub, _ = base_type(field.annotation)
-        if not (rest and isinstance(sub, type) and issubclass(sub, BaseModel)):
-            break
-        owner, field = sub, None
-    return owner, field, rest
-
-
-def _message(err: dict, model: type[BaseModel], loc: tuple) -> str:
-    """One pydantic error as a sentence: ``<key> must be <rule>, got <value>``,
-    ``<key>: cannot convert <value> to <type>``, ``unknown key ...``."""
-    key, value, kind = _dotted(loc), err["input"], err["type"]
-    cause = (err.get("ctx") or {}).get("error")
-    owner, field, rest = _locate(model, tuple(err["loc"]))
-    if kind in ("extra_forbidden", "invalid_key"):
-        return str(unknown_key(".".join(map(str, loc)), list(owner.model_fields)))
-    if field is None:
-        return f"{key or 'the config'}: {err['msg']}, got {value!r}"
-    tp, _ = base_type(field.annotation)
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return f"{key} must be a mapping, got {value!r}"
-    if kind == "value_error":
-        return f"{key} {cause}, got {value!r}"
-    text = None if rest else rule(field)
-    if kind in _RULE_ERRORS and text is not None:
-        return f"{key} must be {text}, got {value!r}"
-    if kind == "finite_number":
-        return f"{key} must be a finite number, got {value!r}"
-    annotation = field.annotation
-    for _ in rest:  # into a list item or a dict value
-        annotation = (typing.get_args(_strip(annotation)[0]) or (Any,))[-1]
-    return f"{key}: cannot convert {value!r} to {type_name(annotation)}"
-
-
-def config_error(
-    exc: ValidationError,
-    model: type[BaseModel],
-    prefix: tuple = (),
-    where: Callable[[tuple], str] | None = None,
-) -> ConfigError:
-    """One ConfigError for a ValidationError: one line per bad key (its first error).
-    ``where(loc)`` may add e.g. `` (in exp.yaml)`` to the lines composed here."""
-    lines: dict[str, str] = {}
-    for err in exc.errors():
-        loc = prefix + tuple(err["loc"])
-        if _dotted(loc) in lines:
-            continue
-        cause = (err.get("ctx") or {}).get("error")
-        if isinstance(cause, ConfigError):  # from a validator (registry, cross-field): as is
-            lines[_dotted(loc)] = str(cause)
-        else:
-            lines[_dotted(loc)] = _message(err, model, loc) + (where(loc) if where else "")
-    return ConfigError("\n".join(lines.values()))
-
-
-# --------------------------------------------------------------------------------------------
-# The tree
-# --------------------------------------------------------------------------------------------
-
-
-class _Model(BaseModel):
-    """Frozen, unknown keys refused; construction errors become one ConfigError."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        frozen=True,
-        coerce_numbers_to_str=True,  # run_name: 2024 -> "2024"
-        allow_inf_nan=False,
-    )
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as e:
-            prefix = tuple(name for name, cls in SECTIONS.items() if cls is type(self))
-            raise config_error(e, type(self), prefix) from None
-
-    # Marked like pydantic's own __init__, pydantic does not call this one for a nested section:
-    # validating a whole tree reports the errors of every section at once (with their file).
-    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
-
-
-class Section(_Model):
-    """One section of the experiment; every field's raw value goes through :func:`lenient`."""
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _lenient(cls, value: Any, info: ValidationInfo) -> Any:
-        return lenient(value, cls.model_fields[info.field_name].annotation)
-
-
-class ModelConfig(Section):
+class ModelConfig(Options):
     teacher: NonEmptyStr = Field(
         "embedded:teacher",
         description="Hugging Face hub name, local path, or embedded:teacher (a small BERT built "
@@ -327,19 +74,14 @@ class ModelConfig(Section):
     )
     student_gradient_checkpointing: bool = Field(False, description="the same for the student")
     fused_head: bool = Field(
-        True,
+        FUSED_HEAD_DEFAULT,
         description="decoders (causal_lm): every loss, the LGTM teacher gradient and evaluation "
         "from the models' last hidden states through their output layers, chunk by chunk of "
         "tokens (lgtm_kernels fused-linear ops), never the full [tokens, vocab] logits; false = "
         "full logits. Every method and ZeRO stage; not for a model whose logits are not its "
         "output layer on its decoder's states (soft-capped, scaled): full logits there",
     )
-    fused_head_chunk: int | None = Field(
-        None,
-        ge=1,
-        description="token rows per chunk of the fused head; null = 2^21 logits per chunk "
-        "(64 rows at a 32000 vocabulary, 16 at 128256)",
-    )
+    fused_head_chunk: int | None = Field(None, ge=1, description=_CHUNK_DOC)
     zero_init_classifier: bool = Field(
         False,
         description="zero both classification heads, as the LGTM reference does for pre-trained "
@@ -389,7 +131,7 @@ class ModelConfig(Section):
         return self
 
 
-class DataConfig(Section):
+class DataConfig(Options):
     source: Literal["synthetic", "glue", "files", "hub"] = Field(
         "synthetic",
         description="where the examples come from: synthetic = generated offline, glue = a GLUE "
@@ -521,147 +263,34 @@ class DataConfig(Section):
                 "data.dataset must name a datasets hub dataset or a local dataset folder when "
                 f"data.source is 'hub', got {self.dataset!r}"
             )
-        if self.task_type == "causal_lm" and self.source == "glue":
+        task = get_task(self.task_type) if self.task_type else None
+        if task is None:
+            return self
+        t = self.task_type
+        if task.reads == "text" and self.source == "glue":
             raise ConfigError(
-                "data.source='glue' has no causal_lm form (data.task_type 'causal_lm'); use "
+                f"data.source='glue' has no {t} form (data.task_type {t!r} reads text); use "
                 "synthetic, files or hub"
             )
         if (
-            self.task_type == "causal_lm"
+            task.reads == "text"
             and self.source == "synthetic"
             and self.format not in ("auto", "prompt_completion")
         ):
             raise ConfigError(
                 f"data.format={self.format!r}: the synthetic instruction task (data.source "
-                "'synthetic', data.task_type 'causal_lm') is prompt_completion; use auto or "
+                f"'synthetic', data.task_type {t!r}) is prompt_completion; use auto or "
                 "prompt_completion"
             )
-        if self.format != "auto" and self.task_type in ("classification", "regression"):
+        if self.format != "auto" and task.reads != "text":
             raise ConfigError(
-                f"data.format={self.format!r} applies to data.task_type 'causal_lm' only, got "
-                f"data.task_type={self.task_type!r}"
+                f"data.format={self.format!r} applies to task types that read text (e.g. "
+                f"causal_lm) only, got data.task_type={t!r}"
             )
         return self
 
 
-class MethodConfig(Section):
-    name: str = Field(
-        "lgtm",
-        description="distillation method, by its name in the registry of lgtm_ds.methods",
-        # the registry is the one list of methods: the docs ask it (rule()), so does _registered
-        json_schema_extra={"choices": "lgtm_ds.methods:method_names"},
-    )
-    alpha_student: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="weight of the KD term in the student loss (the rest is CE); the reference "
-        "uses 1.0 with a pre-trained teacher, the embedded teacher starts random",
-    )
-    alpha_teacher: float = Field(
-        0.4,
-        ge=0,
-        le=1,
-        description="weight of the KD term in the teacher loss (the rest is its own CE)",
-    )
-    temperature: float = Field(1.0, gt=0, description="KD softmax temperature T")
-    fd_radius: float = Field(1e-2, gt=0, description="finite-difference radius r; R = r / ||v||")
-    scale_by_t2: bool = Field(
-        False, description="multiply the KD terms by T^2 (the reference does not)"
-    )
-    jsd_beta: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        description="the student's KD divergence: 0 = forward KL(teacher || student) (the "
-        "paper's), 1 = reverse KL, in between the generalised JSD with mixture weight beta "
-        "(TRL GKD / Liger convention)",
-    )
-    teacher_jsd_beta: float | None = Field(
-        None,
-        ge=0,
-        le=1,
-        description="the same for the teacher's KD term (the student's prediction is its "
-        "target); null = jsd_beta",
-    )
-    teacher_stage1_epochs: float = Field(
-        1.0,
-        ge=0,
-        description="vanilla_kd only: epochs of teacher fine-tuning before distillation",
-    )
-    influence_scale: float = Field(
-        1.0,
-        ge=0,
-        description="lgtm only: multiplier on the influence term eta * h of the teacher update "
-        "(1.0 = the paper and the reference: eta = the teacher's learning rate; 0 = online KD "
-        "with the same passes)",
-    )
-    influence_ratio_target: float | None = Field(
-        None,
-        gt=0,
-        description="lgtm only: set eta adaptively so that influence_ratio = |eta grad h| / "
-        "|grad L_t| (the influence term's share of the teacher gradient) is this value: eta = "
-        "target / EMA of the measured |grad h| / |grad L_t|, measured every "
-        "influence_ratio_every steps (the first step uses influence_scale); null = off",
-    )
-    influence_ratio_every: int | None = Field(
-        None,
-        ge=0,
-        description="lgtm only: measure influence_ratio every N optimizer steps (one extra "
-        "teacher forward and two backwards, two fp32 copies of the teacher's gradient); null = "
-        "every train.log_every steps; 0 = never",
-    )
-    pilot_lr: float | None = Field(
-        None,
-        gt=0,
-        description="metadistil only: learning rate of the pilot student's simulated SGD step; "
-        "null = the student's current learning rate",
-    )
-    teacher_ce_weight: float = Field(
-        0.0,
-        ge=0,
-        description="metadistil only: weight of the teacher's own CE next to the pilot "
-        "student's quiz loss (0 = MetaDistil as published: the quiz loss only)",
-    )
-
-    hidden_weight: float = Field(
-        0.0,
-        ge=0,
-        description="weight of the hidden-state (intermediate-layer) distillation term, any "
-        "method; 0 = off (lgtm_ds/methods/hidden.py)",
-    )
-    hidden_layers: list[str] | None = Field(
-        None,
-        description='layer map, "student_block:teacher_block" pairs counted from 1, e.g. '
-        '["1:2", "2:4"]; null = the skip map j = round(i * L_teacher / L_student)',
-    )
-    hidden_loss: Literal["mse", "cosine"] = Field(
-        "mse", description="hidden-state distance: mean squared error, or 1 - cosine"
-    )
-    hidden_positions: Literal["all", "first"] = Field(
-        "all",
-        description="positions compared: every attended token, or the first only (PKD's [CLS], "
-        "classifiers)",
-    )
-
-    @field_validator("hidden_layers")
-    @classmethod
-    def _layer_map(cls, value: list[str] | None) -> list[str] | None:
-        from ..methods.hidden import parse_layers  # lazy: pulls torch
-
-        parse_layers(value)  # ConfigError naming method.hidden_layers
-        return value
-
-    @field_validator("name")
-    @classmethod
-    def _registered(cls, value: str) -> str:
-        from ..methods import get_method  # lazy: pulls torch
-
-        get_method(value)  # ConfigError naming the registered methods
-        return value
-
-
-class TrainConfig(Section):
+class TrainConfig(Options):
     seed: int = Field(42, ge=0, description="seeds the data split, model init and dropout")
     epochs: float = Field(6.0, gt=0, description="training epochs (ignored when max_steps is set)")
     max_steps: int | None = Field(
@@ -730,7 +359,7 @@ def _string_keys(d: dict, key: str) -> None:
             _string_keys(v, f"{key}.{k}")
 
 
-class DeepSpeedSection(Section):
+class DeepSpeedSection(Options):
     config: NonEmptyStr | None = Field(
         None,
         description="DeepSpeed JSON (the --ds_config flag sets it); null = built-in ZeRO-2 "
@@ -752,7 +381,7 @@ class DeepSpeedSection(Section):
         return copy.deepcopy(value)
 
 
-class OutputConfig(Section):
+class OutputConfig(Options):
     dir: NonEmptyStr = Field(
         "outputs/lgtm-default", description="run folder: resolved config, metrics, checkpoints"
     )
@@ -793,7 +422,10 @@ class OutputConfig(Section):
     )
 
 
-class ExperimentConfig(_Model):
+MethodConfig = method_config_class()  # the section for the methods registered at import
+
+
+class ExperimentConfig(Options):
     """The whole experiment. Sections may be given as mappings; once the tree is built, the
     method's own ``check_config`` runs (e.g. lgtm refuses train.precision=fp16)."""
 
@@ -804,7 +436,9 @@ class ExperimentConfig(_Model):
         default_factory=DataConfig, description="dataset, tokenization, quiz set"
     )
     method: MethodConfig = Field(
-        default_factory=MethodConfig, description="distillation method and its loss weights"
+        default_factory=MethodConfig,
+        description="distillation method: the loss weights every method shares, and each "
+        "method's own hyper-parameters in its section (method.<name>.*)",
     )
     train: TrainConfig = Field(
         default_factory=TrainConfig,
@@ -823,21 +457,43 @@ class ExperimentConfig(_Model):
     def _empty_section(cls, value: Any) -> Any:
         return {} if value is None else value  # "train:" with nothing under it
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_section(cls, value: Any) -> Any:
+        # a section built before the registry changed: validated again by the current class
+        if isinstance(value, MethodSection) and type(value) is not method_config_class():
+            return value.model_dump()
+        return value
+
     @model_validator(mode="after")
     def _method_checks(self) -> ExperimentConfig:
-        from ..methods import get_method
-
         get_method(self.method.name).check_config(self)  # the method's own ConfigErrors
-        m = self.method
+        m, t = self.method, self.data.task_type
         if m.hidden_weight > 0 and m.hidden_positions == "first":
-            if self.data.task_type == "causal_lm":
+            if t is not None and not get_task(t).first_token_summarises:
                 raise ConfigError(
                     "method.hidden_positions=first compares the first token ([CLS]) of "
-                    "classifiers; a decoder's first token is its BOS: use all"
+                    f"classifiers; the first token of data.task_type {t!r} does not summarise "
+                    "the sequence (a decoder's is its BOS): use all"
                 )
         return self
 
 
-SECTIONS: dict[str, type[Section]] = {
+SECTIONS: dict[str, type[Options]] = {
     name: f.annotation for name, f in ExperimentConfig.model_fields.items()
 }
+for _name, _section in SECTIONS.items():
+    _section.key = _name
+
+
+def _methods_changed() -> None:
+    """A method was registered or removed: the ``method`` section follows the registry."""
+    global MethodConfig
+    MethodConfig = method_config_class()
+    field = ExperimentConfig.model_fields["method"]
+    field.annotation, field.default_factory = MethodConfig, MethodConfig
+    ExperimentConfig.model_rebuild(force=True)
+    SECTIONS["method"] = MethodConfig
+
+
+METHODS.on_change(_methods_changed)

@@ -12,7 +12,7 @@
 """
 
 from .loaders import GlobalBatches, InfiniteLoader, LengthGroupedSampler, make_loader
-from .sources import GLUE_TASKS, RawSplits, TaskData, load_task
+from .sources import GLUE_TASKS, RawSplits, TaskData, load_task, synthetic_texts
 from .synthetic import (
     SYNTHETIC_LABEL_NAMES,
     make_synthetic_corpus,
@@ -41,4 +41,5 @@ __all__ = [
     "synthetic_instruction_texts",
     "synthetic_rule_label",
     "synthetic_splits",
+    "synthetic_texts",
 ]

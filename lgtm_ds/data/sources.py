@@ -15,10 +15,13 @@ Four sources (``data.source``):
   or a local dataset folder / script): ``data.train_split`` and ``data.eval_split`` (null: carve
   10% off as for files).
 
-With ``data.task_type: causal_lm`` the same sources deliver text for a decoder
-(:mod:`lgtm_ds.tasks.lm_data`): synthetic = the generated instruction task
-(:mod:`lgtm_ds.data.synthetic_lm`, prompt_completion); files and hub = the columns of
-``data.format`` (text / prompt_completion / messages, or auto-detected), no label column.
+What a source delivers depends on what the task type reads (``Task.reads``; the sources ask
+the task type, never its name): ``"labels"`` = text columns and one label per example (with
+``data.task_type: null`` the labels pick the type: ``Task.labels`` "classes" or "values");
+``"text"`` (decoders, e.g. ``data.task_type: causal_lm``) = the columns of ``data.format``
+(:mod:`lgtm_ds.tasks.lm_data`: text / prompt_completion / messages, or auto-detected), no label
+column; synthetic = the generated instruction task (:mod:`lgtm_ds.data.synthetic_lm`,
+prompt_completion).
 
 The quiz split (the held-out batches LGTM's teacher update is scored on) is carved from the
 training data with a seeded permutation (``quiz_source="train"``, indices recorded in
@@ -44,11 +47,11 @@ import datasets
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..tasks import Task, get_task
+from ..tasks import Task, get_task, task_for_labels
 from ..tasks.base import SOURCE_INDEX
 from ..tasks.lm_data import LMFormat, resolve_format
-from .synthetic import SYNTHETIC_LABEL_NAMES, synthetic_splits
-from .synthetic_lm import synthetic_instruction_splits
+from .synthetic import SYNTHETIC_LABEL_NAMES, synthetic_corpus_texts, synthetic_splits
+from .synthetic_lm import synthetic_instruction_splits, synthetic_instruction_texts
 
 
 class GlueTask(NamedTuple):
@@ -86,12 +89,13 @@ class RawSplits:
     train: datasets.Dataset
     eval: datasets.Dataset | None  # None: carve it off the training rows
     text_columns: list[str]
-    task_type: str  # a registered task type: "classification" | "regression" | "causal_lm"
-    num_labels: int | None  # None: causal_lm
-    metric_names: list[str]
+    label_kind: str | None  # "classes" / "values" (reads "labels"); None: no label column
+    num_labels: int | None  # None: no label column
+    metric_names: list[str]  # [] = the task type's default metrics
     label_names: list[str] | None = None
-    # extra keyword arguments of the task type's constructor (causal_lm: {"lm_format": ...})
+    # extra keyword arguments of the task type's constructor (decoders: {"lm_format": ...})
     task_options: dict = field(default_factory=dict)
+    task: type[Task] | None = None  # the task type that reads them (set by _raw_splits)
 
 
 @dataclass
@@ -108,8 +112,8 @@ class TaskData:
     # Rows of the training file carved off as the eval split (files source without a
     # validation_file); [] otherwise.
     eval_indices: list[int] = field(default_factory=list)
-    # Rows the task type dropped while encoding, per split (train / quiz / eval): causal_lm rows
-    # left without a loss token after truncation to data.max_length; 0 for classification.
+    # Rows the task type dropped while encoding, per split (train / quiz / eval): decoder rows
+    # left without a loss token after truncation to data.max_length; 0 for classifiers.
     dropped: dict[str, int] = field(default_factory=dict)
     # data.test_file / data.test_split, encoded like eval; read once, after training
     test: datasets.Dataset | None = None
@@ -161,7 +165,7 @@ def _load_synthetic(cfg, load_fn, seed: int) -> RawSplits:
         train=datasets.Dataset.from_dict(train, features=features),
         eval=datasets.Dataset.from_dict(val, features=features),
         text_columns=["text"],
-        task_type="classification",
+        label_kind="classes",
         num_labels=len(SYNTHETIC_LABEL_NAMES),
         metric_names=["accuracy"],
         label_names=list(SYNTHETIC_LABEL_NAMES),
@@ -194,7 +198,7 @@ def _load_glue(cfg, load_fn, seed: int) -> RawSplits:
         train=dsd["train"],
         eval=dsd[spec.eval_split],
         text_columns=list(spec.text_columns),
-        task_type="regression" if spec.num_labels == 1 else "classification",
+        label_kind="values" if spec.num_labels == 1 else "classes",
         num_labels=spec.num_labels,
         metric_names=list(spec.metrics),
         label_names=names if spec.num_labels > 1 else None,
@@ -242,13 +246,14 @@ def _encode_file_labels(
     label_col: str,
     train_path: str,
     val_path: str | None,
-    task_type: str | None = None,
+    requested: type[Task] | None = None,
 ):
-    """(train labels, validation labels, num_labels, task type, label names) of a label column.
+    """(train labels, validation labels, num_labels, label kind, label names) of a label column.
 
-    - ``data.task_type: regression``: numbers as floats (anything else is an error).
-    - Otherwise classification, unless some label is really fractional (1.5; then regression,
-      or an error if ``data.task_type`` says classification): integers and integral floats
+    - A task type reading ``"values"`` (``data.task_type: regression``): numbers as floats
+      (anything else is an error).
+    - Otherwise classes, unless some label is really fractional (1.5; then values, or an
+      error if ``data.task_type`` names a task type of classes): integers and integral floats
       (0.0 / 1.0) are classes. Class values are mapped to contiguous ids in sorted order
       (numbers numerically, text alphabetically), so labels {0, 5} give 2 classes and {1, 2}
       do not leave an empty class 0; the label names (the original values as text) go into the
@@ -277,18 +282,21 @@ def _encode_file_labels(
             f"out: {odd[:5]}. Use one kind of label per column"
         )
     fractional = any(isinstance(v, float) and not float(v).is_integer() for v in nums)
-    if task_type == "regression" or (task_type is None and fractional):
+    kind = requested.labels if requested is not None else None
+    if kind == "values" or (kind is None and fractional):
         if len(nums) != len(everything):
+            name = requested.name if requested is not None else task_for_labels("values").name
             raise DataError(
-                f"column {label_col!r}: data.task_type=regression needs numeric labels, got "
+                f"column {label_col!r}: data.task_type={name} needs numeric labels, got "
                 f"{sorted({str(v) for v in everything})[:5]}"
             )
-        return [float(v) for v in tr], [float(v) for v in va], 1, "regression", None
+        return [float(v) for v in tr], [float(v) for v in va], 1, "values", None
     if fractional:
         ex = next(v for v in nums if not float(v).is_integer())
         raise DataError(
-            f"column {label_col!r}: data.task_type={task_type!r} needs class labels, got the "
-            f"fractional value {ex}; set data.task_type=regression (or null)"
+            f"column {label_col!r}: data.task_type={requested.name!r} needs class labels, got "
+            f"the fractional value {ex}; set data.task_type={task_for_labels('values').name} "
+            "(or null)"
         )
     if nums:
         key = [int(v) for v in tr], [int(v) for v in va]
@@ -305,7 +313,7 @@ def _encode_file_labels(
             f"file {train_path} (its labels are {names})"
         )
     ids = {c: i for i, c in enumerate(classes)}
-    return [ids[v] for v in key[0]], [ids[v] for v in key[1]], len(classes), "classification", names
+    return [ids[v] for v in key[0]], [ids[v] for v in key[1]], len(classes), "classes", names
 
 
 def _check_labelled(ds: datasets.Dataset, cols: list[str], label_col: str, where: str, what: str):
@@ -344,10 +352,11 @@ def _labelled_splits(cfg, name: str, train, val, train_where: str, val_where: st
     """RawSplits of a classification / regression dataset (files, hub): the label column
     encoded by :func:`_encode_file_labels`, the text columns as strings."""
     cols = list(cfg.text_columns)
-    tr_l, va_l, num_labels, task_type, names = _encode_file_labels(
-        train, val, cfg.label_column, train_where, val_where, cfg.task_type
+    requested = get_task(cfg.task_type) if cfg.task_type else None
+    tr_l, va_l, num_labels, kind, names = _encode_file_labels(
+        train, val, cfg.label_column, train_where, val_where, requested
     )
-    label_feature = datasets.Value("float32" if task_type == "regression" else "int64")
+    label_feature = datasets.Value("float32" if kind == "values" else "int64")
 
     def relabel(ds, labels):
         ds = ds.select_columns(cols).map(
@@ -360,9 +369,9 @@ def _labelled_splits(cfg, name: str, train, val, train_where: str, val_where: st
         train=relabel(train, tr_l),
         eval=relabel(val, va_l) if val is not None else None,
         text_columns=cols,
-        task_type=task_type,
+        label_kind=kind,
         num_labels=num_labels,
-        metric_names=list(get_task(task_type).default_metrics),
+        metric_names=[],
         label_names=names,
     )
 
@@ -414,7 +423,7 @@ def _load_hub(cfg, load_fn, seed: int) -> RawSplits:
     )
 
 
-_SOURCES = {
+_LABELLED_SOURCES = {
     "synthetic": _load_synthetic,
     "glue": _load_glue,
     "files": _load_files,
@@ -422,7 +431,7 @@ _SOURCES = {
 }
 
 
-# ------------------------------------------------------------------------------ causal LM
+# ----------------------------------------------------------------- text (decoder formats)
 
 
 def _lm_format(cfg, ds: datasets.Dataset, where: str, requested: str | None = None) -> LMFormat:
@@ -460,9 +469,9 @@ def _lm_raw(name: str, train, val, fmt: LMFormat) -> RawSplits:
         train=train.select_columns(fmt.columns),
         eval=val.select_columns(fmt.columns) if val is not None else None,
         text_columns=fmt.columns,
-        task_type="causal_lm",
+        label_kind=None,
         num_labels=None,
-        metric_names=["ce", "perplexity"],
+        metric_names=[],
         task_options={"lm_format": fmt},
     )
 
@@ -512,25 +521,44 @@ def _load_hub_lm(cfg, load_fn, seed: int) -> RawSplits:
     return _lm_raw(cfg.dataset, train, val, fmt)
 
 
-_LM_SOURCES = {"synthetic": _load_synthetic_lm, "files": _load_files_lm, "hub": _load_hub_lm}
+_TEXT_SOURCES = {"synthetic": _load_synthetic_lm, "files": _load_files_lm, "hub": _load_hub_lm}
+
+# what a task type reads (Task.reads) -> the readers of each source
+READERS: dict[str, dict[str, Callable[..., RawSplits]]] = {
+    "labels": _LABELLED_SOURCES,
+    "text": _TEXT_SOURCES,
+}
+
+
+def synthetic_texts(task: type[Task] | None, n: int, seed: int) -> list[str]:
+    """The texts of the synthetic source for what ``task`` reads (None: labelled data): the
+    corpus the offline tokenizer is trained on."""
+    reads = task.reads if task is not None else "labels"
+    return (synthetic_instruction_texts if reads == "text" else synthetic_corpus_texts)(n, seed)
 
 
 def _raw_splits(cfg, load_fn, seed: int) -> RawSplits:
     """The source's RawSplits for ``data.task_type`` (null: whatever the labels say)."""
-    task_type = cfg.task_type
-    if task_type == "causal_lm":
-        if cfg.source not in _LM_SOURCES:
-            raise ConfigError(
-                f"data.source={cfg.source!r} has no causal_lm form (data.task_type 'causal_lm'); "
-                f"use one of {', '.join(_LM_SOURCES)}"
-            )
-        return _LM_SOURCES[cfg.source](cfg, load_fn, seed)
-    raw = _SOURCES[cfg.source](cfg, load_fn, seed)
-    if task_type is not None and task_type != raw.task_type:
-        raise DataError(
-            f"data.task_type={task_type!r}, but the labels of {raw.name!r} make it a "
-            f"{raw.task_type!r} task; set data.task_type to null or {raw.task_type!r}"
+    requested = get_task(cfg.task_type) if cfg.task_type else None
+    reads = requested.reads if requested is not None else "labels"
+    readers = READERS[reads]
+    if cfg.source not in readers:
+        raise ConfigError(
+            f"data.source={cfg.source!r} has no {cfg.task_type} form (data.task_type "
+            f"{cfg.task_type!r} reads {reads}); use one of {', '.join(readers)}"
         )
+    raw = readers[cfg.source](cfg, load_fn, seed)
+    task = requested
+    if reads == "labels":
+        found = task_for_labels(raw.label_kind)
+        if requested is not None and requested.labels != raw.label_kind:
+            raise DataError(
+                f"data.task_type={requested.name!r}, but the labels of {raw.name!r} make it a "
+                f"{found.name!r} task; set data.task_type to null or {found.name!r}"
+            )
+        task = requested or found
+    raw.task = task
+    raw.metric_names = raw.metric_names or list(task.default_metrics)
     return raw
 
 
@@ -546,8 +574,8 @@ def load_task(
     """Load, split and encode the dataset ``cfg`` (the ``data`` section) describes; see the
     module docstring. ``seed`` seeds the synthetic corpus and the carved splits.
 
-    causal_lm: a tokenizer without a pad token gets ``pad_token = eos_token`` here (the
-    collator pads with it; padded positions carry attention 0 and label -100)."""
+    The task type may adjust the tokenizer first (``Task.prepare_tokenizer``: a decoder's
+    tokenizer without a pad token pads with EOS)."""
     load_fn = _load_dataset if _load_dataset is not None else LOAD_DATASET
     raw = _raw_splits(cfg, load_fn, seed)
     train = raw.train.add_column(_ORIG, list(range(len(raw.train))))
@@ -564,14 +592,13 @@ def load_task(
         train, quiz, quiz_indices = _carve_quiz(train, raw.name, cfg.quiz_fraction, seed)
     train = train.rename_column(_ORIG, SOURCE_INDEX)  # kept through encoding (telemetry)
 
-    task = get_task(raw.task_type)(
+    task = raw.task(
         num_labels=raw.num_labels,
         metric_names=raw.metric_names,
         label_names=raw.label_names,
         **raw.task_options,
     )
-    if raw.task_type == "causal_lm" and tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    task.prepare_tokenizer(tokenizer)
     dropped: dict[str, int] = {}
 
     def encode(ds: datasets.Dataset, split: str) -> datasets.Dataset:
@@ -592,18 +619,20 @@ def load_task(
         quiz_enc, dropped["quiz"] = eval_enc, dropped["eval"]
     else:
         quiz_enc = encode(quiz, "quiz")
+    carved = dict(quiz_indices=quiz_indices, quiz_source=cfg.quiz_source, eval_indices=eval_indices)
     return TaskData(
-        name=raw.name,
-        task=task,
-        train=train_enc,
-        quiz=quiz_enc,
-        eval=eval_enc,
-        quiz_indices=quiz_indices,
-        quiz_source=cfg.quiz_source,
-        eval_indices=eval_indices,
-        dropped=dropped,
-        test=test_enc,
+        raw.name, task, train_enc, quiz_enc, eval_enc, **carved, dropped=dropped, test=test_enc
     )
+
+
+def _carve(train: datasets.Dataset, name: str, fraction: float, seed, what: str):
+    """A seeded ``fraction`` of the training rows (at least one, leaving at least one):
+    (positions carved, positions kept); ``what`` names the key to change when too few."""
+    n = len(train)
+    k = max(1, int(round(fraction * n)))
+    if k >= n:
+        raise DataError(f"training split of {name!r} has {n} row(s): too few to carve {what}")
+    return _seeded_split(n, k, seed)
 
 
 _AS_TEST = {  # the validation split's keys and words in a message, for the test split
@@ -643,27 +672,15 @@ def _eval_split(train: datasets.Dataset, raw: RawSplits, seed: int, hint: str):
     validation_file, hub without an eval_split) a seeded 10% of the training rows."""
     if raw.eval is not None:
         return train, raw.eval, []
-    n = len(train)
-    n_eval = max(1, int(round(FILES_EVAL_FRACTION * n)))
-    if n_eval >= n:
-        raise DataError(
-            f"training split of {raw.name!r} has {n} row(s): too few to carve an eval split; "
-            f"set {hint}"
-        )
-    eval_indices, keep = _seeded_split(n, n_eval, [seed, 1])
+    what = f"an eval split; set {hint}"
+    eval_indices, keep = _carve(train, raw.name, FILES_EVAL_FRACTION, [seed, 1], what)
     return train.select(keep), train.select(eval_indices).remove_columns(_ORIG), eval_indices
 
 
 def _carve_quiz(train: datasets.Dataset, name: str, fraction: float, seed: int):
     """(train, quiz, quiz rows of the original training set): a seeded ``fraction``."""
-    n = len(train)
-    n_quiz = max(1, int(round(fraction * n)))
-    if n_quiz >= n:
-        raise DataError(
-            f"training split of {name!r} has {n} row(s): too few to carve a quiz split of "
-            f"data.quiz_fraction={fraction}"
-        )
-    quiz_pos, train_pos = _seeded_split(n, n_quiz, seed)
+    what = f"a quiz split of data.quiz_fraction={fraction}"
+    quiz_pos, train_pos = _carve(train, name, fraction, seed, what)
     orig = train[_ORIG]
     quiz_indices = [int(orig[i]) for i in quiz_pos]
     return train.select(train_pos), train.select(quiz_pos).remove_columns(_ORIG), quiz_indices

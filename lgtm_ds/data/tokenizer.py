@@ -39,7 +39,6 @@ EMBEDDED_CHAT_TEMPLATE = (
 
 def _build_embedded_tokenizer(corpus_texts: list[str] | None):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     if corpus_texts is None:
         corpus_texts = synthetic_corpus_texts(*_FALLBACK_CORPUS)
@@ -65,17 +64,8 @@ def _build_embedded_tokenizer(corpus_texts: list[str] | None):
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        model_max_length=EMBEDDED_MODEL_MAX_LENGTH,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        padding_side="right",
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-    )
+    specials = {f"{t.strip('[]').lower()}_token": t for t in _SPECIAL_TOKENS}  # pad_token: [PAD]
+    return _fast_tokenizer(tok, ["input_ids", "token_type_ids", "attention_mask"], **specials)
 
 
 def _build_embedded_decoder_tokenizer(corpus_texts: list[str] | None):
@@ -84,7 +74,6 @@ def _build_embedded_decoder_tokenizer(corpus_texts: list[str] | None):
     when None), ``<s>`` prepended by the post-processor, ``</s>`` as EOS, ``<pad>`` as pad (right
     padding), and :data:`EMBEDDED_CHAT_TEMPLATE`. No token type ids."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     if corpus_texts is None:
         corpus_texts = synthetic_instruction_texts(*_FALLBACK_CORPUS)
@@ -108,19 +97,30 @@ def _build_embedded_decoder_tokenizer(corpus_texts: list[str] | None):
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", bos)]
     )
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        model_max_length=EMBEDDED_MODEL_MAX_LENGTH,
+    hf = _fast_tokenizer(
+        tok,
+        ["input_ids", "attention_mask"],
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
         additional_special_tokens=_CHAT_ROLE_TOKENS,
-        padding_side="right",
-        model_input_names=["input_ids", "attention_mask"],
     )
     hf.chat_template = EMBEDDED_CHAT_TEMPLATE
     return hf
+
+
+def _fast_tokenizer(tok, input_names: list[str], **special_tokens):
+    """The transformers fast tokenizer of an offline ``tokenizers`` one (right padding)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_max_length=EMBEDDED_MODEL_MAX_LENGTH,
+        padding_side="right",
+        model_input_names=input_names,
+        **special_tokens,
+    )
 
 
 def _train_wordpiece_vocab(

@@ -3,8 +3,9 @@
 An engine owns one model and its optimizer (and schedule, clipping, accumulation). The LGTM step
 (``lgtm_ds.methods``) only calls the methods below, so it runs unchanged on a plain module
 (:class:`TorchEngine`, for notebooks and CPU tests) and on a DeepSpeed engine
-(``lgtm_ds.engines.deepspeed.DeepSpeedEngineAdapter``, the only module that touches DeepSpeed
-internals).
+(``lgtm_ds.engines.deepspeed``). Two protocols: :class:`Engine` (both roles: the training API,
+and the teacher's side of a low-precision influence term) and :class:`InfluencePasses` (the
+student: look-ahead and forwards at other parameter values).
 
 Student-side influence passes never write into the engine's parameters: the look-ahead and the
 ``theta +- R v`` forwards run the module functionally (``torch.func.functional_call``) on fp32
@@ -106,10 +107,47 @@ class Engine:
         overflow) left the parameters and the optimizer state as they were."""
         return False
 
-    # -- influence passes (student only) -------------------------------------------------------
     def params(self) -> list[torch.Tensor]:
         """Trainable parameters as the forward reads them (full tensors)."""
         return [p for p in self.module.parameters() if p.requires_grad]
+
+    def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
+        """Average tensors over data-parallel ranks, in place (no-op on one process, and on a
+        :class:`Sharded` gradient, which is reduced already)."""
+
+    # -- teacher: the influence term's gradient, kept apart from the main term -----------------
+    @property
+    def split_influence_backward(self) -> bool:
+        """True when a single low-precision backward would round the (tiny) influence term of
+        dL/dz away: the algorithm then backpropagates it separately and calls
+        :meth:`add_grads_` before the boundary step."""
+        return False
+
+    def add_grads_(self, grads: list[torch.Tensor]) -> None:
+        """Add (rank-local) ``grads`` to the accumulated gradients, before the boundary step."""
+        raise NotImplementedError
+
+    @property
+    def reuses_graph_for_influence(self) -> bool:
+        """Whether :meth:`unhooked` offers the forward's graph (split influence backward)."""
+        return False
+
+    def unhooked(self, z):
+        """For an output ``z`` of :meth:`forward`: the same values on the same graph, but
+        upstream of anything the engine hooked on the output, so that a backward from it
+        (``torch.autograd.grad``, graph retained) leaves the engine's state alone and the
+        ordinary backward of ``z`` still follows. None where the engine cannot offer one: the
+        caller then runs a separate forward (:meth:`raw_forward`)."""
+        return None
+
+
+class InfluencePasses(Engine):
+    """What the student's engine adds for the influence passes (LGTM's steps A-D, MetaDistil's
+    pilot): its fp32 masters and optimizer state, the simulated look-ahead, and forwards and
+    gradients at other parameter values, none of which touches the engine's parameters,
+    gradients or hooks. Here: on the full tensors of a plain module (:class:`TorchEngine`);
+    the DeepSpeed student engine does the same on its ZeRO state and partitions. A teacher's
+    engine need not implement it."""
 
     def master_params(self, sharded: bool = False) -> list[torch.Tensor]:
         """fp32 values of ``params()`` (the masters in mixed precision; the params in fp32).
@@ -347,39 +385,10 @@ class Engine:
             raise error
         return True
 
-    def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
-        """Average tensors over data-parallel ranks, in place (no-op on one process, and on a
-        :class:`Sharded` gradient, which is reduced already)."""
-
     def sq_norm(self, tensors: list[torch.Tensor]) -> float:
         """``sum ||t||^2`` over a parameter-aligned list, in float64 (a :class:`Sharded` list:
         over every rank's parts; the same value on every rank)."""
         return float(sum((t.double() ** 2).sum() for t in tensors))
-
-    # -- teacher: the influence term's gradient, kept apart from the main term -----------------
-    @property
-    def split_influence_backward(self) -> bool:
-        """True when a single low-precision backward would round the (tiny) influence term of
-        dL/dz away: the algorithm then backpropagates it separately and calls
-        :meth:`add_grads_` before the boundary step."""
-        return False
-
-    def add_grads_(self, grads: list[torch.Tensor]) -> None:
-        """Add (rank-local) ``grads`` to the accumulated gradients, before the boundary step."""
-        raise NotImplementedError
-
-    @property
-    def reuses_graph_for_influence(self) -> bool:
-        """Whether :meth:`unhooked` offers the forward's graph (split influence backward)."""
-        return False
-
-    def unhooked(self, z):
-        """For an output ``z`` of :meth:`forward`: the same values on the same graph, but
-        upstream of anything the engine hooked on the output, so that a backward from it
-        (``torch.autograd.grad``, graph retained) leaves the engine's state alone and the
-        ordinary backward of ``z`` still follows. None where the engine cannot offer one: the
-        caller then runs a separate forward (:meth:`raw_forward`)."""
-        return None
 
     def _param_names(self) -> list[str]:
         if not hasattr(self, "_names_cache"):
@@ -423,7 +432,7 @@ def _torch_linear():
         F.linear = current
 
 
-class TorchEngine(Engine):
+class TorchEngine(InfluencePasses):
     """A plain module + torch optimizer (+ optional scheduler), with accumulation and clipping.
 
     Mirrors a DeepSpeed engine's contract: ``backward`` divides by the accumulation steps,

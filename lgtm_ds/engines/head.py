@@ -118,6 +118,14 @@ def head_mode(module: nn.Module):
         yield
 
 
+# model.fused_head's default, and the Distiller's: decoders take their losses from hidden states
+FUSED_HEAD_DEFAULT = True
+
+
+class FullLogitsWarning(UserWarning):
+    """A decoder takes full logits although the fused head was asked for (the reason says why)."""
+
+
 def enable_fused_head(task, method_cls, engines: dict, on: bool = True) -> dict:
     """Turn ``fused_head`` on for each engine of ``engines`` (role -> Engine) where the task
     and the method take a HeadOutput and the model's logits are its output layer

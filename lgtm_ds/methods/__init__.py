@@ -6,13 +6,15 @@
 - ``metadistil``: the teacher learns from a pilot student's quiz loss (exact second order).
 - ``student_only``: no distillation, the student on its task loss (the baseline to beat).
 
-Plus the pieces they share: ``base`` (the contract, the student update), ``distiller`` (the
-object that steps a method on two engines), ``lookahead`` (the simulated AdamW step) and
-``naive`` (the reference form of LGTM: a test oracle and a benchmark baseline).
+Plus the pieces they share: ``base`` (the contract, the student update, the shared objectives'
+options), ``config`` (the experiment's ``method`` section, collected from the registry),
+``distiller`` (the object that steps a method on two engines), ``lookahead`` (the simulated
+AdamW step) and ``naive`` (the reference form of LGTM: a test oracle and a benchmark baseline).
 """
 
-from . import lgtm, metadistil, online_kd, student_only, vanilla_kd  # noqa: F401  (registers the methods)
-from .base import METHODS, DistillHParams, Method
+from . import lgtm, metadistil, online_kd, student_only, vanilla_kd  # noqa: F401  (registers)
+from .base import METHODS, DistillOptions, Method
+from .config import MethodSection, method_config, method_config_class
 from .distiller import Distiller
 
 get_method = METHODS.get
@@ -22,4 +24,14 @@ def method_names() -> tuple[str, ...]:
     return METHODS.names()
 
 
-__all__ = ["METHODS", "DistillHParams", "Distiller", "Method", "get_method", "method_names"]
+__all__ = [
+    "METHODS",
+    "DistillOptions",
+    "Distiller",
+    "Method",
+    "MethodSection",
+    "get_method",
+    "method_config",
+    "method_config_class",
+    "method_names",
+]

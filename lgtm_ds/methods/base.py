@@ -13,49 +13,68 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from pydantic import Field
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from ..options import Options
 from ..registry import Registry
 
 if TYPE_CHECKING:
     from ..config import ExperimentConfig
     from ..engines.base import Engine
+    from ..tasks.base import Task
     from .distiller import Distiller
     from .hidden import HiddenKD
 
 METHODS: Registry[Method] = Registry("method", "method.name")
 
 
-@dataclass(frozen=True)
-class DistillHParams:
-    """The ``method.*`` values a step uses (see ``lgtm_ds.config`` for their meaning)."""
+class DistillOptions(Options):
+    """The two objectives every method shares, ``method.*`` (see :meth:`Distiller.student_loss`
+    and :meth:`Distiller.teacher_loss`): ``L_s = a_s KD_T(p_t || p_s) + (1 - a_s) CE`` and
+    ``L_t = a_t KD_T(p_s || p_t) + (1 - a_t) CE`` (docs/algorithm.md, Eq. (1) and (2))."""
 
-    alpha_student: float = 1.0
-    alpha_teacher: float = 0.4
-    temperature: float = 1.0
-    fd_radius: float = 1e-2
-    scale_by_t2: bool = False
-    jsd_beta: float = 0.0  # the student's KD divergence: 0 forward KL, 1 reverse KL, else JSD
-    teacher_jsd_beta: float | None = None  # the teacher's KD term; None = jsd_beta
-    influence_scale: float = 1.0  # lgtm: multiplier on eta * h (1.0 = the paper)
-    influence_ratio_target: float | None = None  # lgtm: eta adapted to this influence_ratio
-    pilot_lr: float | None = None  # metadistil: the pilot SGD step; None = the student's lr
-    teacher_ce_weight: float = 0.0  # metadistil: weight of the teacher's own CE
-    hidden_weight: float = 0.0  # hidden-state distillation term (0 = off; methods/hidden.py)
-    hidden_layers: tuple[str, ...] | list[str] | None = None  # "i:j" pairs; None = skip map
-    hidden_loss: str = "mse"  # mse | cosine
-    hidden_positions: str = "all"  # all (attention mask) | first (PKD's [CLS])
+    alpha_student: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="weight of the KD term in the student loss (the rest is CE). 0.5 suits the "
+        "default run, whose embedded teacher starts from random weights; with a fine-tuned "
+        "teacher the paper and its reference implementation use 1.0 (configs/examples/"
+        "glue_sst2.yaml)",
+    )
+    alpha_teacher: float = Field(
+        0.4,
+        ge=0,
+        le=1,
+        description="weight of the KD term in the teacher loss (the rest is its own CE)",
+    )
+    temperature: float = Field(1.0, gt=0, description="KD softmax temperature T")
+    scale_by_t2: bool = Field(
+        False, description="multiply the KD terms by T^2 (the reference does not)"
+    )
+    jsd_beta: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="the student's KD divergence: 0 = forward KL(teacher || student) (the "
+        "paper's), 1 = reverse KL, in between the generalised JSD with mixture weight beta "
+        "(TRL GKD / Liger convention)",
+    )
+    teacher_jsd_beta: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="the same for the teacher's KD term (the student's prediction is its "
+        "target); null = jsd_beta",
+    )
 
     @property
     def teacher_beta(self) -> float:
         return self.jsd_beta if self.teacher_jsd_beta is None else self.teacher_jsd_beta
-
-    @classmethod
-    def from_config(cls, method_cfg: Any) -> DistillHParams:
-        return cls(**{k: getattr(method_cfg, k) for k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -76,12 +95,22 @@ class Method:
     trains_teacher: ClassVar[bool] = True  # the teacher learns during distillation
     teacher_stage1: ClassVar[bool] = False  # a teacher-only fine-tuning stage comes first
     reports_influence: ClassVar[bool] = False  # step() returns the per-example "influence"
+    # the step runs the student at other parameter values (its engine's InfluencePasses)
+    student_passes: ClassVar[bool] = False
     # decoders: the losses may come from hidden states through the output layer, chunk by chunk
     # (engines/head.py); False: the engines give full logits (model.fused_head is ignored)
     fused_head: ClassVar[bool] = True
+    # the method's own hyper-parameters: an Options model, the section method.<name> of the
+    # experiment (methods/config.py collects them); None: it has none
+    Options: ClassVar[type[Options] | None] = None
 
     def __init__(self, distiller: Distiller):
         self.d = distiller
+
+    @property
+    def options(self):
+        """This method's own hyper-parameters (``method.<name>``), or None."""
+        return getattr(self.d.config, self.name) if self.Options is not None else None
 
     # -- configuration -------------------------------------------------------------------------
     @classmethod
@@ -93,6 +122,29 @@ class Method:
     def prepare_ds_configs(cls, cfg: ExperimentConfig, teacher: dict, student: dict) -> None:
         """Check or adjust the resolved DeepSpeed dicts of both roles (in place), before any
         engine is built or any output written."""
+
+    def check_task(self, task: Task) -> None:
+        """Raise if this method cannot run exactly on ``task`` (once the task is known)."""
+
+    @classmethod
+    def refuse_fp16(cls, cfg: ExperimentConfig, reason: str, note: str = "") -> None:
+        """``check_config`` helper: a ConfigError naming ``reason`` when the run is fp16."""
+        if cfg.train.precision == "fp16":
+            raise ConfigError(
+                f"method {cls.name} with train.precision=fp16 is not supported yet: {reason}; "
+                f"use bf16 or fp32{note}"
+            )
+
+    @classmethod
+    def stage1_epochs(cls, cfg: ExperimentConfig) -> float:
+        """Epochs of the teacher-only first stage (methods with ``teacher_stage1``)."""
+        return 0.0
+
+    @classmethod
+    def influence_ratio_every(cls, cfg: ExperimentConfig) -> int:
+        """Measure ``influence_ratio`` every N optimizer steps (0: never; methods with an
+        influence term)."""
+        return 0
 
     # -- state a resumed run needs (beyond the engines) ----------------------------------------
     def state_dict(self) -> dict:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
 
-from ..engines.base import Engine, TorchEngine
-from ..engines.head import enable_fused_head
+from ..engines.base import Engine, InfluencePasses, TorchEngine
+from ..engines.head import FUSED_HEAD_DEFAULT, FullLogitsWarning, enable_fused_head
 from ..errors import ConfigError
-from ..tasks import Task, get_task
-from .base import METHODS, DistillHParams, Method, Telemetry
+from ..tasks import Task, get_task, task_from_batch
+from .base import METHODS, Method, Telemetry
+from .config import MethodSection, method_config
 from .hidden import HiddenKD, HiddenSpec, attach_projection
 
 
@@ -25,69 +27,43 @@ class Distiller:
     ``teacher`` / ``student`` are :class:`Engine` objects (the DeepSpeed adapters) or plain
     ``nn.Module`` s, which are wrapped in :class:`TorchEngine` with ``teacher_optimizer`` /
     ``student_optimizer`` (torch optimizers; AdamW for an LGTM student). ``task`` is a task type
-    name (``"classification"``, ``"regression"``, ``"causal_lm"``) or a :class:`Task`; None picks
-    it from the first batch: ``labels`` of shape [B, L] (-100 = ignored) is a causal-LM batch,
-    [B] a classification batch (regression must be named). ``eta`` of the LGTM
-    influence term is the teacher optimizer's current learning rate. ``fused_head`` (decoders):
-    the losses from hidden states through the output layer, chunk by chunk (``engines/head.py``;
-    a ConfigError if a model's logits are not its output layer; MetaDistil: full logits).
+    name (``"classification"``, ``"regression"``, ``"causal_lm"``, any registered one) or a
+    :class:`Task`; None picks it from the first batch (the first registered type whose
+    :meth:`Task.claims_batch` takes it: ``labels`` of shape [B, L] (-100 = ignored) is a
+    causal-LM batch, [B] a classification batch; regression must be named).
+
+    The hyper-parameters are the experiment's ``method`` section (:mod:`.config`): ``config``
+    (e.g. ``cfg.method`` of a loaded experiment) and/or keywords of that section, flat or nested
+    (``alpha_student=1.0``, ``fd_radius=1e-3``, ``lgtm={"influence_scale": 2.0}``), each with
+    the experiment's default where not given. ``eta`` of the LGTM influence term is the teacher
+    optimizer's current learning rate. ``fused_head`` (``model.fused_head``, default on):
+    decoders take every loss from hidden states through the output layer, chunk by chunk
+    (``engines/head.py``), where the method and the models allow it; elsewhere full logits,
+    with a warning naming the reason. ``gradient_accumulation_steps`` and ``max_grad_norm``
+    (plain modules) default as ``train.*`` does.
     """
 
     def __init__(
         self,
-        method: str = "lgtm",
+        method: str | None = None,
         *,
         teacher: nn.Module | Engine,
         student: nn.Module | Engine,
         task: str | Task | None = None,
+        config: MethodSection | None = None,
         teacher_optimizer=None,
         student_optimizer=None,
-        alpha_student: float = 1.0,
-        alpha_teacher: float = 0.4,
-        temperature: float = 1.0,
-        fd_radius: float = 1e-2,
-        scale_by_t2: bool = False,
-        jsd_beta: float = 0.0,
-        teacher_jsd_beta: float | None = None,
-        influence_scale: float = 1.0,
-        influence_ratio_target: float | None = None,
-        pilot_lr: float | None = None,
-        teacher_ce_weight: float = 0.0,
-        hidden_weight: float = 0.0,
-        hidden_layers: list[str] | None = None,
-        hidden_loss: str = "mse",
-        hidden_positions: str = "all",
         teacher_scheduler=None,
         student_scheduler=None,
         gradient_accumulation_steps: int = 1,
         max_grad_norm: float = 0.0,
-        fused_head: bool = False,
+        fused_head: bool = FUSED_HEAD_DEFAULT,
+        **hparams: Any,
     ):
-        method_cls = METHODS.get(method)
-        if not fd_radius > 0:
-            raise ConfigError(f"fd_radius must be > 0, got {fd_radius}")
-        for key, beta in (("jsd_beta", jsd_beta), ("teacher_jsd_beta", teacher_jsd_beta)):
-            if beta is not None and not 0.0 <= beta <= 1.0:
-                raise ConfigError(f"{key} must be in [0, 1], got {beta}")
-        self.hp = DistillHParams(
-            alpha_student,
-            alpha_teacher,
-            temperature,
-            fd_radius,
-            scale_by_t2,
-            jsd_beta,
-            teacher_jsd_beta,
-            influence_scale,
-            influence_ratio_target,
-            pilot_lr,
-            teacher_ce_weight,
-            hidden_weight,
-            hidden_layers,
-            hidden_loss,
-            hidden_positions,
-        )
+        self.config = method_config(method, config, **hparams)
+        method_cls = METHODS.get(self.config.name)
         self.task: Task | None = get_task(task)() if isinstance(task, str) else task
-        spec = HiddenSpec.of(self.hp)
+        spec = HiddenSpec.of(self.config)
         if not isinstance(student, Engine) and not isinstance(teacher, Engine):
             # plain modules: the projections (if the widths differ) join the student optimizer
             new = attach_projection(student, teacher, spec)
@@ -97,38 +73,50 @@ class Distiller:
         wrap["max_grad_norm"] = max_grad_norm
         self.teacher = _engine(teacher, teacher_optimizer, teacher_scheduler, "teacher", **wrap)
         self.student = _engine(student, student_optimizer, student_scheduler, "student", **wrap)
-        if fused_head and method_cls.fused_head:  # decoders: losses from hidden states
-            if self.task is None or not self.task.fused_head:
-                raise ConfigError("fused_head=True needs a decoder task (task='causal_lm')")
-            engines = {"teacher": self.teacher, "student": self.student}
-            for role, why in enable_fused_head(self.task, method_cls, engines).items():
-                if why is not None:
-                    raise ConfigError(f"fused_head=True: the {role} cannot use it: {why}")
+        if method_cls.student_passes and not isinstance(self.student, InfluencePasses):
+            raise ConfigError(
+                f"method {method_cls.name!r} runs the student at other parameter values; its "
+                f"engine ({type(self.student).__name__}) does not implement InfluencePasses"
+            )
+        self.fused_head = fused_head
+        # role -> why it takes full logits although fused_head asked otherwise (decoders)
+        self.full_logits: dict[str, str] = {}
         self.hidden = HiddenKD(spec, self.teacher.module, self.student.module)
         self.telemetry = Telemetry()  # what the current step measures (see step())
         self.method: Method = method_cls(self)
+        if self.task is not None:
+            self._task_ready()
 
-    @classmethod
-    def from_config(cls, method_cfg: Any, *, teacher: Engine, student: Engine, task: Task):
-        """From the ``method`` section of an experiment config (the trainer, the benchmarks)."""
-        hp = DistillHParams.from_config(method_cfg)
-        return cls(method_cfg.name, teacher=teacher, student=student, task=task, **vars(hp))
+    @property
+    def hp(self) -> MethodSection:
+        """The method section (``config``); kept for code written against 0.9."""
+        return self.config
+
+    def _task_ready(self) -> None:
+        """Once the task is known: the method's checks of it, the fused head where it applies."""
+        self.method.check_task(self.task)
+        engines = {"teacher": self.teacher, "student": self.student}
+        why = enable_fused_head(self.task, type(self.method), engines, self.fused_head)
+        self.full_logits = {role: reason for role, reason in why.items() if reason is not None}
+        for role, reason in self.full_logits.items():
+            msg = f"the {role} uses full logits, not the fused head: {reason}"
+            warnings.warn(msg, FullLogitsWarning, stacklevel=3)
 
     # -- the objectives, with this run's hyper-parameters -------------------------------------
     def student_loss(self, student_logits, teacher_logits, labels):
         """``L_s = a_s KL_T(p_teacher || p_student) + (1 - a_s) task_loss`` (``jsd_beta`` picks
         the divergence: 0 forward KL, 1 reverse KL, between the two the generalised JSD)."""
-        hp = self.hp
+        c = self.config
         return self._distill_loss(
-            student_logits, teacher_logits, labels, hp.alpha_student, hp.jsd_beta
+            student_logits, teacher_logits, labels, c.alpha_student, c.jsd_beta
         )
 
     def teacher_loss(self, teacher_logits, student_logits, labels):
         """``L_t = a_t KL_T(p_student || p_teacher) + (1 - a_t) task_loss``: the teacher's
         distillation term treats the *student's* prediction as the target."""
-        hp = self.hp
+        c = self.config
         return self._distill_loss(
-            teacher_logits, student_logits, labels, hp.alpha_teacher, hp.teacher_beta
+            teacher_logits, student_logits, labels, c.alpha_teacher, c.teacher_beta
         )
 
     def _distill_loss(self, logits, target_logits, labels, alpha: float, beta: float):
@@ -137,8 +125,8 @@ class Distiller:
             target_logits,
             labels,
             alpha=alpha,
-            temperature=self.hp.temperature,
-            scale_by_t2=self.hp.scale_by_t2,
+            temperature=self.config.temperature,
+            scale_by_t2=self.config.scale_by_t2,
             beta=beta,
         )
 
@@ -187,8 +175,8 @@ class Distiller:
     def resolve_task(self, batch: dict) -> None:
         """With ``task=None``: pick the task type from a batch's ``labels`` (once)."""
         if self.task is None:
-            labels = batch["labels"]
-            self.task = get_task("causal_lm" if labels.dim() == 2 else "classification")()
+            self.task = task_from_batch(batch)
+            self._task_ready()
 
 
 def _engine(model, optimizer, scheduler, role: str, **kw) -> Engine:

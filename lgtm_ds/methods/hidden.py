@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import ConfigError, ModelError
+from ..options import Options
 
 HIDDEN_PROJ = "lgtm_hidden_proj"  # the student's submodule holding the projections
 
@@ -47,9 +50,10 @@ class HiddenSpec:
     positions: str = "all"
 
     @classmethod
-    def of(cls, hp) -> HiddenSpec:
-        """From ``DistillHParams`` (or the config's ``method`` section)."""
-        return cls(hp.hidden_weight, hp.hidden_layers, hp.hidden_loss, hp.hidden_positions)
+    def of(cls, options: HiddenOptions) -> HiddenSpec:
+        """From the ``method`` section (its :class:`HiddenOptions` fields)."""
+        layers = tuple(options.hidden_layers) if options.hidden_layers is not None else None
+        return cls(options.hidden_weight, layers, options.hidden_loss, options.hidden_positions)
 
 
 def parse_layers(layers) -> list[tuple[int, int]] | None:
@@ -75,6 +79,36 @@ def parse_layers(layers) -> list[tuple[int, int]] | None:
     if len(set(seen)) != len(seen):
         raise ConfigError(f"method.hidden_layers: a student block appears twice in {layers}")
     return pairs
+
+
+class HiddenOptions(Options):
+    """The hidden-state term's keys, ``method.hidden_*`` (any method)."""
+
+    hidden_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the hidden-state (intermediate-layer) distillation term, any "
+        "method; 0 = off (lgtm_ds/methods/hidden.py)",
+    )
+    hidden_layers: list[str] | None = Field(
+        None,
+        description='layer map, "student_block:teacher_block" pairs counted from 1, e.g. '
+        '["1:2", "2:4"]; null = the skip map j = round(i * L_teacher / L_student)',
+    )
+    hidden_loss: Literal["mse", "cosine"] = Field(
+        "mse", description="hidden-state distance: mean squared error, or 1 - cosine"
+    )
+    hidden_positions: Literal["all", "first"] = Field(
+        "all",
+        description="positions compared: every attended token, or the first only (PKD's [CLS], "
+        "classifiers)",
+    )
+
+    @field_validator("hidden_layers")
+    @classmethod
+    def _layer_map(cls, value: list[str] | None) -> list[str] | None:
+        parse_layers(value)  # ConfigError naming method.hidden_layers
+        return value
 
 
 def block_list(model: nn.Module, role: str) -> nn.ModuleList:

@@ -1,6 +1,7 @@
 """LGTM: the teacher's update weighted by distillation influence (the cheap exact form).
 
-One LGTM step over a global batch split into micro-batches ``x_j`` (lgtm-method.md):
+One LGTM step over a global batch split into micro-batches ``x_j`` (docs/algorithm.md: the
+reference step, Eq. (3)-(7), and the exactly equivalent form computed here, Eq. (8)-(9)):
 
 A. per micro-batch: teacher logits, student forward at ``theta`` and
    ``g += grad_theta L_s / n_micro`` (``torch.autograd.grad``: the engine's gradient buffers
@@ -30,9 +31,11 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import Field
 
 from ..engines.head import full_shape, grads_through, surrogate
 from ..errors import ConfigError
+from ..options import Options
 from ..tasks.base import InfluenceParams
 from .base import METHODS, Method, device_of, weighted
 from .lookahead import adamw_lookahead
@@ -53,23 +56,54 @@ class _BatchPass:
     s_hidden: list[dict] = field(default_factory=list)
 
 
+class LGTMOptions(Options):
+    """lgtm only: the finite difference and the influence term's scale."""
+
+    fd_radius: float = Field(1e-2, gt=0, description="finite-difference radius r; R = r / ||v||")
+    influence_scale: float = Field(
+        1.0,
+        ge=0,
+        description="multiplier on the influence term eta * h of the teacher update (1.0 = the "
+        "paper and the reference: eta = the teacher's learning rate; 0 = online KD with the "
+        "same passes)",
+    )
+    influence_ratio_target: float | None = Field(
+        None,
+        gt=0,
+        description="set eta adaptively so that influence_ratio = |eta grad h| / |grad L_t| (the "
+        "influence term's share of the teacher gradient) is this value: eta = target / EMA of "
+        "the measured |grad h| / |grad L_t|, measured every influence_ratio_every steps (the "
+        "first step uses influence_scale); null = off",
+    )
+    influence_ratio_every: int | None = Field(
+        None,
+        ge=0,
+        description="measure influence_ratio every N optimizer steps (one extra teacher forward "
+        "and two backwards, two fp32 copies of the teacher's gradient); null = every "
+        "train.log_every steps; 0 = never",
+    )
+
+
 @METHODS.register
 class LGTM(Method):
     name = "lgtm"
     summary = "each step: teacher on L_t weighted by distillation influence, then student L_s"
     needs_quiz = True
+    student_passes = True
     reports_influence = True
+    Options = LGTMOptions
 
     # EMA momentum of the measured q = |grad h| / |grad L_t| (method.influence_ratio_target)
     RATIO_EMA = 0.9
 
     def __init__(self, distiller):
         super().__init__(distiller)
-        self.scale = distiller.hp.influence_scale  # eta = teacher lr * scale
+        self.scale = self.options.influence_scale  # eta = teacher lr * scale
         self._q_ema = [0.0, 0]  # (biased EMA of q, measurements): the adaptive scale's state
         warn_low_precision_grads(distiller.teacher, self.name, "influence term")
-        if distiller.task is not None:  # else resolved from the first batch (checked then)
-            distiller.task.check_for_lgtm()
+
+    def check_task(self, task) -> None:
+        task.check_for_lgtm()
 
     def state_dict(self) -> dict:
         return {"influence_scale": self.scale, "q_ema": list(self._q_ema)}
@@ -80,17 +114,22 @@ class LGTM(Method):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.train.precision == "fp16":
-            raise ConfigError(
-                "method lgtm with train.precision=fp16 is not supported yet: the influence part of "
-                "the teacher gradient (~1e-5 of the rest) is below fp16 resolution and the "
-                "fp32-accumulation path is bf16-only; use bf16 or fp32 (the baselines run in fp16)"
-            )
+        cls.refuse_fp16(
+            cfg,
+            "the influence part of the teacher gradient (~1e-5 of the rest) is below fp16 "
+            "resolution and the fp32-accumulation path is bf16-only",
+            " (the baselines run in fp16)",
+        )
 
     @classmethod
     def prepare_ds_configs(cls, cfg, teacher: dict, student: dict) -> None:
         if cfg.train.precision == "bf16":
             fp32_teacher_grads_(teacher, cls.name)
+
+    @classmethod
+    def influence_ratio_every(cls, cfg) -> int:
+        every = getattr(cfg.method, cls.name).influence_ratio_every
+        return cfg.train.log_every if every is None else every
 
     # ------------------------------------------------------------------------------------------
     def teacher_update(self, micro, quiz):
@@ -104,7 +143,7 @@ class LGTM(Method):
         keep_graph = len(micro) == 1
         own_pass = split and not d.teacher.reuses_graph_for_influence
         # influence_ratio: on request, and on the first step of an adaptive scale
-        target = d.hp.influence_ratio_target
+        target = self.options.influence_ratio_target
         measure = d.telemetry.influence_ratio or (target is not None and self._q_ema[1] == 0)
         w, wq = self.row_weights(micro, quiz)  # each micro-batch's share of the global rows
         record = (measure or own_pass) and keep_graph
@@ -128,7 +167,7 @@ class LGTM(Method):
                 "quiz gradient is exactly zero; cannot form R = r/||v|| "
                 "(is the student's classifier frozen or zero?)"
             )
-        radius = d.hp.fd_radius / v_norm
+        radius = self.options.fd_radius / v_norm
         lr = d.teacher.lr()
         eta = lr * self.scale  # the paper: eta = the teacher's lr
         probe = _RatioProbe(d, len(micro)) if measure else None
@@ -185,15 +224,15 @@ class LGTM(Method):
         """Per micro-batch: the perturbed student forwards, dL/dz, one teacher backward, the
         engine step. Returns the mean teacher loss and the per-row influence (CPU). ``probe``
         (a :class:`_RatioProbe` or None) measures the influence share on the way."""
-        d, hp = self.d, self.d.hp
+        d, c = self.d, self.d.config
         p = InfluenceParams(
-            hp.alpha_teacher,
-            hp.temperature,
+            c.alpha_teacher,
+            c.temperature,
             eta,
             radius,
-            hp.scale_by_t2,
-            beta_teacher=hp.teacher_beta,
-            beta_student=hp.jsd_beta,
+            c.scale_by_t2,
+            beta_teacher=c.teacher_beta,
+            beta_student=c.jsd_beta,
         )
         n_micro = len(micro)
         device = device_of(d.student)

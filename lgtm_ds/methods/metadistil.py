@@ -31,11 +31,29 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 
 from ..engines.head import surrogate as head_surrogate
-from ..errors import ConfigError
+from ..options import Options
 from .base import METHODS, Method, weighted
 from .lgtm import fp32_teacher_grads_, grad_apart, quiz_grad, student_grad, warn_low_precision_grads
+
+_PILOT_LR = (
+    "learning rate of the pilot student's simulated SGD step; null = the student's current "
+    "learning rate; 0 = no meta-gradient (the teacher's CE only)"
+)
+
+
+class MetaDistilOptions(Options):
+    """metadistil only: the pilot step and the teacher's own CE."""
+
+    pilot_lr: float | None = Field(None, ge=0, description=_PILOT_LR)
+    teacher_ce_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the teacher's own CE next to the pilot student's quiz loss (0 = "
+        "MetaDistil as published: the quiz loss only)",
+    )
 
 
 @METHODS.register
@@ -46,25 +64,23 @@ class MetaDistil(Method):
         "second order), then student L_s"
     )
     needs_quiz = True
+    student_passes = True
+    Options = MetaDistilOptions
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.train.precision == "fp16":
-            raise ConfigError(
-                "method metadistil with train.precision=fp16 is not supported: the pilot "
-                "step's forward-mode pass has no loss scaling; use bf16 or fp32"
-            )
+        cls.refuse_fp16(cfg, "the pilot step's forward-mode pass has no loss scaling")
 
     def __init__(self, distiller):
         super().__init__(distiller)
-        if distiller.hp.teacher_ce_weight > 0:
+        if self.options.teacher_ce_weight > 0:
             term = "meta-gradient beside the teacher's CE"
             warn_low_precision_grads(distiller.teacher, self.name, term)
 
     @classmethod
     def prepare_ds_configs(cls, cfg, teacher: dict, student: dict) -> None:
         # a bf16 teacher with its own CE: the meta-gradient (~1e-4 of the CE's) is kept apart
-        if cfg.train.precision == "bf16" and cfg.method.teacher_ce_weight > 0:
+        if cfg.train.precision == "bf16" and getattr(cfg.method, cls.name).teacher_ce_weight > 0:
             fp32_teacher_grads_(teacher, cls.name, "meta-gradient beside the teacher's CE")
 
     def teacher_update(self, micro, quiz):
@@ -77,7 +93,8 @@ class MetaDistil(Method):
         # the teacher forward's graph, more forward the teacher again in D (one graph at a time)
         g, a = student_grad(d, micro, w, keep_graph=n == 1, record_rng=True)
         theta = d.student.master_params()
-        lam = d.hp.pilot_lr if d.hp.pilot_lr is not None else d.student.lr()
+        opts = self.options
+        lam = opts.pilot_lr if opts.pilot_lr is not None else d.student.lr()
         pilot = [t - lam * gi.to(t.dtype) for t, gi in zip(theta, g)]  # B
         del g
         v, quiz_ce = quiz_grad(d, pilot, quiz, wq)  # C
@@ -85,7 +102,7 @@ class MetaDistil(Method):
         v_norm = float(torch.sqrt(sum((vi.double() ** 2).sum() for vi in v)))  # note: host sync
         if not math.isfinite(v_norm):
             return {"skipped": True, "v_norm": v_norm}
-        ce_w, t_total, meta_sq = d.hp.teacher_ce_weight, 0.0, 0.0
+        ce_w, t_total, meta_sq = opts.teacher_ce_weight, 0.0, 0.0
         # bf16 teacher with its own CE: the meta-gradient would round away beside the CE's in
         # one bf16 dL/dz; backpropagated apart, added in fp32 (as LGTM's influence term)
         split = ce_w > 0 and d.teacher.split_influence_backward
@@ -93,7 +110,7 @@ class MetaDistil(Method):
         for j, mb in enumerate(micro):  # D
             a.student_rng[j]()  # the dropout mask of step A's student forward
             s_j, u_j = d.student.jvp_at(theta, v, mb)  # fused head: HeadOutputs, no logits
-            hp = d.hp
+            hp = d.config
             dz, sq = d.task.meta_logit_grad(
                 a.t_logits[j], s_j, u_j, mb["labels"], coef=-lam * w[j] / n,
                 alpha=hp.alpha_student, temperature=hp.temperature,

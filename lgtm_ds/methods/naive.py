@@ -1,10 +1,12 @@
 """The LGTM reference form, kept out of the production path: a test oracle and a benchmark
 baseline.
 
-It does what the public reference implementation does: deep-copies the student and its optimizer
-to take a real look-ahead step, and runs the teacher backward three times (at ``theta``,
-``theta + R v`` and ``theta - R v``), holding three teacher-sized gradient lists. Plain modules
-and torch optimizers only.
+It does what the public reference implementation does (docs/algorithm.md, "One LGTM step"):
+deep-copies the student and its optimizer to take a real look-ahead step, and runs the teacher
+backward three times (at ``theta``, ``theta + R v`` and ``theta - R v``), holding three
+teacher-sized gradient lists. Plain modules and torch optimizers only. Its hyper-parameters are
+the experiment's ``method`` section, with the same defaults as the ``Distiller``
+(:func:`~lgtm_ds.methods.config.method_config`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from ..engines.base import get_logits, model_inputs
 from ..tasks import Task, get_task
+from .config import MethodSection, method_config
 
 
 def naive_lgtm_step(
@@ -26,30 +29,27 @@ def naive_lgtm_step(
     batch: dict,
     quiz_batch: dict,
     *,
-    alpha_student: float = 1.0,
-    alpha_teacher: float = 0.4,
-    temperature: float = 1.0,
-    fd_radius: float = 1e-2,
-    scale_by_t2: bool = False,
-    jsd_beta: float = 0.0,
-    teacher_jsd_beta: float | None = None,
+    config: MethodSection | None = None,
     student_step: bool = True,
     task: Task | str = "classification",
+    **hparams,
 ) -> dict:
     """One LGTM step in the reference form. Returns the teacher gradient ``G``, the losses and
     the per-example influence ``-eta (l(theta + R v) - l(theta - R v)) / (2R)`` (``l``: the
-    student's KD loss per example, summed over its tokens for causal LMs)."""
+    student's KD loss per example, summed over its tokens for causal LMs). ``config`` and
+    ``hparams``: the ``method`` section, as for the ``Distiller``."""
+    c = method_config("lgtm", config, **hparams)
     task = get_task(task)() if isinstance(task, str) else task
-    beta_t = jsd_beta if teacher_jsd_beta is None else teacher_jsd_beta
-    kw = dict(temperature=temperature, scale_by_t2=scale_by_t2)
-    kw_s, kw_t = dict(kw, beta=jsd_beta), dict(kw, beta=beta_t)
+    alpha_student, alpha_teacher, temperature = c.alpha_student, c.alpha_teacher, c.temperature
+    kw = dict(temperature=temperature, scale_by_t2=c.scale_by_t2)
+    kw_s, kw_t = dict(kw, beta=c.jsd_beta), dict(kw, beta=c.teacher_beta)
     x, y = model_inputs(batch), batch["labels"]
     teacher.train()
     student.train()
     t_params = [p for p in teacher.parameters() if p.requires_grad]
     s_params = [p for p in student.parameters() if p.requires_grad]
 
-    # 1-2. real look-ahead step on deep copies of the student and its optimizer.
+    # 1-2 (Eq. (3)). real look-ahead step on deep copies of the student and its optimizer.
     with torch.no_grad():
         t_logits = get_logits(teacher(**x))
     # one deepcopy of both keeps the optimizer pointing at the copied parameters
@@ -59,11 +59,11 @@ def naive_lgtm_step(
     ls.backward()
     opt_copy.step()
 
-    # 3-4. quiz gradient at theta', radius.
+    # 3-4 (Eq. (4), (5)). quiz gradient at theta', radius.
     opt_copy.zero_grad(set_to_none=True)
     ce = task.task_loss(get_logits(s_copy(**model_inputs(quiz_batch))), quiz_batch["labels"])
     v = torch.autograd.grad(ce, [p for p in s_copy.parameters() if p.requires_grad])
-    radius = fd_radius / float(torch.sqrt(sum((vi.double() ** 2).sum() for vi in v)))
+    radius = c.lgtm.fd_radius / float(torch.sqrt(sum((vi.double() ** 2).sum() for vi in v)))
     del s_copy, opt_copy
 
     def teacher_grad(s_logits):
@@ -71,7 +71,7 @@ def naive_lgtm_step(
         lt = task.distill_loss(z, s_logits, y, alpha=alpha_teacher, **kw_t)
         return torch.autograd.grad(lt, t_params), lt.detach()
 
-    # 5-6. three teacher backward passes; saved copy of theta for an exact restore.
+    # 5-6 (Eq. (6)). three teacher backward passes; saved copy of theta for an exact restore.
     saved = [p.detach().clone() for p in s_params]
 
     @torch.no_grad()
@@ -89,12 +89,13 @@ def naive_lgtm_step(
     g_plus, _ = teacher_grad(s_plus)
     g_minus, _ = teacher_grad(s_minus)
 
-    # 7. G = grad L_t(theta) - eta * h, teacher step.
-    eta = float(teacher_opt.param_groups[0]["lr"])
-    k = task.kd_scale(temperature, scale_by_t2)
+    # 7 (Eq. (7), (9)). G = grad L_t(theta) - eta * h, teacher step (eta: the teacher's lr x
+    # influence_scale).
+    eta = float(teacher_opt.param_groups[0]["lr"]) * c.lgtm.influence_scale
+    k = task.kd_scale(temperature, c.scale_by_t2)
     with torch.no_grad():
         l_plus, l_minus = (
-            task.kd_per_example(s, t_logits, y, temperature, jsd_beta) for s in (s_plus, s_minus)
+            task.kd_per_example(s, t_logits, y, temperature, c.jsd_beta) for s in (s_plus, s_minus)
         )
     influence = -eta * k * (l_plus - l_minus) / (2 * radius)
     G = [a - eta * (b - c) / (2 * radius) for a, b, c in zip(g0, g_plus, g_minus)]

@@ -74,6 +74,18 @@ class Task:
     # which offline tokenizer "embedded" means for this task type: "wordpiece" (BERT-style
     # encoders) or "decoder" (BOS/EOS, chat template)
     embedded_tokenizer: ClassVar[str] = "wordpiece"
+    # What the data sources deliver for this task type (lgtm_ds.data.sources asks, never the
+    # name): "labels" = text columns and one label per example; "text" = the decoder formats
+    # of lm_data (text / prompt_completion / messages), no label column.
+    reads: ClassVar[str] = "labels"
+    # with reads "labels": "classes" (any values, mapped to contiguous ids) or "values" (real
+    # numbers). With data.task_type null the labels pick the first task type registered for
+    # their kind (classification / regression)
+    labels: ClassVar[str | None] = "classes"
+    # evaluation may complete prompts (train.eval_generate: greedy generation)
+    generates: ClassVar[bool] = False
+    # the first position summarises the sequence ([CLS]: method.hidden_positions=first applies)
+    first_token_summarises: ClassVar[bool] = True
     lower_is_better: ClassVar[frozenset[str]] = frozenset()  # metrics where smaller is better
     # what :meth:`example_stat` measures (a column of the influence telemetry, per model)
     example_stat_name: ClassVar[str] = "p_gold"
@@ -99,6 +111,12 @@ class Task:
         if not self.metric_names:
             raise ConfigError(f"task type {self.name!r} needs at least one metric")
 
+    @classmethod
+    def claims_batch(cls, batch: dict) -> bool:
+        """Whether a batch with no named task is this task type's (``Distiller(task=None)``
+        asks the registered types in order); none by default."""
+        return False
+
     # -- data ----------------------------------------------------------------------------------
     def encode(self, ds, tokenizer, *, text_columns: Sequence[str], max_length: int):
         """Tokenize a dataset of raw examples (text columns + ``label``) into model inputs +
@@ -108,6 +126,9 @@ class Task:
     def collator(self, tokenizer, pad_to_multiple_of: int | None = None) -> Callable:
         """``rows -> dict of tensors`` for a DataLoader."""
         raise NotImplementedError
+
+    def prepare_tokenizer(self, tokenizer) -> None:
+        """Adjust the run's tokenizer before encoding (e.g. a pad token); nothing by default."""
 
     def count_rows(self, batch: dict) -> int:
         """The rows a batch's losses average over (one per example here; valid tokens for
@@ -217,18 +238,42 @@ class Task:
             loss = loss + (1 - alpha) * self.task_loss(logits, labels)
         return loss
 
-    def lgtm_logit_grad(
-        self,
-        z: torch.Tensor,
-        s: torch.Tensor,
-        s_plus: torch.Tensor,
-        s_minus: torch.Tensor,
-        labels: torch.Tensor,
-        p: InfluenceParams,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _kd_grads(self, z, targets, p: InfluenceParams) -> list[torch.Tensor]:
+        """``d/dz sum_rows KD_beta_teacher(target || z)`` for each target (fp32/fp64 autograd)."""
+        z_ = z.detach().to(torch.promote_types(z.dtype, torch.float32)).requires_grad_()
+        out = []
+        with torch.enable_grad():
+            for t in targets:
+                kd = self.kd_per_row(z_, t.detach().to(z_.dtype), p.temperature, p.beta_teacher)
+                out.append(torch.autograd.grad(kd.sum(), z_)[0])
+        return out
+
+    def lgtm_logit_grad(self, z, s, s_plus, s_minus, labels, p: InfluenceParams, n_rows=None):
         """(dL/dz of the LGTM teacher objective, per-row influence) from the teacher logits ``z``
-        and the student logits at theta (``s``) and theta +- R v; see the subclasses."""
-        raise NotImplementedError
+        [N, C] and the student logits at theta (``s``) and theta +- R v (tensors of ``z``'s
+        shape; ``labels`` [N]; ``n_rows`` the normaliser ``n``, default N): docs/algorithm.md,
+        Eq. (8) and (9), for any task whose losses are means over rows of its logits. Here by
+        autograd on the logits, the KD gradients at the student's theta, theta + R v and
+        theta - R v (task types override it with closed forms and fused kernels: the
+        classifier's forward KL in one pass). ``dL/dz = a k g(s)/n + (1 - a) dCE/dz
+        - eta a k (g(s+) - g(s-)) / (2 R n)``, ``g(t) = d/dz sum KD(t || z)``, ``k`` = T^2 or 1.
+        Influence ``-eta k (l(+) - l(-)) / (2R)``, ``l`` the student's per-row KD loss."""
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        n, a = n_rows or z.shape[0], float(p.alpha_teacher)
+        k = self.kd_scale(p.temperature, p.scale_by_t2)
+        g_s, g_plus, g_minus = self._kd_grads(z, (s, s_plus, s_minus), p)
+        z_ = z.detach().to(dtype).requires_grad_()
+        with torch.enable_grad():
+            g_ce = torch.autograd.grad(self.task_loss(z_, labels), z_)[0]
+        g_ce = g_ce * (z.shape[0] / n)  # task_loss is a mean over the rows here
+        grad = (a * k / n) * g_s + (1 - a) * g_ce
+        grad = grad - (p.eta * a * k / (2 * p.radius * n)) * (g_plus - g_minus)
+        zt = z.detach().to(dtype)
+        with torch.no_grad():
+            l_plus = self.kd_per_row(s_plus.detach().to(dtype), zt, p.temperature, p.beta_student)
+            l_minus = self.kd_per_row(s_minus.detach().to(dtype), zt, p.temperature, p.beta_student)
+        influence = -p.eta * k * (l_plus - l_minus) / (2 * p.radius)
+        return grad.to(z.dtype), influence
 
     def meta_logit_grad(
         self,
@@ -273,11 +318,15 @@ class Task:
         p: InfluenceParams,
         z: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        n_rows: int | None = None,
     ) -> torch.Tensor:
-        """The influence part of dL/dz alone (fp32), for low-precision teachers (``z``: the
-        teacher logits, for divergences whose gradient depends on them; ``labels`` for tasks
-        whose rows depend on them)."""
-        raise NotImplementedError
+        """The influence part of dL/dz alone (fp32), for low-precision teachers: Eq. (8)'s last
+        term, ``-eta a_t k (g(s+) - g(s-)) / (2 R n)`` by autograd on the teacher logits ``z``
+        (``labels`` for tasks whose rows depend on them; ``n_rows``: ``n``, default the rows)."""
+        n = n_rows or s_plus.shape[0]
+        k = self.kd_scale(p.temperature, p.scale_by_t2)
+        g_plus, g_minus = self._kd_grads(z, (s_plus, s_minus), p)
+        return (-p.eta * p.alpha_teacher * k / (2 * p.radius * n)) * (g_plus - g_minus)
 
     def lgtm_teacher_pass(
         self,

@@ -1,4 +1,4 @@
-"""Causal language models at token level (lgtm-method.md, "Token level (causal LMs)").
+"""Causal language models at token level (docs/algorithm.md, "Token level").
 
 A *row* is a valid token position: the logits at position t predict ``labels[t + 1]`` (the
 Hugging Face shift) and ``labels == -100`` (prompt, padding) are ignored. Every per-micro-batch
@@ -40,8 +40,16 @@ class CausalLMTask(ClassificationTask):
     summary = "decoder LM: token-level KL/JSD distillation + next-token CE; CE, perplexity, top-1"
     default_metrics = ("ce", "perplexity")
     embedded_tokenizer = "decoder"
+    reads = "text"  # the formats of lm_data: text, prompt_completion, messages
+    labels = None
+    generates = True
+    first_token_summarises = False  # a decoder's first token is its BOS
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"ce", "perplexity"})
     fused_head = True  # takes HeadOutput (engines/head.py) for every loss and evaluation
+
+    @classmethod
+    def claims_batch(cls, batch: dict) -> bool:
+        return cls is CausalLMTask and batch["labels"].dim() == 2
 
     def __init__(self, *, lm_format=None, head_chunk: int | None = None, **kw):
         super().__init__(**kw)
@@ -60,6 +68,12 @@ class CausalLMTask(ClassificationTask):
         enc, dropped = encode_lm(ds, tokenizer, self.lm_format, max_length=max_length)
         self.last_encode_dropped = dropped
         return enc
+
+    def prepare_tokenizer(self, tokenizer) -> None:
+        """A tokenizer without a pad token pads with EOS (padded positions carry attention 0
+        and label -100)."""
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
 
     def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
         return CausalLMCollator(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
@@ -294,7 +308,7 @@ class CausalLMTask(ClassificationTask):
     def lgtm_logit_grad(self, z, s, s_plus, s_minus, labels, p: InfluenceParams):
         """The softmax classifier's logit gradient on the token rows (divided by this
         micro-batch's valid tokens), scattered to ``[B, L, V]``; the influence per *sequence*,
-        the sum of its tokens' influence (lgtm-method.md, token level)."""
+        the sum of its tokens' influence (docs/algorithm.md, token level)."""
         self._require_closed_form()
         rz, y, mask = self.rows(z, labels)
         rs, rp, rm = (self._target_rows(t, mask) for t in (s, s_plus, s_minus))

@@ -1,6 +1,6 @@
 """Sequence classification and regression (one-output heads): GLUE-style tasks.
 
-Conventions (lgtm-method.md): ``KL_T(p || q)`` is the mean over rows of
+Conventions (docs/algorithm.md): ``KL_T(p || q)`` is the mean over rows of
 ``sum_c p_c (log p_c - log q_c)`` with both distributions ``softmax(logits / T)``; no T^2 factor
 unless ``scale_by_t2``. Rows whose label is < 0 get no CE term; every mean divides by the number
 of rows. The KD divergence and the fused teacher logit-gradient come from ``lgtm_kernels``
@@ -37,6 +37,11 @@ class ClassificationTask(Task):
     label_dtype: ClassVar[type] = int
 
     # -- data ----------------------------------------------------------------------------------
+
+    @classmethod
+    def claims_batch(cls, batch: dict) -> bool:
+        return cls is ClassificationTask and batch["labels"].dim() == 1
+
     def encode(self, ds, tokenizer, *, text_columns, max_length: int):
         cols = list(text_columns)
         cast = self.label_dtype
@@ -185,7 +190,7 @@ class ClassificationTask(Task):
         """
         if p.beta_teacher != 0.0 or p.beta_student != 0.0 or not self.task_loss_is_closed_form():
             # other divergences, or a subclass's own task_loss: autograd on the logits
-            return self._lgtm_logit_grad_autograd(z, s, s_plus, s_minus, labels, p, n_rows)
+            return super().lgtm_logit_grad(z, s, s_plus, s_minus, labels, p, n_rows)
         a, t2 = float(p.alpha_teacher), self.kd_scale(p.temperature, p.scale_by_t2)
         scale = a * t2 + (1 - a)
         grad, influence = lgtm_kernels.lgtm_teacher_logit_grad(
@@ -205,39 +210,6 @@ class ClassificationTask(Task):
         if t2 != 1.0:
             influence = influence * t2
         return grad, influence
-
-    def _kd_grads(self, z, targets, p: InfluenceParams) -> list[torch.Tensor]:
-        """``d/dz sum_rows KD_beta_teacher(target || z)`` for each target (fp32/fp64 autograd)."""
-        z_ = z.detach().to(torch.promote_types(z.dtype, torch.float32)).requires_grad_()
-        out = []
-        with torch.enable_grad():
-            for t in targets:
-                kd = self.kd_per_row(z_, t.detach().to(z_.dtype), p.temperature, p.beta_teacher)
-                out.append(torch.autograd.grad(kd.sum(), z_)[0])
-        return out
-
-    def _lgtm_logit_grad_autograd(self, z, s, s_plus, s_minus, labels, p, n_rows=None):
-        """The LGTM teacher logit gradient for any divergence: the KD gradients at the student's
-        theta, theta + R v and theta - R v by autograd on the logits (the kernel path covers
-        forward KL in one fused pass). ``dL/dz = a k g(s)/n + (1 - a) dCE/dz
-        - eta a k (g(s+) - g(s-)) / (2 R n)``, ``g(t) = d/dz sum KD(t || z)``, ``k`` = T^2 or 1.
-        Influence ``-eta k (l(+) - l(-)) / (2R)``, ``l`` the student's per-row KD loss."""
-        dtype = torch.promote_types(z.dtype, torch.float32)
-        n, a = n_rows or z.shape[0], float(p.alpha_teacher)
-        k = self.kd_scale(p.temperature, p.scale_by_t2)
-        g_s, g_plus, g_minus = self._kd_grads(z, (s, s_plus, s_minus), p)
-        z_ = z.detach().to(dtype).requires_grad_()
-        with torch.enable_grad():
-            g_ce = torch.autograd.grad(self.task_loss(z_, labels), z_)[0]
-        g_ce = g_ce * (z.shape[0] / n)  # task_loss is a mean over the rows here
-        grad = (a * k / n) * g_s + (1 - a) * g_ce
-        grad = grad - (p.eta * a * k / (2 * p.radius * n)) * (g_plus - g_minus)
-        zt = z.detach().to(dtype)
-        with torch.no_grad():
-            l_plus = self.kd_per_row(s_plus.detach().to(dtype), zt, p.temperature, p.beta_student)
-            l_minus = self.kd_per_row(s_minus.detach().to(dtype), zt, p.temperature, p.beta_student)
-        influence = -p.eta * k * (l_plus - l_minus) / (2 * p.radius)
-        return grad.to(z.dtype), influence
 
     def lgtm_teacher_pass(self, z, s, s_plus, s_minus, labels, p, *, split=False):
         """:meth:`Task.lgtm_teacher_pass` over the rows with one call of :meth:`lgtm_rows`
@@ -314,8 +286,7 @@ class ClassificationTask(Task):
         T, n = float(p.temperature), n_rows or s_plus.shape[0]
         k = self.kd_scale(T, p.scale_by_t2)
         if p.beta_teacher != 0.0:
-            g_plus, g_minus = self._kd_grads(z, (s_plus, s_minus), p)
-            return (-p.eta * p.alpha_teacher * k / (2 * p.radius * n)) * (g_plus - g_minus)
+            return super().influence_logit_term(s_plus, s_minus, p, z=z, n_rows=n)
         q_plus = torch.softmax(s_plus.detach().to(dtype) / T, dim=-1)
         q_minus = torch.softmax(s_minus.detach().to(dtype) / T, dim=-1)
         coef = p.eta * p.alpha_teacher * k / (2 * p.radius * T * n)
@@ -342,6 +313,7 @@ def divergence_f64(logits, target, temperature, beta):
 @TASKS.register
 class RegressionTask(ClassificationTask):
     name = "regression"
+    labels = "values"
     summary = "one-output head, float labels: squared-error distillation and loss; Pearson"
     default_metrics = ("pearson", "spearman")
     problem_type = "regression"
@@ -379,7 +351,7 @@ class RegressionTask(ClassificationTask):
         ``I_i = -eta ((s+_i - z_i)^2 - (s-_i - z_i)^2) / (2R)``. A subclass with its own
         ``task_loss``: the same with that loss's gradient, by autograd."""
         if not self.task_loss_is_closed_form():
-            return self._lgtm_logit_grad_autograd(z, s, s_plus, s_minus, labels, p)
+            return Task.lgtm_logit_grad(self, z, s, s_plus, s_minus, labels, p)
         dtype = torch.promote_types(z.dtype, torch.float32)
         z, s, sp, sm = (x.detach().to(dtype) for x in (z, s, s_plus, s_minus))
         y = labels.to(dtype).reshape(z.shape)

@@ -27,76 +27,35 @@ EMBEDDED_BERT = {
     "bert-base": dict(),
     "bert-6l": dict(num_hidden_layers=6),
 }
+
+
 # Small decoders for causal-LM distillation (task type causal_lm), tests and benchmarks.
 # Llama-shaped (RMSNorm, rotary, SwiGLU, grouped-query attention) for runs and benchmarks;
 # GPT-2 blocks for float64 oracles (Llama's RMSNorm and rotary compute in fp32 even in a float64
-# model, lgtm-method.md). teacher ~7x the student's parameters at a 1-2k vocabulary.
+# model, docs/algorithm.md). teacher ~7x the student's parameters at a 1-2k vocabulary.
+def _llama(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, **extra) -> tuple:
+    """An embedded Llama-shaped decoder's config: hidden size, blocks, attention heads,
+    key-value heads, feed-forward width (and any other LlamaConfig key)."""
+    return "llama", dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=ffn,
+        **extra,
+    )
+
+
 EMBEDDED_DECODERS = {
-    "teacher": (
-        "llama",
-        dict(
-            hidden_size=128,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=384,
-        ),
-    ),
-    "student": (
-        "llama",
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            intermediate_size=128,
-        ),
-    ),
-    "tiny": (
-        "llama",
-        dict(
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            intermediate_size=32,
-        ),
-    ),
+    "teacher": _llama(128, 6, 4, 2, 384),
+    "student": _llama(64, 2, 2, 1, 128),
+    "tiny": _llama(16, 1, 2, 1, 32),
     # the decoder-1b benchmark preset (GPU): a Llama-3.2-1B-shaped teacher (tied embeddings,
     # 1.24B at V = 128256) and a ~0.13B student (SmolLM-135M-like blocks, 16 layers, tied)
-    "llama-1b": (
-        "llama",
-        dict(
-            hidden_size=2048,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            intermediate_size=8192,
-            tie_word_embeddings=True,
-        ),
-    ),
-    "llama-125m": (
-        "llama",
-        dict(
-            hidden_size=576,
-            num_hidden_layers=16,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            intermediate_size=1536,
-            tie_word_embeddings=True,
-        ),
-    ),
+    "llama-1b": _llama(2048, 16, 32, 8, 8192, tie_word_embeddings=True),
+    "llama-125m": _llama(576, 16, 9, 3, 1536, tie_word_embeddings=True),
     # bench_step's decoder-zero preset: 50M parameters, nearly all in the body
-    "wide": (
-        "llama",
-        dict(
-            hidden_size=1024,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=8,
-            intermediate_size=2560,
-        ),
-    ),
+    "wide": _llama(1024, 4, 8, 8, 2560),
     "gpt2-teacher": ("gpt2", dict(n_embd=32, n_layer=2, n_head=2)),
     "gpt2-student": ("gpt2", dict(n_embd=16, n_layer=1, n_head=2)),
 }

@@ -67,7 +67,7 @@ def child(args) -> dict:
     from lgtm_ds.config import load_config
     from lgtm_ds.engines.build import build_engines, resolve_ds_configs
     from lgtm_ds.engines.optim import build_adamw
-    from lgtm_ds.methods import Distiller, DistillHParams
+    from lgtm_ds.methods import Distiller
     from lgtm_ds.methods.naive import naive_lgtm_step
     from lgtm_ds.tasks import get_task
     from lgtm_ds.tasks.base import ModelOptions
@@ -128,7 +128,7 @@ def child(args) -> dict:
     else:
         ds_configs = None
         if on_deepspeed:
-            from lgtm_ds.engines.deepspeed import init_distributed
+            from lgtm_ds.engines.dist import init_distributed
 
             _, world = init_distributed()
             ds_configs = resolve_ds_configs(cfg, world)  # as the trainer resolves them
@@ -140,26 +140,23 @@ def child(args) -> dict:
             student_steps=n_steps,
             ds_configs=ds_configs,
         )
-        from lgtm_ds.engines.head import enable_fused_head
-        from lgtm_ds.methods import get_method
-
-        engines = {"teacher": te, "student": se}
         zero_stage = "/".join(str(getattr(e, "stage", "")) for e in (te, se))  # teacher/student
-        enable_fused_head(task, get_method(method), engines, args.fused_head == "on")
-        d = Distiller.from_config(cfg.method, teacher=te, student=se, task=task)
+        d = Distiller(
+            config=cfg.method,
+            teacher=te,
+            student=se,
+            task=task,
+            fused_head=args.fused_head == "on",
+        )
 
     batches, quiz = data(n_steps), data(n_steps)
 
-    hp = vars(DistillHParams.from_config(cfg.method))  # the same hyper-parameters for all
-    if method == NAIVE:  # the reference form takes the paper's knobs only (eta = teacher lr)
-        import inspect
-
-        takes = inspect.signature(naive_lgtm_step).parameters
-        hp = {k: v for k, v in hp.items() if k in takes}
-
-    def one(i):
+    def one(i):  # the same hyper-parameters (cfg.method) for every method
         if method == NAIVE:
-            naive_lgtm_step(teacher, student, t_opt, s_opt, batches[i], quiz[i], task=task, **hp)
+            c = cfg.method
+            naive_lgtm_step(
+                teacher, student, t_opt, s_opt, batches[i], quiz[i], task=task, config=c
+            )
         else:
             d.step(batches[i], quiz[i])
 

@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         "(the last figure is why bf16 DeepSpeed teachers backpropagate the influence term on "
-        "its own and add it to fp32-accumulated gradients: tests/test_ds_equivalence.py)"
+        "its own and add it to fp32-accumulated gradients: "
+        "tests/integration/test_ds_equivalence.py)"
     )
     return 0

@@ -1,4 +1,11 @@
-"""Checkpoints: both engines' DeepSpeed checkpoints, the trainer's position and per-rank RNG.
+"""The run folder and its checkpoints: what may be written where (checked before anything is),
+both engines' DeepSpeed checkpoints, the trainer's position and per-rank RNG.
+
+A run folder (``output.dir``) holds one run: ``summary.json`` is written last and marks a
+finished run (``"status": "failed"`` a failed one). :func:`check_run_folder` refuses to start
+over a finished, failed or unfinished run unless ``output.overwrite`` / ``output.resume`` say
+so; :func:`resume_target` resolves ``output.resume``; :func:`prepare_run_folder` (rank 0)
+clears what a fresh start replaces.
 
 Layout under ``<output.dir>/checkpoints``: ``teacher/<tag>``, ``student/<tag>`` (DeepSpeed),
 ``<tag>/trainer_state.json`` (rank 0) and ``<tag>/rng_rank<r>.pt`` (every rank: dropout streams
@@ -15,18 +22,108 @@ DeepSpeed's own ``latest`` file assumes).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
 
-from ..engines.deepspeed import barrier
+from ..engines.dist import barrier
 from ..errors import ConfigError
 from ..io import atomic_write_text, write_json_atomic
 
 PARTIAL = ".partial"
+# what a run writes into output.dir (removed when resume=auto starts a run afresh)
+RUN_OUTPUTS = (
+    "checkpoints",
+    "metrics.jsonl",
+    "influence.jsonl",
+    "generations",
+    "config.yaml",
+    "data_split.json",
+    "student",
+    "teacher",
+    "summary.txt",
+    "summary.json",
+    "wandb",
+    "wandb_run_id",
+)
 _TAG = re.compile(r"^(stage1_)?step(\d+)$")
+
+
+def check_run_folder(out: Path, output) -> None:
+    """ConfigError unless ``out`` may hold this run (``output``: the ``output`` section): a
+    writable folder, and not a finished, failed or unfinished run unless ``overwrite`` /
+    ``resume`` say what to do with it."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output.dir {str(out)!r} is a file, not a folder")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"output.dir {str(out)!r}: cannot create or write it ({existing} is not a "
+            f"writable folder)"
+        )
+    failed = failed_run(out)
+    if failed and not output.overwrite and output.resume in (None, "auto"):
+        raise ConfigError(
+            f"output.dir {str(out)!r} holds a run that failed ({failed}); set "
+            f"output.overwrite=true to start over, or output.resume=<a checkpoint folder "
+            f"under {out / 'checkpoints'}> to continue from one with changed settings"
+        )
+    if (out / "summary.json").exists() and not (output.overwrite or output.resume):
+        raise ConfigError(
+            f"output.dir {str(out)!r} already holds a finished run (summary.json); "
+            f"set output.overwrite=true or pick another folder"
+        )
+    started = any((out / f).exists() for f in ("metrics.jsonl", "checkpoints"))
+    if started and not (out / "summary.json").exists():
+        if not (output.overwrite or output.resume):
+            raise ConfigError(
+                f"output.dir {str(out)!r} holds an unfinished run (metrics.jsonl or "
+                f"checkpoints, no summary.json): set output.resume=auto to continue it, "
+                f"output.overwrite=true to start over, or pick another folder"
+            )
+
+
+def failed_run(out: Path) -> str | None:
+    """The failure reason if ``out`` holds a run whose summary says it failed."""
+    try:
+        s = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return s.get("failure") if isinstance(s, dict) and s.get("status") == "failed" else None
+
+
+def resume_target(out: Path, output) -> tuple[Path, str] | None:
+    """(checkpoints root, tag) to continue from, or None for a fresh start; a bad target
+    fails here, before anything in the run folder is touched."""
+    target = resolve_resume(output.resume, out) if output.resume else None
+    if output.resume and target is None and (out / "summary.json").exists():
+        raise ConfigError(
+            f"output.resume=auto: {out} holds a finished run without checkpoints; "
+            f"nothing to continue (output.overwrite=true starts it over)"
+        )
+    return target
+
+
+def prepare_run_folder(out: Path, output, resuming: bool) -> None:
+    """Rank 0, once everything is checked: a fresh start clears the folder (``overwrite``:
+    all of it; ``resume=auto`` with nothing to resume: only what a run writes); leftovers of
+    a save killed half-way go; a resumed run's old summary goes (it is written again last)."""
+    if not resuming and out.exists():
+        if output.overwrite:
+            shutil.rmtree(out)
+        elif output.resume:  # resume=auto with nothing to resume yet: a fresh start
+            for name in RUN_OUTPUTS:  # only what a run writes (the folder may hold more)
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_partial(out / "checkpoints")
+    (out / "summary.json").unlink(missing_ok=True)
 
 
 def resolve_resume(resume: str, out: Path) -> tuple[Path, str] | None:

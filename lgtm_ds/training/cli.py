@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = parse_args(sys.argv[1:] if argv is None else argv)
         configure_console(args.log_level)
-        from ..engines.deepspeed import shutdown_distributed
+        from ..engines.dist import shutdown_distributed
         from .trainer import run
 
         run(cfg)
@@ -37,7 +37,7 @@ def configure_console(level: str) -> None:
     import datasets
     import transformers
 
-    from ..engines.deepspeed import set_log_level
+    from ..engines.dist import set_log_level
 
     set_log_level(lvl)
     transformers.utils.logging.set_verbosity(max(lvl, logging.WARNING) if quiet else lvl)

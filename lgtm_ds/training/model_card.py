@@ -31,21 +31,12 @@ def model_card(role: str, cfg, summary: dict, split: dict) -> str:
         meta["base_model"] = own  # a hub id (a local path would not resolve for readers)
     if cfg.data.source == "hub" and cfg.data.dataset:
         meta["datasets"] = [cfg.data.dataset]
-    hp = {
-        k: getattr(method, k)
-        for k in (
-            "alpha_student",
-            "alpha_teacher",
-            "temperature",
-            "fd_radius",
-            "scale_by_t2",
-            "jsd_beta",
-            "teacher_jsd_beta",
-            "teacher_stage1_epochs",
-            "pilot_lr",
-            "teacher_ce_weight",
-        )
-    }
+    # the objectives' weights every method shares, then the running method's own options
+    shared = ("alpha_student", "alpha_teacher", "temperature", "scale_by_t2", "jsd_beta")
+    hp = {k: getattr(method, k) for k in (*shared, "teacher_jsd_beta")}
+    options = getattr(method, method.name, None)
+    if options is not None:
+        hp.update(options.model_dump())
     final = summary.get("final") or {}
     initial = summary.get("initial") or {}
     rows = [

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engines.deepspeed import all_gather_object
+from ..engines.dist import all_gather_object
 from .logger import JsonlFile
 
 FILE = "influence.jsonl"

@@ -8,12 +8,10 @@ finished run. The trainer asks the method (``lgtm_ds.methods``) what it needs an
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,53 +22,36 @@ from ..data import (
     GlobalBatches,
     build_tokenizer,
     load_task,
-    make_loader,
     own_tokenizer,
-    synthetic_corpus_texts,
-    synthetic_instruction_texts,
+    synthetic_texts,
 )
 from ..data.sources import GLUE_DATASET_ID, GLUE_TASKS
 from ..engines.build import build_engines, resolve_ds_configs
-from ..engines.deepspeed import all_gather_object, init_distributed
-from ..engines.head import enable_fused_head
+from ..engines.dist import all_gather_object, init_distributed
+from ..engines.head import FullLogitsWarning
 from ..errors import ConfigError, TrainingError
 from ..hub import check_sources
 from ..io import atomic_write_text, write_json_atomic
 from ..methods import Distiller, get_method
 from ..methods.hidden import HIDDEN_PROJ, HiddenSpec, attach_projection
-from ..tasks import get_task
+from ..tasks import get_task, task_for_labels
 from ..tasks.base import ModelOptions
 from ..tasks.derive import FROM_TEACHER, derive_student
-from ..tasks.generation import greedy_complete, prompt_and_reference, word_f1
 from ..tasks.hf import init_seed, is_embedded
 from .checkpoint import (
+    check_run_folder,
     load_checkpoint,
-    remove_partial,
-    resolve_resume,
+    prepare_run_folder,
     restore_rng,
+    resume_target,
     save_checkpoint,
 )
+from .evaluator import Evaluator
 from .logger import MetricsLogger
 from .model_card import model_card
 from .summary import build_summary, format_summary
 from .telemetry import FILE as INFLUENCE_FILE
 from .telemetry import InfluenceLog
-
-# what a run writes into output.dir (removed when resume=auto starts a run afresh)
-_RUN_OUTPUTS = (
-    "checkpoints",
-    "metrics.jsonl",
-    "influence.jsonl",
-    "generations",
-    "config.yaml",
-    "data_split.json",
-    "student",
-    "teacher",
-    "summary.txt",
-    "summary.json",
-    "wandb",
-    "wandb_run_id",
-)
 
 
 def seed_everything(seed: int) -> None:
@@ -95,6 +76,10 @@ def optimizer_steps(
 
 
 class Trainer:
+    """One run: everything is built (and every input checked) in ``__init__``, before the run
+    folder is touched; :meth:`train` runs the loop and calls the components (the
+    :class:`Evaluator`, the checkpoints, the loggers); :meth:`finish` writes the outputs."""
+
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
         self.method = get_method(cfg.method.name)
@@ -103,35 +88,58 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.out = Path(cfg.output.dir)
         # -- everything that can fail on bad input, before any output is written ----------------
-        self._check_output_dir()
-        # a bad resume target must fail before anything in the run folder is touched
-        self.resume_from = (
-            resolve_resume(cfg.output.resume, self.out) if cfg.output.resume else None
-        )
-        if cfg.output.resume and self.resume_from is None and (self.out / "summary.json").exists():
-            raise ConfigError(
-                f"output.resume=auto: {self.out} holds a finished run without checkpoints; "
-                f"nothing to continue (output.overwrite=true starts it over)"
-            )
+        check_run_folder(self.out, cfg.output)
+        self.resume_from = resume_target(self.out, cfg.output)
         self.ds_teacher, self.ds_student = resolve_ds_configs(cfg, self.world)
         check_sources(_hub_sources(cfg))  # typos and a missing network fail here, in seconds
-        self._build_data()
-        self.gen_rows = self._generation_rows(self.data.eval)
-        self.test_gen_rows = (
-            self._generation_rows(self.data.test) if self.data.test is not None else []
+        self.tokenizer = self._build_tokenizer()
+        self.data = load_task(cfg.data, self.tokenizer, cfg.train.seed)
+        self.task = self.data.task
+        self.collate = self.task.collator(self.tokenizer)
+        self.evaluator = Evaluator(
+            self.data,
+            self.tokenizer,
+            self.collate,
+            cfg.train,
+            rank=self.rank,
+            world=self.world,
+            out=self.out,
         )
-        self.best_metric = self._best_metric()
         teacher, student = self._build_models()
-        self._plan_steps()
-        self._build_engines(teacher, student)
-        # -- outputs ---------------------------------------------------------------------------
+        self.n_params = {
+            "teacher": sum(p.numel() for p in teacher.parameters()),
+            "student": sum(p.numel() for p in student.parameters()),
+        }
+        self.total_steps, self.stage1_steps = self._plan_steps()
+        # the teacher's schedule spans the steps it learns in
+        self.teacher_steps = self.stage1_steps + self.total_steps * self.method.trains_teacher
+        self.teacher, self.student = build_engines(
+            cfg,
+            teacher,
+            student,
+            teacher_steps=self.teacher_steps,
+            student_steps=self.total_steps,
+            ds_configs=(self.ds_teacher, self.ds_student),
+        )
+        self.distiller = self._build_distiller()
+        self.fused_head = {"teacher": self.teacher.fused_head, "student": self.student.fused_head}
+        self.train_batches = self._batches(self.data.train)
+        # quiz batches: same micro-batch size and accumulation as training batches
+        self.quiz_batches = self._batches(self.data.quiz) if self.method.needs_quiz else None
+        # -- the run so far (a resumed run continues these) -------------------------------------
         self.step = 0
         self.stage1_done = 0
         self.history: list[dict] = []  # evaluations of the whole run (all segments)
         self.wall_before = 0.0  # training time of the earlier segments of a resumed run
+        self.t0 = time.time()  # this segment's start (train() sets it again)
+        self.bar = None  # the progress bar, while train() runs
         self.resumed_from: list[str] = []
         self.skipped = {"total": 0, "in_a_row": 0}  # the divergence guard's counts
-        self._write_run_header()
+        # -- outputs ---------------------------------------------------------------------------
+        if self.is_main:
+            prepare_run_folder(self.out, cfg.output, resuming=self.resume_from is not None)
+            save_resolved(cfg, self.ds_teacher, self.ds_student, self.out / "config.yaml")
+            write_json_atomic(self.out / "data_split.json", self.data.split_record())
         self.logger = MetricsLogger(
             self.out / "metrics.jsonl",
             enabled=self.is_main,
@@ -142,118 +150,24 @@ class Trainer:
             resume=self.resume_from is not None,
         )
         self.logger.step_offset = self.stage1_steps
-        self.influence_log = None
-        if self.method.reports_influence and cfg.output.influence_log:
-            train = self.data.train
-            self.influence_log = InfluenceLog(
-                self.out / INFLUENCE_FILE,
-                is_main=self.is_main,
-                resume=self.resume_from is not None,
-                source_indices=(
-                    train["source_index"]
-                    if "source_index" in train.column_names
-                    else range(len(train))
-                ),
-                examples=cfg.output.influence_log_examples,
-                max_rows=cfg.output.influence_log_max_rows,
-                seed=cfg.train.seed,
-            )
-        every = cfg.method.influence_ratio_every
-        self.ratio_every = cfg.train.log_every if every is None else every
+        self.influence_log = self._influence_log()
+        self.ratio_every = self.method.influence_ratio_every(cfg)
         if self.resume_from is not None:
             self._resume(*self.resume_from)
 
     # -- building ---------------------------------------------------------------------------------
-    def _check_output_dir(self) -> None:
-        out = self.cfg.output
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"output.dir {str(self.out)!r} is a file, not a folder")
-        existing = next(p for p in (self.out, *self.out.absolute().parents) if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(
-                f"output.dir {str(self.out)!r}: cannot create or write it ({existing} is not a "
-                f"writable folder)"
-            )
-        failed = _failed_run(self.out)
-        if failed and not out.overwrite and out.resume in (None, "auto"):
-            raise ConfigError(
-                f"output.dir {str(self.out)!r} holds a run that failed ({failed}); set "
-                f"output.overwrite=true to start over, or output.resume=<a checkpoint folder "
-                f"under {self.out / 'checkpoints'}> to continue from one with changed settings"
-            )
-        if (self.out / "summary.json").exists() and not (out.overwrite or out.resume):
-            raise ConfigError(
-                f"output.dir {str(self.out)!r} already holds a finished run (summary.json); "
-                f"set output.overwrite=true or pick another folder"
-            )
-        started = any((self.out / f).exists() for f in ("metrics.jsonl", "checkpoints"))
-        if started and not (self.out / "summary.json").exists():
-            if not (out.overwrite or out.resume):
-                raise ConfigError(
-                    f"output.dir {str(self.out)!r} holds an unfinished run (metrics.jsonl or "
-                    f"checkpoints, no summary.json): set output.resume=auto to continue it, "
-                    f"output.overwrite=true to start over, or pick another folder"
-                )
-
-    def _build_data(self) -> None:
+    def _build_tokenizer(self):
         cfg = self.cfg
         tok_name = cfg.model.tokenizer or (
             "embedded" if is_embedded(cfg.model.teacher) else cfg.model.teacher
         )
-        decoder = get_task(cfg.data.task_type or "classification").embedded_tokenizer == "decoder"
+        # the task type named (None: the labels decide; every labelled type reads the same)
+        task_cls = get_task(cfg.data.task_type) if cfg.data.task_type else None
+        decoder = (task_cls or task_for_labels("classes")).embedded_tokenizer == "decoder"
         corpus = None
         if tok_name == "embedded" and cfg.data.source == "synthetic":
-            corpus = (
-                synthetic_instruction_texts(cfg.data.synthetic_examples, cfg.train.seed)
-                if decoder
-                else synthetic_corpus_texts(cfg.data.synthetic_examples, cfg.train.seed)
-            )
-        self.tokenizer = build_tokenizer(tok_name, corpus, causal_lm=decoder)
-        self.data = load_task(cfg.data, self.tokenizer, cfg.train.seed)
-        self.task = self.data.task
-        self.collate = self.task.collator(self.tokenizer)
-
-    def _generation_rows(self, ev) -> list[int]:
-        """The rows of ``ev`` (a held-out split) ``train.eval_generate`` completes: the first N
-        with a prompt."""
-        k = self.cfg.train.eval_generate
-        if not k:
-            return []
-        if self.task.name != "causal_lm":
-            raise ConfigError(
-                f"train.eval_generate={k} is for decoders (data.task_type causal_lm); this run's "
-                f"task is {self.task.name!r}"
-            )
-        rows = []
-        for i in range(len(ev)):
-            if prompt_and_reference(ev[i]["input_ids"], ev[i]["labels"]) is not None:
-                rows.append(i)
-                if len(rows) == k:
-                    break
-        if not rows:
-            raise ConfigError(
-                f"train.eval_generate={k}: no held-out example has a prompt to complete (the "
-                f"loss starts at the first token: data.format text); use format "
-                f"prompt_completion or messages, or eval_generate=0"
-            )
-        return rows
-
-    def _best_metric(self) -> str:
-        """``train.best_metric`` (checked against what this run's evaluations report), or the
-        task's primary metric."""
-        name = self.cfg.train.best_metric
-        if name is None:
-            return self.task.primary_metric
-        known = list(self.task.metric_names)
-        if self.gen_rows:
-            known += ["exact_match", "gen_f1"]
-        if name not in known:
-            raise ConfigError(
-                f"train.best_metric={name!r} is not a student metric of this run; it reports "
-                f"{', '.join(known)}"
-                + ("" if self.gen_rows else " (exact_match / gen_f1 need train.eval_generate)")
-            )
-        return name
+            corpus = synthetic_texts(task_cls, cfg.data.synthetic_examples, cfg.train.seed)
+        return build_tokenizer(tok_name, corpus, causal_lm=decoder)
 
     def _build_models(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         m = self.cfg.model
@@ -284,9 +198,7 @@ class Trainer:
         attach_projection(student, teacher, spec, seed=self.cfg.train.seed)
         tok_name = m.tokenizer or m.teacher
         for role, name in (("teacher", m.teacher), ("student", m.student)):
-            if (
-                name != tok_name and name != FROM_TEACHER
-            ):  # the run's tokenizer vs the one saved with the model
+            if name not in (tok_name, FROM_TEACHER):  # the run's tokenizer vs the model's own
                 self.task.check_tokenizers(tok, own_tokenizer(name), tok_name, role, name)
         for model, on in (
             (teacher, m.teacher_gradient_checkpointing),
@@ -294,13 +206,10 @@ class Trainer:
         ):
             if on:
                 _checkpoint_activations(model)
-        self.n_params = {
-            "teacher": sum(p.numel() for p in teacher.parameters()),
-            "student": sum(p.numel() for p in student.parameters()),
-        }
         return teacher, student
 
-    def _plan_steps(self) -> None:
+    def _plan_steps(self) -> tuple[int, int]:
+        """(optimizer steps of distillation, of the teacher-only stage 1)."""
         cfg, n = self.cfg, len(self.data.train)
         _, steps = optimizer_steps(n, cfg, self.world, cfg.train.epochs)
         nq, mbs = len(self.data.quiz), cfg.train.micro_batch_size
@@ -315,184 +224,71 @@ class Trainer:
                 f"train.micro_batch_size={mbs} on each of {self.world} rank(s); raise "
                 f"data.quiz_fraction, give the data more rows, or lower train.micro_batch_size"
             )
-        self.total_steps = cfg.train.max_steps or steps
-        self.stage1_steps = 0
+        stage1 = 0
         if self.method.teacher_stage1:
-            _, s1 = optimizer_steps(n, cfg, self.world, cfg.method.teacher_stage1_epochs)
-            self.stage1_steps = min(s1, cfg.train.max_steps) if cfg.train.max_steps else s1
-        # the teacher's schedule spans the steps it learns in
-        self.teacher_steps = self.stage1_steps + self.total_steps * self.method.trains_teacher
+            _, s1 = optimizer_steps(n, cfg, self.world, self.method.stage1_epochs(cfg))
+            stage1 = min(s1, cfg.train.max_steps) if cfg.train.max_steps else s1
+        return cfg.train.max_steps or steps, stage1
 
-    def _fused_head(self) -> None:
-        """model.fused_head: decoders' losses from hidden states through the output layer, per
-        engine where it can (not ZeRO-3) and the method and the model allow it."""
+    def _build_distiller(self) -> Distiller:
         cfg = self.cfg
         self.task.head_chunk = cfg.model.fused_head_chunk
-        engines = {"teacher": self.teacher, "student": self.student}
-        why = enable_fused_head(self.task, self.method, engines, cfg.model.fused_head)
-        self.fused_head = {role: eng.fused_head for role, eng in engines.items()}
-        for role, reason in why.items():
-            if reason is not None and self.is_main:
-                print(f"note: the {role} uses full logits, not the fused head: {reason}")
-
-    def _build_engines(self, teacher: torch.nn.Module, student: torch.nn.Module) -> None:
-        cfg = self.cfg
-        self.teacher, self.student = build_engines(
-            cfg,
-            teacher,
-            student,
-            teacher_steps=self.teacher_steps,
-            student_steps=self.total_steps,
-            ds_configs=(self.ds_teacher, self.ds_student),
-        )
-        self._fused_head()
-        self.distiller = Distiller.from_config(
-            cfg.method, teacher=self.teacher, student=self.student, task=self.task
-        )
-
-        def batches(ds):
-            lengths = [len(x) for x in ds["input_ids"]] if cfg.data.group_by_length else None
-            return GlobalBatches(
-                ds,
-                micro_batch_size=cfg.train.micro_batch_size,
-                gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-                seed=cfg.train.seed,
-                rank=self.rank,
-                world_size=self.world,
-                collate_fn=self.collate,
-                lengths=lengths,
+        with warnings.catch_warnings():  # the notes below say it once, on rank 0
+            warnings.simplefilter("ignore", FullLogitsWarning)
+            distiller = Distiller(
+                config=cfg.method,
+                teacher=self.teacher,
+                student=self.student,
+                task=self.task,
+                fused_head=cfg.model.fused_head,
             )
+        for role, reason in distiller.full_logits.items():
+            if self.is_main:
+                print(f"note: the {role} uses full logits, not the fused head: {reason}")
+        return distiller
 
-        self.train_batches = batches(self.data.train)
-        # quiz batches: same micro-batch size and accumulation as training batches
-        self.quiz_batches = batches(self.data.quiz) if self.method.needs_quiz else None
-
-    def _write_run_header(self) -> None:
-        """Rank 0: a clean run folder with the resolved config and the data split."""
-        if not self.is_main:
-            return
+    def _batches(self, ds) -> GlobalBatches:
         cfg = self.cfg
-        if self.resume_from is None and self.out.exists():
-            if cfg.output.overwrite:
-                shutil.rmtree(self.out)
-            elif cfg.output.resume:  # resume=auto with nothing to resume yet: a fresh start
-                for name in _RUN_OUTPUTS:  # only what a run writes (the folder may hold more)
-                    path = self.out / name
-                    if path.is_dir():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink(missing_ok=True)
-        self.out.mkdir(parents=True, exist_ok=True)
-        remove_partial(self.out / "checkpoints")  # leftovers of a save killed half-way
-        (self.out / "summary.json").unlink(missing_ok=True)
-        save_resolved(cfg, self.ds_teacher, self.ds_student, self.out / "config.yaml")
-        write_json_atomic(self.out / "data_split.json", self.data.split_record())
+        lengths = [len(x) for x in ds["input_ids"]] if cfg.data.group_by_length else None
+        return GlobalBatches(
+            ds,
+            micro_batch_size=cfg.train.micro_batch_size,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            seed=cfg.train.seed,
+            rank=self.rank,
+            world_size=self.world,
+            collate_fn=self.collate,
+            lengths=lengths,
+        )
+
+    def _influence_log(self) -> InfluenceLog | None:
+        """influence.jsonl (methods that report influence, ``output.influence_log``)."""
+        cfg = self.cfg
+        if not (self.method.reports_influence and cfg.output.influence_log):
+            return None
+        train = self.data.train
+        return InfluenceLog(
+            self.out / INFLUENCE_FILE,
+            is_main=self.is_main,
+            resume=self.resume_from is not None,
+            source_indices=(
+                train["source_index"] if "source_index" in train.column_names else range(len(train))
+            ),
+            examples=cfg.output.influence_log_examples,
+            max_rows=cfg.output.influence_log_max_rows,
+            seed=cfg.train.seed,
+        )
 
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self, split: str = "eval") -> dict:
-        """Teacher and student metrics on the eval split, or the test split (``split="test"``,
-        once after training), on all ranks: rank-sharded, gathered."""
-        ds = self.data.test if split == "test" else self.data.eval
-        n = len(ds)
-        mine = self._rank_share(list(range(n)))
-        loader = make_loader(
-            ds.select(mine),
-            self.cfg.train.eval_batch_size,
-            shuffle=False,
-            seed=0,
-            drop_last=False,
-            collate_fn=self.collate,
+        """Teacher and student metrics on the eval (or test) split, all ranks: the evaluator's."""
+        return self.evaluator.evaluate(
+            {"teacher": self.teacher, "student": self.student}, self.step, split
         )
-        engines = {"teacher": self.teacher, "student": self.student}
-        for eng in engines.values():
-            eng.module.eval()
-        parts: dict[str, list[np.ndarray]] = {}
-        with torch.no_grad():
-            for b in loader:
-                logits = {role: eng.forward(b) for role, eng in engines.items()}
-                for key, rows in self.task.eval_rows(logits, b).items():
-                    parts.setdefault(key, []).append(rows)
-                del logits
-        for eng in engines.values():
-            eng.module.train()
-        mine_rows = {k: np.concatenate(v) for k, v in parts.items()}
-        full = {}
-        for ids, rows in all_gather_object((mine, mine_rows)):
-            for k, a in rows.items():
-                if k not in full:
-                    full[k] = np.zeros((n, *a.shape[1:]), dtype=a.dtype)
-                full[k][np.asarray(ids)] = a  # padded duplicates land on their own row
-        scores = self.task.score(full, ds["labels"])
-        gen_rows = self.test_gen_rows if split == "test" else self.gen_rows
-        if gen_rows:
-            name = "test" if split == "test" else f"step{self.step}"
-            scores.update(self._generation_eval(engines, ds, gen_rows, name))
-        return scores
 
-    def _rank_share(self, items: list) -> list:
-        """This rank's share of ``items`` (every world-th from its rank), the list padded with
-        its own head so that every rank gets the same count (the same number of batches, i.e.
-        of collectives); the padded duplicates are gathered back onto their own rows."""
-        per = math.ceil(len(items) / self.world)
-        padded = items + items[: per * self.world - len(items)]
-        return padded[self.rank :: self.world]
-
-    def _generation_eval(self, engines: dict, ev, rows: list[int], name: str) -> dict:
-        """``train.eval_generate``: both models greedily complete the prompts of ``rows`` of
-        the held-out split ``ev`` (rank-sharded, gathered), scored against the references;
-        rank 0 writes ``generations/<name>.jsonl`` (prompt, reference, both completions)."""
-        cfg, tok = self.cfg.train, self.tokenizer
-        mine = self._rank_share(rows)
-        pairs = [prompt_and_reference(ev[i]["input_ids"], ev[i]["labels"]) for i in mine]
-        bs = cfg.eval_batch_size
-        done = {}
-        for role, eng in engines.items():
-            eng.module.eval()
-            synced = self.world > 1 and getattr(eng, "stage", 0) == 3  # forwards are collectives
-            done[role] = []
-            for lo in range(0, len(pairs), bs):
-                done[role] += greedy_complete(
-                    eng.module,
-                    [p for p, _ in pairs[lo : lo + bs]],
-                    pad_id=self.collate.pad_id,
-                    eos_id=tok.eos_token_id,
-                    max_new_tokens=cfg.eval_max_new_tokens,
-                    synced_gpus=synced,
-                )
-            eng.module.train()
-        by_row = {}
-        for ids, got in all_gather_object((mine, done)):
-            for j, i in enumerate(ids):
-                by_row[i] = {role: got[role][j] for role in got}
-
-        def text(ids):
-            return tok.decode(ids, skip_special_tokens=True).strip()
-
-        records, out = [], {}
-        for i in rows:
-            prompt, ref = prompt_and_reference(ev[i]["input_ids"], ev[i]["labels"])
-            rec = {"eval_index": i, "prompt": text(prompt), "reference": text(ref)}
-            for role in engines:
-                rec[role] = text(by_row[i][role])
-                rec[f"{role}_exact"] = rec[role] == rec["reference"]
-                rec[f"{role}_f1"] = word_f1(rec[role], rec["reference"])
-            records.append(rec)
-        for role in engines:
-            out[f"{role}/exact_match"] = float(np.mean([r[f"{role}_exact"] for r in records]))
-            out[f"{role}/gen_f1"] = float(np.mean([r[f"{role}_f1"] for r in records]))
-        if self.is_main:
-            lines = "".join(json.dumps(r) + "\n" for r in records)
-            atomic_write_text(self.out / "generations" / f"{name}.jsonl", lines)
-        self.last_generations = records
-        return out
-
-    def _eval_tables(self) -> dict | None:
-        """The last evaluation's completions as a W&B table (``generations``), if any."""
-        recs = getattr(self, "last_generations", None)
-        if not recs:
-            return None
-        columns = list(recs[0])
-        return {"generations": (columns, [[r[c] for c in columns] for r in recs])}
+    def _log_eval(self, ev: dict) -> None:
+        self.history.append({"step": self.step, **ev})
+        self.logger.log({"step": self.step, "eval": True, **ev}, tables=self.evaluator.tables())
 
     # -- training ----------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -508,11 +304,8 @@ class Trainer:
             dynamic_ncols=True,
         )
         self._teacher_stage1()
-        history = self.history
         if self.step == 0:  # the starting point (after vanilla KD's stage 1)
-            ev = self.evaluate()
-            history.append({"step": 0, **ev})
-            self.logger.log({"step": 0, "eval": True, **ev}, tables=self._eval_tables())
+            self._log_eval(self.evaluate())
         while self.step < self.total_steps:
             quiz = self.quiz_batches.next() if self.quiz_batches is not None else None
             batch = self.train_batches.next()
@@ -529,14 +322,12 @@ class Trainer:
             self._guard(m, self.step)
             last = self.step == self.total_steps
             if last or (cfg.train.eval_every and self.step % cfg.train.eval_every == 0):
-                ev = self.evaluate()
-                history.append({"step": self.step, **ev})
-                self.logger.log({"step": self.step, "eval": True, **ev}, tables=self._eval_tables())
+                self._log_eval(self.evaluate())
             every = cfg.output.checkpoint_every
             if every and self.step % every == 0 and not last:
                 self.save_checkpoint()
         self.bar.close()
-        return {"wall_s": self.wall_before + time.time() - self.t0, "history": history}
+        return {"wall_s": self.wall_before + time.time() - self.t0, "history": self.history}
 
     def _teacher_stage1(self) -> None:
         """Teacher-only fine-tuning before distillation (methods with ``teacher_stage1``)."""
@@ -712,8 +503,8 @@ class Trainer:
         return build_summary(
             self.cfg,
             task_name=self.data.name,
-            primary=self.best_metric,
-            lower_is_better=self.best_metric in self.task.lower_is_better,
+            primary=self.evaluator.best_metric,
+            lower_is_better=self.evaluator.best_metric in self.task.lower_is_better,
             data=self.data.split_record(),
             steps=self.step,
             stage1_steps=self.stage1_done,
@@ -721,7 +512,7 @@ class Trainer:
             wall_s=wall_s,
             params=self.n_params,
             zero_stage={"teacher": self.teacher.stage, "student": self.student.stage},
-            fused_head=getattr(self, "fused_head", None),
+            fused_head=self.fused_head,
             final=final,
             history=self.history,
             resumed_from=self.resumed_from,
@@ -760,17 +551,6 @@ def _hub_sources(cfg: ExperimentConfig) -> list[tuple[str, str, str]]:
     elif d.source == "hub" and d.dataset:
         out.append(("data.dataset", d.dataset, "dataset"))
     return out
-
-
-def _failed_run(out: Path) -> str | None:
-    """The failure reason if ``out`` holds a run whose summary says it failed."""
-    import json
-
-    try:
-        s = json.loads((out / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return s.get("failure") if isinstance(s, dict) and s.get("status") == "failed" else None
 
 
 def _checkpoint_activations(model: torch.nn.Module) -> None:

@@ -1,0 +1,105 @@
+"""The process group: torch.distributed through DeepSpeed (gloo on CPU), its collectives of
+Python objects, its shutdown, and DeepSpeed's logger. One of the modules that import DeepSpeed
+(``tests/unit/test_architecture.py`` lists them)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import warnings
+
+import torch
+
+# torch 2.13 marks the reduce-scatter DeepSpeed's comm calls as deprecated (one warning per rank)
+warnings.filterwarnings(
+    "ignore", message=r".*reduce_scatter_tensor. is deprecated", category=FutureWarning
+)
+
+
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU). Returns (rank, world)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python launch/train.py`: a one-process group
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    # note: the timeout turns a collective hang (e.g. mismatched steps across ranks) into an error
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
+    import deepspeed.comm as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _unlink_shm_buffer(rank, world)
+    return rank, world
+
+
+def shm_buffer_path(rank: int) -> str:
+    """The file DeepSpeed's CPU shared-memory all-reduce creates for ``rank`` of the group that
+    ``MASTER_ADDR``/``MASTER_PORT`` name (its naming, ops/csrc/cpu/comm/shm.cpp)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_buffer(rank: int, world: int) -> None:
+    """DeepSpeed's CPU backend creates a 66 MB /dev/shm file per rank when all ranks share a
+    node (for its inference all-reduce; training never calls it) and never unlinks it (known
+    upstream, deepspeedai/DeepSpeed#4115): every launch left 66 MB of RAM per rank behind. On
+    the dev machine a day of test runs left 308 files, 20 GB of its 24 GB, and the next CI run
+    hung. Each rank maps every peer's file during init, so once all ranks are past init (the
+    barrier) each unlinks its own: the mappings stay valid, and the memory is freed when the
+    processes exit, however they exit."""
+    if world > 1:  # every rank, file or not: a barrier only some ranks enter would hang
+        import deepspeed.comm as dist
+
+        dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(shm_buffer_path(rank))
+
+
+def set_log_level(level: int) -> None:
+    """DeepSpeed's logger at ``level`` (a ``logging`` level). At WARNING or above on a machine
+    without CUDA, the accelerator is named (``DS_ACCELERATOR=cpu``, unless set) so that DeepSpeed
+    does not warn that it guessed it. Call before DeepSpeed is first imported."""
+    import logging
+
+    if level >= logging.WARNING and "DS_ACCELERATOR" not in os.environ:
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    from deepspeed.utils import logger
+
+    logger.setLevel(level)
+
+
+def shutdown_distributed() -> None:
+    """Barrier, then tear the process group down before the interpreter exits.
+
+    Without it a rank that finishes first can abort at exit ("terminate called without an
+    active exception": a communication thread still joinable), and the launcher then reports a
+    failed run although every output was written. Seen once in ~10 two-rank CPU runs.
+    """
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        try:
+            tdist.barrier()
+        finally:
+            tdist.destroy_process_group()
+
+
+def barrier() -> None:
+    """All ranks wait here (no-op on one process)."""
+    import deepspeed.comm as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (pickled; a collective: every rank calls it)."""
+    import deepspeed.comm as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
