@@ -93,8 +93,7 @@ def check_sources(sources: list[tuple[str, str, str]]) -> None:
         if name.lower().endswith(".gguf"):  # a local GGUF checkpoint (model.*: file.gguf)
             if not os.path.isfile(path):
                 raise ConfigError(
-                    f"{key}: no such GGUF file {name!r} (relative paths start from "
-                    f"{os.getcwd()})"
+                    f"{key}: no such GGUF file {name!r} (relative paths start from {os.getcwd()})"
                 )
             continue
         if _looks_like_path(name) or os.path.exists(path):

@@ -69,8 +69,7 @@ class MethodSection(HiddenOptions, DistillOptions, _Named):
             section = dict(section) if isinstance(section, dict) else {}
             if key in section:
                 raise ConfigError(
-                    f"method.{key} and method.{owner}.{key} are both set; keep "
-                    f"method.{owner}.{key}"
+                    f"method.{key} and method.{owner}.{key} are both set; keep method.{owner}.{key}"
                 )
             section[key] = data.pop(key)
             data[owner] = section
