@@ -327,3 +327,30 @@ def test_the_merged_model_loads_with_plain_transformers_and_computes_the_same(tm
     with torch.no_grad():
         want, got = m(**x).logits, plain(**x).logits
     assert float((got - want).abs().max()) < 1e-12 * float(want.abs().max()) + 1e-14
+
+
+def test_hidden_state_projection_stays_trainable_beside_student_adapters():
+    """Hidden-state KD across widths with a LoRA student: the projection, added after the
+    adapters, trains in full; the student's base does not move."""
+    from lgtm_ds.methods.hidden import HIDDEN_PROJ
+
+    from .test_hidden import _models
+
+    t, s = _models(same_width=False)
+    _lora(s, r=2)
+    frozen = {n: p.detach().clone() for n, p in s.named_parameters() if not p.requires_grad}
+    d = Distiller(
+        "lgtm",
+        teacher=t,
+        student=s,
+        teacher_optimizer=build_adamw(t, 1e-2, 0.0),
+        student_optimizer=build_adamw(s, 1e-2, 0.0),
+        hidden_weight=0.5,
+    )
+    proj = getattr(s, HIDDEN_PROJ)
+    before = [p.detach().clone() for p in proj.parameters()]
+    assert all(p.requires_grad for p in proj.parameters())
+    m = d.step(random_batch(4, 1), random_batch(3, 2))
+    assert m["student_hidden_loss"] > 0
+    assert all(not torch.equal(p, b) for p, b in zip(proj.parameters(), before))
+    assert all(torch.equal(p, frozen[n]) for n, p in s.named_parameters() if n in frozen)
