@@ -97,10 +97,6 @@ def peft_wrapper(model: nn.Module):
     return model.__dict__.get(_WRAPPER)
 
 
-def trainable_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def apply_adapters(
     model: nn.Module, opts: AdapterOptions, *, key: str, name: str, seed: int = 0
 ) -> nn.Module:
@@ -120,6 +116,7 @@ def apply_adapters(
         targets = saved.get("target_modules")
         if isinstance(targets, list):  # (a regex string is peft's to match)
             check_targets(model, targets, f"{key}.adapter ({path}) target_modules", name)
+            _not_the_output_layer(model, targets, f"{key}.adapter ({path}) target_modules")
         try:
             wrapper = peft.PeftModel.from_pretrained(model, path, is_trainable=True)
         except Exception as e:  # noqa: BLE001  (shapes that do not fit, a corrupt file)
@@ -127,11 +124,13 @@ def apply_adapters(
     else:
         targets = opts.target_modules or default_targets(model, key)
         check_targets(model, targets, f"{key}.target_modules", name)
+        _not_the_output_layer(model, targets, f"{key}.target_modules")
         save = opts.modules_to_save
         if save is None:
             save = default_modules_to_save(model)
         else:
             check_targets(model, save, f"{key}.modules_to_save", name, any_type=True)
+            _not_the_output_layer(model, save, f"{key}.modules_to_save")
         r = opts.r or DEFAULT_R
         config = peft.LoraConfig(
             r=r,
@@ -209,6 +208,24 @@ def check_targets(
                 f"{key}: {t!r} in {name!r} is a {type(found[0][1]).__name__}; LoRA adapts linear, "
                 "embedding and convolution layers"
             )
+
+
+def _not_the_output_layer(model: nn.Module, targets: list[str], key: str) -> None:
+    """A causal LM's output layer stays as it is: the fused head and the teacher's logit
+    gradient read its weight directly, which a LoRA or modules_to_save wrapper would bypass."""
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if get is not None else None
+    if out is None:
+        return
+    for t in targets:
+        for n, m in _matches(model, t):
+            if m is out:
+                raise ModelError(
+                    f"{key}: {t!r} is the output layer ({n}); adapters or modules_to_save there "
+                    "are not supported (the fused head reads its weight directly): leave it out"
+                )
 
 
 def _conv1d_targets(model: nn.Module, targets: list[str]) -> bool:

@@ -121,6 +121,14 @@ def test_a_target_that_does_not_exist_names_the_key_and_the_layers():
     assert "q_proj" in str(e.value)
     with pytest.raises(ModelError, match="model.student_peft.target_modules: 'ln_1' .* LayerNorm"):
         _lora(tiny_decoder(), target_modules=["ln_1"])
+    with pytest.raises(
+        ModelError, match="model.student_peft.target_modules: 'lm_head' is the output"
+    ):
+        _lora(tiny_decoder("tiny"), target_modules=["q_proj", "lm_head"])
+    with pytest.raises(
+        ModelError, match="model.student_peft.modules_to_save: 'lm_head' is the output"
+    ):
+        _lora(tiny_decoder("tiny"), modules_to_save=["lm_head"])
     with pytest.raises(ModelError, match="model.student_peft.modules_to_save: 'head' names no"):
         _lora(tiny_model(), modules_to_save=["head"])
 
