@@ -1,8 +1,9 @@
 """Token-level distillation on real DeepSpeed engines: 3 steps per engine configuration on
 decoder batches of unequal lengths (prompt and padding masked), saving the final fp32
-parameters (rank 0) for ``tests/integration/test_ds_lm_equivalence.py``.
+parameters (rank 0) for ``tests/integration/test_ds_lm_equivalence.py``; with ``--lora`` the
+cases with LoRA adapters (``LORA_CASES``) for ``tests/integration/test_ds_adapters.py``.
 
-    deepspeed --num_gpus N tests/ds_lm_worker.py --out DIR
+    deepspeed --num_gpus N tests/ds_lm_worker.py --out DIR [--lora]
 """
 
 import argparse
@@ -43,6 +44,20 @@ CASES = {
     "lm_meta_z3_2_fused_llama": ("metadistil", 3, 2, "fp32", 1, True, "llama"),
 }
 PAIRS = {"gpt2": ("gpt2-teacher", "gpt2-student"), "llama": ("student", "tiny")}
+# LoRA adapters (lgtm_ds.tasks.adapters) on the pair "<pair>_lora" (both sides) or
+# "<pair>_lora_teacher"; an eighth field: activation checkpointing on both models
+LORA_CASES = {
+    "lm_lora_z0_0": ("lgtm", 0, 0, "fp32", 1, False, "gpt2_lora"),
+    "lm_lora_z1_1": ("lgtm", 1, 1, "fp32", 1, False, "gpt2_lora"),
+    "lm_lora_z2_2_gas2": ("lgtm", 2, 2, "fp32", 2, False, "gpt2_lora"),
+    "lm_lora_z3_3": ("lgtm", 3, 3, "fp32", 1, False, "gpt2_lora"),
+    "lm_lora_teacher_z3_2": ("lgtm", 3, 2, "fp32", 1, False, "gpt2_lora_teacher"),
+    "lm_lora_z2_2_ckpt": ("lgtm", 2, 2, "fp32", 1, False, "gpt2_lora", True),
+    "lm_lora_z3_3_fused_llama": ("lgtm", 3, 3, "fp32", 1, True, "llama_lora"),
+    "lm_lora_meta_z2_2": ("metadistil", 2, 2, "fp32", 1, False, "gpt2_lora"),
+    "lm_lora_z2_2_bf16": ("lgtm", 2, 2, "bf16", 1, False, "gpt2_lora"),
+    "lm_lora_z3_3_bf16": ("lgtm", 3, 3, "bf16", 1, False, "gpt2_lora"),
+}
 
 
 def batches(step, rank, world, gas):
@@ -56,23 +71,79 @@ def batches(step, rank, world, gas):
 
 
 def _models(pair):
-    t, s = PAIRS[pair]
-    return tiny_decoder(t, 1), tiny_decoder(s, 2)
+    base, _, sides = pair.partition("_lora")
+    t, s = PAIRS[base]
+    teacher, student = tiny_decoder(t, 1), tiny_decoder(s, 2)
+    if _:
+        from lgtm_ds.tasks.adapters import AdapterOptions, apply_adapters
+
+        roles = ("teacher",) if sides == "_teacher" else ("teacher", "student")
+        for role, model, seed in (("teacher", teacher, 11), ("student", student, 12)):
+            if role in roles:
+                opts = AdapterOptions(enabled=True, r=4, alpha=6.0)
+                apply_adapters(model, opts, key=f"model.{role}_peft", name=role, seed=seed)
+                g = torch.Generator().manual_seed(seed)
+                with torch.no_grad():  # B != 0: every adapter gradient non-zero from step 1
+                    for n, p in model.named_parameters():
+                        if "lora_B" in n:
+                            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return teacher, student
 
 
-def _released(adapter) -> bool:
+def _params(adapter):
+    """Every parameter of the engine's module as a full fp32 tensor: the trainable ones from
+    the optimizer's masters, the frozen ones (no optimizer state) gathered under ZeRO-3."""
+    trainable = [p for p in adapter.module.parameters() if p.requires_grad]
+    masters = dict(zip(map(id, trainable), full_params_of(trainable)))
+    out = []
+    for p in adapter.module.parameters():
+        if id(p) in masters:
+            out.append(masters[id(p)])
+        elif hasattr(p, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                out.append(p.detach().float().cpu().clone())
+        else:
+            out.append(p.detach().float().cpu().clone())
+    return out
+
+
+def full_params_of(params):
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = []
+    for p in params:
+        full = safe_get_full_fp32_param(p)  # collective under ZeRO-1/2/3 and bf16
+        out.append((full if full is not None else p.detach()).float().cpu().clone())
+    return out
+
+
+def _optimizer_numel(adapter) -> int:
+    """Elements this rank's AdamW keeps moments of (its fp32 master partitions, or the client
+    AdamW's parameters at ZeRO-0 fp32)."""
+    state = adapter.engine.basic_optimizer.state.values()
+    return sum(st["exp_avg"].numel() for st in state if "exp_avg" in st)
+
+
+def _released(adapter, allow_external: bool = False) -> bool:
     """Under ZeRO-3: every parameter is back to its shard (nothing left gathered)."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     ps = [p for p in adapter.module.parameters() if hasattr(p, "ds_status") and not p.ds_persist]
     # and no parameter was read outside its module (ZeRO-3 then registers it with another one)
     external = [p for m in adapter.module.modules() for _, p in m.ds_external_parameters()]
+    if allow_external:  # peft reads lora_A.weight.dtype in the LoRA layer's own forward
+        external = []
     return not external and all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in ps)
 
 
 def run_case(name, rank, world):
-    method, ts, ss, precision, gas, fused, pair = CASES[name]
+    method, ts, ss, precision, gas, fused, pair, *ckpt = {**CASES, **LORA_CASES}[name]
     teacher, student = _models(pair)
+    if ckpt and ckpt[0]:
+        for m in (teacher, student):
+            m.gradient_checkpointing_enable({"use_reentrant": False})
     init = {
         "teacher": [p.detach().clone() for p in teacher.parameters()],
         "student": [p.detach().clone() for p in student.parameters()],
@@ -111,10 +182,15 @@ def run_case(name, rank, world):
             d.method.teacher_update(train, quiz if method == "metadistil" else None)
         d.method.student_update(train)
         for role, stage in (("teacher", ts), ("student", ss)):
-            released &= stage < 3 or _released(engines[role])
+            released &= stage < 3 or _released(engines[role], allow_external="_lora" in pair)
+    lora = "_lora" in pair
     return {
-        "teacher": full_params(engines["teacher"]),
-        "student": full_params(engines["student"]),
+        "teacher": (_params if lora else full_params)(engines["teacher"]),
+        "student": (_params if lora else full_params)(engines["student"]),
+        "trainable": {
+            r: [p.requires_grad for p in e.module.parameters()] for r, e in engines.items()
+        },
+        "optimizer_numel": {r: _optimizer_numel(e) for r, e in engines.items()},
         "init": init,
         "restored": restored,
         "released": released,
@@ -158,9 +234,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=0)
+    ap.add_argument("--lora", action="store_true", help="the LORA_CASES instead of CASES")
+    ap.add_argument("--only", default=None, help="comma-separated case names (debugging)")
     args = ap.parse_args()
     rank, world = init_distributed(timeout_s=300)
-    for name in CASES:
+    names = list(LORA_CASES if args.lora else CASES)
+    for name in args.only.split(",") if args.only else names:
         try:
             res = run_case(name, rank, world)
         except Exception:
@@ -168,7 +247,18 @@ def main():
             res = {"error": "crash: " + traceback.format_exc(limit=3)}
         if rank == 0:
             torch.save(res, os.path.join(args.out, f"{name}.w{world}.pt"))
-    if rank == 0:
+    if rank == 0 and args.lora:
+        ref = {
+            f"{m}_{pair}": run_torch(m, pair)
+            for m, pair in (
+                ("lgtm", "gpt2_lora"),
+                ("lgtm", "gpt2_lora_teacher"),
+                ("lgtm", "llama_lora"),
+                ("metadistil", "gpt2_lora"),
+            )
+        }
+        torch.save(ref, os.path.join(args.out, f"torch_lora.w{world}.pt"))
+    elif rank == 0:
         ref = {
             "lgtm": run_torch("lgtm"),
             "online_kd": run_torch("online_kd"),

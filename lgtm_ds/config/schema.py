@@ -21,6 +21,7 @@ from ..methods import METHODS, get_method
 from ..methods.config import MethodSection, method_config_class
 from ..options import NonEmptyStr, Options
 from ..tasks import get_task
+from ..tasks.adapters import AdapterOptions
 
 _CHUNK_DOC = (
     "token rows per chunk of the fused head; null = 2^21 logits per chunk (64 rows at a 32000 "
@@ -87,6 +88,14 @@ class ModelConfig(Options):
         description="zero both classification heads, as the LGTM reference does for pre-trained "
         "BERTs; the embedded models start from random weights, where a zero head stalls learning",
     )
+    teacher_peft: AdapterOptions = Field(
+        default_factory=AdapterOptions,
+        description="LoRA adapters on the teacher (docs/adapters.md): the base frozen, the "
+        "adapters trained by every method",
+    )
+    student_peft: AdapterOptions = Field(
+        default_factory=AdapterOptions, description="LoRA adapters on the student"
+    )
 
     @field_validator("teacher", "student", "tokenizer")
     @classmethod
@@ -128,6 +137,17 @@ class ModelConfig(Options):
                 )
         if self.student_config is not None and not self.student_config:
             raise ConfigError("model.student_config is empty: give the config keys to change")
+        return self
+
+    @field_validator("teacher_peft", "student_peft", mode="before")
+    @classmethod
+    def _empty_peft(cls, value: Any) -> Any:
+        return {} if value is None else value  # "teacher_peft:" with nothing under it
+
+    @model_validator(mode="after")
+    def _adapters(self) -> ModelConfig:
+        self.teacher_peft.check("model.teacher_peft")
+        self.student_peft.check("model.student_peft")
         return self
 
 
@@ -387,6 +407,12 @@ class OutputConfig(Options):
     )
     overwrite: bool = Field(False, description="allow reusing a non-empty run folder")
     save_teacher: bool = Field(True, description="also save the co-trained teacher at the end")
+    merge_adapters: bool = Field(
+        False,
+        description="a role with LoRA adapters (model.*_peft) is saved as its adapter folder "
+        "(peft); true = as the merged model (base + adapters, loads with plain transformers), "
+        "the adapter folder in its adapter/",
+    )
     checkpoint_every: int = Field(
         0, ge=0, description="optimizer steps between checkpoints; 0 = none"
     )
@@ -476,6 +502,16 @@ class ExperimentConfig(Options):
                     f"classifiers; the first token of data.task_type {t!r} does not summarise "
                     "the sequence (a decoder's is its BOS): use all"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _merge_needs_adapters(self) -> ExperimentConfig:
+        m = self.model
+        if self.output.merge_adapters and not (m.teacher_peft.enabled or m.student_peft.enabled):
+            raise ConfigError(
+                "output.merge_adapters is set but neither model.teacher_peft.enabled nor "
+                "model.student_peft.enabled is: there are no adapters to merge"
+            )
         return self
 
 

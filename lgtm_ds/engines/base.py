@@ -273,6 +273,14 @@ class InfluencePasses(Engine):
                 mod._parameters[attr] = work  # the module reads it as its parameter
                 formed.add(i)
             stash.setdefault(mod, []).append(saved)
+            # fp32 work tensors in a module whose input comes from a frozen low-precision base
+            # (LoRA adapters on a bf16 model): the input in the work tensors' dtype, as a module
+            # of one dtype computes (peft casts the adapters' output back to the base's dtype).
+            # A model trained in full sees no such input: its activations are fp32 throughout.
+            dtype = work.dtype
+            if any(_floating(a) and a.dtype != dtype for a in args):
+                return tuple(a.to(dtype) if _floating(a) else a for a in args)
+            return None
 
         def post(mod, args, out):
             for attr, param in stash[mod].pop():
@@ -394,6 +402,10 @@ class InfluencePasses(Engine):
         if not hasattr(self, "_names_cache"):
             self._names_cache = [n for n, p in self.module.named_parameters() if p.requires_grad]
         return self._names_cache
+
+
+def _floating(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
 @contextlib.contextmanager

@@ -13,10 +13,12 @@ look-ahead and the forwards at other parameter values); the teacher's does not.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
 from ..errors import ConfigError
+from ..tasks.adapters import ADAPTER_DIR, merged_state_dict, peft_wrapper, save_adapter
 from .base import Engine, InfluencePasses, Sharded, get_logits, model_inputs
 from .dist import all_gather_object, barrier, init_distributed  # noqa: F401  (the process group)
 from .head import HeadOutput, swap_forward
@@ -168,9 +170,13 @@ class DeepSpeedEngine(Engine):
             del flat
 
     # -- saving ----------------------------------------------------------------------------------
-    def save_pretrained(self, path: str, is_main: bool, drop: str | None = None, **kwargs) -> None:
+    def save_pretrained(
+        self, path: str, is_main: bool, drop: str | None = None, merge: bool = False, **kwargs
+    ) -> None:
         """Hugging Face ``save_pretrained`` of the full model (gathered under ZeRO-3), without
-        the submodule named ``drop`` (if any)."""
+        the submodule named ``drop`` (if any). A model with LoRA adapters: the adapter folder,
+        or with ``merge`` the merged plain model and the adapter folder inside it
+        (``tasks/adapters.py``)."""
 
         def state() -> dict:
             return {
@@ -179,13 +185,27 @@ class DeepSpeedEngine(Engine):
                 if drop is None or not k.startswith(drop + ".")
             }
 
+        def write_adapters() -> None:
+            full = state()
+            if merge:
+                merged = merged_state_dict(self.module, full)
+                self.module.save_pretrained(path, state_dict=merged, **kwargs)
+                save_adapter(self.module, os.path.join(path, ADAPTER_DIR), full)
+            else:
+                save_adapter(self.module, path, full)
+
+        adapters = peft_wrapper(self.module) is not None
         if self.stage == 3:
             import deepspeed
 
             params = list(self.module.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                if is_main:
+                if is_main and adapters:
+                    write_adapters()
+                elif is_main:
                     self.module.save_pretrained(path, state_dict=state(), **kwargs)
+        elif is_main and adapters:
+            write_adapters()
         elif is_main:
             if drop is not None and hasattr(self.module, drop):
                 kwargs["state_dict"] = state()

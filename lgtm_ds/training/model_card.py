@@ -6,6 +6,7 @@ from __future__ import annotations
 import yaml
 
 from .. import __version__
+from ..tasks.adapters import DEFAULT_R
 
 
 def model_card(role: str, cfg, summary: dict, split: dict) -> str:
@@ -29,6 +30,9 @@ def model_card(role: str, cfg, summary: dict, split: dict) -> str:
     }
     if not own.startswith("embedded:") and "/" in own and not own.startswith((".", "/", "~")):
         meta["base_model"] = own  # a hub id (a local path would not resolve for readers)
+    peft = getattr(m, f"{role}_peft")
+    if peft.enabled and not cfg.output.merge_adapters:
+        meta["library_name"] = "peft"
     if cfg.data.source == "hub" and cfg.data.dataset:
         meta["datasets"] = [cfg.data.dataset]
     # the objectives' weights every method shares, then the running method's own options
@@ -60,6 +64,7 @@ def model_card(role: str, cfg, summary: dict, split: dict) -> str:
         f"{'teacher' if role == 'student' else 'student'} `{other}`, method `{method.name}`, "
         f"task type `{split.get('task_type')}`, trained with LGTM-DS {__version__}.",
         "",
+        *_adapter_lines(peft, own, cfg.output.merge_adapters),
         "## Training",
         "",
         f"- data: {data}; {split.get('n_train')} training / {split.get('n_quiz')} quiz "
@@ -96,3 +101,26 @@ def model_card(role: str, cfg, summary: dict, split: dict) -> str:
 
 def _num(v) -> str:
     return f"{v:.4f}" if isinstance(v, int | float) else "-"
+
+
+def _adapter_lines(peft, base: str, merged: bool) -> list[str]:
+    """What the folder holds when the role trained LoRA adapters (``model.<role>_peft``)."""
+    if not peft.enabled:
+        return []
+    r = peft.r or DEFAULT_R
+    alpha = peft.alpha if peft.alpha is not None else 2 * r
+    how = f"from `{peft.adapter}`" if peft.adapter else f"rank {r}, alpha {alpha:g}"
+    if merged:
+        return [
+            f"Trained as LoRA adapters on a frozen `{base}` ({how}); this folder holds the "
+            "**merged** model (base + adapters), which loads with plain transformers; the "
+            "adapter folder itself is in `adapter/`.",
+            "",
+        ]
+    return [
+        f"Trained as LoRA adapters on a frozen `{base}` ({how}); this folder holds the "
+        "**adapter** only (`adapter_config.json`, `adapter_model.safetensors`): load the base "
+        "model, then `peft.PeftModel.from_pretrained(base, folder)`; "
+        "`output.merge_adapters: true` saves the merged model instead.",
+        "",
+    ]

@@ -35,6 +35,7 @@ from ..io import atomic_write_text, write_json_atomic
 from ..methods import Distiller, get_method
 from ..methods.hidden import HIDDEN_PROJ, HiddenSpec, attach_projection
 from ..tasks import get_task, task_for_labels
+from ..tasks.adapters import apply_adapters
 from ..tasks.base import ModelOptions
 from ..tasks.derive import FROM_TEACHER, derive_student
 from ..tasks.hf import init_seed, is_embedded
@@ -193,6 +194,19 @@ class Trainer:
         else:
             student = self.task.build_model(m.student, role="student", options=options)
         self.task.check_pair(teacher, student, m.teacher, m.student)
+        # LoRA adapters (after the student is made from the teacher: it gets its own); the
+        # hidden-state projections below are added after them and stay trainable
+        seed = self.cfg.train.seed
+        teacher, student = (
+            apply_adapters(
+                model,
+                getattr(m, f"{role}_peft"),
+                key=f"model.{role}_peft",
+                name=getattr(m, role),
+                seed=init_seed(seed, role) + 7,  # not the base model's initialisation stream
+            )
+            for role, model in (("teacher", teacher), ("student", student))
+        )
         # hidden-state KD across widths: the student's projections, before its engine exists
         spec = HiddenSpec.of(self.cfg.method)
         attach_projection(student, teacher, spec, seed=self.cfg.train.seed)
@@ -469,9 +483,12 @@ class Trainer:
         cfg = self.cfg
         final = result["history"][-1] if result["history"] else self.evaluate()
         # the hidden-state projections are training machinery, not part of the student
-        self.student.save_pretrained(str(self.out / "student"), self.is_main, drop=HIDDEN_PROJ)
+        merge = cfg.output.merge_adapters
+        self.student.save_pretrained(
+            str(self.out / "student"), self.is_main, drop=HIDDEN_PROJ, merge=merge
+        )
         if cfg.output.save_teacher:
-            self.teacher.save_pretrained(str(self.out / "teacher"), self.is_main)
+            self.teacher.save_pretrained(str(self.out / "teacher"), self.is_main, merge=merge)
         summary = self._summary(final=final, wall_s=result["wall_s"])
         if self.data.test is not None:  # read once, after training; never used for selection
             summary["test"] = self.evaluate("test")
