@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from lgtm_ds import ConfigError, DataError
+from lgtm_ds import ConfigError, DataError, Distiller
 from lgtm_ds.config import load_config
 from lgtm_ds.tasks.rollout import (
     IGNORE,
@@ -296,3 +296,38 @@ def test_resume_in_process_equals_the_uninterrupted_run():
     assert got == kinds[2:]
     for e, f in zip((ref.teacher, ref.student), (second.teacher, second.student)):
         assert all(torch.equal(p, q) for p, q in zip(e.module.parameters(), f.module.parameters()))
+
+
+def test_onpolicy_lgtm_teacher_update_equals_the_naive_form_fp64():
+    """Float64, GPT-2 blocks, dropout 0, three on-policy steps (temperature 1, top-p 0.9): on
+    each step's sampled micro-batch (as the method got it) the cheap form's teacher gradient and
+    per-sequence influence equal the naive form's (deep copies, three teacher backward passes)
+    with the KD-alone objective, and both students stay equal."""
+    from lgtm_ds.engines.optim import build_adamw
+    from lgtm_ds.methods.naive import naive_lgtm_step
+
+    from .test_algorithm import _capture_grads, _rel
+
+    t = tiny_decoder("gpt2-teacher", 1, torch.float64)
+    s = tiny_decoder("gpt2-student", 2, torch.float64)
+    to, so = build_adamw(t, 3e-3, 0.01), build_adamw(s, 5e-3, 0.01)
+    t2, s2, to2, so2 = copy.deepcopy((t, s, to, so))
+    d = Distiller(
+        "lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so,
+        task="causal_lm", tokenizer=Tok(1), lmbda=1.0, alpha_student=0.8,
+        generation={"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 6},
+    )  # fmt: skip
+    seen, cheap = _capture(d), _capture_grads(to, list(t.parameters()))
+    for step in range(3):
+        q = lm_batch(3, 200 + step)
+        m = d.step(lm_batch(5, 100 + step), q)
+        b = seen[-1][0]
+        assert b["labels"].ne(IGNORE).sum() > 5  # sampled tokens to learn from
+        ref = naive_lgtm_step(t2, s2, to2, so2, b, q, task=d.task, alpha_student=1.0,
+                              alpha_teacher=1.0)  # fmt: skip
+        err = _rel(cheap[-1], ref["G"])
+        assert err < 1e-6, f"step {step}: teacher gradient relative error {err:.2e}"
+        infl = float((m["influence"] - ref["influence"]).norm() / ref["influence"].norm())
+        assert infl < 1e-6, f"step {step}: influence relative error {infl:.2e}"
+        assert _rel(list(s.parameters()), list(s2.parameters())) < 1e-9
+        print(f"step {step}: G rel. error {err:.1e}, influence rel. error {infl:.1e}")
