@@ -19,6 +19,7 @@ from ..engines.head import FUSED_HEAD_DEFAULT
 from ..errors import ConfigError
 from ..methods import METHODS, get_method
 from ..methods.config import MethodSection, method_config_class
+from ..methods.onpolicy import check_onpolicy_config
 from ..options import NonEmptyStr, Options
 from ..tasks import get_task
 from ..tasks.adapters import AdapterOptions
@@ -494,6 +495,7 @@ class ExperimentConfig(Options):
     @model_validator(mode="after")
     def _method_checks(self) -> ExperimentConfig:
         get_method(self.method.name).check_config(self)  # the method's own ConfigErrors
+        check_onpolicy_config(self)
         m, t = self.method, self.data.task_type
         if m.hidden_weight > 0 and m.hidden_positions == "first":
             if t is not None and not get_task(t).first_token_summarises:

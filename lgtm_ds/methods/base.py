@@ -103,6 +103,9 @@ class Method:
     # the method's own hyper-parameters: an Options model, the section method.<name> of the
     # experiment (methods/config.py collects them); None: it has none
     Options: ClassVar[type[Options] | None] = None
+    # decoders: the step may train on sampled completions (method.lmbda, method.seq_kd;
+    # methods/onpolicy.py)
+    on_policy: ClassVar[bool] = True
 
     def __init__(self, distiller: Distiller):
         self.d = distiller
@@ -134,6 +137,13 @@ class Method:
                 f"method {cls.name} with train.precision=fp16 is not supported yet: {reason}; "
                 f"use bf16 or fp32{note}"
             )
+
+    @classmethod
+    def onpolicy_overrides(cls) -> dict:
+        """On a step that trains on sampled completions, the method's own options changed for
+        the step (``{section: {key: value}}``), e.g. a CE weight set to 0: the sampled tokens are
+        no gold labels. The shared ``alpha_*`` are set to 1 for every method."""
+        return {}
 
     @classmethod
     def stage1_epochs(cls, cfg: ExperimentConfig) -> float:

@@ -1,8 +1,9 @@
 """The ``method`` section of the experiment, collected from the method registry.
 
 The keys every method shares sit in the section itself: ``method.name``, the two objectives'
-weights and divergences (:class:`~lgtm_ds.methods.base.DistillOptions`) and the hidden-state
-term (:class:`~lgtm_ds.methods.hidden.HiddenOptions`). A method with hyper-parameters of its own
+weights and divergences (:class:`~lgtm_ds.methods.base.DistillOptions`), the hidden-state
+term (:class:`~lgtm_ds.methods.hidden.HiddenOptions`) and on-policy sampling
+(:class:`~lgtm_ds.methods.onpolicy.OnPolicyOptions`). A method with hyper-parameters of its own
 declares them once, beside the method, as ``Method.Options`` (an
 :class:`~lgtm_ds.options.Options` model); they are the nested section named after it
 (``method.lgtm.fd_radius``, ``method.metadistil.pilot_lr``). The registry is the one list:
@@ -26,6 +27,7 @@ from ..errors import ConfigError
 from ..options import Options, config_error
 from .base import METHODS, DistillOptions
 from .hidden import HiddenOptions
+from .onpolicy import OnPolicyOptions
 
 
 class _Named(Options):
@@ -43,7 +45,7 @@ class _Named(Options):
         return value
 
 
-class MethodSection(HiddenOptions, DistillOptions, _Named):
+class MethodSection(OnPolicyOptions, HiddenOptions, DistillOptions, _Named):
     """The shared keys; :func:`build_method_config` adds one nested section per method that has
     options of its own."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any
 
@@ -14,6 +15,7 @@ from ..tasks import Task, get_task, task_from_batch
 from .base import METHODS, Method, Telemetry
 from .config import MethodSection, method_config
 from .hidden import HiddenKD, HiddenSpec, attach_projection
+from .onpolicy import OnPolicy
 
 
 def as_list(batch) -> list[dict]:
@@ -40,7 +42,9 @@ class Distiller:
     decoders take every loss from hidden states through the output layer, chunk by chunk
     (``engines/head.py``), where the method and the models allow it; elsewhere full logits,
     with a warning naming the reason. ``gradient_accumulation_steps`` and ``max_grad_norm``
-    (plain modules) default as ``train.*`` does.
+    (plain modules) default as ``train.*`` does. ``tokenizer`` (its pad and EOS ids) and
+    ``seed`` (``train.seed``): on-policy steps (``method.lmbda``, ``method.seq_kd``;
+    :mod:`.onpolicy`) need the first and draw from the second.
     """
 
     def __init__(
@@ -58,6 +62,8 @@ class Distiller:
         gradient_accumulation_steps: int = 1,
         max_grad_norm: float = 0.0,
         fused_head: bool = FUSED_HEAD_DEFAULT,
+        tokenizer=None,
+        seed: int = 0,
         **hparams: Any,
     ):
         self.config = method_config(method, config, **hparams)
@@ -84,6 +90,14 @@ class Distiller:
         self.hidden = HiddenKD(spec, self.teacher.module, self.student.module)
         self.telemetry = Telemetry()  # what the current step measures (see step())
         self.method: Method = method_cls(self)
+        self.onpolicy: OnPolicy | None = None  # sampled completions (method.lmbda, seq_kd)
+        if self.config.generates or tokenizer is not None:
+            if tokenizer is None:
+                raise ConfigError(
+                    "method.lmbda > 0 or method.seq_kd: on-policy steps generate, so the "
+                    "Distiller needs the run's tokenizer (tokenizer=...)"
+                )
+            self.onpolicy = OnPolicy(self, tokenizer, seed=seed, rank=_rank())
         if self.task is not None:
             self._task_ready()
 
@@ -161,10 +175,21 @@ class Distiller:
             raise ConfigError(f"method {self.method.name!r} needs a quiz_batch (held-out data)")
         quiz = as_list(quiz_batch) if quiz_batch is not None else None
         self.telemetry = Telemetry(example_stats, influence_ratio)
+        extra, config = {}, self.config
+        if self.onpolicy is not None:
+            micro, extra, who = self.onpolicy.prepare(micro)
+            if who is not None:  # the objective on sampled completions (methods/onpolicy.py)
+                self.config = self.onpolicy.config
+        t0 = time.perf_counter()
         try:
-            return self.method.step(micro, quiz)
+            metrics = self.method.step(micro, quiz)
         finally:
             self.telemetry = Telemetry()
+            self.config = config
+        if self.onpolicy is not None:  # training throughput beside generation's
+            tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)  # note: host sync
+            extra["train_tokens_per_s"] = tokens / (time.perf_counter() - t0)
+        return {**metrics, **extra}
 
     def teacher_finetune_step(self, batch) -> dict:
         """A teacher-only step on its task loss (vanilla KD's stage 1)."""
@@ -177,6 +202,12 @@ class Distiller:
         if self.task is None:
             self.task = task_from_batch(batch)
             self._task_ready()
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _engine(model, optimizer, scheduler, role: str, **kw) -> Engine:

@@ -68,6 +68,10 @@ class MetaDistil(Method):
     Options = MetaDistilOptions
 
     @classmethod
+    def onpolicy_overrides(cls) -> dict:
+        return {cls.name: {"teacher_ce_weight": 0.0}}  # no CE on sampled tokens
+
+    @classmethod
     def check_config(cls, cfg) -> None:
         cls.refuse_fp16(cfg, "the pilot step's forward-mode pass has no loss scaling")
 

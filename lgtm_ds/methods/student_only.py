@@ -11,6 +11,7 @@ class StudentOnly(Method):
     name = "student_only"
     summary = "no distillation: the student on its task loss alone (the teacher is not used)"
     trains_teacher = False
+    on_policy = False  # nothing to distil on sampled completions
 
     def student_update(self, micro: list[dict]) -> dict:
         self.d.student.module.train()

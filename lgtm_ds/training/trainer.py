@@ -39,6 +39,7 @@ from ..tasks.adapters import apply_adapters
 from ..tasks.base import ModelOptions
 from ..tasks.derive import FROM_TEACHER, derive_student
 from ..tasks.hf import init_seed, is_embedded
+from ..tasks.rollout import check_generation_tokens, check_prompt_room
 from .checkpoint import (
     check_run_folder,
     load_checkpoint,
@@ -50,6 +51,7 @@ from .checkpoint import (
 from .evaluator import Evaluator
 from .logger import MetricsLogger
 from .model_card import model_card
+from .rollouts import write_generations
 from .summary import build_summary, format_summary
 from .telemetry import FILE as INFLUENCE_FILE
 from .telemetry import InfluenceLog
@@ -97,6 +99,11 @@ class Trainer:
         self.data = load_task(cfg.data, self.tokenizer, cfg.train.seed)
         self.task = self.data.task
         self.collate = self.task.collator(self.tokenizer)
+        if cfg.method.generates:  # on-policy steps: tokens and room to generate
+            check_generation_tokens(self.tokenizer)
+            check_prompt_room(
+                self.data.train, cfg.method.generation.max_new_tokens, cfg.data.max_length
+            )
         self.evaluator = Evaluator(
             self.data,
             self.tokenizer,
@@ -255,6 +262,8 @@ class Trainer:
                 student=self.student,
                 task=self.task,
                 fused_head=cfg.model.fused_head,
+                tokenizer=self.tokenizer if cfg.method.generates else None,
+                seed=cfg.train.seed,
             )
         for role, reason in distiller.full_logits.items():
             if self.is_main:
@@ -358,6 +367,9 @@ class Trainer:
 
     def _log_step(self, m: dict, batch: list[dict]) -> None:
         influence = m.pop("influence", None)
+        generations = m.pop("generations", None)
+        if generations is not None and self.is_main:  # on-policy: what was generated
+            write_generations(self.out, self.step, generations, self.tokenizer)
         stats = m.pop("example_stats", {})
         hist = None
         if influence is not None:
@@ -448,6 +460,7 @@ class Trainer:
             "skipped": self.skipped,
             "influence_rows": self.influence_log.rows if self.influence_log else None,
             "method_state": self.distiller.method.state_dict(),
+            "onpolicy": self.distiller.onpolicy.state_dict() if self.distiller.onpolicy else None,
         }
         save_checkpoint(
             self.out / "checkpoints",
@@ -472,6 +485,8 @@ class Trainer:
         if self.influence_log is not None:
             self.influence_log.truncate(st.get("influence_rows"))
         self.distiller.method.load_state_dict(st.get("method_state") or {})
+        if self.distiller.onpolicy is not None and st.get("onpolicy"):
+            self.distiller.onpolicy.load_state_dict(st["onpolicy"])
         self.logger.log({"step": self.step, "stage1_done": self.stage1_done, "resumed_from": tag})
         self.train_batches.load_state_dict(st["train"])
         if self.quiz_batches is not None and st["quiz"]:

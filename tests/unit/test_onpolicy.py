@@ -1,0 +1,333 @@
+"""On-policy distillation (method.lmbda, method.seq_kd; lgtm_ds/methods/onpolicy.py,
+lgtm_ds/tasks/rollout.py): the keys and their errors, the generated training batch against a
+hand-written greedy loop, the mask, the objective on sampled steps, seeded sampling that leaves
+training's RNG alone, eval mode and checkpointing restored, lmbda = 0 bit for bit, and an exact
+in-process resume. The trainer's resume from a checkpoint: tests/integration/test_onpolicy.py."""
+
+import copy
+
+import pytest
+import torch
+
+from lgtm_ds import ConfigError, DataError, Distiller
+from lgtm_ds.config import load_config
+from lgtm_ds.tasks.rollout import (
+    IGNORE,
+    GenerationSettings,
+    HFGenerator,
+    batch_prompts,
+    check_prompt_room,
+    generation_mode,
+)
+
+from ..helpers import LM_VOCAB, lm_batch, make_distiller, tiny_decoder
+
+PAD = 0
+
+
+class Tok:
+    """The tokenizer's part on-policy steps use: pad and EOS ids, its length."""
+
+    name_or_path = "stub"
+    pad_token_id = PAD
+
+    def __init__(self, eos: int | None):
+        self.eos_token_id = eos
+
+    def __len__(self):
+        return LM_VOCAB
+
+
+def _pair(seed=0):
+    return tiny_decoder("gpt2-teacher", seed=seed), tiny_decoder("gpt2-student", seed=seed + 1)
+
+
+def _greedy_eos(model, prompt) -> int:
+    """A token the model emits greedily right after ``prompt``: as EOS, some rows stop early."""
+    with torch.no_grad():
+        return int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
+
+
+def _greedy_by_hand(model, prompt, eos, n_new):
+    """Greedy continuation, one full forward per token (no cache), EOS kept."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n_new):
+            nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(nxt)
+            ids.append(nxt)
+            if nxt == eos:
+                break
+    return out
+
+
+def _hand_batch(prompts, completions):
+    """The training batch a sampled step must build, written out row by row."""
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    ids, attn, labels = [], [], []
+    for p, c in zip(prompts, completions):
+        pad = width - len(p) - len(c)
+        ids.append(p + c + [PAD] * pad)
+        attn.append([1] * (len(p) + len(c)) + [0] * pad)
+        labels.append([IGNORE] * len(p) + c + [IGNORE] * pad)
+    return {k: torch.tensor(v) for k, v in (("input_ids", ids), ("attention_mask", attn),
+                                            ("labels", labels))}  # fmt: skip
+
+
+def _capture(d):
+    """Record the micro-batches the method's step receives."""
+    seen, orig = [], d.method.step
+
+    def step(micro, quiz):
+        seen.append([{k: v.clone() for k, v in mb.items()} for mb in micro])
+        return orig(micro, quiz)
+
+    d.method.step = step
+    return seen
+
+
+# -- the keys -----------------------------------------------------------------------------------
+
+
+def test_keys_defaults_and_errors():
+    cfg = load_config(None, ["data.task_type=causal_lm", "method.lmbda=0.5"])
+    g = cfg.method.generation
+    assert (cfg.method.lmbda, cfg.method.seq_kd) == (0.5, False)
+    assert (g.backend, g.temperature, g.top_p, g.max_new_tokens) == ("hf", 1.0, 1.0, 32)
+    bad = [
+        (["method.lmbda=1.5"], "method.lmbda"),
+        (["method.lmbda=0.5"], "data.task_type=causal_lm"),  # the default task: classification
+        (["data.task_type=causal_lm", "method.generation.top_p=0"], "method.generation.top_p"),
+        (["data.task_type=causal_lm", "method.generation.backend=vllm"], "backend"),
+        (["data.task_type=causal_lm", "method.seq_kd=true", "method.name=student_only"],
+         "student_only' does not distil"),
+        (["data.task_type=causal_lm", "data.source=files", "data.train_file=x.jsonl",
+          "data.format=text", "method.lmbda=1"], "data.format=text has no prompts"),
+    ]  # fmt: skip
+    for overrides, match in bad:
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, overrides)
+
+
+def test_bad_input_errors():
+    b = lm_batch(3, seed=1)
+    b["labels"][1] = b["input_ids"][1]  # a text row: the loss starts at its first token
+    with pytest.raises(DataError, match="training row 1 has none"):
+        batch_prompts(b)
+    t, s = _pair()
+    with pytest.raises(ConfigError, match="EOS token"):
+        make_distiller("online_kd", t, s, task="causal_lm", lmbda=1.0, tokenizer=Tok(None))
+    with pytest.raises(ConfigError, match="needs the run's tokenizer"):
+        make_distiller("online_kd", t, s, task="causal_lm", lmbda=1.0)
+    ds = {"labels": [[IGNORE] * 7 + [5, 6], [IGNORE] * 2 + [5]]}
+    check_prompt_room(ds, max_new_tokens=9, max_length=16)
+    with pytest.raises(ConfigError, match=r"max_new_tokens to <= 9 or raise data.max_length"):
+        check_prompt_room(ds, max_new_tokens=10, max_length=16)
+
+
+# -- the generated batch ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq_kd", [False, True])  # the student generates, or the teacher
+def test_greedy_step_trains_on_the_hand_built_batch(seq_kd):
+    """lmbda = 1 (or seq_kd), temperature 0: the batch the method gets is, row by row, the
+    prompt followed by the generator's greedy continuation (EOS kept), right-padded, labels on
+    the generated tokens only; both models back in train mode with checkpointing on."""
+    t, s = _pair(seed=4)
+    gen_model = t if seq_kd else s
+    micro = lm_batch(5, seed=7)
+    prompts = batch_prompts(micro)
+    eos = _greedy_eos(gen_model, prompts[0])  # row 0 stops at once, with EOS only
+    n_new = 6
+    want = _hand_batch(prompts, [_greedy_by_hand(gen_model, p, eos, n_new) for p in prompts])
+    assert want["labels"][0].ne(IGNORE).sum() == 1  # the EOS alone
+    assert (want["attention_mask"].sum(1) < want["input_ids"].shape[1]).any()  # padding
+    s.activation_checkpointing_enable({"use_reentrant": False})
+    keys = dict(lmbda=0.0 if seq_kd else 1.0, seq_kd=seq_kd)
+    d = make_distiller(
+        "online_kd", t, s, task="causal_lm", tokenizer=Tok(eos), seed=3, **keys,
+        generation={"temperature": 0.0, "max_new_tokens": n_new},
+    )  # fmt: skip
+    seen = _capture(d)
+    m = d.step(micro)
+    got = seen[0][0]
+    for k in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(got[k], want[k]), (k, got[k], want[k])
+    assert s.training and t.training and all(x.training for x in s.modules())
+    assert _checkpointing(s)
+    gen_tokens = want["labels"].ne(IGNORE).sum().item()
+    assert m["gen_len_mean"] == pytest.approx(gen_tokens / 5)
+    assert m["gen_tokens_per_s"] > 0 and m["train_tokens_per_s"] > 0
+    assert ("onpolicy" in m) == (not seq_kd)
+
+
+@pytest.mark.parametrize("method", ["vanilla_kd", "online_kd", "lgtm", "metadistil"])
+def test_sampled_step_objective_is_kd_alone(method):
+    """On a sampled step the student's loss is the KD term alone (alpha_student 0.5 in the
+    config; no CE on sampled tokens), the method runs unchanged and stays finite, and the next
+    off-policy step has the configured alphas back. The frozen teacher (vanilla KD) gives the
+    expected loss from the models before the step."""
+    t, s = _pair(seed=2)
+    micro, quiz = lm_batch(4, seed=11), lm_batch(4, seed=12)
+    d = make_distiller(method, t, s, task="causal_lm", tokenizer=Tok(1), lmbda=1.0,
+                       alpha_student=0.5, generation={"max_new_tokens": 4})  # fmt: skip
+    seen = _capture(d)
+    m = d.step(micro, quiz if d.method.needs_quiz else None)
+    assert m["onpolicy"] == 1.0 and torch.isfinite(torch.tensor(m["student_loss"]))
+    if method == "lgtm":
+        assert m["influence"].shape == (4,) and torch.isfinite(m["influence"]).all()
+    assert d.config.alpha_student == 0.5 and d.config.alpha_teacher == 0.4
+    if method == "vanilla_kd":
+        t2, s2 = _pair(seed=2)  # the models as they were before the step
+        b = seen[0][0]
+        with torch.no_grad():
+            zs, zt = s2(**_inputs(b)).logits, t2.eval()(**_inputs(b)).logits
+        kd = d.task.distill_loss(zs, zt, b["labels"], alpha=1.0, temperature=1.0,
+                                 scale_by_t2=False, beta=0.0)  # fmt: skip
+        assert m["student_loss"] == pytest.approx(float(kd), rel=1e-5)
+
+
+def _inputs(b):
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+
+
+def test_lmbda_zero_is_bit_identical_to_off_policy():
+    """lmbda = 0 with the on-policy component in place (it draws every step, never
+    generates): parameters after three LGTM steps equal the off-policy run's bit for bit."""
+    runs = []
+    for tok in (None, Tok(1)):
+        t, s = _pair(seed=5)
+        kw = {"tokenizer": tok} if tok else {}
+        d = make_distiller("lgtm", t, s, task="causal_lm", lmbda=0.0, **kw)
+        for k in range(3):
+            d.step(lm_batch(4, seed=20 + k), lm_batch(4, seed=40 + k))
+        runs.append([p.detach().clone() for m in (t, s) for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+# -- sampling, modes ----------------------------------------------------------------------------
+
+
+def test_sampling_is_seeded_and_leaves_the_training_rng_alone():
+    t, s = _pair(seed=6)
+    engine = type("E", (), {"module": s})()
+    prompts = batch_prompts(lm_batch(4, seed=3))
+    cfg = GenerationSettings(1.0, 0.9, 5, PAD, eos_id=1, vocab=LM_VOCAB - 3)
+    state = torch.get_rng_state()
+    a = HFGenerator().generate(engine, prompts, cfg, seed=11).completions
+    assert torch.equal(torch.get_rng_state(), state)  # dropout masks stay what they were
+    assert HFGenerator().generate(engine, prompts, cfg, seed=11).completions == a
+    assert HFGenerator().generate(engine, prompts, cfg, seed=12).completions != a
+    assert all(0 < len(c) <= 5 and max(c) < LM_VOCAB - 3 for c in a)  # the vocab cut holds
+
+
+def test_generation_mode_is_eval_and_restores_dropout_and_checkpointing():
+    from lgtm_ds.tasks.base import ModelOptions
+    from lgtm_ds.tasks.causal_lm import CausalLMTask
+
+    opts = ModelOptions(vocab_size=LM_VOCAB, dropout=0.2, seed=0, pad_token_id=0)
+    model = CausalLMTask().build_model("embedded:tiny", role="student", options=opts)
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    model.model.norm.eval()  # a submodule in eval mode stays so
+    seen = []
+    model.register_forward_pre_hook(
+        lambda mod, args: seen.append((mod.training, torch.is_grad_enabled()))
+    )
+    engine = type("E", (), {"module": model})()
+    cfg = GenerationSettings(1.0, 1.0, 3, PAD, eos_id=1)
+    HFGenerator().generate(engine, [[5, 6, 7], [8]], cfg, seed=0)
+    assert seen and all(x == (False, False) for x in seen)  # eval, no graph, every forward
+    assert model.training and model.model.layers[0].training and not model.model.norm.training
+    assert _checkpointing(model)
+    with pytest.raises(RuntimeError), generation_mode(model):
+        raise RuntimeError  # restored on an error too
+    assert model.training and _checkpointing(model)
+
+
+def _checkpointing(model) -> bool:
+    on = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    return len(on) > 0
+
+
+def test_draw_is_seeded_per_step_and_keeps_its_fraction():
+    t, s = _pair()
+    d = make_distiller("online_kd", t, s, task="causal_lm", tokenizer=Tok(1), lmbda=0.3, seed=9)
+    draws = [d.onpolicy.draw(k) for k in range(4000)]
+    assert abs(sum(draws) / len(draws) - 0.3) < 0.03
+    assert draws == [d.onpolicy.draw(k) for k in range(4000)]  # a function of (seed, step)
+    d.onpolicy.seed = 10
+    assert draws != [d.onpolicy.draw(k) for k in range(4000)]
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+
+def test_resume_in_process_equals_the_uninterrupted_run():
+    """lmbda = 0.5, temperature 1, top-p 0.9: four steps in one go, or two, the models, optimizer
+    and on-policy state copied into a fresh Distiller, two more: the same parameters bit for bit
+    and the same draws (the sampled steps are not all alike: both kinds occur)."""
+
+    def fresh():
+        t, s = _pair(seed=8)
+        return make_distiller(
+            "online_kd", t, s, task="causal_lm", tokenizer=Tok(1), lmbda=0.5, seed=2,
+            generation={"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 5},
+        )  # fmt: skip
+
+    batches = [lm_batch(4, seed=60 + k) for k in range(4)]
+    ref = fresh()
+    kinds = [ref.step(b)["onpolicy"] for b in batches]
+    assert set(kinds) == {0.0, 1.0}, kinds
+    first = fresh()
+    for b in batches[:2]:
+        first.step(b)
+    saved = {
+        "models": [copy.deepcopy(e.module.state_dict()) for e in (first.teacher, first.student)],
+        "optims": [copy.deepcopy(e.optimizer.state_dict()) for e in (first.teacher, first.student)],
+        "onpolicy": copy.deepcopy(first.onpolicy.state_dict()),
+    }
+    second = fresh()
+    for e, m, o in zip((second.teacher, second.student), saved["models"], saved["optims"]):
+        e.module.load_state_dict(m)
+        e.optimizer.load_state_dict(o)
+    second.onpolicy.load_state_dict(saved["onpolicy"])
+    got = [second.step(b)["onpolicy"] for b in batches[2:]]
+    assert got == kinds[2:]
+    for e, f in zip((ref.teacher, ref.student), (second.teacher, second.student)):
+        assert all(torch.equal(p, q) for p, q in zip(e.module.parameters(), f.module.parameters()))
+
+
+def test_onpolicy_lgtm_teacher_update_equals_the_naive_form_fp64():
+    """Float64, GPT-2 blocks, dropout 0, three on-policy steps (temperature 1, top-p 0.9): on
+    each step's sampled micro-batch (as the method got it) the cheap form's teacher gradient and
+    per-sequence influence equal the naive form's (deep copies, three teacher backward passes)
+    with the KD-alone objective, and both students stay equal."""
+    from lgtm_ds.engines.optim import build_adamw
+    from lgtm_ds.methods.naive import naive_lgtm_step
+
+    from .test_algorithm import _capture_grads, _rel
+
+    t = tiny_decoder("gpt2-teacher", 1, torch.float64)
+    s = tiny_decoder("gpt2-student", 2, torch.float64)
+    to, so = build_adamw(t, 3e-3, 0.01), build_adamw(s, 5e-3, 0.01)
+    t2, s2, to2, so2 = copy.deepcopy((t, s, to, so))
+    d = Distiller(
+        "lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so,
+        task="causal_lm", tokenizer=Tok(1), lmbda=1.0, alpha_student=0.8,
+        generation={"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 6},
+    )  # fmt: skip
+    seen, cheap = _capture(d), _capture_grads(to, list(t.parameters()))
+    for step in range(3):
+        q = lm_batch(3, 200 + step)
+        m = d.step(lm_batch(5, 100 + step), q)
+        b = seen[-1][0]
+        assert b["labels"].ne(IGNORE).sum() > 5  # sampled tokens to learn from
+        ref = naive_lgtm_step(t2, s2, to2, so2, b, q, task=d.task, alpha_student=1.0,
+                              alpha_teacher=1.0)  # fmt: skip
+        err = _rel(cheap[-1], ref["G"])
+        assert err < 1e-6, f"step {step}: teacher gradient relative error {err:.2e}"
+        infl = float((m["influence"] - ref["influence"]).norm() / ref["influence"].norm())
+        assert infl < 1e-6, f"step {step}: influence relative error {infl:.2e}"
+        assert _rel(list(s.parameters()), list(s2.parameters())) < 1e-9
+        print(f"step {step}: G rel. error {err:.1e}, influence rel. error {infl:.1e}")
