@@ -205,7 +205,17 @@ def _load_glue(cfg, load_fn, seed: int) -> RawSplits:
     )
 
 
-def _load_file(path: str, load_fn, role: str) -> datasets.Dataset:
+def check_files(cfg) -> None:
+    """``data.source=files``: every file named has a readable extension and exists (the checks
+    that read nothing; the trainer runs them before the ranks start)."""
+    if cfg.source != "files":
+        return
+    for role in ("train_file", "validation_file", "test_file"):
+        if getattr(cfg, role) is not None:
+            _check_file(getattr(cfg, role), role)
+
+
+def _check_file(path: str, role: str) -> None:
     ext = os.path.splitext(path)[1].lower()
     if ext not in _FILE_BUILDERS:
         raise DataError(
@@ -214,6 +224,11 @@ def _load_file(path: str, load_fn, role: str) -> datasets.Dataset:
         )
     if not os.path.isfile(path):
         raise DataError(f"data.{role}: file not found: {path}")
+
+
+def _load_file(path: str, load_fn, role: str) -> datasets.Dataset:
+    _check_file(path, role)
+    ext = os.path.splitext(path)[1].lower()
     if os.path.getsize(path) == 0:
         split = "training" if role == "train_file" else "validation"
         raise DataError(f"{split} split ({path}) is empty (0 bytes, 0 rows)")

@@ -6,15 +6,62 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import os
 import warnings
 
 import torch
 
+from ..errors import ConfigError
+
 # torch 2.13 marks the reduce-scatter DeepSpeed's comm calls as deprecated (one warning per rank)
 warnings.filterwarnings(
     "ignore", message=r".*reduce_scatter_tensor. is deprecated", category=FutureWarning
 )
+
+
+def env_rank_world() -> tuple[int, int]:
+    """(global rank, world size) from the launcher's environment, before any process group
+    exists: ``RANK`` / ``WORLD_SIZE``, (0, 1) for a plain ``python launch/train.py``."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as e:
+        raise ConfigError(f"env RANK / WORLD_SIZE: not an integer ({e})") from None
+
+
+def check_master_port() -> None:
+    """Rank 0, before the process group starts: one ConfigError naming ``--master_port`` when
+    ``MASTER_PORT`` is taken on this host (e.g. a second run on the node with the launcher's
+    default 29500), instead of a 50-line EADDRINUSE traceback from the rendezvous store. A
+    plain ``python launch/train.py`` (no launcher) picks a free port itself
+    (:func:`init_distributed`), so this only checks a port a launcher or the user chose."""
+    import socket
+
+    import torch.distributed as tdist
+
+    port = os.environ.get("MASTER_PORT")
+    if not port or not port.isdigit() or (tdist.is_available() and tdist.is_initialized()):
+        return  # (a group this process already runs holds the port itself)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the rendezvous store binds: SO_REUSEADDR, so only a listening socket is a conflict
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", int(port)))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                return  # not ours to judge (e.g. a privileged port): the store reports it
+            raise ConfigError(
+                f"MASTER_PORT {port} is already in use on this host (another run on this node?): "
+                f"give the launcher a free port, `deepspeed --master_port <port> ...`"
+            ) from None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
@@ -23,7 +70,8 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
 
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a one-process group
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        # a free port: two plain runs on one machine must not collide on a fixed default
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     # note: the timeout turns a collective hang (e.g. mismatched steps across ranks) into an error
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
     import deepspeed.comm as dist

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -17,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
 
         run(cfg)
     except LGTMError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # every rank meets the same bad input: one copy of the message, from the global rank 0
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         return 2
     shutdown_distributed()
     return 0

@@ -25,9 +25,14 @@ from ..data import (
     own_tokenizer,
     synthetic_texts,
 )
-from ..data.sources import GLUE_DATASET_ID, GLUE_TASKS
+from ..data.sources import GLUE_DATASET_ID, GLUE_TASKS, check_files
 from ..engines.build import build_engines, resolve_ds_configs
-from ..engines.dist import all_gather_object, init_distributed
+from ..engines.dist import (
+    all_gather_object,
+    check_master_port,
+    env_rank_world,
+    init_distributed,
+)
 from ..engines.head import FullLogitsWarning
 from ..errors import ConfigError, TrainingError
 from ..hub import check_sources
@@ -49,6 +54,7 @@ from .checkpoint import (
 from .evaluator import Evaluator
 from .logger import MetricsLogger
 from .model_card import model_card
+from .runlock import RunLock, holder_text
 from .summary import build_summary, format_summary
 from .telemetry import FILE as INFLUENCE_FILE
 from .telemetry import InfluenceLog
@@ -83,15 +89,24 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
         self.method = get_method(cfg.method.name)
+        self.out = Path(cfg.output.dir)
+        # -- everything that can fail on bad input, before any output is written ----------------
+        # first the checks that need no process group, before the ranks rendezvous: a bad
+        # config, DeepSpeed JSON, file or model path fails in seconds, on every rank alike
+        rank, world = env_rank_world()
+        if rank == 0:  # only the global rank 0 takes the folder's lock (below)
+            RunLock.check(self.out)  # another live run on this folder: fail before reading it
+        check_run_folder(self.out, cfg.output)
+        self.resume_from = resume_target(self.out, cfg.output, announce=rank == 0)
+        self.ds_teacher, self.ds_student = resolve_ds_configs(cfg, world)
+        check_sources(_hub_sources(cfg))  # typos and a missing network fail here, in seconds
+        check_files(cfg.data)
+        if rank == 0:
+            check_master_port()
         self.rank, self.world = init_distributed()
         self.is_main = self.rank == 0
         seed_everything(cfg.train.seed)
-        self.out = Path(cfg.output.dir)
-        # -- everything that can fail on bad input, before any output is written ----------------
-        check_run_folder(self.out, cfg.output)
-        self.resume_from = resume_target(self.out, cfg.output)
-        self.ds_teacher, self.ds_student = resolve_ds_configs(cfg, self.world)
-        check_sources(_hub_sources(cfg))  # typos and a missing network fail here, in seconds
+        self.lock = RunLock(self.out)  # taken by rank 0 before it writes into the folder
         self.tokenizer = self._build_tokenizer()
         self.data = load_task(cfg.data, self.tokenizer, cfg.train.seed)
         self.task = self.data.task
@@ -137,6 +152,13 @@ class Trainer:
         self.skipped = {"total": 0, "in_a_row": 0}  # the divergence guard's counts
         # -- outputs ---------------------------------------------------------------------------
         if self.is_main:
+            self.lock.acquire()
+            if self.lock.taken_over:
+                print(
+                    f"warning: output.dir {str(self.out)!r}: taking over the lock of a run that "
+                    f"ended without releasing it ({holder_text(self.lock.taken_over)})",
+                    flush=True,
+                )
             prepare_run_folder(self.out, cfg.output, resuming=self.resume_from is not None)
             save_resolved(cfg, self.ds_teacher, self.ds_student, self.out / "config.yaml")
             write_json_atomic(self.out / "data_split.json", self.data.split_record())
@@ -411,6 +433,7 @@ class Trainer:
         self.logger.close()
         if self.influence_log is not None:
             self.influence_log.close()
+        self.lock.release()
         latest = self.out / "checkpoints" / "latest"
         hint = (
             f"; the newest checkpoint is {self.out / 'checkpoints' / latest.read_text().strip()}"
@@ -497,6 +520,7 @@ class Trainer:
         self.logger.close()
         if self.influence_log is not None:
             self.influence_log.close()
+        self.lock.release()
         return summary
 
     def _summary(self, *, final: dict, wall_s: float, failure: str | None = None) -> dict:
