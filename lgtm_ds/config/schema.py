@@ -396,6 +396,12 @@ class OutputConfig(Options):
         description="keep only the newest K checkpoints (more than one: resume=auto falls back "
         "to an older one when the newest is damaged); null = all",
     )
+    checkpoint_on_signal: bool = Field(
+        False,
+        description="on SIGINT / SIGTERM, finish the current optimizer step and save a "
+        "checkpoint before stopping (within 60 s; more than one rank: one small all-gather "
+        "per step); false = stop at once, from the newest checkpoint",
+    )
     resume: NonEmptyStr | None = Field(
         None,
         description='checkpoint folder, or "auto" = the newest complete checkpoint under '

@@ -76,19 +76,30 @@ def check_run_folder(out: Path, output) -> None:
             f"output.overwrite=true to start over, or output.resume=<a checkpoint folder "
             f"under {out / 'checkpoints'}> to continue from one with changed settings"
         )
-    if (out / "summary.json").exists() and not (output.overwrite or output.resume):
+    finished = finished_run(out)
+    if finished and not (output.overwrite or output.resume):
         raise ConfigError(
             f"output.dir {str(out)!r} already holds a finished run (summary.json); "
             f"set output.overwrite=true or pick another folder"
         )
     started = any((out / f).exists() for f in ("metrics.jsonl", "checkpoints"))
-    if started and not (out / "summary.json").exists():
+    if started and not finished:
         if not (output.overwrite or output.resume):
             raise ConfigError(
                 f"output.dir {str(out)!r} holds an unfinished run (metrics.jsonl or "
                 f"checkpoints, no summary.json): set output.resume=auto to continue it, "
                 f"output.overwrite=true to start over, or pick another folder"
             )
+
+
+def finished_run(out: Path) -> bool:
+    """``out`` holds a summary.json of a run that ended (completed or failed); an interrupted
+    run's summary (SIGINT / SIGTERM) marks an unfinished run."""
+    try:
+        s = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return (out / "summary.json").exists()
+    return not (isinstance(s, dict) and s.get("status") == "interrupted")
 
 
 def failed_run(out: Path) -> str | None:
@@ -105,7 +116,7 @@ def resume_target(out: Path, output, announce: bool = True) -> tuple[Path, str] 
     fails here, before anything in the run folder is touched. ``announce``: print the
     checkpoints ``resume=auto`` skipped (rank 0)."""
     target = resolve_resume(output.resume, out, announce) if output.resume else None
-    if output.resume and target is None and (out / "summary.json").exists():
+    if output.resume and target is None and finished_run(out):
         raise ConfigError(
             f"output.resume=auto: {out} holds a finished run without checkpoints; "
             f"nothing to continue (output.overwrite=true starts it over)"
@@ -248,6 +259,14 @@ def checkpoint_tags(root: Path) -> list[str]:
         if m and p.is_dir():
             tags.append((m.group(1) is None, int(m.group(2)), p.name))
     return [t for *_, t in sorted(tags)]
+
+
+def describe_tag(tag: str) -> str:
+    """``step12`` -> "step 12", ``stage1_step4`` -> "teacher stage-1 step 4"."""
+    m = _TAG.match(tag)
+    if not m:
+        return tag
+    return ("teacher stage-1 step " if m.group(1) else "step ") + m.group(2)
 
 
 def remove_partial(root: Path) -> list[Path]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -43,8 +44,10 @@ from ..tasks import get_task, task_for_labels
 from ..tasks.base import ModelOptions
 from ..tasks.derive import FROM_TEACHER, derive_student
 from ..tasks.hf import init_seed, is_embedded
+from . import signals
 from .checkpoint import (
     check_run_folder,
+    describe_tag,
     load_checkpoint,
     prepare_run_folder,
     restore_rng,
@@ -325,7 +328,18 @@ class Trainer:
             desc=cfg.method.name,
             dynamic_ncols=True,
         )
-        self._teacher_stage1()
+        try:
+            with signals.deferred(cfg.output.checkpoint_on_signal):
+                self._teacher_stage1()
+                self._distill()
+        except (signals.Interrupted, KeyboardInterrupt) as e:
+            self._interrupted(e)
+            raise
+        self.bar.close()
+        return {"wall_s": self.wall_before + time.time() - self.t0, "history": self.history}
+
+    def _distill(self) -> None:
+        cfg = self.cfg
         if self.step == 0:  # the starting point (after vanilla KD's stage 1)
             self._log_eval(self.evaluate())
         while self.step < self.total_steps:
@@ -348,8 +362,8 @@ class Trainer:
             every = cfg.output.checkpoint_every
             if every and self.step % every == 0 and not last:
                 self.save_checkpoint()
-        self.bar.close()
-        return {"wall_s": self.wall_before + time.time() - self.t0, "history": self.history}
+            if not last:
+                self._stop_if_signalled(f"step{self.step}")
 
     def _teacher_stage1(self) -> None:
         """Teacher-only fine-tuning before distillation (methods with ``teacher_stage1``)."""
@@ -363,6 +377,7 @@ class Trainer:
             every = self.cfg.output.checkpoint_every
             if every and self.stage1_done % every == 0 and self.stage1_done < self.stage1_steps:
                 self.save_checkpoint(f"stage1_step{self.stage1_done}")
+            self._stop_if_signalled(f"stage1_step{self.stage1_done}")
 
     def _log_step(self, m: dict, batch: list[dict]) -> None:
         influence = m.pop("influence", None)
@@ -417,6 +432,68 @@ class Trainer:
                 "lower train.student_lr / train.teacher_lr, set train.max_grad_norm, or raise "
                 "train.max_skipped_steps (0 = never stop)",
             )
+
+    # -- stopped from outside --------------------------------------------------------------------
+    def _stop_if_signalled(self, tag: str) -> None:
+        """``output.checkpoint_on_signal``, at a step's end: when a rank got SIGINT / SIGTERM
+        (all ranks agree: a collective), save checkpoint ``tag`` (unless just saved) and stop."""
+        if not self.cfg.output.checkpoint_on_signal:
+            return
+        sig = signals.pending()
+        if self.world > 1:  # a collective: every rank asks, every step
+            sig = max((s or 0 for s in all_gather_object(sig)), default=0) or None
+        if sig is None:
+            return
+        latest = self.out / "checkpoints" / "latest"
+        if not (latest.exists() and latest.read_text().strip() == tag):
+            self.save_checkpoint(tag)
+        raise signals.Interrupted(sig)
+
+    def _interrupted(self, e: BaseException) -> None:
+        """SIGINT / SIGTERM (or a notebook's KeyboardInterrupt) in training: a summary marked
+        interrupted with the step and the checkpoint to continue from, no model saved, the
+        lock let go; ``e.message``: the command's one line. No collective: the other ranks may
+        be gone."""
+        signum = e.signum if isinstance(e, signals.Interrupted) else int(signal.SIGINT)
+        name = signal.Signals(signum).name
+        if self.bar is not None:
+            self.bar.close()
+        at = (
+            f"teacher stage-1 step {self.stage1_done}"
+            if self.stage1_done < self.stage1_steps
+            else f"step {self.step}"
+        )
+        latest = self.out / "checkpoints" / "latest"
+        tag = latest.read_text().strip() if latest.exists() else None
+        resume = (
+            describe_tag(tag)
+            if tag
+            else "the start (no checkpoint yet: output.checkpoint_every=N saves them)"
+        )
+        message = (
+            f"interrupted ({name}) at {at}; the same command with output.resume=auto "
+            f"continues from {resume}"
+        )
+        if isinstance(e, signals.Interrupted):
+            e.message = message
+        summary = self._summary(
+            final={}, wall_s=self.wall_before + time.time() - self.t0, status="interrupted"
+        )
+        summary["interrupted"] = {
+            "signal": name,
+            "step": self.step,
+            "stage1_step": self.stage1_done,
+            "resume_from": str(self.out / "checkpoints" / tag) if tag else None,
+            "message": message,
+        }
+        summary["peak_memory"] = _peak_memory(all_ranks=False)
+        if self.is_main:
+            (self.out / "summary.txt").write_text(format_summary(summary, self.out) + "\n")
+            write_json_atomic(self.out / "summary.json", summary)
+        self.logger.close()
+        if self.influence_log is not None:
+            self.influence_log.close()
+        self.lock.release()
 
     def _fail(self, reason: str, advice: str) -> None:
         """Write a summary marked failed (no model saved) and stop with one clear error."""
@@ -523,7 +600,9 @@ class Trainer:
         self.lock.release()
         return summary
 
-    def _summary(self, *, final: dict, wall_s: float, failure: str | None = None) -> dict:
+    def _summary(
+        self, *, final: dict, wall_s: float, failure: str | None = None, status: str | None = None
+    ) -> dict:
         return build_summary(
             self.cfg,
             task_name=self.data.name,
@@ -542,6 +621,7 @@ class Trainer:
             resumed_from=self.resumed_from,
             skipped_steps=self.skipped["total"],
             failure=failure,
+            status=status,
         )
 
 

@@ -1,11 +1,14 @@
 """The run's life on a cluster: bad input fails before the ranks rendezvous, one writer per run
-folder (the lock), verified checkpoints.
+folder (the lock), verified checkpoints, signals and a launcher that died.
 
 Processes here (launch/train.py, lock holders); the in-process tests:
 ``tests/unit/test_lifecycle.py``."""
 
+import contextlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -40,7 +43,11 @@ def _rank_env(rank: int, world: int, port: int) -> dict:
 def test_missing_ds_config_fails_before_the_ranks_rendezvous(tmp_path):
     """Rank 0 of a 2-rank group whose rank 1 never comes: a check after the rendezvous would
     wait for rank 1 (and build DeepSpeed's CPU op first); before it, the error comes in
-    seconds, printed by rank 0 only."""
+    seconds (under 15 s, or 10 s after the imports on a loaded machine), printed by rank 0
+    only."""
+    t0 = time.time()  # what no check can avoid: Python's imports of torch, transformers, ...
+    subprocess.run([sys.executable, "-c", "import lgtm_ds.training.trainer"], env=clean_env())
+    imports = time.time() - t0
     port = free_port()
     args = [sys.executable, TRAIN, "--ds_config", str(tmp_path / "nope.json")]
     args += [f"--output.dir={tmp_path / 'out'}"]
@@ -56,8 +63,9 @@ def test_missing_ds_config_fails_before_the_ranks_rendezvous(tmp_path):
             assert "Traceback" not in proc.stderr
         else:  # the same error on the other ranks: not printed again
             assert "error" not in proc.stderr.lower(), proc.stderr
-        print(f"rank {rank}: missing ds_config -> exit 2 after {elapsed:.1f} s")
-        assert elapsed < 15, elapsed
+        print(f"rank {rank}: missing ds_config -> exit 2 after {elapsed:.1f} s ({imports:.1f} s)")
+        # 12.4 s on the idle-ish dev machine; under load the imports alone take longer
+        assert elapsed < max(15, imports + 10), (elapsed, imports)
     assert not (tmp_path / "out").exists()
 
 
@@ -177,3 +185,135 @@ def test_damaged_checkpoint_auto_falls_back_explicit_is_one_error(tmp_path, dist
     assert second.resume_from == (ck, "step2") and second.step == 2
     summary = second.finish(second.train())
     assert summary["steps"] == 6 and summary["resumed_from"] == [str(ck / "step2")]
+
+
+def _wait_for(path, proc, timeout=400):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,on_signal", [(signal.SIGINT, False), (signal.SIGTERM, True)])
+def test_signal_writes_interrupted_and_one_line(tmp_path, sig, on_signal):
+    out = tmp_path / "run"
+    cmd = [sys.executable, TRAIN, f"--output.dir={out}", *SMALL, "--train.max_steps=400"]
+    cmd += ["--output.checkpoint_every=3", f"--output.checkpoint_on_signal={on_signal}"]
+    proc = subprocess.Popen(
+        cmd, env=clean_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for(out / "checkpoints" / "latest", proc)
+    t0 = time.time()
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    print(f"{sig.name}: exit {proc.returncode} after {time.time() - t0:.1f} s")
+    assert proc.returncode == 128 + sig, stderr[-3000:]
+    assert "Traceback" not in stderr and "Traceback" not in stdout
+    line = stderr.strip().splitlines()[-1]
+    m = re.fullmatch(
+        rf"interrupted \({sig.name}\) at step (\d+); the same command with "
+        r"output.resume=auto continues from step (\d+)",
+        line,
+    )
+    assert m, line
+    k, j = int(m[1]), int(m[2])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == k
+    assert summary["interrupted"]["signal"] == sig.name and summary["interrupted"]["step"] == k
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert latest == f"step{j}"
+    if on_signal:  # a checkpoint at the step it stopped at
+        assert j == k
+    else:
+        assert j <= k and j % 3 == 0
+    assert not (out / "student").exists()  # no model that looks like a result
+    assert (out / "run.lock").read_text() == ""  # released
+
+
+_LAUNCHER = """
+import os, subprocess, sys
+env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+rank = subprocess.Popen(sys.argv[1:], env=env)
+print(os.getpid(), rank.pid, flush=True)
+sys.exit(rank.wait())
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie nobody reaped yet
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed", ["launcher", "runner"])
+def test_a_rank_whose_launcher_died_ends_itself(tmp_path, killed):
+    """runner (the `deepspeed` command) -> launcher (deepspeed.launcher.launch) -> rank, as
+    the DeepSpeed launcher starts them; kill -9 the launcher (PR_SET_PDEATHSIG) or the runner
+    (the watchdog: the launcher itself goes on), and the rank ends within seconds."""
+    out = tmp_path / "run"
+    rank_cmd = [sys.executable, TRAIN, f"--output.dir={out}", *SMALL, "--train.max_steps=400"]
+    rank_cmd += ["--output.checkpoint_every=3"]
+    env = dict(clean_env(), MASTER_PORT=str(free_port()))
+    runner = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))",
+         sys.executable, "-c", _LAUNCHER, *rank_cmd],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    launcher_pid, rank_pid = map(int, runner.stdout.readline().split())
+    try:
+        _wait_for(out / "checkpoints" / "latest", runner)
+        t0 = time.time()
+        os.kill(launcher_pid if killed == "launcher" else runner.pid, signal.SIGKILL)
+        while not _gone(rank_pid) and time.time() - t0 < 90:
+            time.sleep(0.2)
+        elapsed = time.time() - t0
+        print(f"kill -9 of the {killed}: the rank ended after {elapsed:.1f} s")
+        assert _gone(rank_pid), f"the rank outlived its {killed} by {elapsed:.0f} s"
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["status"] == "interrupted"
+        assert summary["interrupted"]["signal"] == "SIGTERM"
+    finally:
+        for pid in (rank_pid, launcher_pid, runner.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        runner.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_signal_to_the_deepspeed_command_leaves_no_rank(tmp_path, sig):
+    """SIGTERM (a `timeout`, a cluster's stop) or kill -9 to the `deepspeed` command of a
+    2-rank run: its per-node launcher and both ranks end within the bound, rank 0 writes an
+    interrupted summary."""
+    import psutil
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+    cmd += ["--master_port", str(free_port()), TRAIN, f"--output.dir={out}", *SMALL]
+    cmd += ["--train.max_steps=400", "--output.checkpoint_every=3"]
+    runner = subprocess.Popen(
+        cmd, env=clean_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    family = []
+    try:
+        _wait_for(out / "checkpoints" / "latest", runner, timeout=600)
+        family = psutil.Process(runner.pid).children(recursive=True)
+        assert len(family) == 3, family  # the per-node launcher and 2 ranks
+        t0 = time.time()
+        runner.send_signal(sig)
+        runner.wait()
+        _, alive = psutil.wait_procs(family, timeout=90)
+        print(f"{sig.name} to deepspeed: launcher and ranks gone after {time.time() - t0:.1f} s")
+        assert not alive, alive
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and summary["world_size"] == 2
+    finally:
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        runner.kill()
+        runner.wait()

@@ -124,3 +124,21 @@ def test_resume_auto_walks_back_past_damaged_checkpoints(tmp_path, capsys):
     none = r"no checkpoint under .* complete: step6 .*stage1_step4 \(missing stage1_step4/rng_"
     with pytest.raises(ConfigError, match=none + r".*overwrite"):
         resolve_resume("auto", tmp_path)
+
+
+def test_an_interrupted_run_is_unfinished_not_finished(tmp_path):
+    import json
+
+    from lgtm_ds.training.checkpoint import check_run_folder, resume_target
+
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    plain = load_config(None, [f"output.dir={tmp_path}"]).output
+    with pytest.raises(ConfigError, match="unfinished run.*output.resume=auto"):
+        check_run_folder(tmp_path, plain)
+    auto = load_config(None, [f"output.dir={tmp_path}", "output.resume=auto"]).output
+    check_run_folder(tmp_path, auto)
+    assert resume_target(tmp_path, auto) is None  # no checkpoint yet: a fresh start, no error
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))
+    with pytest.raises(ConfigError, match="finished run without checkpoints"):
+        resume_target(tmp_path, auto)
