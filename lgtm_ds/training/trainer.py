@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -324,10 +325,14 @@ class Trainer:
         self.bar = tqdm(
             total=self.stage1_steps + self.total_steps,
             initial=self.stage1_done + self.step,
-            disable=not self.is_main,
+            # a bar needs a terminal: in a log file it is one line of \r updates
+            disable=not (self.is_main and sys.stderr.isatty()),
             desc=cfg.method.name,
             dynamic_ncols=True,
         )
+        # no terminal (a batch job's log, `| tee`): a plain line every train.log_every steps
+        self.plain_progress = self.is_main and not sys.stdout.isatty()
+        self.done_at_start = self.stage1_done + self.step
         try:
             with signals.deferred(cfg.output.checkpoint_on_signal):
                 self._teacher_stage1()
@@ -373,6 +378,10 @@ class Trainer:
             self.bar.update(1)
             if self.stage1_done % self.cfg.train.log_every == 0 or m.get("skipped"):
                 self.logger.log({"stage": 1, "step": self.stage1_done, **m})
+            if self.stage1_done % self.cfg.train.log_every == 0:
+                self._progress_line(
+                    f"teacher stage-1 step {self.stage1_done}/{self.stage1_steps}", m
+                )
             self._guard(m, self.stage1_done, stage1=True)
             every = self.cfg.output.checkpoint_every
             if every and self.stage1_done % every == 0 and self.stage1_done < self.stage1_steps:
@@ -400,8 +409,27 @@ class Trainer:
         log = self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps
         if log or m.get("skipped"):  # skipped steps are always in metrics.jsonl
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in m.items() if "loss" in k})
+            if log:
+                self._progress_line(f"step {self.step}/{self.total_steps}", m)
             row = {"step": self.step, "epoch": self.train_batches.epoch, **m}
             self.logger.log(row, histograms=hist)
+
+    def _progress_line(self, where: str, m: dict) -> None:
+        """The bar's content as one plain line (stdout not a terminal): where, the losses,
+        steps/s of this segment, the time left."""
+        if not self.plain_progress:
+            return
+        done = self.stage1_done + self.step
+        elapsed = time.time() - self.t0
+        rate = (done - self.done_at_start) / elapsed if elapsed > 0 else 0.0
+        left = self.stage1_steps + self.total_steps - done
+        losses = " ".join(
+            f"{k} {v:.4g}"
+            for k, v in m.items()
+            if ("loss" in k or k.endswith("_ce")) and _is_num(v)  # stage 1: teacher_ce
+        )
+        eta = _duration(left / rate) if rate > 0 else "?"
+        print(f"{where} | {losses} | {rate:.3g} steps/s | ETA {eta}", flush=True)
 
     # -- divergence guard ------------------------------------------------------------------------
     def _guard(self, m: dict, step: int, stage1: bool = False) -> None:
@@ -638,6 +666,17 @@ def _peak_memory(all_ranks: bool) -> dict:
     if all_ranks:
         mb = max(all_gather_object(mb))
     return {"kind": kind, "mb": round(mb, 1)}
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _duration(seconds: float) -> str:
+    """``3725`` -> ``1h02m05s``; ``65`` -> ``1m05s``; ``7`` -> ``7s``."""
+    s = int(round(seconds))
+    h, m, s = s // 3600, s // 60 % 60, s % 60
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def _hub_sources(cfg: ExperimentConfig) -> list[tuple[str, str, str]]:

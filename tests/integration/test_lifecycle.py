@@ -317,3 +317,28 @@ def test_signal_to_the_deepspeed_command_leaves_no_rank(tmp_path, sig):
                 p.kill()
         runner.kill()
         runner.wait()
+
+
+def test_plain_progress_lines_without_a_terminal(tmp_path, dist_env, capsys):
+    """stdout and stderr are pytest's captures here, not terminals: no bar, a plain line every
+    train.log_every steps, teacher stage 1 included."""
+    from lgtm_ds.config import load_config
+    from lgtm_ds.training import run
+
+    cmd = [f"output.dir={tmp_path / 'o'}", *(o.removeprefix("--") for o in SMALL)]
+    cmd += ["train.max_steps=6", "train.log_every=2", "method.name=vanilla_kd"]
+    run(load_config(None, [*cmd, "method.teacher_stage1_epochs=0.2"]))  # stage 1: 0.2 epoch, capped at 6
+    out, err = capsys.readouterr()
+    assert "vanilla_kd:" not in err + out  # the bar (transformers' own "Writing model
+    # shards" bars stay: the command line turns them off, an in-process run leaves them)
+    rows = [line for line in out.splitlines() if " steps/s | ETA " in line]
+    pattern = re.compile(
+        r"(teacher stage-1 step \d/6 \| teacher_ce|step \d/6 \| student_loss) [\d.e+-]+ \| "
+        r"\d[\d.e+]* steps/s \| ETA (\d+h)?(\d+m)?\d+s"
+    )
+    assert all(pattern.fullmatch(r) for r in rows), rows
+    assert [r.split(" |")[0] for r in rows] == [
+        *(f"teacher stage-1 step {k}/6" for k in (2, 4, 6)),
+        *(f"step {k}/6" for k in (2, 4, 6)),
+    ]
+    assert rows[-1].endswith("ETA 0s")
