@@ -347,9 +347,9 @@ def test_load_task_causal_lm_errors(tok, tmp_path):
     with pytest.raises(DataError, match="'answer'.*data.completion_column.*pc.jsonl"):
         D.load_task(cfg, tok, 0)
     rows = _pc_rows(20)
-    rows[7]["completion"] = " "
+    rows[7]["completion"] = " "  # row 7: line 8 of the file
     bad = _write(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(DataError, match="column 'completion' of .*bad.jsonl: empty text in row 7"):
+    with pytest.raises(DataError, match="column 'completion' of .*bad.jsonl: empty text at line 8"):
         D.load_task(_lm_cfg(source="files", train_file=bad), tok, 0)
     va = _write(tmp_path / "val.jsonl", [{"prompt": "a"}] * 3)
     with pytest.raises(DataError, match="'completion'.*val.jsonl"):
