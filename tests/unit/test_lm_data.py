@@ -142,6 +142,7 @@ def test_resolve_format_auto_and_missing_columns():
     assert f == LMFormat("prompt_completion", prompt_column="q", completion_column="a")
     cases = [
         ("auto", ["prompt", "body"], "'text'.*data.text_columns.*train.jsonl.*'prompt', 'body'"),
+        ("auto", ["prompt"], "auto found no format.*'messages'.*'prompt' and 'completion'.*'text'"),
         ("text", ["body"], "format 'text'.*'text'.*data.text_columns.*train.jsonl"),
         ("prompt_completion", ["prompt"], "'completion'.*data.completion_column.*train.jsonl"),
         ("prompt_completion", ["completion"], "'prompt'.*data.prompt_column.*train.jsonl"),
