@@ -152,6 +152,8 @@ class Trainer:
         self.wall_before = 0.0  # training time of the earlier segments of a resumed run
         self.t0 = time.time()  # this segment's start (train() sets it again)
         self.bar = None  # the progress bar, while train() runs
+        self.plain_progress = False  # train(): plain progress lines (stdout not a terminal)
+        self.done_at_start = 0  # train(): the steps done before this segment (steps/s, ETA)
         self.resumed_from: list[str] = []
         self.skipped = {"total": 0, "in_a_row": 0}  # the divergence guard's counts
         # -- outputs ---------------------------------------------------------------------------
