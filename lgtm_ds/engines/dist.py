@@ -8,7 +8,9 @@ import contextlib
 import datetime
 import errno
 import os
+import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -64,9 +66,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+STALE_BUILD_LOCK_S = 600.0  # DeepSpeed's CPU op built in about 100 s on the 2-core dev machine
+
+
+def clear_stale_build_locks(now: float | None = None) -> list[str]:
+    """Remove the PyTorch extension build locks (``<TORCH_EXTENSIONS_DIR>/<op>/lock``) that a
+    process killed while JIT-building an op left behind; returns a warning per lock removed.
+
+    PyTorch's build lock holds no owner: every later build of that op (DeepSpeed's CPU
+    communication op, at every start on CPU) waits for it to go, at 0% CPU and without a
+    word, forever. A lock counts as stale when it is older than :data:`STALE_BUILD_LOCK_S`
+    and no process works in its build folder (the compiler runs there)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        root = Path(_get_build_directory("lgtm_ds_probe", False)).parent
+    except Exception:  # noqa: BLE001 (a private helper of torch: no check rather than a crash)
+        return []
+    now = time.time() if now is None else now
+    removed = []
+    for lock in sorted(root.glob("*/lock")):
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age < STALE_BUILD_LOCK_S or _working_in(lock.parent):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+            removed.append(
+                f"warning: removed the stale extension build lock {lock} ({age / 60:.0f} min "
+                f"old, no build running): a process killed while building "
+                f"{lock.parent.name} left it, and every start waited on it"
+            )
+    return removed
+
+
+def _working_in(folder: Path) -> bool:
+    """Some process (of those this user may inspect) has ``folder`` as its working directory."""
+    target = str(folder.resolve())
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.readlink(proc / "cwd") == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU). Returns (rank, world)."""
     import deepspeed
+
+    for warning in clear_stale_build_locks():  # else a JIT build below waits forever
+        print(warning, flush=True)
 
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a one-process group
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")

@@ -142,3 +142,27 @@ def test_an_interrupted_run_is_unfinished_not_finished(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))
     with pytest.raises(ConfigError, match="finished run without checkpoints"):
         resume_target(tmp_path, auto)
+
+
+def test_a_stale_extension_build_lock_is_removed_a_live_one_kept(tmp_path, monkeypatch):
+    """A lock older than the build takes, with nobody in its folder: removed (else every start
+    hangs on it); a fresh lock, or one whose folder a process works in: kept."""
+    import os
+    import time
+
+    from lgtm_ds.engines.dist import STALE_BUILD_LOCK_S, clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    locks = {}
+    for name in ("stale_op", "fresh_op", "busy_op"):
+        (tmp_path / name).mkdir()
+        locks[name] = tmp_path / name / "lock"
+        locks[name].write_text("")
+    for name in ("stale_op", "busy_op"):
+        os.utime(locks[name], (old, old))
+    monkeypatch.chdir(tmp_path / "busy_op")  # a build (the compiler) runs there
+    removed = clear_stale_build_locks()
+    assert len(removed) == 1 and str(locks["stale_op"]) in removed[0], removed
+    assert not locks["stale_op"].exists()
+    assert locks["fresh_op"].exists() and locks["busy_op"].exists()
