@@ -7,6 +7,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..errors import LGTMError
     from . import signals
 
     signals.install()  # SIGINT / SIGTERM: a summary, one line, 130 / 143
@@ -14,7 +15,6 @@ def main(argv: list[str] | None = None) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
         from ..config import parse_args
-        from ..errors import LGTMError
 
         cfg, args = parse_args(sys.argv[1:] if argv is None else argv)
         configure_console(args.log_level)
