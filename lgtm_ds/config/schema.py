@@ -418,12 +418,22 @@ class OutputConfig(Options):
         0, ge=0, description="optimizer steps between checkpoints; 0 = none"
     )
     keep_checkpoints: int | None = Field(
-        None, gt=0, description="keep only the newest K checkpoints; null = all"
+        3,
+        gt=0,
+        description="keep only the newest K checkpoints (more than one: resume=auto falls back "
+        "to an older one when the newest is damaged); null = all",
+    )
+    checkpoint_on_signal: bool = Field(
+        False,
+        description="on SIGINT / SIGTERM, finish the current optimizer step and save a "
+        "checkpoint before stopping (within 60 s; more than one rank: one small all-gather "
+        "per step); false = stop at once, from the newest checkpoint",
     )
     resume: NonEmptyStr | None = Field(
         None,
-        description='checkpoint folder, or "auto" = the latest under dir/checkpoints, or a '
-        "fresh start when there is none yet (one command both starts and continues a job)",
+        description='checkpoint folder, or "auto" = the newest complete checkpoint under '
+        "dir/checkpoints (damaged ones skipped with a warning), or a fresh start when there is "
+        "none yet (one command both starts and continues a job)",
     )
     influence_log: bool = Field(
         True,

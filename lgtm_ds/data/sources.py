@@ -37,6 +37,9 @@ counts them per split.
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -205,7 +208,17 @@ def _load_glue(cfg, load_fn, seed: int) -> RawSplits:
     )
 
 
-def _load_file(path: str, load_fn, role: str) -> datasets.Dataset:
+def check_files(cfg) -> None:
+    """``data.source=files``: every file named has a readable extension and exists (the checks
+    that read nothing; the trainer runs them before the ranks start)."""
+    if cfg.source != "files":
+        return
+    for role in ("train_file", "validation_file", "test_file"):
+        if getattr(cfg, role) is not None:
+            _check_file(getattr(cfg, role), role)
+
+
+def _check_file(path: str, role: str) -> None:
     ext = os.path.splitext(path)[1].lower()
     if ext not in _FILE_BUILDERS:
         raise DataError(
@@ -214,6 +227,11 @@ def _load_file(path: str, load_fn, role: str) -> datasets.Dataset:
         )
     if not os.path.isfile(path):
         raise DataError(f"data.{role}: file not found: {path}")
+
+
+def _load_file(path: str, load_fn, role: str) -> datasets.Dataset:
+    _check_file(path, role)
+    ext = os.path.splitext(path)[1].lower()
     if os.path.getsize(path) == 0:
         split = "training" if role == "train_file" else "validation"
         raise DataError(f"{split} split ({path}) is empty (0 bytes, 0 rows)")
@@ -230,14 +248,96 @@ def _load_file(path: str, load_fn, role: str) -> datasets.Dataset:
             if "corresponds to no data" in str(e):  # datasets' error for a 0-row file
                 split = "training" if role == "train_file" else "validation"
                 raise DataError(f"{split} split ({path}) is empty (0 rows)") from e
+            at = _json_error(path) if ext in (".json", ".jsonl") else None
             raise DataError(
                 f"data.{role}: could not read {path} as {_FILE_BUILDERS[ext]}: "
-                f"{type(e).__name__}: {e}"
+                + (at or f"{type(e).__name__}: {e}")
             ) from e
         if not ds.cache_files:
             return ds
         # Not in memory after all (e.g. a custom loader): materialise before the dir goes away.
         return datasets.Dataset.from_dict(ds.to_dict(), features=ds.features)
+
+
+def _json_error(path: str) -> str | None:
+    """Where a JSON / JSON-lines file stops parsing: ``line N, column C: <what>`` (the
+    ``datasets`` reader's own message has no line number)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{type(e).__name__}: {e}"
+    try:
+        json.loads(text)
+        return None  # one JSON document that parses: the reader failed on something else
+    except json.JSONDecodeError as whole:
+        doc = f"line {whole.lineno}, column {whole.colno}: {whole.msg}"
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        json.loads(first)
+    except json.JSONDecodeError:
+        return doc  # not JSON lines (or its first line is the bad one): the document's error
+    for n, line in enumerate(lines, 1):  # JSON lines: the first line that does not parse
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {n}, column {e.colno}: {e.msg}"
+    return doc
+
+
+def _file_lines(path: str | None) -> list[int] | None:
+    """The line of a CSV / JSON-lines file where each row (as ``datasets`` loads them: blank
+    lines skipped, a CSV's header and quoted line breaks accounted for) starts; None for other
+    files (parquet, a JSON document, a hub dataset)."""
+    ext = os.path.splitext(path or "")[1].lower()
+    if ext not in (".csv", ".json", ".jsonl") or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, newline="" if ext == ".csv" else None, encoding="utf-8") as fh:
+            if ext != ".csv":
+                lines = fh.read().splitlines()
+                first = next((line for line in lines if line.strip()), "")
+                try:
+                    json.loads(first)
+                except json.JSONDecodeError:
+                    return None  # a JSON document over several lines: rows have no line
+                return [n for n, line in enumerate(lines, 1) if line.strip()]
+            out, header, start = [], True, 1
+            reader = csv.reader(fh)
+            for row in reader:
+                if row:
+                    if header:
+                        header = False
+                    else:
+                        out.append(start)
+                start = reader.line_num + 1
+            return out
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+
+
+def _at(path: str | None, rows: list[int]) -> str:
+    """``line 57`` / ``lines 57, 91`` of ``path`` for 0-based rows, else ``row 55``."""
+    lines = _file_lines(path)
+    if lines is None or any(i >= len(lines) for i in rows):
+        return ("row " if len(rows) == 1 else "rows ") + ", ".join(map(str, rows))
+    return ("line " if len(rows) == 1 else "lines ") + ", ".join(str(lines[i]) for i in rows)
+
+
+def _looks_numeric(v: Any) -> bool:
+    """A number, or text that reads as a finite one ("1", " 2.5"): a CSV cell is text."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int | float):
+        return True
+    if isinstance(v, str):
+        try:
+            return math.isfinite(float(v))
+        except ValueError:
+            return False
+    return False
 
 
 def _encode_file_labels(
@@ -265,21 +365,33 @@ def _encode_file_labels(
     for values, path in ((tr, train_path), (va, val_path)):
         for i, v in enumerate(values):
             if v is None or (isinstance(v, float) and np.isnan(v)):
-                raise DataError(f"column {label_col!r} of {path}: missing label in row {i}")
+                raise DataError(
+                    f"column {label_col!r} of {path}: missing label at {_at(path, [i])}"
+                )
 
     def is_num(v):
         return isinstance(v, int | float) and not isinstance(v, bool)
 
     everything = tr + va
     nums = [v for v in everything if is_num(v)]
-    if nums and len(nums) != len(everything):
-        texts = sorted({str(v) for v in everything if not is_num(v)})
-        numbers = sorted({v for v in nums})
-        odd = texts if len(texts) <= len(numbers) else [str(x) for x in numbers]
+    # typed numbers with text (JSON), else text that reads as numbers with other text (every
+    # CSV cell is text): one kind of label per column
+    numeric = is_num if nums and len(nums) != len(everything) else _looks_numeric
+    flags = [numeric(v) for v in everything]
+    if any(flags) and not all(flags):
+        texts = sorted({str(v) for v, n in zip(everything, flags) if not n})
+        numbers = sorted({str(v) for v, n in zip(everything, flags) if n}, key=float)
+        odd_numeric = len(texts) > len(numbers)  # the odd ones out: the rarer kind of value
+        odd = numbers if odd_numeric else texts
+        where = []
+        for values, path in ((tr, train_path), (va, val_path)):
+            rows = [i for i, v in enumerate(values) if numeric(v) == odd_numeric][:5]
+            if rows:
+                where.append(f"{path} {_at(path, rows)}")
         raise DataError(
             f"column {label_col!r} mixes text labels {texts[:5]} with numeric labels "
             f"{numbers[:5]} ({train_path}{', ' + val_path if val_path else ''}); the odd ones "
-            f"out: {odd[:5]}. Use one kind of label per column"
+            f"out: {odd[:5]} at {'; '.join(where)}. Use one kind of label per column"
         )
     fractional = any(isinstance(v, float) and not float(v).is_integer() for v in nums)
     kind = requested.labels if requested is not None else None
@@ -323,7 +435,7 @@ def _check_labelled(ds: datasets.Dataset, cols: list[str], label_col: str, where
     for col in cols:
         for i, v in enumerate(ds[col]):
             if v is None:
-                raise DataError(f"column {col!r} of {where}: missing text in row {i}")
+                raise DataError(f"column {col!r} of {where}: missing text at {_at(where, [i])}")
 
 
 def _load_files(cfg, load_fn, seed: int) -> RawSplits:
@@ -460,7 +572,7 @@ def _check_lm_rows(ds: datasets.Dataset, fmt: LMFormat, where: str) -> None:
         for i, v in enumerate(ds[col]):
             if v is None or (not may_be_empty and isinstance(v, str) and not v.strip()):
                 what = "missing" if v is None else "empty"
-                raise DataError(f"column {col!r} of {where}: {what} text in row {i}")
+                raise DataError(f"column {col!r} of {where}: {what} text at {_at(where, [i])}")
 
 
 def _lm_raw(name: str, train, val, fmt: LMFormat) -> RawSplits:

@@ -102,6 +102,13 @@ def resolve_format(
         "prompt_completion": [("prompt", prompt_column), ("completion", completion_column)],
         "messages": [("messages", messages_column)],
     }[fmt.kind]
+    if requested == "auto" and text_column not in cols and fmt.kind == "text":
+        raise DataError(  # what auto looked for: naming only the last resort would mislead
+            f"data.format=auto found no format it reads: it looks for {messages_column!r} "
+            f"({_KEYS['messages']}) for messages, {prompt_column!r} and {completion_column!r} "
+            f"({_KEYS['prompt']}, {_KEYS['completion']}) for prompt_completion, "
+            f"{text_column!r} ({_KEYS['text']}) for text; the columns of {where} are {cols}"
+        )
     for role, col in roles:
         if col not in cols:
             how = " (data.format=auto chose it)" if requested == "auto" else ""

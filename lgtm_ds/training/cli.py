@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config import parse_args
     from ..errors import LGTMError
+    from . import signals
 
+    signals.install()  # SIGINT / SIGTERM: a summary, one line, 130 / 143
+    signals.watch_launcher()  # a rank whose launcher died ends itself
+    main_rank = os.environ.get("RANK", "0") == "0"
     try:
+        from ..config import parse_args
+
         cfg, args = parse_args(sys.argv[1:] if argv is None else argv)
         configure_console(args.log_level)
         from ..engines.dist import shutdown_distributed
@@ -17,8 +23,14 @@ def main(argv: list[str] | None = None) -> int:
 
         run(cfg)
     except LGTMError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # every rank meets the same bad input: one copy of the message, from the global rank 0
+        if main_rank:
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    except signals.Interrupted as e:
+        if main_rank:
+            print(e.message or f"interrupted ({e.name})", file=sys.stderr, flush=True)
+        return e.exit_code
     shutdown_distributed()
     return 0
 

@@ -25,9 +25,11 @@ def build_summary(
     failure: str | None = None,
     peak_memory: dict | None = None,
     fused_head: dict | None = None,
+    status: str | None = None,
 ) -> dict:
     return {
-        "status": "failed" if failure else "completed",
+        # completed / failed / interrupted (SIGINT or SIGTERM; "interrupted" says where)
+        "status": status or ("failed" if failure else "completed"),
         "failure": failure,
         "method": cfg.method.name,
         "task": task_name,
@@ -77,6 +79,7 @@ def format_summary(s: dict, out: Path) -> str:
             else ""
         ),
         f"FAILED: {s['failure']}" if s.get("failure") else "",
+        f"INTERRUPTED: {s['interrupted']['message']}" if s.get("interrupted") else "",
         f"  ({s['advice']})" if s.get("advice") else "",
         (
             "final eval: " + ", ".join(f"{k} {_num(v)}" for k, v in sorted(s["final"].items()))
@@ -99,8 +102,8 @@ def format_summary(s: dict, out: Path) -> str:
         f"outputs: {out}/ (config.yaml, metrics.jsonl, data_split.json, "
         + ("influence.jsonl, " if (out / "influence.jsonl").exists() else "")
         + ("generations/, " if (out / "generations").exists() else "")
-        + ("student/, " if not s.get("failure") else "")
-        + ("teacher/, " if (out / "teacher").exists() and not s.get("failure") else "")
+        + ("student/, " if s["status"] == "completed" else "")
+        + ("teacher/, " if (out / "teacher").exists() and s["status"] == "completed" else "")
         + "summary.txt, summary.json)",
         "=" * 64,
     ]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import random
+import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -25,9 +27,14 @@ from ..data import (
     own_tokenizer,
     synthetic_texts,
 )
-from ..data.sources import GLUE_DATASET_ID, GLUE_TASKS
+from ..data.sources import GLUE_DATASET_ID, GLUE_TASKS, check_files
 from ..engines.build import build_engines, resolve_ds_configs
-from ..engines.dist import all_gather_object, init_distributed
+from ..engines.dist import (
+    all_gather_object,
+    check_master_port,
+    env_rank_world,
+    init_distributed,
+)
 from ..engines.head import FullLogitsWarning
 from ..errors import ConfigError, TrainingError
 from ..hub import check_sources
@@ -40,8 +47,10 @@ from ..tasks.base import ModelOptions
 from ..tasks.derive import FROM_TEACHER, derive_student
 from ..tasks.hf import init_seed, is_embedded
 from ..tasks.rollout import check_generation_tokens, check_prompt_room
+from . import signals
 from .checkpoint import (
     check_run_folder,
+    describe_tag,
     load_checkpoint,
     prepare_run_folder,
     restore_rng,
@@ -52,6 +61,7 @@ from .evaluator import Evaluator
 from .logger import MetricsLogger
 from .model_card import model_card
 from .rollouts import write_generations
+from .runlock import RunLock, holder_text
 from .summary import build_summary, format_summary
 from .telemetry import FILE as INFLUENCE_FILE
 from .telemetry import InfluenceLog
@@ -86,15 +96,24 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
         self.method = get_method(cfg.method.name)
+        self.out = Path(cfg.output.dir)
+        # -- everything that can fail on bad input, before any output is written ----------------
+        # first the checks that need no process group, before the ranks rendezvous: a bad
+        # config, DeepSpeed JSON, file or model path fails in seconds, on every rank alike
+        rank, world = env_rank_world()
+        if rank == 0:  # only the global rank 0 takes the folder's lock (below)
+            RunLock.check(self.out)  # another live run on this folder: fail before reading it
+        check_run_folder(self.out, cfg.output)
+        self.resume_from = resume_target(self.out, cfg.output, announce=rank == 0)
+        self.ds_teacher, self.ds_student = resolve_ds_configs(cfg, world)
+        check_sources(_hub_sources(cfg))  # typos and a missing network fail here, in seconds
+        check_files(cfg.data)
+        if rank == 0:
+            check_master_port()
         self.rank, self.world = init_distributed()
         self.is_main = self.rank == 0
         seed_everything(cfg.train.seed)
-        self.out = Path(cfg.output.dir)
-        # -- everything that can fail on bad input, before any output is written ----------------
-        check_run_folder(self.out, cfg.output)
-        self.resume_from = resume_target(self.out, cfg.output)
-        self.ds_teacher, self.ds_student = resolve_ds_configs(cfg, self.world)
-        check_sources(_hub_sources(cfg))  # typos and a missing network fail here, in seconds
+        self.lock = RunLock(self.out)  # taken by rank 0 before it writes into the folder
         self.tokenizer = self._build_tokenizer()
         self.data = load_task(cfg.data, self.tokenizer, cfg.train.seed)
         self.task = self.data.task
@@ -141,10 +160,19 @@ class Trainer:
         self.wall_before = 0.0  # training time of the earlier segments of a resumed run
         self.t0 = time.time()  # this segment's start (train() sets it again)
         self.bar = None  # the progress bar, while train() runs
+        self.plain_progress = False  # train(): plain progress lines (stdout not a terminal)
+        self.done_at_start = 0  # train(): the steps done before this segment (steps/s, ETA)
         self.resumed_from: list[str] = []
         self.skipped = {"total": 0, "in_a_row": 0}  # the divergence guard's counts
         # -- outputs ---------------------------------------------------------------------------
         if self.is_main:
+            self.lock.acquire()
+            if self.lock.taken_over:
+                print(
+                    f"warning: output.dir {str(self.out)!r}: taking over the lock of a run that "
+                    f"ended without releasing it ({holder_text(self.lock.taken_over)})",
+                    flush=True,
+                )
             prepare_run_folder(self.out, cfg.output, resuming=self.resume_from is not None)
             save_resolved(cfg, self.ds_teacher, self.ds_student, self.out / "config.yaml")
             write_json_atomic(self.out / "data_split.json", self.data.split_record())
@@ -322,11 +350,26 @@ class Trainer:
         self.bar = tqdm(
             total=self.stage1_steps + self.total_steps,
             initial=self.stage1_done + self.step,
-            disable=not self.is_main,
+            # a bar needs a terminal: in a log file it is one line of \r updates
+            disable=not (self.is_main and sys.stderr.isatty()),
             desc=cfg.method.name,
             dynamic_ncols=True,
         )
-        self._teacher_stage1()
+        # no terminal (a batch job's log, `| tee`): a plain line every train.log_every steps
+        self.plain_progress = self.is_main and not sys.stdout.isatty()
+        self.done_at_start = self.stage1_done + self.step
+        try:
+            with signals.deferred(cfg.output.checkpoint_on_signal):
+                self._teacher_stage1()
+                self._distill()
+        except (signals.Interrupted, KeyboardInterrupt) as e:
+            self._interrupted(e)
+            raise
+        self.bar.close()
+        return {"wall_s": self.wall_before + time.time() - self.t0, "history": self.history}
+
+    def _distill(self) -> None:
+        cfg = self.cfg
         if self.step == 0:  # the starting point (after vanilla KD's stage 1)
             self._log_eval(self.evaluate())
         while self.step < self.total_steps:
@@ -349,8 +392,8 @@ class Trainer:
             every = cfg.output.checkpoint_every
             if every and self.step % every == 0 and not last:
                 self.save_checkpoint()
-        self.bar.close()
-        return {"wall_s": self.wall_before + time.time() - self.t0, "history": self.history}
+            if not last:
+                self._stop_if_signalled(f"step{self.step}")
 
     def _teacher_stage1(self) -> None:
         """Teacher-only fine-tuning before distillation (methods with ``teacher_stage1``)."""
@@ -360,10 +403,15 @@ class Trainer:
             self.bar.update(1)
             if self.stage1_done % self.cfg.train.log_every == 0 or m.get("skipped"):
                 self.logger.log({"stage": 1, "step": self.stage1_done, **m})
+            if self.stage1_done % self.cfg.train.log_every == 0:
+                self._progress_line(
+                    f"teacher stage-1 step {self.stage1_done}/{self.stage1_steps}", m
+                )
             self._guard(m, self.stage1_done, stage1=True)
             every = self.cfg.output.checkpoint_every
             if every and self.stage1_done % every == 0 and self.stage1_done < self.stage1_steps:
                 self.save_checkpoint(f"stage1_step{self.stage1_done}")
+            self._stop_if_signalled(f"stage1_step{self.stage1_done}")
 
     def _log_step(self, m: dict, batch: list[dict]) -> None:
         influence = m.pop("influence", None)
@@ -389,8 +437,27 @@ class Trainer:
         log = self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps
         if log or m.get("skipped"):  # skipped steps are always in metrics.jsonl
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in m.items() if "loss" in k})
+            if log:
+                self._progress_line(f"step {self.step}/{self.total_steps}", m)
             row = {"step": self.step, "epoch": self.train_batches.epoch, **m}
             self.logger.log(row, histograms=hist)
+
+    def _progress_line(self, where: str, m: dict) -> None:
+        """The bar's content as one plain line (stdout not a terminal): where, the losses,
+        steps/s of this segment, the time left."""
+        if not self.plain_progress:
+            return
+        done = self.stage1_done + self.step
+        elapsed = time.time() - self.t0
+        rate = (done - self.done_at_start) / elapsed if elapsed > 0 else 0.0
+        left = self.stage1_steps + self.total_steps - done
+        losses = " ".join(
+            f"{k} {v:.4g}"
+            for k, v in m.items()
+            if ("loss" in k or k.endswith("_ce")) and _is_num(v)  # stage 1: teacher_ce
+        )
+        eta = _duration(left / rate) if rate > 0 else "?"
+        print(f"{where} | {losses} | {rate:.3g} steps/s | ETA {eta}", flush=True)
 
     # -- divergence guard ------------------------------------------------------------------------
     def _guard(self, m: dict, step: int, stage1: bool = False) -> None:
@@ -422,6 +489,68 @@ class Trainer:
                 "train.max_skipped_steps (0 = never stop)",
             )
 
+    # -- stopped from outside --------------------------------------------------------------------
+    def _stop_if_signalled(self, tag: str) -> None:
+        """``output.checkpoint_on_signal``, at a step's end: when a rank got SIGINT / SIGTERM
+        (all ranks agree: a collective), save checkpoint ``tag`` (unless just saved) and stop."""
+        if not self.cfg.output.checkpoint_on_signal:
+            return
+        sig = signals.pending()
+        if self.world > 1:  # a collective: every rank asks, every step
+            sig = max((s or 0 for s in all_gather_object(sig)), default=0) or None
+        if sig is None:
+            return
+        latest = self.out / "checkpoints" / "latest"
+        if not (latest.exists() and latest.read_text().strip() == tag):
+            self.save_checkpoint(tag)
+        raise signals.Interrupted(sig)
+
+    def _interrupted(self, e: BaseException) -> None:
+        """SIGINT / SIGTERM (or a notebook's KeyboardInterrupt) in training: a summary marked
+        interrupted with the step and the checkpoint to continue from, no model saved, the
+        lock let go; ``e.message``: the command's one line. No collective: the other ranks may
+        be gone."""
+        signum = e.signum if isinstance(e, signals.Interrupted) else int(signal.SIGINT)
+        name = signal.Signals(signum).name
+        if self.bar is not None:
+            self.bar.close()
+        at = (
+            f"teacher stage-1 step {self.stage1_done}"
+            if self.stage1_done < self.stage1_steps
+            else f"step {self.step}"
+        )
+        latest = self.out / "checkpoints" / "latest"
+        tag = latest.read_text().strip() if latest.exists() else None
+        resume = (
+            describe_tag(tag)
+            if tag
+            else "the start (no checkpoint yet: output.checkpoint_every=N saves them)"
+        )
+        message = (
+            f"interrupted ({name}) at {at}; the same command with output.resume=auto "
+            f"continues from {resume}"
+        )
+        if isinstance(e, signals.Interrupted):
+            e.message = message
+        summary = self._summary(
+            final={}, wall_s=self.wall_before + time.time() - self.t0, status="interrupted"
+        )
+        summary["interrupted"] = {
+            "signal": name,
+            "step": self.step,
+            "stage1_step": self.stage1_done,
+            "resume_from": str(self.out / "checkpoints" / tag) if tag else None,
+            "message": message,
+        }
+        summary["peak_memory"] = _peak_memory(all_ranks=False)
+        if self.is_main:
+            (self.out / "summary.txt").write_text(format_summary(summary, self.out) + "\n")
+            write_json_atomic(self.out / "summary.json", summary)
+        self.logger.close()
+        if self.influence_log is not None:
+            self.influence_log.close()
+        self.lock.release()
+
     def _fail(self, reason: str, advice: str) -> None:
         """Write a summary marked failed (no model saved) and stop with one clear error."""
         self.bar.close()
@@ -437,6 +566,7 @@ class Trainer:
         self.logger.close()
         if self.influence_log is not None:
             self.influence_log.close()
+        self.lock.release()
         latest = self.out / "checkpoints" / "latest"
         hint = (
             f"; the newest checkpoint is {self.out / 'checkpoints' / latest.read_text().strip()}"
@@ -529,9 +659,12 @@ class Trainer:
         self.logger.close()
         if self.influence_log is not None:
             self.influence_log.close()
+        self.lock.release()
         return summary
 
-    def _summary(self, *, final: dict, wall_s: float, failure: str | None = None) -> dict:
+    def _summary(
+        self, *, final: dict, wall_s: float, failure: str | None = None, status: str | None = None
+    ) -> dict:
         return build_summary(
             self.cfg,
             task_name=self.data.name,
@@ -550,6 +683,7 @@ class Trainer:
             resumed_from=self.resumed_from,
             skipped_steps=self.skipped["total"],
             failure=failure,
+            status=status,
         )
 
 
@@ -566,6 +700,17 @@ def _peak_memory(all_ranks: bool) -> dict:
     if all_ranks:
         mb = max(all_gather_object(mb))
     return {"kind": kind, "mb": round(mb, 1)}
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _duration(seconds: float) -> str:
+    """``3725`` -> ``1h02m05s``; ``65`` -> ``1m05s``; ``7`` -> ``7s``."""
+    s = int(round(seconds))
+    h, m, s = s // 3600, s // 60 % 60, s % 60
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def _hub_sources(cfg: ExperimentConfig) -> list[tuple[str, str, str]]:

@@ -142,6 +142,7 @@ def test_resolve_format_auto_and_missing_columns():
     assert f == LMFormat("prompt_completion", prompt_column="q", completion_column="a")
     cases = [
         ("auto", ["prompt", "body"], "'text'.*data.text_columns.*train.jsonl.*'prompt', 'body'"),
+        ("auto", ["prompt"], "auto found no format.*'messages'.*'prompt' and 'completion'.*'text'"),
         ("text", ["body"], "format 'text'.*'text'.*data.text_columns.*train.jsonl"),
         ("prompt_completion", ["prompt"], "'completion'.*data.completion_column.*train.jsonl"),
         ("prompt_completion", ["completion"], "'prompt'.*data.prompt_column.*train.jsonl"),
@@ -347,9 +348,9 @@ def test_load_task_causal_lm_errors(tok, tmp_path):
     with pytest.raises(DataError, match="'answer'.*data.completion_column.*pc.jsonl"):
         D.load_task(cfg, tok, 0)
     rows = _pc_rows(20)
-    rows[7]["completion"] = " "
+    rows[7]["completion"] = " "  # row 7: line 8 of the file
     bad = _write(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(DataError, match="column 'completion' of .*bad.jsonl: empty text in row 7"):
+    with pytest.raises(DataError, match="column 'completion' of .*bad.jsonl: empty text at line 8"):
         D.load_task(_lm_cfg(source="files", train_file=bad), tok, 0)
     va = _write(tmp_path / "val.jsonl", [{"prompt": "a"}] * 3)
     with pytest.raises(DataError, match="'completion'.*val.jsonl"):
