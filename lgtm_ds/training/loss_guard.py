@@ -3,12 +3,14 @@ so no step is skipped) stops the run, as ``train.max_skipped_steps`` does for a 
 
 Per loss series (``teacher_loss``, ``student_loss``; ``teacher_ce`` in vanilla KD's stage 1): a
 step's loss is a spike when it is above ``factor`` times the series' reference, the lowest
-running median seen so far (the median of the last :data:`WINDOW` losses, from the
-:data:`MIN_VALUES`-th loss on), and never below ``floor``. The lowest median, not the current
-one: a loss that jumps and stays up raises the current median with it. The first ``warmup``
-losses of a series are not judged (they still set the reference: a jump at step 3 is caught
-once the warm-up is past). ``steps`` spikes in a row stop the run. Plain Python: the trainer
-feeds it the losses (averaged over ranks, so every rank judges alike and stops together)."""
+running median seen so far (the median of the last :data:`WINDOW` losses, of fewer in the
+first steps: the first loss is its own median), and never below ``floor``. The lowest median,
+not the current one: a loss that jumps and stays up raises the current median with it; and
+from the first step, since learning rates far too high can blow a loss up by step 2. The first
+``warmup`` losses of a series are not judged (they still set the reference: a jump at step 3
+is caught once the warm-up is past). ``steps`` spikes in a row stop the run. Plain Python: the
+trainer feeds it the losses (averaged over ranks, so every rank judges alike and stops
+together)."""
 
 from __future__ import annotations
 
@@ -18,18 +20,23 @@ from collections import deque
 from dataclasses import dataclass
 
 WINDOW = 5  # losses in the running median: a single spike does not move it
-MIN_VALUES = 3  # the first median: of the first three losses (a jump at step 3 still shows)
 
 
 @dataclass
 class Spike:
-    """A series over its bound at ``step``: ``in_a_row`` spikes so far, the first at ``first``."""
+    """A series over its bound at ``step``: ``in_a_row`` spikes so far, the first at ``first``;
+    ``reference``: the lowest running median ``median``, raised to the floor if below it."""
 
     name: str
     loss: float
     reference: float
     step: int
     in_a_row: int
+    median: float
+
+    def describe_reference(self) -> str:
+        raised = ", raised to train.loss_spike_floor" if self.median < self.reference else ""
+        return f"{self.reference:.4g} (the lowest running median {self.median:.4g}{raised})"
 
     @property
     def first(self) -> int:
@@ -69,15 +76,16 @@ class LossSpikeGuard:
             self.seen[name] = seen
             if seen > self.warmup and loss > self.bound(name):
                 self.in_a_row[name] = self.in_a_row.get(name, 0) + 1
-                ref = max(self.reference[name], self.floor)
-                spikes.append(Spike(name, loss, ref, step, self.in_a_row[name]))
+                low = self.reference[name]
+                spikes.append(
+                    Spike(name, loss, max(low, self.floor), step, self.in_a_row[name], low)
+                )
             else:
                 self.in_a_row[name] = 0
             recent = self.recent.setdefault(name, deque(maxlen=WINDOW))
             recent.append(loss)
-            if len(recent) >= MIN_VALUES:
-                median = statistics.median(recent)
-                self.reference[name] = min(self.reference.get(name, math.inf), median)
+            median = statistics.median(recent)
+            self.reference[name] = min(self.reference.get(name, math.inf), median)
         return spikes
 
     def diverged(self, spikes: list[Spike]) -> Spike | None:

@@ -516,15 +516,15 @@ class Trainer:
                 self.bar.write(
                     f"warning: {where} {step}: {s.name} {s.loss:.4g} is above "
                     f"train.loss_spike_factor={t.loss_spike_factor:g} x its reference "
-                    f"{s.reference:.4g} (the lowest running median); the run stops after "
+                    f"{s.describe_reference()}; the run stops after "
                     f"train.loss_spike_steps={t.loss_spike_steps} such steps in a row"
                 )
         s = self.spikes.diverged(spikes)
         if s is not None:
             self._fail(
                 f"training diverged: {s.name} {s.loss:.4g} above {t.loss_spike_factor:g} x its "
-                f"reference {s.reference:.4g} (the lowest running median) for {s.in_a_row} "
-                f"steps in a row ({where} {step} back to {s.first})",
+                f"reference {s.describe_reference()} for {s.in_a_row} steps in a row "
+                f"({where} {step} back to {s.first})",
                 "lower train.student_lr / train.teacher_lr, set train.max_grad_norm, or tune "
                 "train.loss_spike_factor / train.loss_spike_steps (loss_spike_factor=0 = off)",
                 status="diverged",

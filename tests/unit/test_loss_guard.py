@@ -49,12 +49,12 @@ def test_a_single_spike_or_one_short_of_the_count_does_not_stop():
 
 def test_a_jump_in_the_warm_up_is_caught_once_the_warm_up_is_past():
     """A loss that jumps from 0.75 to 27 at step 3 and stays there: its current running median
-    is 27, its lowest one (of steps 1-3) is not."""
+    is 27, its lowest one (of steps 1-2) is not."""
     guard = LossSpikeGuard(factor=10, steps=5, warmup=20, floor=0.5)
     curve = [0.81, 0.75] + [27.0 + 0.1 * i for i in range(40)]
     stop, spikes = _feed(guard, curve)
     assert spikes[0].step == 21  # nothing judged in the warm-up
-    assert stop == 25 and math.isclose(spikes[-1].reference, 0.81)
+    assert stop == 25 and math.isclose(spikes[-1].reference, (0.81 + 0.75) / 2)
 
 
 def test_no_stop_in_the_warm_up():
@@ -78,6 +78,8 @@ def test_the_floor_keeps_a_loss_near_zero_from_firing():
     guard = LossSpikeGuard(factor=10, steps=5, warmup=20, floor=1.0)
     stop, spikes = _feed(guard, curve)
     assert stop == len(curve) and spikes[0].loss == 20.0 and spikes[0].reference == 1.0
+    assert spikes[0].median == 1e-3  # the first loss: its own median, the lowest
+    assert "raised to train.loss_spike_floor" in spikes[0].describe_reference()
 
 
 def test_each_series_is_judged_alone_and_nonfinite_losses_are_left_out():
