@@ -370,6 +370,28 @@ class TrainConfig(Options):
         "row skipped for a non-finite loss, gradient or influence (fp16 overflows count too); "
         "0 = never stop",
     )
+    loss_spike_factor: float = Field(
+        10.0,
+        ge=0,
+        description="stop the run (summary marked diverged) when a model's loss stays above this "
+        "many times its reference (the lowest running median of 5 steps so far, at least "
+        "loss_spike_floor) for loss_spike_steps steps in a row: a divergence that stays finite; "
+        "0 = off",
+    )
+    loss_spike_steps: int = Field(
+        5, gt=0, description="optimizer steps in a row above the bound that stop the run"
+    )
+    loss_spike_warmup: int = Field(
+        20,
+        ge=0,
+        description="the first N steps of each loss are not judged (they still set its reference)",
+    )
+    loss_spike_floor: float = Field(
+        1.0,
+        gt=0,
+        description="the smallest reference: a loss near 0 (e.g. the KL of two alike models) "
+        "rising a little is not a divergence",
+    )
 
 
 def _string_keys(d: dict, key: str) -> None:

@@ -6,8 +6,8 @@
   loss, Pearson / Spearman.
 - ``causal_lm``: decoders (``AutoModelForCausalLM``) at token level: KL / reverse KL / JSD
   distillation and next-token CE over the valid (shifted, unmasked) tokens; held-out CE,
-  perplexity and top-1 agreement. Its data formats (text, prompt + completion, chat messages)
-  are in ``lm_data``.
+  perplexity, top-1 agreement and the teacher-student KL. Its data formats (text, prompt +
+  completion, chat messages) are in ``lm_data``.
 """
 
 from ..errors import ConfigError

@@ -466,14 +466,16 @@ class CausalLMTask(ClassificationTask):
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def eval_rows(self, logits: dict[str, torch.Tensor], batch: dict) -> dict[str, np.ndarray]:
-        """Per sequence: ``[CE summed over its valid tokens, valid tokens]`` of each model and
-        ``[tokens where both models' top-1 agree, valid tokens]``."""
+        """Per sequence: ``[CE summed over its valid tokens, valid tokens]`` of each model,
+        ``[tokens where both models' top-1 agree, valid tokens]`` and ``[KL(p_t || p_s) summed
+        over its valid tokens, valid tokens]``."""
         labels = batch["labels"]
         mask = labels[:, 1:] != IGNORE
         n_tok = mask.sum(1).double()
-        out, top1 = {}, {}
+        out, top1, by_role = {}, {}, {}
         for role, z in logits.items():
             rows, y, _ = self.rows(z, labels)
+            by_role[role] = rows
             step = self._chunk(y.shape[0], rows)
             ce, arg = [], []
             for lo in range(0, y.shape[0], step):  # chunks of rows: no full [N, V] in fp32
@@ -490,16 +492,35 @@ class CausalLMTask(ClassificationTask):
             per_seq = torch.zeros(labels.shape[0], dtype=torch.float64, device=agree.device)
             per_seq.index_add_(0, mask.nonzero()[:, 0], agree)
             out["agreement"] = torch.stack([per_seq, n_tok], 1).cpu().numpy()
+            kl = self._eval_kl(by_role["teacher"], by_role["student"], int(mask.sum()), mask)
+            per_seq = torch.zeros(labels.shape[0], dtype=torch.float64, device=kl.device)
+            per_seq.index_add_(0, mask.nonzero()[:, 0], kl)
+            out["kl"] = torch.stack([per_seq, n_tok], 1).cpu().numpy()
         return out
+
+    def _eval_kl(self, rt, rs, n: int, mask: torch.Tensor) -> torch.Tensor:
+        """``KL(p_t || p_s)`` at temperature 1 of each valid token row ``[N]`` (float64), in
+        chunks of rows computed in fp32: no full ``[N, V]`` log-probabilities."""
+        step = min(self._chunk(n, rt), self._chunk(n, rs))
+        kl = []
+        for lo in range(0, n, step):
+            lt = F.log_softmax(_rows(rt, lo, lo + step).float(), -1)
+            ls = F.log_softmax(_rows(rs, lo, lo + step).float(), -1)
+            kl.append(F.kl_div(ls, lt, reduction="none", log_target=True).sum(-1).double())
+        return torch.cat(kl) if kl else torch.zeros(0, dtype=torch.float64, device=mask.device)
 
     def score(self, rows: dict[str, np.ndarray], labels) -> dict[str, float]:
         """Token-weighted CE (nats) and perplexity ``exp(CE)`` of each model on the whole eval
-        split; ``agreement/top1`` = share of valid tokens where both models' argmax agree."""
+        split; ``agreement/top1`` = share of valid tokens where both models' argmax agree;
+        ``agreement/kl`` = the teacher-student ``KL(p_t || p_s)`` in nats per valid token (0 only
+        when the distributions match: two models that emit one token alike score a top-1
+        agreement of 1 whatever the rest of their distributions)."""
         res = {}
         for key, a in rows.items():
             total, n = float(a[:, 0].sum()), float(a[:, 1].sum())
-            if key == "agreement":
-                res["agreement/top1"] = total / max(n, 1.0)
+            if key in ("agreement", "kl"):
+                name = "agreement/top1" if key == "agreement" else "agreement/kl"
+                res[name] = total / max(n, 1.0)
                 continue
             ce = total / max(n, 1.0)
             res[f"{key}/ce"] = ce

@@ -2,10 +2,10 @@
 both engines' DeepSpeed checkpoints, the trainer's position and per-rank RNG.
 
 A run folder (``output.dir``) holds one run: ``summary.json`` is written last and marks a
-finished run (``"status": "failed"`` a failed one). :func:`check_run_folder` refuses to start
-over a finished, failed or unfinished run unless ``output.overwrite`` / ``output.resume`` say
-so; :func:`resume_target` resolves ``output.resume``; :func:`prepare_run_folder` (rank 0)
-clears what a fresh start replaces.
+finished run (``"status": "failed"`` or ``"diverged"`` a failed one). :func:`check_run_folder`
+refuses to start over a finished, failed or unfinished run unless ``output.overwrite`` /
+``output.resume`` say so; :func:`resume_target` resolves ``output.resume``;
+:func:`prepare_run_folder` (rank 0) clears what a fresh start replaces.
 
 Layout under ``<output.dir>/checkpoints``: ``teacher/<tag>``, ``student/<tag>`` (DeepSpeed),
 ``<tag>/trainer_state.json`` (rank 0) and ``<tag>/rng_rank<r>.pt`` (every rank: dropout streams
@@ -103,12 +103,16 @@ def finished_run(out: Path) -> bool:
 
 
 def failed_run(out: Path) -> str | None:
-    """The failure reason if ``out`` holds a run whose summary says it failed."""
+    """The failure reason if ``out`` holds a run whose summary says it failed (or diverged)."""
     try:
         s = json.loads((out / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    return s.get("failure") if isinstance(s, dict) and s.get("status") == "failed" else None
+    return (
+        s.get("failure")
+        if isinstance(s, dict) and s.get("status") in ("failed", "diverged")
+        else None
+    )
 
 
 def resume_target(out: Path, output, announce: bool = True) -> tuple[Path, str] | None:

@@ -28,7 +28,8 @@ def build_summary(
     status: str | None = None,
 ) -> dict:
     return {
-        # completed / failed / interrupted (SIGINT or SIGTERM; "interrupted" says where)
+        # completed / failed / diverged (the loss-spike guard) / interrupted (SIGINT or
+        # SIGTERM; "interrupted" says where)
         "status": status or ("failed" if failure else "completed"),
         "failure": failure,
         "method": cfg.method.name,

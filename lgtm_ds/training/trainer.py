@@ -59,6 +59,7 @@ from .checkpoint import (
 )
 from .evaluator import Evaluator
 from .logger import MetricsLogger
+from .loss_guard import LossSpikeGuard
 from .model_card import model_card
 from .rollouts import write_generations
 from .runlock import RunLock, holder_text
@@ -164,6 +165,10 @@ class Trainer:
         self.done_at_start = 0  # train(): the steps done before this segment (steps/s, ETA)
         self.resumed_from: list[str] = []
         self.skipped = {"total": 0, "in_a_row": 0}  # the divergence guard's counts
+        t = cfg.train  # a divergence that stays finite: the losses' spike guard
+        self.spikes = LossSpikeGuard(
+            t.loss_spike_factor, t.loss_spike_steps, t.loss_spike_warmup, t.loss_spike_floor
+        )
         # -- outputs ---------------------------------------------------------------------------
         if self.is_main:
             self.lock.acquire()
@@ -386,6 +391,7 @@ class Trainer:
             self.bar.update(1)
             self._log_step(m, batch)
             self._guard(m, self.step)
+            self._guard_spikes(m, self.step)
             last = self.step == self.total_steps
             if last or (cfg.train.eval_every and self.step % cfg.train.eval_every == 0):
                 self._log_eval(self.evaluate())
@@ -408,6 +414,7 @@ class Trainer:
                     f"teacher stage-1 step {self.stage1_done}/{self.stage1_steps}", m
                 )
             self._guard(m, self.stage1_done, stage1=True)
+            self._guard_spikes(m, self.stage1_done, stage1=True)
             every = self.cfg.output.checkpoint_every
             if every and self.stage1_done % every == 0 and self.stage1_done < self.stage1_steps:
                 self.save_checkpoint(f"stage1_step{self.stage1_done}")
@@ -489,6 +496,40 @@ class Trainer:
                 "train.max_skipped_steps (0 = never stop)",
             )
 
+    def _guard_spikes(self, m: dict, step: int, stage1: bool = False) -> None:
+        """The loss-spike guard (``train.loss_spike_*``): a warning when a loss first goes over
+        its bound, a stop (summary marked diverged) when it stays there
+        ``train.loss_spike_steps`` steps in a row."""
+        if not self.spikes.enabled:
+            return
+        names = ("teacher_ce",) if stage1 else ("teacher_loss", "student_loss")
+        losses = {k: float(m[k]) for k in names if _is_num(m.get(k))}
+        if self.world > 1:  # the mean over ranks: every rank judges alike and stops together
+            # note: a collective and a host sync, every step
+            per_rank = all_gather_object(losses)
+            losses = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in losses}
+        spikes = self.spikes.update(step, losses)
+        where = "teacher stage-1 step" if stage1 else "step"
+        t = self.cfg.train
+        for s in spikes:
+            if s.in_a_row == 1 and self.is_main:
+                self.bar.write(
+                    f"warning: {where} {step}: {s.name} {s.loss:.4g} is above "
+                    f"train.loss_spike_factor={t.loss_spike_factor:g} x its reference "
+                    f"{s.describe_reference()}; the run stops after "
+                    f"train.loss_spike_steps={t.loss_spike_steps} such steps in a row"
+                )
+        s = self.spikes.diverged(spikes)
+        if s is not None:
+            self._fail(
+                f"training diverged: {s.name} {s.loss:.4g} above {t.loss_spike_factor:g} x its "
+                f"reference {s.describe_reference()} for {s.in_a_row} steps in a row "
+                f"({where} {step} back to {s.first})",
+                "lower train.student_lr / train.teacher_lr, set train.max_grad_norm, or tune "
+                "train.loss_spike_factor / train.loss_spike_steps (loss_spike_factor=0 = off)",
+                status="diverged",
+            )
+
     # -- stopped from outside --------------------------------------------------------------------
     def _stop_if_signalled(self, tag: str) -> None:
         """``output.checkpoint_on_signal``, at a step's end: when a rank got SIGINT / SIGTERM
@@ -551,11 +592,12 @@ class Trainer:
             self.influence_log.close()
         self.lock.release()
 
-    def _fail(self, reason: str, advice: str) -> None:
-        """Write a summary marked failed (no model saved) and stop with one clear error."""
+    def _fail(self, reason: str, advice: str, status: str | None = None) -> None:
+        """Write a summary marked failed (or ``status``; no model saved) and stop with one
+        clear error."""
         self.bar.close()
         summary = self._summary(
-            final={}, wall_s=self.wall_before + time.time() - self.t0, failure=reason
+            final={}, wall_s=self.wall_before + time.time() - self.t0, failure=reason, status=status
         )
         summary["advice"] = advice
         summary["peak_memory"] = _peak_memory(all_ranks=False)  # no collective on a failure
@@ -588,6 +630,7 @@ class Trainer:
             "wall_s": self.wall_before + time.time() - self.t0,
             "resumed_from": self.resumed_from,
             "skipped": self.skipped,
+            "loss_spikes": self.spikes.state_dict(),
             "influence_rows": self.influence_log.rows if self.influence_log else None,
             "method_state": self.distiller.method.state_dict(),
             "onpolicy": self.distiller.onpolicy.state_dict() if self.distiller.onpolicy else None,
@@ -610,6 +653,7 @@ class Trainer:
         self.wall_before = float(st.get("wall_s", 0.0))
         self.resumed_from = [*st.get("resumed_from", []), str(root / tag)]
         self.skipped = dict(st.get("skipped", self.skipped))
+        self.spikes.load_state_dict(st.get("loss_spikes") or {})
         # metrics.jsonl back to the checkpoint: rows logged after it are logged again
         self.logger.truncate(st.get("metrics_rows"))
         if self.influence_log is not None:

@@ -57,7 +57,9 @@ def test_example_two_ranks_zero3_bf16(tmp_path):
     assert s["zero_stage"] == {"teacher": 3, "student": 3}
     assert s["primary_metric"] == "perplexity"
     keys = {"student/ce", "student/perplexity", "teacher/ce", "teacher/perplexity"}
-    assert keys | {"agreement/top1"} <= set(s["final"]) <= set(s["initial"]) | {"agreement/top1"}
+    pair = {"agreement/top1", "agreement/kl"}
+    assert keys | pair <= set(s["final"]) <= set(s["initial"]) | pair
+    assert s["final"]["agreement/kl"] > 0
     assert [e["step"] for e in s["evaluations"]] == [0, 3, 6]
     assert s["final"]["student/perplexity"] < s["initial"]["student/perplexity"]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

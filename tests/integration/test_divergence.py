@@ -86,3 +86,29 @@ def test_max_skipped_steps_zero_never_stops(tmp_path, dist_env):
     )
     assert s["status"] == "completed" and s["skipped_steps"] > 0
     _strict_json((out / "summary.json").read_text())
+
+
+def test_a_finite_divergence_stops_with_a_named_reason(tmp_path, dist_env):
+    """Learning rates far too high: the losses go from ~1e2 to ~1e4 and stay finite (no step
+    skipped); the loss-spike guard stops the run, the summary says diverged and why."""
+    out = tmp_path / "out"
+    with pytest.raises(
+        TrainingError, match=r"training diverged: (teacher|student)_loss .* above 10 x"
+    ):
+        _run(
+            out,
+            "method.name=online_kd",
+            "train.student_lr=1e2",
+            "train.teacher_lr=1e2",
+            "train.max_steps=40",
+            "train.eval_every=0",
+            "train.loss_spike_warmup=5",
+            "train.loss_spike_steps=3",
+        )
+    summary = _strict_json((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["skipped_steps"] == 0
+    assert "the lowest running median" in summary["failure"]
+    assert "for 3 steps in a row" in summary["failure"] and summary["steps"] < 40
+    assert not (out / "student").exists()
+    with pytest.raises(ConfigError, match="failed"):  # the same command again: refused
+        _run(out, "method.name=online_kd")

@@ -212,6 +212,28 @@ def test_eval_metrics_are_token_weighted():
     assert task.primary_metric == "perplexity" and "perplexity" in task.lower_is_better
 
 
+def test_eval_kl_is_the_token_weighted_teacher_student_kl():
+    """``agreement/kl`` against a float64 reference, over sequences of odd, unequal lengths; and
+    not fooled where top-1 agreement is: two models with the same argmax everywhere but
+    different distributions agree 100% and have a KL well above 0."""
+    task = lm_task()
+    b = lm_batch(3, 7, length=11)  # unequal lengths, prompts masked
+    zt, zs = torch.randn(3, 11, VOCAB), torch.randn(3, 11, VOCAB)
+    res = task.score(task.eval_rows({"teacher": zt, "student": zs}, b), None)
+    rt, _, _ = task.rows(zt, b["labels"])
+    rs, _, _ = task.rows(zs, b["labels"])
+    lt, ls = rt.double().log_softmax(-1), rs.double().log_softmax(-1)
+    ref = float((lt.exp() * (lt - ls)).sum(-1).mean())
+    assert res["agreement/kl"] == pytest.approx(ref, rel=1e-5)
+    same = task.score(task.eval_rows({"teacher": zt, "student": zt.clone()}, b), None)
+    assert same["agreement/kl"] == pytest.approx(0.0, abs=1e-6)
+    # both models emit one token (index 3) everywhere, with different spreads over the rest
+    peak_t, peak_s = torch.randn(3, 11, VOCAB), 3 * torch.randn(3, 11, VOCAB)
+    peak_t[..., 3], peak_s[..., 3] = 6.0, 18.0
+    one = task.score(task.eval_rows({"teacher": peak_t, "student": peak_s}, b), None)
+    assert one["agreement/top1"] == 1.0 and one["agreement/kl"] > 0.1
+
+
 def test_classifier_checkpoint_for_a_decoder_task_and_the_reverse(tmp_path):
     from transformers import AutoModelForCausalLM
 

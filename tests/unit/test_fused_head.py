@@ -113,7 +113,7 @@ def test_eval_rows_and_example_stat_match_full_logits():
             with head_mode(m):
                 heads[role] = m(**inputs)
     a, f = task.eval_rows(full, b), task.eval_rows(heads, b)
-    assert a.keys() == f.keys() == {"teacher", "student", "agreement"}
+    assert a.keys() == f.keys() == {"teacher", "student", "agreement", "kl"}
     for k in a:
         assert abs(a[k] - f[k]).max() < 1e-10, k
     for role in ("teacher", "student"):
