@@ -327,7 +327,8 @@ def test_plain_progress_lines_without_a_terminal(tmp_path, dist_env, capsys):
 
     cmd = [f"output.dir={tmp_path / 'o'}", *(o.removeprefix("--") for o in SMALL)]
     cmd += ["train.max_steps=6", "train.log_every=2", "method.name=vanilla_kd"]
-    run(load_config(None, [*cmd, "method.teacher_stage1_epochs=0.2"]))  # stage 1: 0.2 epoch, capped at 6
+    # stage 1: 0.2 epoch, capped at 6
+    run(load_config(None, [*cmd, "method.teacher_stage1_epochs=0.2"]))
     out, err = capsys.readouterr()
     assert "vanilla_kd:" not in err + out  # the bar (transformers' own "Writing model
     # shards" bars stay: the command line turns them off, an in-process run leaves them)
