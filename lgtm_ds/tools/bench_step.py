@@ -105,7 +105,7 @@ def child(args) -> dict:
     options = ModelOptions(vocab_size=vocab, seed=0)
     if decoder:
         task.max_length = seq  # positions for the embedded decoders (and check_pair's rule)
-    _load_runtime(task, s_name, options, seq)
+    _load_runtime(task, "embedded:tiny" if decoder else "embedded:student", options, seq)
     # before any model: the runtime's own memory, left out of total_mib
     base = torch.cuda.memory_allocated() if dev.type == "cuda" else _status("VmRSS")
     teacher = task.build_model(t_name, role="teacher", options=options)
@@ -239,8 +239,9 @@ def child(args) -> dict:
 
 def _load_runtime(task, name: str, options, seq: int) -> None:
     """Load what building and running a model loads lazily (transformers' model modules,
-    peft, autograd's threads), with a throwaway copy of model ``name`` and one forward and
-    backward pass on a short batch, so that the RSS taken next is the runtime's own."""
+    peft, autograd's threads), with a throwaway small model ``name`` of the task and one
+    forward and backward pass on a short batch, so that the RSS taken next is the runtime's
+    own."""
     import importlib.util
 
     import torch
@@ -305,6 +306,7 @@ CSV_HEADER = [
     "ranks",
     "x_student",
     "peft",
+    "teacher_checkpointing",
 ]
 
 
@@ -484,6 +486,7 @@ def _write_csv(args, rows: list[dict]) -> None:
                     r.get("ranks", 1),
                     f"{r.get('x_student', float('nan')):.3f}",
                     r.get("peft", "none"),
+                    int(r.get("teacher_checkpointing", False)),
                 ]
             )
 
