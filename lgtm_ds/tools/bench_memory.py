@@ -8,10 +8,10 @@ the point of ``model.teacher_peft`` (docs/adapters.md). One fresh child process 
 Cases: vanilla KD stage 2 (the teacher frozen: no gradient, no optimizer state), LGTM with a
 LoRA teacher, LGTM with the whole teacher trained, LGTM with LoRA on both sides, LGTM with a LoRA
 teacher and activation checkpointing in the teacher, and online KD (its step time is the
-reference for the LoRA teacher's). ``total_mib``: the peak memory of the
-measured steps beyond what the process held before any model was built (CPU: peak RSS, VmHWM,
-minus the RSS after the imports; CUDA: max allocated), so models, gradients, optimizer state
-and the step's own buffers all count and the runtime does not. Freed buffers are returned to
+reference for the LoRA teacher's). ``total_mib``: the peak memory of the measured steps
+beyond what the process held before the models were built (CPU: peak RSS, VmHWM, minus the RSS
+after the imports and a throwaway tiny model; CUDA: max allocated), so models, gradients,
+optimizer state and the step's own buffers all count and the runtime does not. Freed buffers are returned to
 the OS (``--exact-rss``), so the RSS follows what is live.
 """
 
