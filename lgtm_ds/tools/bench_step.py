@@ -105,7 +105,14 @@ def child(args) -> dict:
     options = ModelOptions(vocab_size=vocab, seed=0)
     if decoder:
         task.max_length = seq  # positions for the embedded decoders (and check_pair's rule)
-    _load_runtime(task, "embedded:tiny" if decoder else "embedded:student", options, seq)
+    _load_runtime(
+        task,
+        "embedded:tiny" if decoder else "embedded:student",
+        options,
+        seq,
+        checkpointing=args.teacher_checkpointing,
+        deepspeed=args.engine == "deepspeed" and method != NAIVE,
+    )
     # before any model: the runtime's own memory, left out of total_mib
     base = torch.cuda.memory_allocated() if dev.type == "cuda" else _status("VmRSS")
     teacher = task.build_model(t_name, role="teacher", options=options)
@@ -237,18 +244,26 @@ def child(args) -> dict:
     }
 
 
-def _load_runtime(task, name: str, options, seq: int) -> None:
+def _load_runtime(
+    task, name: str, options, seq: int, *, checkpointing: bool, deepspeed: bool
+) -> None:
     """Load what building and running a model loads lazily (transformers' model modules,
-    peft, autograd's threads), with a throwaway small model ``name`` of the task and one
-    forward and backward pass on a short batch, so that the RSS taken next is the runtime's
-    own."""
+    peft, deepspeed, autograd's threads, the activation-checkpointing path: ~90 MiB of RSS on
+    CPU), with a throwaway small model ``name`` of the task and one forward and backward pass
+    on a short batch, so that the RSS taken next is the runtime's own."""
     import importlib.util
 
     import torch
 
     if importlib.util.find_spec("peft") is not None:
         import peft  # noqa: F401
+    if deepspeed:
+        import deepspeed  # noqa: F401
     model = task.build_model(name, role="student", options=options)
+    if checkpointing:
+        from lgtm_ds.training.trainer import _checkpoint_activations
+
+        _checkpoint_activations(model)
     ids = torch.zeros(1, min(seq, 8), dtype=torch.long)
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
     out.logits.float().sum().backward()
