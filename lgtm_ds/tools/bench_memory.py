@@ -11,9 +11,9 @@ teacher and activation checkpointing in the teacher, and online KD (its step tim
 reference for the LoRA teacher's). ``total_mib``: the peak memory of the measured steps
 beyond what the process held before the models were built (CPU: peak RSS, VmHWM, minus the RSS
 after the imports and a throwaway tiny model; CUDA: max allocated), so models, gradients,
-optimizer state and the step's own buffers all count and the runtime does not (DeepSpeed engines:
-their process group and engine setup do). Freed buffers are returned to the OS
-(``--exact-rss``), so the RSS follows what is live.
+optimizer state and the step's own buffers all count and the runtime does not (DeepSpeed
+engines: deepspeed's import, the process group and the engine setup do). Freed buffers are
+returned to the OS (``--exact-rss``), so the RSS follows what is live.
 """
 
 from __future__ import annotations

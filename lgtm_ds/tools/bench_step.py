@@ -111,7 +111,6 @@ def child(args) -> dict:
         options,
         seq,
         checkpointing=args.teacher_checkpointing,
-        deepspeed=args.engine == "deepspeed" and method != NAIVE,
     )
     # before any model: the runtime's own memory, left out of total_mib
     base = torch.cuda.memory_allocated() if dev.type == "cuda" else _status("VmRSS")
@@ -244,21 +243,18 @@ def child(args) -> dict:
     }
 
 
-def _load_runtime(
-    task, name: str, options, seq: int, *, checkpointing: bool, deepspeed: bool
-) -> None:
+def _load_runtime(task, name: str, options, seq: int, *, checkpointing: bool) -> None:
     """Load what building and running a model loads lazily (transformers' model modules,
-    peft, deepspeed, autograd's threads, the activation-checkpointing path: ~90 MiB of RSS on
-    CPU), with a throwaway small model ``name`` of the task and one forward and backward pass
-    on a short batch, so that the RSS taken next is the runtime's own."""
+    peft, autograd's threads, the activation-checkpointing path: ~90 MiB of RSS on CPU; not
+    deepspeed, which only the engine seams import), with a throwaway small model ``name`` of
+    the task and one forward and backward pass on a short batch, so that the RSS taken next is
+    the runtime's own."""
     import importlib.util
 
     import torch
 
     if importlib.util.find_spec("peft") is not None:
         import peft  # noqa: F401
-    if deepspeed:
-        import deepspeed  # noqa: F401
     model = task.build_model(name, role="student", options=options)
     if checkpointing:
         from lgtm_ds.training.trainer import _checkpoint_activations
