@@ -50,7 +50,11 @@ PRESETS = {
     # student, a tiny teacher and a short batch, so that the student's size decides
     # (--ranks 2 --ds_config ds_configs/zero3.json for ZeRO-3 across two ranks)
     "decoder-zero": ("causal_lm", "embedded:tiny", "embedded:wide", 2, 64, 1000),
+    # LoRA memory (launch/bench_memory.py): a 50M teacher, 250x the 0.20M student, so that the
+    # teacher's weights, gradients and optimizer state decide
+    "decoder-peft": ("causal_lm", "embedded:wide", "embedded:student", 4, 64, 1000),
 }
+PEFT_SIDES = ("none", "teacher", "student", "both")  # --peft: which models get LoRA adapters
 LABELS = 3
 NAIVE = "naive"  # the reference form of LGTM (lgtm_ds.methods.naive), plain modules
 
@@ -70,6 +74,7 @@ def child(args) -> dict:
     from lgtm_ds.methods import Distiller
     from lgtm_ds.methods.naive import naive_lgtm_step
     from lgtm_ds.tasks import get_task
+    from lgtm_ds.tasks.adapters import AdapterOptions, apply_adapters
     from lgtm_ds.tasks.base import ModelOptions
 
     task_type, t_name, s_name, batch, seq, vocab = PRESETS[args.preset]
@@ -100,8 +105,31 @@ def child(args) -> dict:
     options = ModelOptions(vocab_size=vocab, seed=0)
     if decoder:
         task.max_length = seq  # positions for the embedded decoders (and check_pair's rule)
-    teacher = task.build_model(t_name, role="teacher", options=options).to(dev)
-    student = task.build_model(s_name, role="student", options=options).to(dev)
+    _load_runtime(
+        task,
+        "embedded:tiny" if decoder else "embedded:student",
+        options,
+        seq,
+        checkpointing=args.teacher_checkpointing,
+    )
+    # before any model: the runtime's own memory, left out of total_mib
+    base = torch.cuda.memory_allocated() if dev.type == "cuda" else _status("VmRSS")
+    teacher = task.build_model(t_name, role="teacher", options=options)
+    student = task.build_model(s_name, role="student", options=options)
+    teacher, student = (  # as the trainer applies model.<role>_peft (default rank, targets)
+        apply_adapters(
+            m,
+            AdapterOptions(enabled=args.peft in (role, "both")),
+            key=f"model.{role}_peft",
+            name=name,
+            seed=7,
+        ).to(dev)
+        for role, m, name in (("teacher", teacher, t_name), ("student", student, s_name))
+    )
+    if args.teacher_checkpointing:  # model.teacher_gradient_checkpointing
+        from lgtm_ds.training.trainer import _checkpoint_activations
+
+        _checkpoint_activations(teacher)
     student_bytes = 4 * sum(p.numel() for p in student.parameters())  # one fp32 copy
     on_deepspeed = args.engine == "deepspeed" and method != NAIVE
     if args.precision == "bf16" and not on_deepspeed:
@@ -180,10 +208,12 @@ def child(args) -> dict:
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
         growth = torch.cuda.max_memory_allocated() - held
+        total = torch.cuda.max_memory_allocated() - base
         device = torch.cuda.get_device_name()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB, process
         growth = _status("VmHWM") - held
+        total = _status("VmHWM") - base
         device = f"cpu x{torch.get_num_threads()} threads"
     tokens = task.count_rows(batches[0]) if decoder else batch
     width = vocab if decoder else LABELS
@@ -205,7 +235,35 @@ def child(args) -> dict:
         "growth_mib": growth / 2**20,
         "x_nv": growth / (tokens * width * 4),
         "x_student": growth / student_bytes,
+        "peft": args.peft,
+        "teacher_checkpointing": args.teacher_checkpointing,
+        "total_mib": total / 2**20,
+        "trainable_teacher": sum(p.numel() for p in teacher.parameters() if p.requires_grad),
+        "trainable_student": sum(p.numel() for p in student.parameters() if p.requires_grad),
     }
+
+
+def _load_runtime(task, name: str, options, seq: int, *, checkpointing: bool) -> None:
+    """Load what building and running a model loads lazily (transformers' model modules,
+    peft, autograd's threads, the activation-checkpointing path: ~90 MiB of RSS on CPU; not
+    deepspeed, which only the engine seams import), with a throwaway small model ``name`` of
+    the task and one forward and backward pass on a short batch, so that the RSS taken next is
+    the runtime's own."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("peft") is not None:
+        import peft  # noqa: F401
+    model = task.build_model(name, role="student", options=options)
+    if checkpointing:
+        from lgtm_ds.training.trainer import _checkpoint_activations
+
+        _checkpoint_activations(model)
+    ids = torch.zeros(1, min(seq, 8), dtype=torch.long)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    out.logits.float().sum().backward()
+    del model, out
 
 
 def _status(key: str) -> int:
@@ -258,6 +316,8 @@ CSV_HEADER = [
     "zero_stage",
     "ranks",
     "x_student",
+    "peft",
+    "teacher_checkpointing",
 ]
 
 
@@ -269,7 +329,9 @@ def _run_child(method: str, args) -> dict | None:
         cmd += [f"--{key}", str(getattr(args, key))]
     if args.ds_config:
         cmd += ["--ds_config", args.ds_config]
-    cmd += ["--fused-head", args.fused_head]
+    cmd += ["--fused-head", args.fused_head, "--peft", getattr(args, "peft", "none")]
+    if getattr(args, "teacher_checkpointing", False):
+        cmd += ["--teacher-checkpointing"]
     port = str(free_port())
     procs = []
     for rank in range(args.ranks):
@@ -331,6 +393,17 @@ def main(argv: list[str] | None = None) -> int:
         choices=["on", "off"],
         default="on",
         help="decoders: losses from hidden states, chunked (on) or from full logits (off)",
+    )
+    ap.add_argument(
+        "--peft",
+        choices=PEFT_SIDES,
+        default="none",
+        help="LoRA adapters (default rank and targets) on the teacher, the student or both",
+    )
+    ap.add_argument(
+        "--teacher-checkpointing",
+        action="store_true",
+        help="activation checkpointing in the teacher (model.teacher_gradient_checkpointing)",
     )
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -423,6 +496,8 @@ def _write_csv(args, rows: list[dict]) -> None:
                     r.get("zero_stage", ""),
                     r.get("ranks", 1),
                     f"{r.get('x_student', float('nan')):.3f}",
+                    r.get("peft", "none"),
+                    int(r.get("teacher_checkpointing", False)),
                 ]
             )
 
