@@ -285,13 +285,16 @@ def _row(method: str, seed: int, run_dir: Path, metrics: list[str] | None = None
     final = s.get("final") or {}
     test = s.get("test") or {}
     wall = s.get("wall_s") or 0.0
+    # a method that never trains the teacher (student_only): its teacher columns would show the
+    # untouched starting model, which reads like a result; leave them empty
+    roles = ("student", "teacher") if _trains_teacher(s.get("method")) else ("student",)
     extra = {}
     for m in [pm, *(x for x in metrics or [] if x != pm)] if (test or metrics) else []:
         for where, src in (("final", final), ("test", test)):
             for role in ("student", "teacher"):
                 if where == "final" and m == pm:
                     continue  # final_student / final_teacher below
-                extra[f"{where}_{role}/{m}"] = src.get(f"{role}/{m}")
+                extra[f"{where}_{role}/{m}"] = src.get(f"{role}/{m}") if role in roles else None
     return {
         "method": method,
         "seed": seed,
@@ -300,7 +303,7 @@ def _row(method: str, seed: int, run_dir: Path, metrics: list[str] | None = None
         "lower_is_better": bool(s.get("lower_is_better", False)),
         "best_student": s.get("best_student"),
         "final_student": final.get(f"student/{pm}"),
-        "final_teacher": final.get(f"teacher/{pm}"),
+        "final_teacher": final.get(f"teacher/{pm}") if "teacher" in roles else None,
         "steps": s.get("steps"),
         "train_s": wall,
         "steps_per_s": (s["steps"] + s.get("stage1_steps", 0)) / wall if wall else None,
@@ -308,6 +311,16 @@ def _row(method: str, seed: int, run_dir: Path, metrics: list[str] | None = None
         "peak_memory_kind": (s.get("peak_memory") or {}).get("kind"),
         **extra,
     }
+
+
+def _trains_teacher(name: str | None) -> bool:
+    """False for a method whose teacher is never trained (neither co-trained nor a stage 1)."""
+    from ..methods import METHODS
+
+    if name not in METHODS:  # an older summary or a method this install lacks: show it all
+        return True
+    cls = METHODS.get(name)
+    return cls.trains_teacher or cls.teacher_stage1
 
 
 def _extra_keys(rows: list[dict]) -> list[str]:

@@ -57,3 +57,18 @@ def test_tables_carry_the_test_split_and_extra_metrics_and_say_n_1(tmp_path, met
         assert "| final student/perplexity |" in md
     else:
         assert "perplexity" not in md
+
+
+def test_student_only_rows_leave_the_teacher_columns_empty(tmp_path):
+    """student_only never trains the teacher: its teacher columns stay empty instead of showing
+    the untouched starting model; vanilla KD's teacher (stage 1) is shown."""
+    from lgtm_ds.tools.compare import _row
+
+    _fake_run(tmp_path / "a", "student_only", 1, 0.7, 0.55, test_student=0.72)
+    _fake_run(tmp_path / "b", "vanilla_kd", 1, 0.7, 0.8, test_student=0.72)
+    alone = _row("student_only", 1, tmp_path / "a")
+    vanilla = _row("vanilla_kd", 1, tmp_path / "b")
+    assert alone["final_teacher"] is None and alone["test_teacher/accuracy"] is None
+    assert alone.keys() == vanilla.keys()  # one CSV header serves every row
+    assert alone["final_student"] == 0.7 and alone["test_student/accuracy"] == 0.72
+    assert vanilla["final_teacher"] == 0.8 and vanilla["test_teacher/accuracy"] == 0.8 - 0.1
