@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ..tasks.base import Task
     from .distiller import Distiller
     from .hidden import HiddenKD
+    from .onpolicy import GoldAnchor
 
 METHODS: Registry[Method] = Registry("method", "method.name")
 
@@ -146,6 +147,15 @@ class Method:
         return {}
 
     @classmethod
+    def teacher_gold_terms(cls, config) -> tuple[float, float]:
+        """``(kd_scale, ce_weight)`` of the teacher's loss on a step that trains on sampled
+        completions (``config``: the run's method section, not the step's): its KD term on the
+        sampled sequences times ``kd_scale``, plus ``ce_weight`` times its CE on the data set's
+        completions of the same prompts (:class:`~lgtm_ds.methods.onpolicy.GoldAnchor`).
+        Default: ``(a_t, 1 - a_t)``, the off-policy ``L_t`` with its CE moved to the gold rows."""
+        return config.alpha_teacher, 1.0 - config.alpha_teacher
+
+    @classmethod
     def stage1_epochs(cls, cfg: ExperimentConfig) -> float:
         """Epochs of the teacher-only first stage (methods with ``teacher_stage1``)."""
         return 0.0
@@ -241,26 +251,33 @@ def distill_update(
     weights: list[float],
     hidden: HiddenKD | None = None,
     role: str = "student",
+    anchor: GoldAnchor | None = None,
+    task: Task | None = None,
 ) -> float:
     """For each micro-batch: ``target`` logits without graph, ``learner`` forward,
     ``loss_fn(logits, target_logits, labels)`` (+ the hidden-state term ``hidden``, usually
     ``Distiller.hidden``; ``role`` = the learner's: "student" / "teacher") times the
-    micro-batch's row weight, backward, engine step. Returns the mean weighted loss (this
-    rank's share of the global mean)."""
+    micro-batch's row weight, backward, engine step. ``anchor`` (the teacher on a sampled step;
+    ``task`` with it): the KD term scaled and the gold rows' CE added before the backward.
+    Returns the mean weighted loss (this rank's share of the global mean)."""
     if hidden is None:
         from .hidden import HiddenKD, HiddenSpec
 
         hidden = HiddenKD(HiddenSpec(), None, None)  # off
     other = "teacher" if role == "student" else "student"
     total = 0.0
-    for mb, w in zip(micro, weights):
+    for j, (mb, w) in enumerate(zip(micro, weights)):
         with torch.no_grad(), hidden.capture(other) as h_target:
             target_logits = target.forward(mb)
         with hidden.capture(role) as h_learner:
             logits = learner.forward(mb)
         loss = loss_fn(logits, target_logits, mb["labels"])
+        if anchor is not None:
+            loss = anchor.kd(loss)
         states = (h_learner, h_target) if role == "student" else (h_target, h_learner)
         loss = weighted(hidden.add(loss, *states, mb, role, share=1 / len(micro)), w)
+        if anchor is not None:
+            loss = loss + anchor.ce(j, learner, task)
         learner.backward(loss)
         learner.step()
         total += loss.detach()

@@ -15,7 +15,7 @@ from ..tasks import Task, get_task, task_from_batch
 from .base import METHODS, Method, Telemetry
 from .config import MethodSection, method_config
 from .hidden import HiddenKD, HiddenSpec, attach_projection
-from .onpolicy import OnPolicy
+from .onpolicy import GoldAnchor, OnPolicy
 
 
 def as_list(batch) -> list[dict]:
@@ -91,6 +91,8 @@ class Distiller:
         self.telemetry = Telemetry()  # what the current step measures (see step())
         self.method: Method = method_cls(self)
         self.onpolicy: OnPolicy | None = None  # sampled completions (method.lmbda, seq_kd)
+        # the teacher's terms on a sampled step (its CE on the data set's rows); None off-policy
+        self.gold_anchor: GoldAnchor | None = None
         if self.config.generates or tokenizer is not None:
             if tokenizer is None:
                 raise ConfigError(
@@ -177,15 +179,24 @@ class Distiller:
         self.telemetry = Telemetry(example_stats, influence_ratio)
         extra, config = {}, self.config
         if self.onpolicy is not None:
+            gold = micro
             micro, extra, who = self.onpolicy.prepare(micro)
             if who is not None:  # the objective on sampled completions (methods/onpolicy.py)
                 self.config = self.onpolicy.config
+                if self.method.trains_teacher:
+                    kd_scale, ce_weight = type(self.method).teacher_gold_terms(config)
+                    w_gold = self.method.row_weights(gold)[0] if ce_weight else [1.0] * len(gold)
+                    self.gold_anchor = GoldAnchor(gold, w_gold, kd_scale, ce_weight)
         t0 = time.perf_counter()
         try:
             metrics = self.method.step(micro, quiz)
+            anchor = self.gold_anchor
+            if anchor is not None and anchor.ce_weight:
+                metrics["teacher_gold_ce"] = anchor.ce_total / len(micro)
         finally:
             self.telemetry = Telemetry()
             self.config = config
+            self.gold_anchor = None
         if self.onpolicy is not None:  # training throughput beside generation's
             tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)  # note: host sync
             extra["train_tokens_per_s"] = tokens / (time.perf_counter() - t0)

@@ -237,6 +237,7 @@ class LGTM(Method):
         n_micro = len(micro)
         device = device_of(d.student)
         influences, t_total, g_infl = [], 0.0, None
+        anchor = d.gold_anchor
         for j, mb in enumerate(micro):
             # theta +- R v formed module by module inside the forwards (no full work copy)
             with torch.no_grad(), _same_rng(device) as replay:
@@ -254,25 +255,33 @@ class LGTM(Method):
                 replay_teacher = fwd.teacher_rng[j]  # the forward ran in step A
             labels, s = mb["labels"], fwd.s_logits[j]
             hs = fwd.s_hidden[j] if d.hidden.on else None
+            # a sampled step (anchor): the logit-space terms scaled by a_t (the pass runs with
+            # a_t = 1, KD alone), the teacher's CE on the data set's rows of the same prompts
+            # added before the backward (the influence_ratio probe leaves that CE out)
+            wj = w[j] * anchor.kd_scale if anchor is not None else w[j]
             if probe is not None:
                 no_eta = dataclasses.replace(p, eta=0.0)
                 main, _ = d.task.lgtm_logit_grad(z, s, s_plus, s_minus, labels, no_eta)
                 unit = dataclasses.replace(p, eta=1.0)
                 term = d.task.influence_logit_term(s_plus, s_minus, unit, z=z, labels=labels)
-                probe.add(mb, replay_teacher, weighted(main, w[j]), weighted(term, w[j]), hs, w[j])
+                probe.add(mb, replay_teacher, weighted(main, wj), weighted(term, wj), hs, w[j])
             # dL/dz, the influence and L_t in one pass over the logits (before the step: a
             # fused-head z reads the live output layer). split: dL/dz with eta = 0 (bitwise
             # what it would be without the influence term) and the influence term apart
             tp = d.task.lgtm_teacher_pass(z, s, s_plus, s_minus, labels, p, split=split)
             dz, infl = tp.grad, tp.influence
             if split:
-                term = weighted(tp.term, w[j])
+                term = weighted(tp.term, wj)
                 g_infl = grad_apart(d.teacher, mb, z, replay_teacher, term, g_infl, n_micro)
-            t_total += weighted(tp.loss, w[j])
-            loss = surrogate(z, weighted(dz, w[j]))  # grad_phi of it: dL/dz through the teacher
+            t_total += weighted(tp.loss, wj)
+            loss = surrogate(z, weighted(dz, wj))  # grad_phi of it: dL/dz through the teacher
             if hs is not None:  # the teacher's hidden-state term, the student's states the target
                 share = 1 / n_micro
                 loss = loss + weighted(d.hidden.add(0.0, hs, ht, mb, "teacher", share=share), w[j])
+            if anchor is not None:
+                ce = anchor.ce(j, d.teacher, d.task)
+                loss = loss + ce
+                t_total += float(ce) if isinstance(ce, float) else ce.detach()
             d.teacher.backward(loss)
             if split and j == n_micro - 1:
                 d.teacher.add_grads_(g_infl)  # boundary micro-batch: before the optimizer step

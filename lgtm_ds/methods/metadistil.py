@@ -72,6 +72,11 @@ class MetaDistil(Method):
         return {cls.name: {"teacher_ce_weight": 0.0}}  # no CE on sampled tokens
 
     @classmethod
+    def teacher_gold_terms(cls, config) -> tuple[float, float]:
+        # the meta-gradient unscaled; teacher_ce_weight's CE moves to the data set's rows
+        return 1.0, getattr(config, cls.name).teacher_ce_weight
+
+    @classmethod
     def check_config(cls, cfg) -> None:
         cls.refuse_fp16(cfg, "the pilot step's forward-mode pass has no loss scaling")
 
@@ -107,9 +112,11 @@ class MetaDistil(Method):
         if not math.isfinite(v_norm):
             return {"skipped": True, "v_norm": v_norm}
         ce_w, t_total, meta_sq = opts.teacher_ce_weight, 0.0, 0.0
+        anchor = d.gold_anchor  # a sampled step: the teacher's CE on the data set's rows
+        gold_ce = anchor is not None and anchor.ce_weight > 0
         # bf16 teacher with its own CE: the meta-gradient would round away beside the CE's in
         # one bf16 dL/dz; backpropagated apart, added in fp32 (as LGTM's influence term)
-        split = ce_w > 0 and d.teacher.split_influence_backward
+        split = (ce_w > 0 or gold_ce) and d.teacher.split_influence_backward
         g_meta = None
         for j, mb in enumerate(micro):  # D
             a.student_rng[j]()  # the dropout mask of step A's student forward
@@ -135,6 +142,8 @@ class MetaDistil(Method):
                 ce = weighted(d.task.task_loss(z, mb["labels"]), w[j])
                 surrogate = surrogate + ce_w * ce
                 t_total += float(ce.detach())
+            if gold_ce:  # the CE of the same prompts' data-set completions (teacher_ce_weight)
+                surrogate = surrogate + anchor.ce(j, d.teacher, d.task)
             d.teacher.backward(surrogate)
             if split and j == n - 1:
                 d.teacher.add_grads_(g_meta)  # boundary micro-batch: before the optimizer step

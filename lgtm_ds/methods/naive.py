@@ -32,15 +32,24 @@ def naive_lgtm_step(
     config: MethodSection | None = None,
     student_step: bool = True,
     task: Task | str = "classification",
+    gold_batch: dict | None = None,
     **hparams,
 ) -> dict:
     """One LGTM step in the reference form. Returns the teacher gradient ``G``, the losses and
     the per-example influence ``-eta (l(theta + R v) - l(theta - R v)) / (2R)`` (``l``: the
     student's KD loss per example, summed over its tokens for causal LMs). ``config`` and
-    ``hparams``: the ``method`` section, as for the ``Distiller``."""
+    ``hparams``: the ``method`` section, as for the ``Distiller``.
+
+    ``gold_batch``: the on-policy form (docs/on-policy.md). ``batch`` then holds sampled
+    completions and ``gold_batch`` the data set's completions of the same prompts: the student's
+    loss on ``batch`` is the KD term alone, the teacher's ``a_t KD`` on ``batch`` plus
+    ``(1 - a_t) CE`` on ``gold_batch`` (which does not depend on theta: it enters ``G`` once)."""
     c = method_config("lgtm", config, **hparams)
     task = get_task(task)() if isinstance(task, str) else task
     alpha_student, alpha_teacher, temperature = c.alpha_student, c.alpha_teacher, c.temperature
+    kd_scale = 1.0
+    if gold_batch is not None:  # a sampled step: KD alone on it, the teacher's CE on the gold rows
+        alpha_student, kd_scale, alpha_teacher = 1.0, alpha_teacher, 1.0
     kw = dict(temperature=temperature, scale_by_t2=c.scale_by_t2)
     kw_s, kw_t = dict(kw, beta=c.jsd_beta), dict(kw, beta=c.teacher_beta)
     x, y = model_inputs(batch), batch["labels"]
@@ -68,7 +77,7 @@ def naive_lgtm_step(
 
     def teacher_grad(s_logits):
         z = get_logits(teacher(**x))
-        lt = task.distill_loss(z, s_logits, y, alpha=alpha_teacher, **kw_t)
+        lt = kd_scale * task.distill_loss(z, s_logits, y, alpha=alpha_teacher, **kw_t)
         return torch.autograd.grad(lt, t_params), lt.detach()
 
     # 5-6 (Eq. (6)). three teacher backward passes; saved copy of theta for an exact restore.
@@ -99,6 +108,11 @@ def naive_lgtm_step(
         )
     influence = -eta * k * (l_plus - l_minus) / (2 * radius)
     G = [a - eta * (b - c) / (2 * radius) for a, b, c in zip(g0, g_plus, g_minus)]
+    if gold_batch is not None:
+        z = get_logits(teacher(**model_inputs(gold_batch)))
+        ce = (1 - kd_scale) * task.task_loss(z, gold_batch["labels"])
+        G = [gi + gc for gi, gc in zip(G, torch.autograd.grad(ce, t_params))]
+        lt = lt + ce.detach()
     for p, gi in zip(t_params, G):
         p.grad = gi.clone()
     teacher_opt.step()

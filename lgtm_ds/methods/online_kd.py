@@ -15,5 +15,7 @@ class OnlineKD(Method):
         d.teacher.module.train()
         d.student.module.train()
         (w,) = self.row_weights(micro)
-        loss = distill_update(d.teacher, d.student, micro, d.teacher_loss, w, d.hidden, "teacher")
+        anchor = d.gold_anchor  # a sampled step: a_t KD here + (1 - a_t) CE on the gold rows
+        loss = distill_update(d.teacher, d.student, micro, d.teacher_loss, w, d.hidden, "teacher",
+                              anchor, d.task)  # fmt: skip
         return {"teacher_loss": loss}

@@ -9,18 +9,21 @@ ordinary step on the sampled micro-batches (docs/on-policy.md):
 
 - the student's loss on sampled sequences is the KD term alone over the generated tokens (its
   CE term is 0 on such a step, as in TRL's GKD: the sampled tokens are no gold labels);
-- the teacher's KD term (and LGTM's influence on it) runs over the same sampled sequences; its
-  CE term is 0 on such a step too (the step has no data-set completions), so the teacher's
-  auxiliary loss comes from the off-policy steps;
+- the teacher's KD term (and LGTM's influence on it) runs over the same sampled sequences,
+  weighted ``a_t``; its supervised term stays: ``(1 - a_t)`` CE on the data set's completions
+  of the same prompts (:class:`GoldAnchor`; MetaDistil: ``teacher_ce_weight`` CE), one more
+  teacher forward per micro-batch, backpropagated with the KD term in one backward;
 - the quiz (LGTM, MetaDistil) is the held-out data set, teacher-forced, as off-policy;
 - the loss normaliser counts the generated tokens of the global batch (``Method.row_weights``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from pydantic import Field, model_validator
 
 from ..errors import ConfigError
@@ -35,6 +38,8 @@ from ..tasks.rollout import (
 )
 
 if TYPE_CHECKING:
+    from ..engines.base import Engine
+    from ..tasks.base import Task
     from .distiller import Distiller
 
 # numpy SeedSequence tags, so that the draw and the sampling streams never coincide
@@ -141,6 +146,39 @@ def check_onpolicy_config(cfg) -> None:
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+@dataclass
+class GoldAnchor:
+    """The teacher's objective on a step that trains on generated completions: ``kd_scale``
+    times its KD term on the sampled sequences (LGTM: the influence term with it, which carries
+    ``a_t`` off-policy too) plus ``ce_weight`` times its CE on ``gold``, the data set's
+    micro-batches of the same prompts (row-weighted by ``weights``, so the CE is a mean over the
+    global batch's gold tokens while the KD term is one over its generated tokens). Methods that
+    train the teacher apply it per micro-batch before the teacher's backward
+    (:meth:`kd` then :meth:`ce`); ``Distiller.gold_anchor`` is None off-policy, and the step is
+    then untouched."""
+
+    gold: list[dict]
+    weights: list[float]
+    kd_scale: float
+    ce_weight: float
+    ce_total: float = 0.0  # sum of the weighted CE values over the micro-batches so far
+
+    def kd(self, loss):
+        """The KD part of the teacher's loss (a tensor, or dL/dz) times ``kd_scale``."""
+        return loss if self.kd_scale == 1.0 else loss * self.kd_scale
+
+    def ce(self, j: int, teacher: Engine, task: Task) -> torch.Tensor | float:
+        """``ce_weight * w_j * CE(teacher(gold_j))``, with graph (one teacher forward), to add
+        to micro-batch ``j``'s teacher loss before its backward; 0.0 when the weight is 0."""
+        if self.ce_weight == 0:
+            return 0.0
+        mb = self.gold[j]
+        ce = task.task_loss(teacher.forward(mb), mb["labels"])
+        ce = ce if self.weights[j] == 1.0 else ce * self.weights[j]
+        self.ce_total += float(ce.detach())  # note: host sync, once per micro-batch
+        return self.ce_weight * ce
 
 
 class OnPolicy:

@@ -191,6 +191,81 @@ def _inputs(b):
     return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
 
 
+def _flat(grads):
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def test_sampled_step_teacher_keeps_its_ce_on_the_gold_completions():
+    """Online KD, float64, dropout 0, one sampled step with alpha_teacher 0.4 and two
+    micro-batches: the teacher's gradient is 0.4 KD over the sampled rows (the student's
+    prediction the target) + 0.6 CE over the data set's completions of the same prompts, each a
+    mean over its own token count in the global batch; its reported gold CE matches."""
+    from ..helpers import capture_grads
+
+    t = tiny_decoder("gpt2-teacher", 4, torch.float64)
+    s = tiny_decoder("gpt2-student", 5, torch.float64)
+    t0, s0 = copy.deepcopy(t), copy.deepcopy(s)
+    gold = [lm_batch(3, seed=21), lm_batch(2, seed=22)]
+    d = make_distiller("online_kd", t, s, task="causal_lm", tokenizer=Tok(1), lmbda=1.0,
+                       alpha_teacher=0.4, gradient_accumulation_steps=2,
+                       generation={"max_new_tokens": 5})  # fmt: skip
+    seen, got = _capture(d), capture_grads(d.teacher.optimizer, list(t.parameters()))
+    m = d.step(gold)
+    sampled = seen[0]
+    assert not torch.equal(sampled[0]["labels"], gold[0]["labels"])  # generated rows
+    n_gen = sum(int(b["labels"][:, 1:].ne(IGNORE).sum()) for b in sampled)
+    n_gold = sum(int(b["labels"][:, 1:].ne(IGNORE).sum()) for b in gold)
+    kd = ce = 0.0
+    for b, g in zip(sampled, gold):
+        with torch.no_grad():
+            zs = s0(**_inputs(b)).logits
+        rows = int(b["labels"][:, 1:].ne(IGNORE).sum())
+        kd = (
+            kd
+            + d.task.distill_loss(
+                t0(**_inputs(b)).logits,
+                zs,
+                b["labels"],
+                alpha=1.0,
+                temperature=1.0,
+                scale_by_t2=False,
+                beta=0.0,
+            )
+            * rows
+        )
+        rows = int(g["labels"][:, 1:].ne(IGNORE).sum())
+        ce = ce + d.task.task_loss(t0(**_inputs(g)).logits, g["labels"]) * rows
+    loss = 0.4 * kd / n_gen + 0.6 * ce / n_gold
+    want = torch.autograd.grad(loss, list(t0.parameters()))
+    err = float((_flat(got[0]) - _flat(want)).norm() / _flat(want).norm())
+    assert err < 1e-10, err
+    assert m["teacher_gold_ce"] == pytest.approx(float(ce.detach() / n_gold), rel=1e-10)
+
+
+def test_metadistil_sampled_step_moves_teacher_ce_to_the_gold_completions():
+    """MetaDistil with teacher_ce_weight 0.5 on a sampled step: the teacher's gradient is the
+    weight-0 run's (the same samples: seeded) plus 0.5 CE over the data set's completions."""
+    from ..helpers import capture_grads
+
+    grads, base = [], None
+    for ce_w in (0.0, 0.5):
+        t = tiny_decoder("gpt2-teacher", 6, torch.float64)
+        s = tiny_decoder("gpt2-student", 7, torch.float64)
+        base = base or copy.deepcopy(t)
+        d = make_distiller("metadistil", t, s, task="causal_lm", tokenizer=Tok(1), lmbda=1.0,
+                           metadistil={"teacher_ce_weight": ce_w},
+                           generation={"max_new_tokens": 4})  # fmt: skip
+        rec = capture_grads(d.teacher.optimizer, list(t.parameters()))
+        m = d.step(lm_batch(4, seed=31), lm_batch(3, seed=32))
+        grads.append(_flat(rec[0]))
+        assert ("teacher_gold_ce" in m) == (ce_w > 0)
+    gold = lm_batch(4, seed=31)
+    ce = d.task.task_loss(base(**_inputs(gold)).logits, gold["labels"])
+    want = _flat(torch.autograd.grad(0.5 * ce, list(base.parameters())))
+    err = float((grads[1] - grads[0] - want).norm() / want.norm())
+    assert err < 1e-9, err
+
+
 def test_lmbda_zero_is_bit_identical_to_off_policy():
     """lmbda = 0 with the on-policy component in place (it draws every step, never
     generates): parameters after three LGTM steps equal the off-policy run's bit for bit."""
@@ -301,8 +376,10 @@ def test_resume_in_process_equals_the_uninterrupted_run():
 def test_onpolicy_lgtm_teacher_update_equals_the_naive_form_fp64():
     """Float64, GPT-2 blocks, dropout 0, three on-policy steps (temperature 1, top-p 0.9): on
     each step's sampled micro-batch (as the method got it) the cheap form's teacher gradient and
-    per-sequence influence equal the naive form's (deep copies, three teacher backward passes)
-    with the KD-alone objective, and both students stay equal."""
+    per-sequence influence equal the naive form's (deep copies, three teacher backward passes):
+    the student on KD alone, the teacher on a_t KD (with the influence) over the sampled rows
+    plus (1 - a_t) CE over the data set's completions of the same prompts; both students stay
+    equal."""
     from lgtm_ds.engines.optim import build_adamw
     from lgtm_ds.methods.naive import naive_lgtm_step
 
@@ -319,12 +396,12 @@ def test_onpolicy_lgtm_teacher_update_equals_the_naive_form_fp64():
     )  # fmt: skip
     seen, cheap = _capture(d), _capture_grads(to, list(t.parameters()))
     for step in range(3):
-        q = lm_batch(3, 200 + step)
-        m = d.step(lm_batch(5, 100 + step), q)
+        q, gold = lm_batch(3, 200 + step), lm_batch(5, 100 + step)
+        m = d.step(gold, q)
         b = seen[-1][0]
         assert b["labels"].ne(IGNORE).sum() > 5  # sampled tokens to learn from
-        ref = naive_lgtm_step(t2, s2, to2, so2, b, q, task=d.task, alpha_student=1.0,
-                              alpha_teacher=1.0)  # fmt: skip
+        ref = naive_lgtm_step(t2, s2, to2, so2, b, q, task=d.task, alpha_student=0.8,
+                              gold_batch=gold)  # fmt: skip
         err = _rel(cheap[-1], ref["G"])
         assert err < 1e-6, f"step {step}: teacher gradient relative error {err:.2e}"
         infl = float((m["influence"] - ref["influence"]).norm() / ref["influence"].norm())
