@@ -26,14 +26,16 @@ from tests.ds_worker import ds_config, full_params  # noqa: E402
 from tests.helpers import LM_VOCAB, lm_batch  # noqa: E402
 
 MAX_NEW = 5
-# name: (method, teacher stage, student stage, gradient accumulation steps, seq_kd)
+# name: (method, teacher stage, student stage, gradient accumulation steps, seq_kd,
+#        method.generation.zero3_gather)
 CASES = {
-    "op_z0_0": ("lgtm", 0, 0, 1, False),
-    "op_z1_1": ("lgtm", 1, 1, 1, False),
-    "op_z2_2": ("lgtm", 2, 2, 1, False),
-    "op_z3_3": ("lgtm", 3, 3, 1, False),  # ZeRO-3 across ranks: synced_gpus in generate
-    "op_online_z3_2_gas2": ("online_kd", 3, 2, 2, False),
-    "op_seqkd_z3_3": ("online_kd", 3, 3, 1, True),  # the ZeRO-3 teacher generates
+    "op_z0_0": ("lgtm", 0, 0, 1, False, True),
+    "op_z1_1": ("lgtm", 1, 1, 1, False, True),
+    "op_z2_2": ("lgtm", 2, 2, 1, False, True),
+    "op_z3_3": ("lgtm", 3, 3, 1, False, True),  # ZeRO-3: parameters gathered once per call
+    "op_z3_3_perfwd": ("lgtm", 3, 3, 1, False, False),  # per forward, synced_gpus across ranks
+    "op_online_z3_2_gas2": ("online_kd", 3, 2, 2, False, True),
+    "op_seqkd_z3_3": ("online_kd", 3, 3, 1, True, True),  # the ZeRO-3 teacher generates
 }
 
 
@@ -57,8 +59,8 @@ def eos_token() -> int:
         return int(student(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
 
 
-def _keys(seq_kd):
-    gen = {"temperature": 0.0, "max_new_tokens": MAX_NEW}
+def _keys(seq_kd, gather=True):
+    gen = {"temperature": 0.0, "max_new_tokens": MAX_NEW, "zero3_gather": gather}
     return dict(lmbda=0.0 if seq_kd else 1.0, seq_kd=seq_kd, generation=gen)
 
 
@@ -75,7 +77,7 @@ def _count_generated(d):
 
 
 def run_case(name, rank, world, eos):
-    method, ts, ss, gas, seq_kd = CASES[name]
+    method, ts, ss, gas, seq_kd, gather = CASES[name]
     teacher, student = _models("gpt2")
     init = {
         "teacher": [p.detach().clone() for p in teacher.parameters()],
@@ -94,13 +96,15 @@ def run_case(name, rank, world, eos):
         task=get_task("causal_lm")(),
         fused_head=False,
         tokenizer=Tok(eos),
-        **_keys(seq_kd),
+        **_keys(seq_kd, gather),
     )
     counts = _count_generated(d)
+    gen_s = 0.0
     for step in range(STEPS):
         train, quiz = batches(step, rank, world, gas)
-        d.step(train, quiz if d.method.needs_quiz else None)
+        gen_s += d.step(train, quiz if d.method.needs_quiz else None).get("gen_s", 0.0)
     return {
+        "gen_s": gen_s,  # this rank's seconds in generation over the steps
         "teacher": full_params(engines["teacher"]),
         "student": full_params(engines["student"]),
         "init": init,

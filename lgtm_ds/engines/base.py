@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import lgtm_kernels
@@ -114,6 +115,15 @@ class Engine:
     def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
         """Average tensors over data-parallel ranks, in place (no-op on one process, and on a
         :class:`Sharded` gradient, which is reduced already)."""
+
+    @contextlib.contextmanager
+    def generation_params(self, gather: bool = True) -> Iterator[bool]:
+        """The block in which a generation backend runs the module's forwards. Yields whether
+        each forward is a collective across ranks (ZeRO-3 with per-forward gathers: every rank
+        must keep stepping until all have finished). An engine that partitions its parameters
+        gathers them once for the block when ``gather`` (full on every rank for its duration),
+        else per forward. Here: nothing to gather, forwards are local."""
+        yield False
 
     # -- teacher: the influence term's gradient, kept apart from the main term -----------------
     @property

@@ -22,7 +22,7 @@ from ..tasks.adapters import ADAPTER_DIR, merged_state_dict, peft_wrapper, save_
 from .base import Engine, InfluencePasses, Sharded, get_logits, model_inputs
 from .dist import all_gather_object, barrier, init_distributed  # noqa: F401  (the process group)
 from .head import HeadOutput, swap_forward
-from .zero3_functional import Zero3Functional
+from .zero3_functional import Zero3Functional, zero3_hooks_off
 from .zero_state import ZeroState, buckets
 
 
@@ -168,6 +168,24 @@ class DeepSpeedEngine(Engine):
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
             del flat
+
+    @contextlib.contextmanager
+    def generation_params(self, gather: bool = True):
+        """ZeRO-3 across ranks: with ``gather``, every parameter all-gathered once for the block
+        and the module's ZeRO-3 hooks off (forwards are local: no per-token collective, each rank
+        stops when its own rows are done; the full model is held on every rank meanwhile), as
+        TRL's ``unwrap_model_for_generation``; without, DeepSpeed gathers each module per
+        forward, a collective every token. ZeRO 0-2 hold full parameters: nothing to do."""
+        import deepspeed.comm as dist
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if self.stage < 3:
+            yield False
+        elif not gather:
+            yield world > 1
+        else:
+            with zero3_hooks_off(self.engine, list(self.module.parameters())):
+                yield False
 
     # -- saving ----------------------------------------------------------------------------------
     def save_pretrained(

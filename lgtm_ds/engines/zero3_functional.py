@@ -28,6 +28,31 @@ from .base import Sharded, _axpy, accumulate_grads, get_logits, model_inputs
 _log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def zero3_hooks_off(engine, gather: list):
+    """A ZeRO-3 DeepSpeed ``engine`` with its module's gather/release hooks removed for the
+    block and put back after; the parameters in ``gather`` are all-gathered for the block (full
+    on every rank, one collective) and re-partitioned on exit. Everything gathered before is
+    released first. Every rank must enter together."""
+    import deepspeed
+    from deepspeed.runtime.zero import parameter_offload as po
+
+    # a training engine's ZeRO-3 optimizer holds the offloader; an engine without an optimizer
+    # (a frozen teacher) has the offloader as its optimizer
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+    offload.empty_partition_cache()  # release everything gathered, persistent params too
+    stack_len = len(po.FWD_MODULE_STACK)
+    offload._remove_module_hooks()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    try:
+        with deepspeed.zero.GatheredParameters(gather, modifier_rank=None, enabled=bool(gather)):
+            yield
+    finally:
+        offload.setup_zero_stage3_hooks()
+        del po.FWD_MODULE_STACK[stack_len:]  # setup pushes the top module again
+        offload.get_param_coordinator().reset_step()
+
+
 class Zero3Functional:
     """The partitioned influence passes of one DeepSpeed student engine ``s``."""
 
@@ -53,23 +78,9 @@ class Zero3Functional:
         if self.stage < 3:
             yield
             return
-        import deepspeed
-        from deepspeed.runtime.zero import parameter_offload as po
-
-        offload = self.s.engine.optimizer.parameter_offload
-        offload.empty_partition_cache()  # release everything gathered, persistent params too
         frozen = [p for p in self.s.module.parameters() if not p.requires_grad]
-        stack_len = len(po.FWD_MODULE_STACK)
-        offload._remove_module_hooks()
-        offload.forward_hooks, offload.backward_hooks = [], []
-        try:
-            gather = deepspeed.zero.GatheredParameters
-            with gather(frozen, modifier_rank=None, enabled=bool(frozen)):
-                yield
-        finally:
-            offload.setup_zero_stage3_hooks()
-            del po.FWD_MODULE_STACK[stack_len:]  # setup pushes the top module again
-            offload.get_param_coordinator().reset_step()
+        with zero3_hooks_off(self.s.engine, frozen):
+            yield
 
     def gather_flat(self, p, part: torch.Tensor) -> torch.Tensor:
         """The ``world * n`` elements of every rank's part of ``p`` (one all-gather)."""

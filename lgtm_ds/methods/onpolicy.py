@@ -69,6 +69,13 @@ class GenerationOptions(Options):
         description="new tokens per prompt at most; the longest training prompt plus this must "
         "fit in data.max_length",
     )
+    zero3_gather: bool = Field(
+        True,
+        description="ZeRO-3: gather the generating model's parameters once per generation call "
+        "(the full model on every rank meanwhile; forwards local) instead of once per forward "
+        "(a collective per token, ranks kept in step with synced_gpus); false for a model whose "
+        "full parameters do not fit on one device beside training's memory",
+    )
     sample_every: int = Field(
         0,
         ge=0,
@@ -203,7 +210,7 @@ class OnPolicy:
         vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else None  # ids it can decode
         g = o.generation
         self.settings = GenerationSettings(
-            g.temperature, g.top_p, g.max_new_tokens, pad_id, eos_id, vocab
+            g.temperature, g.top_p, g.max_new_tokens, pad_id, eos_id, vocab, g.zero3_gather
         )
         self.lmbda, self.seq_kd, self.sample_every = o.lmbda, o.seq_kd, g.sample_every
         self.generator = generator or GENERATORS[g.backend]()

@@ -39,7 +39,8 @@ class GenerationSettings:
     temperature) cut to the smallest top-``top_p`` set (no top-k); at most ``max_new_tokens``
     new tokens per prompt, stopping at ``eos_id``; ``pad_id`` pads the prompts (on the left) and
     the sequences; ``vocab`` (if set) the ids that may be generated (an output layer padded past
-    the tokenizer never emits its extra rows)."""
+    the tokenizer never emits its extra rows); ``zero3_gather``: a ZeRO-3 engine's parameters
+    gathered once per call rather than per forward (:meth:`Engine.generation_params`)."""
 
     temperature: float
     top_p: float
@@ -47,6 +48,7 @@ class GenerationSettings:
     pad_id: int
     eos_id: int
     vocab: int | None = None
+    zero3_gather: bool = True
 
 
 @dataclass
@@ -121,8 +123,9 @@ class HFGenerator(Generator):
     prompts left-padded in one batch (attention mask 0 on the padding, so positions start at
     each prompt's first token, as in the right-padded training batch). Sampling is the library's
     (``do_sample`` with ``temperature``, ``top_p``, ``top_k=0``) on a forked RNG seeded with
-    ``seed``, so training's RNG streams are untouched. ZeRO-3 across ranks: every forward is a
-    collective, so ``synced_gpus`` keeps each rank stepping until every rank has finished."""
+    ``seed``, so training's RNG streams are untouched. ZeRO-3: the parameters gathered once for
+    the call (``zero3_gather``), or per forward, a collective, where ``synced_gpus`` keeps each
+    rank stepping until every rank has finished (:meth:`Engine.generation_params`)."""
 
     name = "hf"
 
@@ -151,9 +154,12 @@ class HFGenerator(Generator):
             **kw,
         )
         procs = LogitsProcessorList([_Vocab(s.vocab)] if s.vocab else [])
-        synced = _world() > 1 and getattr(engine, "stage", 0) == 3
         devices = [device] if device.type == "cuda" else []
-        with generation_mode(module), torch.random.fork_rng(devices=devices):
+        with (
+            engine.generation_params(s.zero3_gather) as synced,
+            generation_mode(module),
+            torch.random.fork_rng(devices=devices),
+        ):
             torch.manual_seed(seed)
             out = module.generate(
                 input_ids=ids.to(device),
@@ -164,12 +170,6 @@ class HFGenerator(Generator):
             )
         done = [cut_at_eos(row[n:].tolist(), s.eos_id) for row in out.cpu()]  # note: host sync
         return Generated(done, time.perf_counter() - t0)
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 GENERATORS: dict[str, type[Generator]] = {HFGenerator.name: HFGenerator}

@@ -11,6 +11,7 @@ import torch
 
 from lgtm_ds import ConfigError, DataError, Distiller
 from lgtm_ds.config import load_config
+from lgtm_ds.engines.base import TorchEngine
 from lgtm_ds.tasks.rollout import (
     IGNORE,
     GenerationSettings,
@@ -285,7 +286,7 @@ def test_lmbda_zero_is_bit_identical_to_off_policy():
 
 def test_sampling_is_seeded_and_leaves_the_training_rng_alone():
     t, s = _pair(seed=6)
-    engine = type("E", (), {"module": s})()
+    engine = TorchEngine(s, None)
     prompts = batch_prompts(lm_batch(4, seed=3))
     cfg = GenerationSettings(1.0, 0.9, 5, PAD, eos_id=1, vocab=LM_VOCAB - 3)
     state = torch.get_rng_state()
@@ -309,7 +310,7 @@ def test_generation_mode_is_eval_and_restores_dropout_and_checkpointing():
     model.register_forward_pre_hook(
         lambda mod, args: seen.append((mod.training, torch.is_grad_enabled()))
     )
-    engine = type("E", (), {"module": model})()
+    engine = TorchEngine(model, None)
     cfg = GenerationSettings(1.0, 1.0, 3, PAD, eos_id=1)
     HFGenerator().generate(engine, [[5, 6, 7], [8]], cfg, seed=0)
     assert seen and all(x == (False, False) for x in seen)  # eval, no graph, every forward
