@@ -1,9 +1,10 @@
 """On-policy steps on real DeepSpeed engines (CPU, gloo), 3 greedy on-policy steps whose
 completions stop at different lengths on each rank: ZeRO 0, 1, 2, 3 (the parameters gathered
-once per generation call, and per forward with ``synced_gpus`` across ranks), a ZeRO-3 teacher with a ZeRO-2 student and accumulation 2, and
-a ZeRO-3 teacher that generates (``seq_kd``), each on 1 and 2 ranks, equal the plain-module path
-on one process (the global valid-token count of the generated tokens is what makes 1 rank equal
-2 ranks). Tolerance as in test_ds_equivalence.py: relative error of the updates < 1e-4."""
+once per generation call, and per forward with ``synced_gpus`` across ranks), a ZeRO-3 teacher
+with a ZeRO-2 student and accumulation 2, and a ZeRO-3 teacher that generates (``seq_kd``),
+each on 1 and 2 ranks, equal the plain-module path on one process (the global valid-token count
+of the generated tokens is what makes 1 rank equal 2 ranks). Tolerance as in
+test_ds_equivalence.py: relative error of the updates < 1e-4."""
 
 import os
 import shutil

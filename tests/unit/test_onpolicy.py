@@ -409,3 +409,66 @@ def test_onpolicy_lgtm_teacher_update_equals_the_naive_form_fp64():
         assert infl < 1e-6, f"step {step}: influence relative error {infl:.2e}"
         assert _rel(list(s.parameters()), list(s2.parameters())) < 1e-9
         print(f"step {step}: G rel. error {err:.1e}, influence rel. error {infl:.1e}")
+
+
+@pytest.mark.parametrize("method", ["online_kd", "lgtm"])
+def test_sampled_steps_on_the_fused_head_equal_full_logits(method):
+    """Float64, GPT-2 blocks, three steps at lmbda 0.5 (sampled and data-set steps both):
+    the fused output layer (hidden states in, losses chunk by chunk) trains both models as the
+    full-logit path does, on the same samples (generation reads the plain logits either way)."""
+    runs = []
+    for fused in (False, True):
+        t = tiny_decoder("gpt2-teacher", 1, torch.float64)
+        s = tiny_decoder("gpt2-student", 2, torch.float64)
+        d = make_distiller(method, t, s, task="causal_lm", tokenizer=Tok(1), lmbda=0.5, seed=3,
+                           fused_head=fused, generation={"max_new_tokens": 5})  # fmt: skip
+        kinds = []
+        for k in range(3):
+            quiz = lm_batch(3, 200 + k) if d.method.needs_quiz else None
+            kinds.append(d.step(lm_batch(5, 100 + k), quiz)["onpolicy"])
+        assert not d.full_logits, d.full_logits  # the fused head was in use
+        runs.append((t, s, kinds))
+    assert runs[0][2] == runs[1][2] and set(runs[0][2]) == {0.0, 1.0}, runs[0][2]
+    for a, b in ((runs[0][0], runs[1][0]), (runs[0][1], runs[1][1])):
+        pairs = zip(a.parameters(), b.parameters())
+        err = max(float((p - q).detach().abs().max()) for p, q in pairs)
+        assert err < 1e-10, err
+
+
+def test_onpolicy_lgtm_with_lora_on_both_sides_equals_the_naive_form_fp64():
+    """LoRA adapters on the teacher and the student (the student generates through its peft
+    wrapper), float64, two on-policy LGTM steps: the cheap form's teacher gradient over the
+    adapter parameters equals the naive form's on the sampled rows (+ the teacher's CE on the
+    data set's completions), and every frozen base weight is unchanged."""
+    pytest.importorskip("peft")
+    from lgtm_ds.engines.optim import build_adamw
+    from lgtm_ds.methods.naive import naive_lgtm_step
+
+    from ..helpers import capture_grads
+    from .test_adapters import _decoders
+    from .test_algorithm import _rel
+
+    t, s = _decoders(("teacher", "student"))
+    to, so = build_adamw(t, 3e-3, 0.01), build_adamw(s, 5e-3, 0.01)
+    t2, s2, to2, so2 = copy.deepcopy((t, s, to, so))
+    frozen = [p.detach().clone() for m in (t, s) for p in m.parameters() if not p.requires_grad]
+    d = Distiller(
+        "lgtm", teacher=t, student=s, teacher_optimizer=to, student_optimizer=so,
+        task="causal_lm", tokenizer=Tok(1), lmbda=1.0, alpha_student=0.8,
+        generation={"temperature": 1.0, "max_new_tokens": 5},
+    )  # fmt: skip
+    seen = _capture(d)
+    cheap = capture_grads(to, [p for p in t.parameters() if p.requires_grad])
+    for step in range(2):
+        q, gold = lm_batch(3, 210 + step), lm_batch(4, 110 + step)
+        d.step(gold, q)
+        b = seen[-1][0]
+        assert b["labels"].ne(IGNORE).sum() > 4
+        ref = naive_lgtm_step(t2, s2, to2, so2, b, q, task=d.task, alpha_student=0.8,
+                              gold_batch=gold)  # fmt: skip
+        err = _rel(cheap[-1], ref["G"])
+        assert err < 1e-6, f"step {step}: teacher gradient relative error {err:.2e}"
+        assert _rel(list(s.parameters()), list(s2.parameters())) < 1e-9
+    now = [p for m in (t, s) for p in m.parameters() if not p.requires_grad]
+    assert len(now) == len(frozen) > 0
+    assert all(torch.equal(a, b) for a, b in zip(now, frozen))
