@@ -97,6 +97,20 @@ def peft_wrapper(model: nn.Module):
     return model.__dict__.get(_WRAPPER)
 
 
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """``(model parameters, trainable parameters)``. The first counts the model as it would
+    be saved merged: with adapters, the LoRA matrices and peft's trained copies of
+    ``modules_to_save`` (the original module is counted once) are left out; without, every
+    parameter."""
+    total = trainable = 0
+    for name, p in model.named_parameters():
+        trainable += p.numel() if p.requires_grad else 0
+        if "lora_" in name or ".modules_to_save." in name:
+            continue
+        total += p.numel()
+    return total, trainable
+
+
 def apply_adapters(
     model: nn.Module, opts: AdapterOptions, *, key: str, name: str, seed: int = 0
 ) -> nn.Module:

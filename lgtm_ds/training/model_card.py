@@ -60,7 +60,7 @@ def model_card(role: str, cfg, summary: dict, split: dict) -> str:
         f"# {role} distilled with LGTM-DS ({method.name})",
         "",
         f"The **{role}** of a joint teacher-student distillation run: {role} `{own}` "
-        f"({summary['params'][role] / 1e6:.2f}M parameters), "
+        f"({_param_text(summary, role)}), "
         f"{'teacher' if role == 'student' else 'student'} `{other}`, method `{method.name}`, "
         f"task type `{split.get('task_type')}`, trained with LGTM-DS {__version__}.",
         "",
@@ -124,3 +124,10 @@ def _adapter_lines(peft, base: str, merged: bool) -> list[str]:
         "`output.merge_adapters: true` saves the merged model instead.",
         "",
     ]
+
+
+def _param_text(summary: dict, role: str) -> str:
+    total = summary["params"][role]
+    trainable = summary.get("trainable_params", summary["params"])[role]
+    text = f"{total / 1e6:.2f}M parameters"
+    return text if trainable == total else f"{text}; {trainable / 1e6:.2f}M trainable"

@@ -18,6 +18,7 @@ def build_summary(
     wall_s: float,
     params: dict,
     zero_stage: dict,
+    trainable_params: dict | None = None,
     final: dict,
     history: list[dict],
     resumed_from: list[str] | None = None,
@@ -38,7 +39,8 @@ def build_summary(
         "stage1_steps": stage1_steps,
         "world_size": world,
         "wall_s": round(wall_s, 2),
-        "params": params,
+        "params": params,  # the models as saved merged (no LoRA matrices)
+        "trainable_params": trainable_params or params,
         "zero_stage": zero_stage,
         "fused_head": fused_head or {"teacher": False, "student": False},
         "precision": cfg.train.precision,
@@ -61,6 +63,13 @@ def build_summary(
     }
 
 
+def _params(s: dict, role: str) -> str:
+    """``"22.71M params"``, with the trainable share where it is not all (adapters)."""
+    total, trainable = s["params"][role], s.get("trainable_params", s["params"])[role]
+    text = f"{total / 1e6:.2f}M params"
+    return text if trainable == total else f"{text}, {trainable / 1e6:.2f}M trainable"
+
+
 def format_summary(s: dict, out: Path) -> str:
     pm = s["primary_metric"]
     lines = [
@@ -68,9 +77,8 @@ def format_summary(s: dict, out: Path) -> str:
         f"LGTM-DS run: {s['method']} on {s['task']} ({s['steps']} steps"
         + (f" + {s['stage1_steps']} teacher stage-1 steps" if s["stage1_steps"] else "")
         + f", {s['world_size']} rank(s), {s['precision']})",
-        f"teacher {s['params']['teacher'] / 1e6:.2f}M params (ZeRO-{s['zero_stage']['teacher']})"
-        f"  ->  student {s['params']['student'] / 1e6:.2f}M params "
-        f"(ZeRO-{s['zero_stage']['student']})",
+        f"teacher {_params(s, 'teacher')} (ZeRO-{s['zero_stage']['teacher']})"
+        f"  ->  student {_params(s, 'student')} (ZeRO-{s['zero_stage']['student']})",
         f"wall time {s['wall_s']:.1f} s"
         + (f" (resumed {len(s['resumed_from'])}x)" if s.get("resumed_from") else ""),
         (

@@ -42,7 +42,7 @@ from ..io import atomic_write_text, write_json_atomic
 from ..methods import Distiller, get_method
 from ..methods.hidden import HIDDEN_PROJ, HiddenSpec, attach_projection
 from ..tasks import get_task, task_for_labels
-from ..tasks.adapters import apply_adapters
+from ..tasks.adapters import apply_adapters, param_counts
 from ..tasks.base import ModelOptions
 from ..tasks.derive import FROM_TEACHER, derive_student
 from ..tasks.hf import init_seed, is_embedded
@@ -134,10 +134,9 @@ class Trainer:
             out=self.out,
         )
         teacher, student = self._build_models()
-        self.n_params = {
-            "teacher": sum(p.numel() for p in teacher.parameters()),
-            "student": sum(p.numel() for p in student.parameters()),
-        }
+        counts = {"teacher": param_counts(teacher), "student": param_counts(student)}
+        self.n_params = {role: c[0] for role, c in counts.items()}
+        self.n_trainable = {role: c[1] for role, c in counts.items()}
         self.total_steps, self.stage1_steps = self._plan_steps()
         # the teacher's schedule spans the steps it learns in
         self.teacher_steps = self.stage1_steps + self.total_steps * self.method.trains_teacher
@@ -720,6 +719,7 @@ class Trainer:
             world=self.world,
             wall_s=wall_s,
             params=self.n_params,
+            trainable_params=self.n_trainable,
             zero_stage={"teacher": self.teacher.stage, "student": self.student.stage},
             fused_head=self.fused_head,
             final=final,

@@ -362,3 +362,22 @@ def test_hidden_state_projection_stays_trainable_beside_student_adapters():
     assert m["student_hidden_loss"] > 0
     assert all(not torch.equal(p, b) for p, b in zip(proj.parameters(), before))
     assert all(torch.equal(p, frozen[n]) for n, p in s.named_parameters() if n in frozen)
+
+
+def test_param_counts_leave_the_adapters_out_of_the_model_size():
+    """The summary's model size is the base model's (as saved merged); the trainable count is
+    the adapters' and the trained head copy's."""
+    from lgtm_ds.tasks.adapters import param_counts
+    from lgtm_ds.training.summary import _params
+
+    base = tiny_model()
+    n_base = sum(p.numel() for p in base.parameters())
+    assert param_counts(base) == (n_base, n_base)
+    m = _lora(tiny_model(), r=2)
+    total, trainable = param_counts(m)
+    lora = sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)
+    head = sum(p.numel() for n, p in m.named_parameters() if ".modules_to_save." in n)
+    assert total == n_base and lora > 0 and head > 0
+    assert trainable == lora + head == sum(p.numel() for p in m.parameters() if p.requires_grad)
+    s = {"params": {"student": total}, "trainable_params": {"student": trainable}}
+    assert _params(s, "student") == f"{total / 1e6:.2f}M params, {trainable / 1e6:.2f}M trainable"
