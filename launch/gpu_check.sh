@@ -4,7 +4,8 @@
 # benchmark, the BERT-base step benchmark, the bf16 influence cosine on CUDA, the README's
 # main command (bf16, ZeRO-2) and a ZeRO-3-teacher run through the deepspeed launcher, and the
 # decoder-1b preset (tokens/s and peak memory per method: LGTM vs online KD at teacher ~10x
-# student). Results (a log per step, CSV rows, steps.tsv: name, exit code, seconds, limit) go
+# student), then the later features at small size: an on-policy run with a LoRA teacher (bf16,
+# ZeRO-3, generation inside the step) and the LoRA memory table on CUDA. Results (a log per step, CSV rows, steps.tsv: name, exit code, seconds, limit) go
 # to $OUT. A step that would start with under 20 s left is skipped and says so in steps.tsv.
 # No GPU has run this yet.
 #
@@ -17,7 +18,7 @@
 #     --platform manylinux_2_28_x86_64 -d .whl hjson pydantic pydantic-core annotated-types \
 #     typing-inspection typing-extensions transformers tokenizers safetensors huggingface-hub \
 #     pyyaml tqdm regex filelock fsspec packaging ninja py-cpuinfo psutil msgpack einops \
-#     pytest pluggy iniconfig pytest-timeout
+#     pytest pluggy iniconfig pytest-timeout peft accelerate
 # then call the device tool with: bash launch/gpu_check.sh   (carry: [".whl"], timeout_s 600)
 # Not in the set: `datasets` (with pyarrow 55 MB and pandas 12 MB it would not fit), which
 # influence_precision and the two training runs need: they run where the device has it
@@ -70,10 +71,10 @@ step() {
 LAUNCH=(python3 -m deepspeed.launcher.runner --num_gpus 1)
 if [ -n "$DRY" ]; then
   KSIZE=--quick STEP_PRESET=cpu DEC_PRESET=decoder-cpu MAIN_STEPS=2 NSTEPS=1 PREC=bf16
-  SMALL=(--batch 4 --seq 16)
+  SMALL=(--batch 4 --seq 16) MEM_PRESET=decoder-cpu MEM_SMALL=(--batch 2 --seq 16)
 else
   KSIZE="" STEP_PRESET=bert-base DEC_PRESET=decoder-1b MAIN_STEPS=30 NSTEPS=20 PREC=bf16
-  SMALL=()
+  SMALL=() MEM_PRESET=decoder-peft MEM_SMALL=()
 fi
 
 { nvidia-smi -L; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
@@ -100,7 +101,13 @@ needs_datasets train_zero3_teacher && step train_zero3_teacher 90 "${LAUNCH[@]}"
   --output.dir="$OUT/run_z3"
 step bench_step_decoder 240 python3 launch/bench_step.py --preset "$DEC_PRESET" \
   --precision "$PREC" --methods online_kd,lgtm --steps 6 --warmup 2 --csv "$OUT/step.csv"
-rm -rf "$OUT/run_main/student" "$OUT/run_main/teacher" "$OUT/run_z3/student" \
-  "$OUT/run_z3/teacher"  # model weights: not needed back
+needs_datasets train_onpolicy_lora && step train_onpolicy_lora 90 "${LAUNCH[@]}" \
+  launch/train.py --config configs/examples/causal_lm_tiny.yaml --ds_config ds_configs/zero3.json \
+  --train.precision="$PREC" --train.max_steps="$MAIN_STEPS" --train.eval_every=0 \
+  --method.lmbda=0.5 --method.generation.max_new_tokens=16 --data.max_length=48 \
+  --model.teacher_peft.enabled=true --output.dir="$OUT/run_onpolicy_lora"
+step bench_memory_peft 120 python3 launch/bench_memory.py --preset "$MEM_PRESET" \
+  --precision "$PREC" --steps 3 --warmup 1 "${MEM_SMALL[@]}" --csv "$OUT/memory.csv"
+rm -rf "$OUT"/run_*/student "$OUT"/run_*/teacher  # model weights: not needed back
 cat "$OUT/steps.tsv"
 tail -n 15 "$OUT"/*.txt

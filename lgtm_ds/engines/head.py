@@ -198,7 +198,8 @@ def grads_through(
 ) -> list[torch.Tensor]:
     """The gradient of :func:`surrogate` with respect to ``params`` (fp32, float64 stays),
     without touching ``.grad``. On a :class:`HeadOutput` the weight and bias gradients are added
-    to their parameters' entries in fp32 directly (a bf16 backward would round them)."""
+    to their parameters' entries in fp32 directly (a bf16 backward would round them); a frozen
+    output layer (not in ``params``) takes none."""
     if not isinstance(z, HeadOutput):
         gs = torch.autograd.grad(
             z, params, dz.to(z.dtype), retain_graph=retain_graph, allow_unused=True
@@ -227,6 +228,9 @@ def grads_through(
             None,
         )
         if i is None:
+            owner = source if source is not None else tensor
+            if not owner.requires_grad:  # a frozen output layer (a LoRA model's base): no grad
+                continue
             raise RuntimeError("the output layer's parameter is not among the model's params()")
         gs[i] = gs[i] + g.to(gs[i].dtype)
     return gs

@@ -381,3 +381,27 @@ def test_param_counts_leave_the_adapters_out_of_the_model_size():
     assert trainable == lora + head == sum(p.numel() for p in m.parameters() if p.requires_grad)
     s = {"params": {"student": total}, "trainable_params": {"student": trainable}}
     assert _params(s, "student") == f"{total / 1e6:.2f}M params, {trainable / 1e6:.2f}M trainable"
+
+
+def test_influence_term_through_a_frozen_fused_output_layer():
+    """A bf16 LGTM teacher backpropagates its influence term apart (``grads_through``); with
+    LoRA the output layer is frozen: its weight gets no gradient and the adapters get the
+    hidden states' (was: an error that the output layer is not among the trainable params)."""
+    from lgtm_ds.engines.base import TorchEngine
+    from lgtm_ds.engines.head import HeadGrad, HeadOutput, grads_through
+
+    m = tiny_decoder("tiny", 3, torch.float64)
+    _lora(m, key="model.teacher_peft", r=2)
+    _randomise_b(m, 4)
+    e = TorchEngine(m, None)
+    e.fused_head = True
+    z = e.raw_forward(lm_batch(3, seed=5))
+    assert isinstance(z, HeadOutput) and not z.weight_param.requires_grad
+    g = torch.Generator().manual_seed(6)
+    dz = HeadGrad(torch.randn(z.hidden.shape, generator=g, dtype=torch.float64),
+                  torch.randn(z.weight.shape, generator=g, dtype=torch.float64))  # fmt: skip
+    params = e.params()
+    got = grads_through(z, dz, params, retain_graph=True)
+    want = torch.autograd.grad((z.hidden * dz.hidden).sum(), params, allow_unused=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want) if b is not None)
+    assert any(float(b.abs().sum()) > 0 for b in want if b is not None)
