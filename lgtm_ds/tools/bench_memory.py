@@ -25,7 +25,7 @@ import os
 import platform
 import sys
 
-from lgtm_ds.tools.bench_step import PRESETS, ROOT, _commit, _run_child
+from lgtm_ds.tools.bench_step import PRESETS, ROOT, RUN_COLUMNS, _commit, _run_child
 
 # (case, method, peft, teacher activation checkpointing); the first is the reference of
 # x_frozen, LORA_TEACHER's time is compared with ONLINE's
@@ -40,15 +40,7 @@ CASES = [
 LORA_TEACHER, ONLINE = "LGTM, LoRA teacher", "online KD"
 
 CSV_HEADER = [
-    "date",
-    "commit",
-    "machine",
-    "device",
-    "engine",
-    "preset",
-    "precision",
-    "batch",
-    "seq",
+    *RUN_COLUMNS,
     "case",
     "method",
     "peft",

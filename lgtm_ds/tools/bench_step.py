@@ -292,16 +292,12 @@ def _commit() -> str:
         return "unknown"
 
 
+# what identifies a measurement's run (the first columns of every benchmark CSV)
+RUN_COLUMNS = [
+    *("date", "commit", "machine", "device", "engine", "preset", "precision", "batch", "seq")
+]
 CSV_HEADER = [
-    "date",
-    "commit",
-    "machine",
-    "device",
-    "engine",
-    "preset",
-    "precision",
-    "batch",
-    "seq",
+    *RUN_COLUMNS,
     "method",
     "ms_median",
     "ms_p20",
