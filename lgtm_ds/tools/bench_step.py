@@ -292,9 +292,17 @@ def _commit() -> str:
         return "unknown"
 
 
-# what identifies a measurement's run (the first columns of every benchmark CSV)
+# what identifies a measurement's run (the first columns of bench_step's and bench_memory's CSVs)
 RUN_COLUMNS = [
-    *("date", "commit", "machine", "device", "engine", "preset", "precision", "batch", "seq")
+    "date",
+    "commit",
+    "machine",
+    "device",
+    "engine",
+    "preset",
+    "precision",
+    "batch",
+    "seq",
 ]
 CSV_HEADER = [
     *RUN_COLUMNS,
