@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lgtm_ds import Distiller  # noqa: E402
-from lgtm_ds.engines.deepspeed import build_engine  # noqa: E402
+from lgtm_ds.engines.deepspeed import build_engine, build_frozen_engine  # noqa: E402
 from lgtm_ds.engines.dist import init_distributed, shutdown_distributed  # noqa: E402
 from lgtm_ds.engines.optim import build_adamw, warmup_linear  # noqa: E402
 from lgtm_ds.errors import ConfigError  # noqa: E402
@@ -41,6 +41,8 @@ CASES = {
     "online_z3_2": ("online_kd", 3, 2, "fp32", 1),
     "online_z2_3": ("online_kd", 2, 3, "fp32", 1),  # a ZeRO-3 student is fine without influence
     "z2_3": ("lgtm", 2, 3, "fp32", 1),
+    "vanilla_z2_2": ("vanilla_kd", 2, 2, "fp32", 1),  # frozen teacher: no optimizer, stage 0
+    "vanilla_z3_3": ("vanilla_kd", 3, 3, "fp32", 1),  # frozen teacher partitioned (ZeRO-3)
     "meta_z0_0": ("metadistil", 0, 0, "fp32", 1),
     "meta_z2_2": ("metadistil", 2, 2, "fp32", 1),
     "meta_z2_3": ("metadistil", 2, 3, "fp32", 1),  # the pilot's JVP with ZeRO-3 hooks off
@@ -97,6 +99,16 @@ def local_storage(p):
     return (p.ds_tensor if hasattr(p, "ds_tensor") else p).detach()
 
 
+def gathered_params(adapter):
+    """An optimizer-less engine's parameters, whole (gathered at ZeRO-3)."""
+    import deepspeed
+
+    params = list(adapter.module.parameters())
+    on = any(hasattr(p, "ds_tensor") for p in params)
+    with deepspeed.zero.GatheredParameters(params, enabled=on):
+        return [p.detach().float().cpu().clone() for p in params]
+
+
 def full_params(adapter):
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -118,16 +130,14 @@ def run_case(name, rank, world):
     micro = GLOBAL_BATCH // world // gas
     engines = {}
     for role, model, stage, lr in (("teacher", teacher, ts, 3e-3), ("student", student, ss, 5e-3)):
-        opt = build_adamw(model, lr, 0.01)
-        engines[role] = build_engine(
-            model,
-            opt,
-            warmup_linear(opt, 10, 0.2),
-            ds_config(
-                stage, precision, micro, gas, world, 0 if name.endswith("_np") else None, role
-            ),
-            role,
+        conf = ds_config(
+            stage, precision, micro, gas, world, 0 if name.endswith("_np") else None, role
         )
+        if role == "teacher" and method == "vanilla_kd":  # as the trainer builds it
+            engines[role] = build_frozen_engine(model, conf, role)
+            continue
+        opt = build_adamw(model, lr, 0.01)
+        engines[role] = build_engine(model, opt, warmup_linear(opt, 10, 0.2), conf, role)
     d = Distiller(method, teacher=engines["teacher"], student=engines["student"])
     restored = True
     influence, radii = [], []
@@ -149,10 +159,15 @@ def run_case(name, rank, world):
 
     all_radii = [None] * world
     dist.all_gather_object(all_radii, radii)  # R = r / ||v|| must agree bitwise on all ranks
+    frozen = engines["teacher"].frozen
+    assert not frozen or engines["teacher"].engine.basic_optimizer is None
     return {
         "radius_agrees": all(r == all_radii[0] for r in all_radii),
         "radii": radii,
-        "teacher": full_params(engines["teacher"]),
+        "teacher_stage": engines["teacher"].stage,
+        "teacher": gathered_params(engines["teacher"])
+        if frozen
+        else full_params(engines["teacher"]),
         "student": full_params(engines["student"]),
         "init": init,
         "restored": restored,
@@ -480,6 +495,7 @@ def main():
                 "lgtm": run_torch("lgtm"),
                 "online_kd": run_torch("online_kd"),
                 "metadistil": run_torch("metadistil"),
+                "vanilla_kd": run_torch("vanilla_kd"),
                 "lgtm_gas2": run_torch("lgtm", gas=2),
             },
             os.path.join(args.out, f"torch.{tag}.pt"),

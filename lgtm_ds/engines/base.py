@@ -75,6 +75,8 @@ class Engine:
     # decoders: forwards return a HeadOutput (hidden states + output layer) instead of logits,
     # so that the task forms the logits chunk by chunk (engines/head.py); set by the trainer
     fused_head: bool = False
+    # built without an optimizer: the role never steps (a frozen teacher)
+    frozen: bool = False
 
     def head_ctx(self):
         """The block in which the module's forward returns a HeadOutput (when ``fused_head``)."""
@@ -472,6 +474,7 @@ class TorchEngine(InfluencePasses):
     ):
         self.module = module
         self.optimizer = optimizer
+        self.frozen = optimizer is None
         self.scheduler = scheduler
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.max_grad_norm = max_grad_norm

@@ -41,7 +41,10 @@ def build_engines(
     ds_configs: tuple[dict, dict] | None = None,
 ) -> tuple[Engine, Engine]:
     """Both engines, each with a client ``torch.optim.AdamW`` (decay / no-decay groups) and a
-    warmup-linear schedule over its own number of optimizer steps.
+    warmup-linear schedule over its own number of optimizer steps. A role with 0 steps (the
+    teacher of vanilla KD without its fine-tuning stage, or of ``student_only``) is frozen: no
+    optimizer, so no fp32 master copy, no optimizer state and no gradient partitions of it exist
+    (:func:`~lgtm_ds.engines.deepspeed.build_frozen_engine`).
 
     ``ds_configs``: the two roles' DeepSpeed dicts (:func:`resolve_ds_configs`) -> DeepSpeed
     engines; None -> :class:`TorchEngine` s (plain modules: the same optimizer, schedule,
@@ -54,6 +57,14 @@ def build_engines(
             ("student", student, t.student_lr, student_steps),
         )
     ):
+        if steps == 0 and ds_configs is not None:
+            from .deepspeed import build_frozen_engine
+
+            engines.append(build_frozen_engine(model, ds_configs[i], role))
+            continue
+        if steps == 0:  # plain module, nothing to step
+            engines.append(TorchEngine(model, None))
+            continue
         opt = build_adamw(model, lr, t.weight_decay)
         sched = warmup_linear(opt, max(steps, 1), t.warmup_ratio)
         if ds_configs is None:

@@ -13,6 +13,8 @@ look-ahead and the forwards at other parameter values); the teacher's does not.
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import os
 
 import torch
@@ -36,13 +38,41 @@ def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict, 
     return (DeepSpeedStudentEngine if role == "student" else DeepSpeedEngine)(engine, role)
 
 
+def frozen_ds_config(ds_config: dict) -> dict:
+    """The DeepSpeed config of a role that never steps. ZeRO-3 keeps partitioning its parameters
+    (DeepSpeed's path for a model without an optimizer: ``DeepSpeedZeRoOffload``, as DeepSpeed-
+    Chat builds its reference model). ZeRO-1/2 partition only optimizer state and gradients, which
+    a frozen model has none of, and DeepSpeed refuses them without an optimizer: stage 0, the
+    parameters in the config's precision on every rank."""
+    cfg = copy.deepcopy(ds_config)
+    zero = cfg.get("zero_optimization") or {}
+    if int(zero.get("stage", 0)) in (1, 2):
+        cfg["zero_optimization"] = {**zero, "stage": 0}
+    for key in ("optimizer", "scheduler"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def build_frozen_engine(model: torch.nn.Module, ds_config: dict, role: str):
+    """``deepspeed.initialize`` without an optimizer for a role that never learns (a frozen
+    teacher): no fp32 masters, optimizer state or gradient buffers; checkpoints hold a marker
+    instead of its weights (the run rebuilds them from ``model.<role>``)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, config=frozen_ds_config(ds_config))
+    return DeepSpeedEngine(engine, role, frozen=True)
+
+
 class DeepSpeedEngine(Engine):
     """One role's DeepSpeed engine: the training API, and the teacher's side of a bf16
     influence term (its gradient added to the engine's fp32 partitions)."""
 
-    def __init__(self, engine, role: str):
+    FROZEN_MARKER = "frozen.json"  # a frozen role's checkpoint folder: this, not its weights
+
+    def __init__(self, engine, role: str, frozen: bool = False):
         self.engine = engine
         self.role = role
+        self.frozen = frozen
         self.module = engine.module
         self.gradient_accumulation_steps = int(engine.gradient_accumulation_steps())
         self.stage = int(engine.zero_optimization_stage())
@@ -119,6 +149,8 @@ class DeepSpeedEngine(Engine):
         self.engine.backward(loss)
 
     def step(self) -> None:
+        if self.frozen:
+            raise RuntimeError(f"the {self.role}'s engine has no optimizer (a frozen role)")
         self.engine.step()
 
     def lr(self) -> float:
@@ -230,13 +262,36 @@ class DeepSpeedEngine(Engine):
             self.module.save_pretrained(path, **kwargs)
 
     def save_checkpoint(self, path: str, tag: str) -> None:
+        if self.frozen:  # never steps: its weights are model.<role>'s, rebuilt on resume
+            folder = os.path.join(path, tag)
+            os.makedirs(folder, exist_ok=True)
+            if _rank() == 0:
+                with open(os.path.join(folder, self.FROZEN_MARKER), "w") as fh:
+                    json.dump({"role": self.role, "frozen": True}, fh)
+            return
         # save_latest=False: LGTM-DS writes its own `latest` once both roles are complete
         self.engine.save_checkpoint(path, tag=tag, save_latest=False)
 
     def load_checkpoint(self, path: str, tag: str) -> None:
+        marker = os.path.exists(os.path.join(path, tag, self.FROZEN_MARKER))
+        if self.frozen != marker:
+            was, now = ("frozen", "trained") if marker else ("trained", "frozen")
+            raise ConfigError(
+                f"the {self.role} of checkpoint {tag!r} under {path} was {was} and is {now} in "
+                f"this run (the method or its {self.role} stage changed): resume with the "
+                f"settings that wrote it, or start a fresh run"
+            )
+        if self.frozen:
+            return
         load_path, _ = self.engine.load_checkpoint(path, tag=tag)
         if load_path is None:
             raise ConfigError(f"no {self.role} checkpoint {tag!r} under {path}")
+
+
+def _rank() -> int:
+    import deepspeed.comm as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 class DeepSpeedStudentEngine(DeepSpeedEngine, InfluencePasses):

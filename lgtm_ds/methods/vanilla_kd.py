@@ -12,7 +12,10 @@ class VanillaKDOptions(Options):
     """vanilla_kd only: the teacher's fine-tuning stage."""
 
     teacher_stage1_epochs: float = Field(
-        1.0, ge=0, description="epochs of teacher fine-tuning before distillation"
+        1.0,
+        ge=0,
+        description="epochs of teacher fine-tuning before distillation; 0 = distil from the "
+        "teacher as loaded (one already fine-tuned), built without an optimizer",
     )
 
 

@@ -71,7 +71,7 @@ def child(args) -> dict:
     from lgtm_ds.config import load_config
     from lgtm_ds.engines.build import build_engines, resolve_ds_configs
     from lgtm_ds.engines.optim import build_adamw
-    from lgtm_ds.methods import Distiller
+    from lgtm_ds.methods import Distiller, get_method
     from lgtm_ds.methods.naive import naive_lgtm_step
     from lgtm_ds.tasks import get_task
     from lgtm_ds.tasks.adapters import AdapterOptions, apply_adapters
@@ -164,7 +164,9 @@ def child(args) -> dict:
             cfg,
             teacher,
             student,
-            teacher_steps=n_steps,
+            # a teacher that never learns (vanilla KD's stage 2) is frozen, as the trainer
+            # builds it: no optimizer
+            teacher_steps=n_steps if get_method(method).trains_teacher else 0,
             student_steps=n_steps,
             ds_configs=ds_configs,
         )

@@ -18,6 +18,7 @@ def build_summary(
     wall_s: float,
     params: dict,
     zero_stage: dict,
+    frozen: list[str] | None = None,
     trainable_params: dict | None = None,
     final: dict,
     history: list[dict],
@@ -42,6 +43,8 @@ def build_summary(
         "params": params,  # the models as saved merged (no LoRA matrices)
         "trainable_params": trainable_params or params,
         "zero_stage": zero_stage,
+        # roles built without an optimizer (they never step; ZeRO-1/2 become 0 for them)
+        "frozen": list(frozen or []),
         "fused_head": fused_head or {"teacher": False, "student": False},
         "precision": cfg.train.precision,
         "primary_metric": primary,
@@ -70,6 +73,12 @@ def _params(s: dict, role: str) -> str:
     return text if trainable == total else f"{text}, {trainable / 1e6:.2f}M trainable"
 
 
+def _engine(s: dict, role: str) -> str:
+    """``"ZeRO-2"``, or ``"frozen, ZeRO-0"`` for a role without an optimizer."""
+    stage = f"ZeRO-{s['zero_stage'][role]}"
+    return f"frozen, {stage}" if role in s.get("frozen", ()) else stage
+
+
 def format_summary(s: dict, out: Path) -> str:
     pm = s["primary_metric"]
     lines = [
@@ -77,8 +86,8 @@ def format_summary(s: dict, out: Path) -> str:
         f"LGTM-DS run: {s['method']} on {s['task']} ({s['steps']} steps"
         + (f" + {s['stage1_steps']} teacher stage-1 steps" if s["stage1_steps"] else "")
         + f", {s['world_size']} rank(s), {s['precision']})",
-        f"teacher {_params(s, 'teacher')} (ZeRO-{s['zero_stage']['teacher']})"
-        f"  ->  student {_params(s, 'student')} (ZeRO-{s['zero_stage']['student']})",
+        f"teacher {_params(s, 'teacher')} ({_engine(s, 'teacher')})"
+        f"  ->  student {_params(s, 'student')} ({_engine(s, 'student')})",
         f"wall time {s['wall_s']:.1f} s"
         + (f" (resumed {len(s['resumed_from'])}x)" if s.get("resumed_from") else ""),
         (

@@ -278,7 +278,7 @@ class Trainer:
                 f"data.quiz_fraction, give the data more rows, or lower train.micro_batch_size"
             )
         stage1 = 0
-        if self.method.teacher_stage1:
+        if self.method.teacher_stage1 and self.method.stage1_epochs(cfg) > 0:
             _, s1 = optimizer_steps(n, cfg, self.world, self.method.stage1_epochs(cfg))
             stage1 = min(s1, cfg.train.max_steps) if cfg.train.max_steps else s1
         return cfg.train.max_steps or steps, stage1
@@ -721,6 +721,9 @@ class Trainer:
             params=self.n_params,
             trainable_params=self.n_trainable,
             zero_stage={"teacher": self.teacher.stage, "student": self.student.stage},
+            frozen=[
+                r for r, e in (("teacher", self.teacher), ("student", self.student)) if e.frozen
+            ],
             fused_head=self.fused_head,
             final=final,
             history=self.history,

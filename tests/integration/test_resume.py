@@ -59,19 +59,21 @@ def _crash_after(tr, n_calls, attr):
 
 
 @pytest.mark.parametrize(
-    "method,crash_attr,crash_after,tag",
+    "method,stage1,crash_attr,crash_after,tag",
     [
-        ("lgtm", "step", 4, "step3"),
+        ("lgtm", 0.2, "step", 4, "step3"),
         # stage 1 of vanilla KD: 0.2 epoch of 45 batches = 9 teacher-only steps
-        ("vanilla_kd", "teacher_finetune_step", 4, "stage1_step3"),
+        ("vanilla_kd", 0.2, "teacher_finetune_step", 4, "stage1_step3"),
+        # no stage 1: the teacher is frozen (no optimizer; its checkpoint is a marker)
+        ("vanilla_kd", 0.0, "step", 4, "step3"),
     ],
 )
 def test_one_command_starts_and_continues_a_job(
-    tmp_path, dist_env, method, crash_attr, crash_after, tag
+    tmp_path, dist_env, method, stage1, crash_attr, crash_after, tag
 ):
     common = [
         f"method.name={method}",
-        "method.teacher_stage1_epochs=0.2",
+        f"method.teacher_stage1_epochs={stage1}",
         "train.max_steps=6",
         "train.eval_every=3",
         "output.checkpoint_every=3",
@@ -87,6 +89,14 @@ def test_one_command_starts_and_continues_a_job(
     with pytest.raises(Crash):
         first.train()
     assert (tmp_path / "job" / "checkpoints" / "latest").read_text() == tag
+    if stage1 == 0:  # a frozen teacher's checkpoint cannot seed a run that trains it
+        with pytest.raises(ConfigError, match="was frozen and is trained in this run"):
+            _trainer(
+                tmp_path / "job",
+                *common,
+                "method.name=online_kd",
+                f"output.resume={tmp_path / 'job' / 'checkpoints' / tag}",
+            ).train()
     second = _trainer(tmp_path / "job", *job)
     summary = second.finish(second.train())
     assert all(torch.equal(p, q) for p, q in zip(_params(second), want))

@@ -528,6 +528,58 @@ def test_output_dir_that_is_a_file_or_unwritable_is_one_error(tmp_path, dist_env
 def test_student_only_runs_through_the_trainer(tmp_path, dist_env):
     s = _run(tmp_path, "method.name=student_only", "train.max_steps=4", "train.eval_every=4")
     assert s["status"] == "completed" and s["stage1_steps"] == 0
+    assert s["frozen"] == ["teacher"]  # never trained: built without an optimizer
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "student_loss" in r]
     assert steps and not any("teacher_loss" in r or "teacher_ce" in r for r in steps)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_vanilla_kd_without_stage1_distils_from_a_frozen_teacher(tmp_path, dist_env, precision):
+    """teacher_stage1_epochs=0: no teacher step at all, and the teacher's engine has no
+    optimizer (no fp32 master, no optimizer state): configured ZeRO-2 it runs at stage 0, at
+    ZeRO-3 its parameters stay partitioned. Both give the student the same run; checkpoints hold
+    a marker for the teacher instead of its weights."""
+    from lgtm_ds.training import Trainer
+
+    students, teachers = {}, {}
+    for stage in (2, 3):
+        cfg = load_config(
+            None,
+            [
+                f"output.dir={tmp_path / f'z{stage}'}",
+                *SMALL,
+                "method.name=vanilla_kd",
+                "method.vanilla_kd.teacher_stage1_epochs=0",
+                f"train.precision={precision}",
+                "train.max_steps=3",
+                "train.eval_every=0",
+                "output.checkpoint_every=2",
+                f"deepspeed.teacher.zero_optimization.stage={stage}",
+            ],
+        )
+        tr = Trainer(cfg)
+        assert tr.teacher.frozen and not tr.student.frozen
+        assert tr.teacher.engine.basic_optimizer is None
+        assert tr.teacher.stage == (3 if stage == 3 else 0)
+        assert tr.teacher.module_dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        before = [p.detach().clone() for p in tr.student.module.parameters()]
+        s = tr.finish(tr.train())
+        assert s["status"] == "completed" and s["stage1_steps"] == 0 and s["steps"] == 3
+        assert s["frozen"] == ["teacher"]
+        assert "frozen, ZeRO-" in (tmp_path / f"z{stage}" / "summary.txt").read_text()
+        ckpt = tmp_path / f"z{stage}" / "checkpoints"
+        assert sorted(p.name for p in (ckpt / "teacher" / "step2").iterdir()) == ["frozen.json"]
+        rows = [
+            json.loads(x)
+            for x in (tmp_path / f"z{stage}" / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert not any(r.get("stage") == 1 for r in rows)
+        students[stage] = [p.detach().clone() for p in tr.student.module.parameters()]
+        moved = max((a - b).abs().max().item() for a, b in zip(before, students[stage]))
+        assert moved > 1e-4
+        teachers[stage] = s["final"]["teacher/accuracy"]
+    # equal to run-to-run noise (two identical in-process runs here differ by ~6e-8)
+    for a, b in zip(students[2], students[3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6 if precision == "fp32" else 1e-2)
+    assert teachers[2] == teachers[3]
