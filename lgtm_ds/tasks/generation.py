@@ -14,8 +14,9 @@ skipped and surrounding whitespace stripped: ``exact_match`` (equal strings) and
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -54,6 +55,37 @@ def word_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+# the token ids a neutral generation config keeps from the model's own (they name tokens, they
+# do not change how the next one is chosen)
+_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+@contextlib.contextmanager
+def neutral_generation_config(model: torch.nn.Module) -> Iterator[None]:
+    """Every Hugging Face model in ``model`` (a peft wrapper's base included) generates with a
+    default ``GenerationConfig`` (the model's token ids kept) for the block, and gets its own
+    back after. Hugging Face fills each key a call leaves at its default from the checkpoint's
+    ``generation_config.json``, so an instruct model's ``do_sample: true``, ``temperature: 0.7``,
+    ``top_p: 0.8`` or ``repetition_penalty: 1.05`` would turn greedy evaluation into sampling
+    and sample on-policy rows at other settings than ``method.generation``'s."""
+    from transformers import GenerationConfig
+
+    saved = [
+        (m, g)
+        for m in model.modules()
+        if isinstance(g := vars(m).get("generation_config"), GenerationConfig)
+    ]
+    for m, g in saved:
+        m.generation_config = GenerationConfig(
+            **{k: getattr(g, k) for k in _TOKEN_KEYS if getattr(g, k, None) is not None}
+        )
+    try:
+        yield
+    finally:
+        for m, g in saved:
+            m.generation_config = g
+
+
 @torch.no_grad()
 def greedy_complete(
     model,
@@ -80,14 +112,15 @@ def greedy_complete(
     for i, p in enumerate(prompts):
         ids[i, n - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[i, n - len(p) :] = 1
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-        synced_gpus=synced_gpus,
-    )
+    with neutral_generation_config(model):
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            synced_gpus=synced_gpus,
+        )
     return [strip_at_eos(row[n:].tolist(), eos_id) for row in out.cpu()]

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from .base import SOURCE_INDEX
-from .generation import prompt_and_reference
+from .generation import neutral_generation_config, prompt_and_reference
 
 IGNORE = -100
 
@@ -122,10 +122,12 @@ class HFGenerator(Generator):
     """Hugging Face ``generate`` on the engine's module: :func:`generation_mode`, the KV cache,
     prompts left-padded in one batch (attention mask 0 on the padding, so positions start at
     each prompt's first token, as in the right-padded training batch). Sampling is the library's
-    (``do_sample`` with ``temperature``, ``top_p``, ``top_k=0``) on a forked RNG seeded with
-    ``seed``, so training's RNG streams are untouched. ZeRO-3: the parameters gathered once for
-    the call (``zero3_gather``), or per forward, a collective, where ``synced_gpus`` keeps each
-    rank stepping until every rank has finished (:meth:`Engine.generation_params`)."""
+    (``do_sample`` with ``temperature``, ``top_p``, ``top_k=0``, nothing else: the checkpoint's
+    own generation settings are set aside, :func:`neutral_generation_config`) on a forked RNG
+    seeded with ``seed``, so training's RNG streams are untouched. ZeRO-3: the parameters
+    gathered once for the call (``zero3_gather``), or per forward, a collective, where
+    ``synced_gpus`` keeps each rank stepping until every rank has finished
+    (:meth:`Engine.generation_params`)."""
 
     name = "hf"
 
@@ -158,6 +160,7 @@ class HFGenerator(Generator):
         with (
             engine.generation_params(s.zero3_gather) as synced,
             generation_mode(module),
+            neutral_generation_config(module),
             torch.random.fork_rng(devices=devices),
         ):
             torch.manual_seed(seed)

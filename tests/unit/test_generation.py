@@ -53,6 +53,25 @@ def test_batched_left_padded_completion_equals_one_prompt_at_a_time(name):
     assert got[0] == [] and any(len(x) == 6 for x in got)  # stopped at EOS / at the limit
 
 
+def test_greedy_ignores_the_checkpoints_own_generation_settings():
+    """An instruct checkpoint's generation_config.json (sampling, a repetition penalty, an
+    n-gram ban) does not reach the greedy evaluation, and is the model's again after."""
+    from transformers import GenerationConfig
+
+    model = tiny_decoder("student", seed=3).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 50, (k,), generator=g).tolist() for k in (4, 2)]
+    want = [_greedy_by_hand(model, p, None, 8) for p in prompts]
+    own = GenerationConfig(
+        do_sample=True, temperature=0.05, top_p=0.5, repetition_penalty=50.0,
+        no_repeat_ngram_size=1, eos_token_id=2,
+    )  # fmt: skip
+    model.generation_config = own
+    assert greedy_complete(model, prompts, pad_id=0, eos_id=None, max_new_tokens=8) == want
+    assert model.generation_config is own
+    assert any(len(set(w)) < len(w) for w in want)  # a repeat the n-gram ban would have removed
+
+
 def test_messages_prompt_is_the_chat_up_to_the_first_assistant_turn():
     """``messages`` data: the prompt ends with the first assistant header (the rendered
     generation prompt), the reference is that turn (its end-of-turn token included)."""

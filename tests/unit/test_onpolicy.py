@@ -297,6 +297,32 @@ def test_sampling_is_seeded_and_leaves_the_training_rng_alone():
     assert all(0 < len(c) <= 5 and max(c) < LM_VOCAB - 3 for c in a)  # the vocab cut holds
 
 
+def test_sampling_follows_method_generation_not_the_checkpoints_settings(monkeypatch):
+    """A checkpoint's own generation_config.json (an instruct model's temperature / top_p /
+    repetition penalty) leaves on-policy sampling as method.generation says, and is restored."""
+    import contextlib
+
+    from transformers import GenerationConfig
+
+    from lgtm_ds.tasks import rollout
+
+    t, s = _pair(seed=6)
+    engine = TorchEngine(s, None)
+    prompts = batch_prompts(lm_batch(4, seed=3))
+    cfg = GenerationSettings(1.0, 1.0, 6, PAD, eos_id=1, vocab=LM_VOCAB - 3)
+    plain = HFGenerator().generate(engine, prompts, cfg, seed=5).completions
+    own = GenerationConfig(
+        do_sample=True, temperature=0.05, top_p=0.3, top_k=3, repetition_penalty=20.0,
+        no_repeat_ngram_size=1,
+    )  # fmt: skip
+    s.generation_config = own
+    assert HFGenerator().generate(engine, prompts, cfg, seed=5).completions == plain
+    assert s.generation_config is own
+    # without the guard Hugging Face would have taken the checkpoint's settings
+    monkeypatch.setattr(rollout, "neutral_generation_config", lambda m: contextlib.nullcontext())
+    assert HFGenerator().generate(engine, prompts, cfg, seed=5).completions != plain
+
+
 def test_generation_mode_is_eval_and_restores_dropout_and_checkpointing():
     from lgtm_ds.tasks.base import ModelOptions
     from lgtm_ds.tasks.causal_lm import CausalLMTask
