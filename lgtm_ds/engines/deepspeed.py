@@ -269,8 +269,15 @@ class DeepSpeedEngine(Engine):
                 with open(os.path.join(folder, self.FROZEN_MARKER), "w") as fh:
                     json.dump({"role": self.role, "frozen": True}, fh)
             return
-        # save_latest=False: LGTM-DS writes its own `latest` once both roles are complete
-        self.engine.save_checkpoint(path, tag=tag, save_latest=False)
+        # save_latest=False: LGTM-DS writes its own `latest` once both roles are complete.
+        # Frozen weights (a LoRA base) are left out: they never change, and a resumed run
+        # rebuilds them from model.<role> (an 8B bf16 base is 16 GB per checkpoint otherwise)
+        self.engine.save_checkpoint(
+            path, tag=tag, save_latest=False, exclude_frozen_parameters=bool(self._frozen_names())
+        )
+
+    def _frozen_names(self) -> set[str]:
+        return {n for n, p in self.module.named_parameters() if not p.requires_grad}
 
     def load_checkpoint(self, path: str, tag: str) -> None:
         marker = os.path.exists(os.path.join(path, tag, self.FROZEN_MARKER))
@@ -283,7 +290,22 @@ class DeepSpeedEngine(Engine):
             )
         if self.frozen:
             return
-        load_path, _ = self.engine.load_checkpoint(path, tag=tag)
+        frozen, role = self._frozen_names(), self.role
+
+        def load_trainable(src: dict, dst: torch.nn.Module) -> None:
+            # strict but for the frozen weights the checkpoint leaves out (kept as built)
+            res = dst.load_state_dict(src, strict=False)
+            missing = sorted(set(res.missing_keys) - frozen)
+            if missing or res.unexpected_keys:
+                raise ConfigError(
+                    f"the {role} checkpoint {tag!r} under {path} does not fit this model: "
+                    f"missing {missing[:3]}, unexpected {sorted(res.unexpected_keys)[:3]} (the "
+                    f"model or its adapters changed since it was written)"
+                )
+
+        load_path, _ = self.engine.load_checkpoint(
+            path, tag=tag, custom_load_fn=load_trainable if frozen else None
+        )
         if load_path is None:
             raise ConfigError(f"no {self.role} checkpoint {tag!r} under {path}")
 

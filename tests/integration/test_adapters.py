@@ -29,13 +29,18 @@ def _frozen(trainer):
 
 
 @pytest.mark.slow
-def test_lora_run_resumes_exactly_keeps_the_base_and_saves_merged(tmp_path, dist_env):
+@pytest.mark.parametrize("teacher_stage", [2, 3])
+def test_lora_run_resumes_exactly_keeps_the_base_and_saves_merged(
+    tmp_path, dist_env, teacher_stage
+):
+    """... and the checkpoints leave the frozen base out (the resumed run rebuilds it)."""
     from transformers import AutoModelForSequenceClassification
 
     from lgtm_ds.training import Trainer
 
     common = [
         *SMALL,
+        f"deepspeed.teacher.zero_optimization.stage={teacher_stage}",
         "model.teacher_peft.enabled=true",
         "model.teacher_peft.r=4",
         "model.student_peft.enabled=true",
@@ -50,6 +55,13 @@ def test_lora_run_resumes_exactly_keeps_the_base_and_saves_merged(tmp_path, dist
     ta.finish(ta.train())
     assert all(torch.equal(p, q) for p, q in zip(_frozen(ta), frozen))
     full = [p.detach().clone() for e in (ta.student, ta.teacher) for p in e.module.parameters()]
+    for role, engine in (("student", ta.student), ("teacher", ta.teacher)):
+        frozen = {n for n, p in engine.module.named_parameters() if not p.requires_grad}
+        trained = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+        (states,) = (tmp_path / "a" / "checkpoints" / role / "step2").glob("*model_states.pt")
+        state = torch.load(states, weights_only=False)
+        assert frozen and not frozen & set(state["module"]), role
+        assert trained <= set(state["module"]) and state.get("frozen_param_fragments") is None
     tb = Trainer(load_config(None, [f"output.dir={tmp_path / 'a'}", *common, "output.resume=auto"]))
     assert tb.step == 2
     tb.finish(tb.train())
