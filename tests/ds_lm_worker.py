@@ -20,8 +20,8 @@ from lgtm_ds.engines.deepspeed import build_engine  # noqa: E402
 from lgtm_ds.engines.dist import init_distributed, shutdown_distributed  # noqa: E402
 from lgtm_ds.engines.optim import build_adamw, warmup_linear  # noqa: E402
 from lgtm_ds.tasks import get_task  # noqa: E402
-from tests.ds_worker import ds_config, full_params, local_storage  # noqa: E402
-from tests.helpers import lm_batch, tiny_decoder  # noqa: E402
+from tests.ds_worker import PLAIN, ds_config, full_params, local_storage  # noqa: E402
+from tests.helpers import lm_batch, make_distiller, tiny_decoder  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 3
 # name: (method, teacher stage, student stage, precision, gradient accumulation steps,
@@ -203,18 +203,11 @@ def run_case(name, rank, world):
 def run_torch(method, pair="gpt2", dtype=torch.float32):
     """The plain-module path (full logits), one micro-batch of the whole global batch."""
     teacher, student = (m.to(dtype) for m in _models(pair))
-    opts = {}
-    for role, model, lr in (("teacher", teacher, 3e-3), ("student", student, 5e-3)):
-        opt = build_adamw(model, lr, 0.01)
-        opts[role] = (opt, warmup_linear(opt, 10, 0.2))
-    d = Distiller(
+    d = make_distiller(
         method,
-        teacher=teacher,
-        student=student,
-        teacher_optimizer=opts["teacher"][0],
-        student_optimizer=opts["student"][0],
-        teacher_scheduler=opts["teacher"][1],
-        student_scheduler=opts["student"][1],
+        teacher,
+        student,
+        **PLAIN,
         max_grad_norm=1.0,
         task=get_task("causal_lm")(),
         fused_head=False,

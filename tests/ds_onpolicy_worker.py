@@ -22,8 +22,8 @@ from lgtm_ds.engines.optim import build_adamw, warmup_linear  # noqa: E402
 from lgtm_ds.tasks import get_task  # noqa: E402
 from lgtm_ds.tasks.rollout import IGNORE, batch_prompts  # noqa: E402
 from tests.ds_lm_worker import GLOBAL_BATCH, STEPS, _models, batches  # noqa: E402
-from tests.ds_worker import ds_config, full_params  # noqa: E402
-from tests.helpers import LM_VOCAB, lm_batch  # noqa: E402
+from tests.ds_worker import PLAIN, ds_config, full_params  # noqa: E402
+from tests.helpers import LM_VOCAB, lm_batch, make_distiller  # noqa: E402
 
 MAX_NEW = 5
 # name: (method, teacher stage, student stage, gradient accumulation steps, seq_kd,
@@ -115,18 +115,11 @@ def run_case(name, rank, world, eos):
 def run_torch(method, seq_kd, eos):
     """The plain-module path, one micro-batch of the whole global batch."""
     teacher, student = _models("gpt2")
-    opts = {}
-    for role, model, lr in (("teacher", teacher, 3e-3), ("student", student, 5e-3)):
-        opt = build_adamw(model, lr, 0.01)
-        opts[role] = (opt, warmup_linear(opt, 10, 0.2))
-    d = Distiller(
+    d = make_distiller(
         method,
-        teacher=teacher,
-        student=student,
-        teacher_optimizer=opts["teacher"][0],
-        student_optimizer=opts["student"][0],
-        teacher_scheduler=opts["teacher"][1],
-        student_scheduler=opts["student"][1],
+        teacher,
+        student,
+        **PLAIN,
         max_grad_norm=1.0,
         task=get_task("causal_lm")(),
         fused_head=False,

@@ -19,9 +19,12 @@ from lgtm_ds.engines.dist import init_distributed, shutdown_distributed  # noqa:
 from lgtm_ds.engines.optim import build_adamw, warmup_linear  # noqa: E402
 from lgtm_ds.errors import ConfigError  # noqa: E402
 from lgtm_ds.methods.lookahead import adamw_lookahead  # noqa: E402
-from tests.helpers import random_batch, tiny_model  # noqa: E402
+from tests.helpers import make_distiller, random_batch, tiny_model  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 3
+# the plain-module reference's optimizers, as the engines' below: AdamW (teacher lr, student lr,
+# weight decay) and a warmup-linear schedule over 10 steps, 20% warmup
+PLAIN = dict(lrs=(3e-3, 5e-3), wd=0.01, schedule=(10, 0.2))
 # name: (method, teacher stage, student stage, precision, gradient accumulation steps)
 CASES = {
     "z0_0": ("lgtm", 0, 0, "fp32", 1),
@@ -435,20 +438,8 @@ def _moments(state):
 def run_torch(method, gas=1):
     """The plain-module path over the whole global batch (reference for every case)."""
     teacher, student = tiny_model(seed=1, size="student"), tiny_model(seed=2)
-    opts = {}
-    for role, model, lr in (("teacher", teacher, 3e-3), ("student", student, 5e-3)):
-        opt = build_adamw(model, lr, 0.01)
-        opts[role] = (opt, warmup_linear(opt, 10, 0.2))
-    d = Distiller(
-        method,
-        teacher=teacher,
-        student=student,
-        teacher_optimizer=opts["teacher"][0],
-        student_optimizer=opts["student"][0],
-        teacher_scheduler=opts["teacher"][1],
-        student_scheduler=opts["student"][1],
-        gradient_accumulation_steps=gas,
-        max_grad_norm=1.0,
+    d = make_distiller(
+        method, teacher, student, **PLAIN, gradient_accumulation_steps=gas, max_grad_norm=1.0
     )
     for step in range(STEPS):
         train, quiz = batches(step, 0, 1, gas)

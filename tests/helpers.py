@@ -136,19 +136,42 @@ def capture_grads(opt, params):
     return record
 
 
-def make_distiller(method="lgtm", teacher=None, student=None, *, lrs=(1e-3, 1e-3), wd=0.0, **kw):
+def make_distiller(
+    method="lgtm", teacher=None, student=None, *, lrs=(1e-3, 1e-3), wd=0.0, schedule=None, **kw
+):
     """A ``Distiller`` over two plain modules, each with a fresh client AdamW (``lrs``: the
-    teacher's and the student's learning rates, ``wd`` both weight decays); ``kw``: the other
+    teacher's and the student's learning rates, ``wd`` both weight decays; ``schedule``:
+    ``(steps, warmup_ratio)`` of a warmup-linear schedule on both, else none); ``kw``: the other
     ``Distiller`` keywords (hyper-parameters, task, accumulation, ...). The tests' usual pair;
-    also the ``make_distiller`` fixture."""
+    also the ``make_distiller`` fixture, and the DeepSpeed workers' plain-module reference."""
     from lgtm_ds import Distiller
-    from lgtm_ds.engines.optim import build_adamw
+    from lgtm_ds.engines.optim import build_adamw, warmup_linear
 
+    opts = [build_adamw(m, lr, wd) for m, lr in ((teacher, lrs[0]), (student, lrs[1]))]
+    if schedule is not None:
+        kw["teacher_scheduler"] = warmup_linear(opts[0], *schedule)
+        kw["student_scheduler"] = warmup_linear(opts[1], *schedule)
     return Distiller(
         method,
         teacher=teacher,
         student=student,
-        teacher_optimizer=build_adamw(teacher, lrs[0], wd),
-        student_optimizer=build_adamw(student, lrs[1], wd),
+        teacher_optimizer=opts[0],
+        student_optimizer=opts[1],
         **kw,
     )
+
+
+def worker_results(tmp_path_factory, script: str, *args: str):
+    """Body of a module fixture: ``tests/<script>`` under the deepspeed launcher on 1 and then 2
+    ranks, each writing ``<case>.w<ranks>.pt`` into one temporary folder; yields
+    ``load(case, world)`` and removes the folder after the module."""
+    import shutil
+
+    out = tmp_path_factory.mktemp(script.removesuffix(".py"))
+    for ranks in (1, 2):
+        proc = run_deepspeed(os.path.join(ROOT, "tests", script), ["--out", str(out), *args], ranks)
+        # a non-zero exit here was once an abort at interpreter exit ("terminate called without
+        # an active exception"); the workers tear the process group down (shutdown_distributed)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    yield lambda case, world: torch.load(out / f"{case}.w{world}.pt")
+    shutil.rmtree(out, ignore_errors=True)

@@ -6,13 +6,10 @@ test_ds_equivalence.py), frozen weights stay bit-identical, the student is resto
 after the influence passes, and the optimizer holds the trainable parameters only (no fp32
 master or moments of a frozen base)."""
 
-import os
-import shutil
-
 import pytest
 import torch
 
-from ..helpers import ROOT, run_deepspeed
+from ..helpers import worker_results
 from .test_ds_equivalence import _rel_update
 
 pytest.importorskip("peft")
@@ -34,17 +31,7 @@ BF16 = ["lm_lora_z2_2_bf16", "lm_lora_z3_3_bf16"]
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ds_lora")
-    script = os.path.join(ROOT, "tests", "ds_lm_worker.py")
-    for ranks in (1, 2):
-        proc = run_deepspeed(script, ["--out", str(out), "--lora"], ranks)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    def load(name, world):
-        return torch.load(out / f"{name}.w{world}.pt")
-
-    yield load
-    shutil.rmtree(out, ignore_errors=True)
+    yield from worker_results(tmp_path_factory, "ds_lm_worker.py", "--lora")
 
 
 def _ref_key(name):

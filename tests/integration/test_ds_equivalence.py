@@ -12,38 +12,19 @@ elements. Measured on the 2-core CPU machine: at most 4.6e-6 (fp32, all cases, 1
 The runs (trainer, ranks, processes); the in-process tests:
 ``tests/unit/test_ds_equivalence.py``."""
 
-import os
-import shutil
-
 import pytest
 import torch
 
-from ..helpers import ROOT, run_deepspeed
+from ..helpers import worker_results
 
 pytestmark = pytest.mark.slow
 
 TOL = 1e-4
 
 
-def _launch(out, ranks):
-    script = os.path.join(ROOT, "tests", "ds_worker.py")
-    proc = run_deepspeed(script, ["--out", str(out)], ranks)
-    # a non-zero exit here was once an abort at interpreter exit ("terminate called without an
-    # active exception"); the worker now tears the process group down (shutdown_distributed)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ds_equiv")
-    for ranks in (1, 2):
-        _launch(out, ranks)
-
-    def load(name, world):
-        return torch.load(out / f"{name}.w{world}.pt")
-
-    yield load
-    shutil.rmtree(out, ignore_errors=True)
+    yield from worker_results(tmp_path_factory, "ds_worker.py")
 
 
 def _rel_update(a, b, init):

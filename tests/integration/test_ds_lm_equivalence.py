@@ -5,13 +5,10 @@ count is what makes these equal); bit-exact student restore, bf16 ZeRO-3 include
 head (no full logits) on ZeRO-3 engines against full logits.
 Tolerance as in test_ds_equivalence.py: relative error of the parameter updates < 1e-4."""
 
-import os
-import shutil
-
 import pytest
 import torch
 
-from ..helpers import ROOT, run_deepspeed
+from ..helpers import worker_results
 from .test_ds_equivalence import _rel_update
 
 TOL = 1e-4
@@ -28,17 +25,7 @@ FUSED = [
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ds_lm")
-    script = os.path.join(ROOT, "tests", "ds_lm_worker.py")
-    for ranks in (1, 2):
-        proc = run_deepspeed(script, ["--out", str(out)], ranks)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    def load(name, world):
-        return torch.load(out / f"{name}.w{world}.pt")
-
-    yield load
-    shutil.rmtree(out, ignore_errors=True)
+    yield from worker_results(tmp_path_factory, "ds_lm_worker.py")
 
 
 @pytest.mark.parametrize("world", [1, 2])

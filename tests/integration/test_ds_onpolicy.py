@@ -6,13 +6,9 @@ each on 1 and 2 ranks, equal the plain-module path on one process (the global va
 of the generated tokens is what makes 1 rank equal 2 ranks). Tolerance as in
 test_ds_equivalence.py: relative error of the updates < 1e-4."""
 
-import os
-import shutil
-
 import pytest
-import torch
 
-from ..helpers import ROOT, run_deepspeed
+from ..helpers import worker_results
 from .test_ds_equivalence import _rel_update
 
 TOL = 1e-4
@@ -30,17 +26,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ds_onpolicy")
-    script = os.path.join(ROOT, "tests", "ds_onpolicy_worker.py")
-    for ranks in (1, 2):
-        proc = run_deepspeed(script, ["--out", str(out)], ranks)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    def load(name, world):
-        return torch.load(out / f"{name}.w{world}.pt")
-
-    yield load
-    shutil.rmtree(out, ignore_errors=True)
+    yield from worker_results(tmp_path_factory, "ds_onpolicy_worker.py")
 
 
 @pytest.mark.parametrize("world", [1, 2])
