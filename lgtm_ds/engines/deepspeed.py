@@ -223,43 +223,87 @@ class DeepSpeedEngine(Engine):
     def save_pretrained(
         self, path: str, is_main: bool, drop: str | None = None, merge: bool = False, **kwargs
     ) -> None:
-        """Hugging Face ``save_pretrained`` of the full model (gathered under ZeRO-3), without
-        the submodule named ``drop`` (if any). A model with LoRA adapters: the adapter folder,
-        or with ``merge`` the merged plain model and the adapter folder inside it
-        (``tasks/adapters.py``)."""
-
-        def state() -> dict:
-            return {
-                k: v.detach().cpu().clone()
-                for k, v in self.module.state_dict().items()
-                if drop is None or not k.startswith(drop + ".")
-            }
-
-        def write_adapters() -> None:
-            full = state()
-            if merge:
-                merged = merged_state_dict(self.module, full)
-                self.module.save_pretrained(path, state_dict=merged, **kwargs)
-                save_adapter(self.module, os.path.join(path, ADAPTER_DIR), full)
-            else:
-                save_adapter(self.module, path, full)
-
+        """Hugging Face ``save_pretrained`` of the full model, without the submodule named
+        ``drop`` (if any). A model with LoRA adapters: the adapter folder, or with ``merge`` the
+        merged plain model and the adapter folder inside it (``tasks/adapters.py``). Collective
+        at ZeRO-3: every rank calls it; the parameters are gathered one module at a time
+        (:meth:`_gathered_state`), so the whole model is never on one device (rank 0 collects it
+        in CPU memory; an adapter folder alone gathers only the trainable weights)."""
         adapters = peft_wrapper(self.module) is not None
+        deltas = None
         if self.stage == 3:
-            import deepspeed
-
-            params = list(self.module.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                if is_main and adapters:
-                    write_adapters()
-                elif is_main:
-                    self.module.save_pretrained(path, state_dict=state(), **kwargs)
-        elif is_main and adapters:
-            write_adapters()
-        elif is_main:
-            if drop is not None and hasattr(self.module, drop):
-                kwargs["state_dict"] = state()
+            state = self._gathered_state(trainable_only=adapters and not merge, is_main=is_main)
+            if adapters and merge:
+                self._merge_into(state, is_main)
+                deltas = {}  # the adapted weights in ``state`` are merged already
+        elif is_main and (adapters or drop is not None):
+            state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        else:
+            state = None
+        if not is_main:
+            return
+        if state is not None and drop is not None:
+            state = {k: v for k, v in state.items() if not k.startswith(drop + ".")}
+        if adapters and merge:
+            merged = merged_state_dict(self.module, state, deltas)
+            self.module.save_pretrained(path, state_dict=merged, **kwargs)
+            save_adapter(self.module, os.path.join(path, ADAPTER_DIR), state)
+        elif adapters:
+            save_adapter(self.module, path, state)
+        elif state is not None:
+            self.module.save_pretrained(path, state_dict=state, **kwargs)
+        else:
             self.module.save_pretrained(path, **kwargs)
+
+    def _gathered_state(self, trainable_only: bool, is_main: bool) -> dict | None:
+        """ZeRO-3: the module's state dict as full CPU tensors on the main rank (None on the
+        others), gathered one module's own parameters at a time and released after, tied
+        parameters kept tied (DeepSpeed's ``_zero3_consolidated_16bit_state_dict`` does the
+        same through a private method). ``trainable_only``: the parameters that train and
+        nothing else (an adapter folder's content). Collective."""
+        import deepspeed
+
+        state: dict | None = {} if is_main else None
+        seen: dict[int, str] = {}
+        for prefix, mod in self.module.named_modules():
+            prefix = f"{prefix}." if prefix else ""
+            own = [
+                (n, p)
+                for n, p in mod.named_parameters(recurse=False)
+                if p is not None and (p.requires_grad or not trainable_only)
+            ]
+            with deepspeed.zero.GatheredParameters(
+                [p for _, p in own], modifier_rank=None, enabled=bool(own)
+            ):
+                if not is_main:
+                    continue
+                for n, p in own:
+                    if id(p) in seen:  # tied: the same tensor under a second name
+                        state[prefix + n] = state[seen[id(p)]]
+                    else:
+                        state[prefix + n] = p.detach().cpu().clone()
+                        seen[id(p)] = prefix + n
+                if trainable_only:
+                    continue
+                for n, b in mod.named_buffers(recurse=False):
+                    if b is not None and n not in mod._non_persistent_buffers_set:
+                        state[prefix + n] = b.detach().cpu().clone()
+        return state
+
+    def _merge_into(self, state: dict | None, is_main: bool) -> None:
+        """ZeRO-3: add each LoRA layer's ``(alpha / r) B A`` to its base weight in ``state``
+        (the main rank's CPU copy), gathering one layer at a time; one delta is held at once.
+        Collective."""
+        import deepspeed
+        from peft.tuners.lora import LoraLayer
+
+        for name, mod in self.module.named_modules():
+            if not (isinstance(mod, LoraLayer) and "default" in mod.lora_A):
+                continue
+            with deepspeed.zero.GatheredParameters(list(mod.parameters()), modifier_rank=None):
+                if is_main:
+                    w = state[f"{name}.base_layer.weight"]
+                    w.add_(mod.get_delta_weight("default").detach().cpu().to(w.dtype))
 
     def save_checkpoint(self, path: str, tag: str) -> None:
         if self.frozen:  # never steps: its weights are model.<role>'s, rebuilt on resume

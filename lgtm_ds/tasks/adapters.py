@@ -295,16 +295,20 @@ def save_adapter(model: nn.Module, path: str, state: dict | None = None) -> None
 _DROP = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".original_module.")
 
 
-def merged_state_dict(model: nn.Module, state: dict) -> dict:
+def merged_state_dict(model: nn.Module, state: dict, deltas: dict | None = None) -> dict:
     """``state`` (``model``'s full state dict, CPU tensors) as the plain model's: each adapted
     weight ``W + (alpha / r) B A``, each ``modules_to_save`` copy in its module's place, the
-    adapter tensors dropped. ``model``'s parameters must be readable (gathered under ZeRO-3)."""
+    adapter tensors dropped. ``deltas``: the ``(alpha / r) B A`` per adapted weight's name
+    (``{}``: ``state`` holds the merged weights already, as ZeRO-3's layer-by-layer save makes
+    it); None = read them from ``model``."""
     from peft.tuners.lora import LoraLayer
 
-    deltas = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoraLayer) and "default" in mod.lora_A:
-            deltas[f"{name}.base_layer.weight"] = mod.get_delta_weight("default").detach().cpu()
+    if deltas is None:
+        deltas = {}
+        for name, mod in model.named_modules():
+            if isinstance(mod, LoraLayer) and "default" in mod.lora_A:
+                delta = mod.get_delta_weight("default").detach().cpu()
+                deltas[f"{name}.base_layer.weight"] = delta
     out = {}
     for k, v in state.items():
         if any(d in k for d in _DROP):

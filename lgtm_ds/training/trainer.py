@@ -42,7 +42,7 @@ from ..io import atomic_write_text, write_json_atomic
 from ..methods import Distiller, get_method
 from ..methods.hidden import HIDDEN_PROJ, HiddenSpec, attach_projection
 from ..tasks import get_task, task_for_labels
-from ..tasks.adapters import apply_adapters, param_counts
+from ..tasks.adapters import apply_adapters, param_counts, peft_wrapper
 from ..tasks.base import ModelOptions
 from ..tasks.derive import FROM_TEACHER, derive_student
 from ..tasks.hf import init_seed, is_embedded
@@ -148,6 +148,7 @@ class Trainer:
             student_steps=self.total_steps,
             ds_configs=(self.ds_teacher, self.ds_student),
         )
+        self._check_merge_fits()
         self.distiller = self._build_distiller()
         self.fused_head = {"teacher": self.teacher.fused_head, "student": self.student.fused_head}
         self.train_batches = self._batches(self.data.train)
@@ -282,6 +283,33 @@ class Trainer:
             _, s1 = optimizer_steps(n, cfg, self.world, self.method.stage1_epochs(cfg))
             stage1 = min(s1, cfg.train.max_steps) if cfg.train.max_steps else s1
         return cfg.train.max_steps or steps, stage1
+
+    def _check_merge_fits(self) -> None:
+        """``output.merge_adapters`` with a ZeRO-3 role: the main rank assembles the merged
+        model in its host memory at the end (gathered layer by layer from the partitions, so no
+        device holds it whole). One clear error now, not after the training, where that host
+        has less memory available than the merged model needs. Collective (rank 0's figure)."""
+        cfg = self.cfg
+        roles = [("student", self.student)]
+        if cfg.output.save_teacher:
+            roles.append(("teacher", self.teacher))
+        need = {
+            role: self.n_params[role] * torch.finfo(e.module_dtype).bits // 8
+            for role, e in roles
+            if cfg.output.merge_adapters and e.stage == 3 and peft_wrapper(e.module) is not None
+        }
+        if not need:
+            return
+        free = all_gather_object(host_memory_available() if self.is_main else None)[0]
+        for role, n in need.items():
+            if free is not None and n > free:
+                raise ConfigError(
+                    f"output.merge_adapters: the merged {role} ({n / 2**30:.1f} GiB) is "
+                    f"assembled in rank 0's host memory at the end of a ZeRO-3 run, which has "
+                    f"{free / 2**30:.1f} GiB available: set output.merge_adapters=false (the "
+                    f"adapter folder is saved; merge it later where the model fits, with peft's "
+                    f"PeftModel.from_pretrained(base, folder).merge_and_unload())"
+                )
 
     def _build_distiller(self) -> Distiller:
         cfg = self.cfg
@@ -732,6 +760,18 @@ class Trainer:
             failure=failure,
             status=status,
         )
+
+
+def host_memory_available() -> int | None:
+    """Bytes of host memory available (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _peak_memory(all_ranks: bool) -> dict:

@@ -88,9 +88,9 @@ def test_lora_run_resumes_exactly_keeps_the_base_and_saves_merged(
 
 
 def test_decoder_lora_teacher_saves_the_adapter_folder(tmp_path, dist_env):
-    """A decoder teacher with adapters at ZeRO-3 (partitioned base, gathered to save): the
-    teacher folder is the adapter; the student, without adapters, a plain model."""
-    from lgtm_ds.training import run
+    """A decoder teacher with adapters at ZeRO-3 (partitioned base; only the adapters are
+    gathered to save): the teacher folder is the adapter, equal to the live adapters; the
+    student, without adapters, a plain model."""
 
     cfg = load_config(
         "configs/examples/causal_lm_tiny.yaml",
@@ -103,8 +103,24 @@ def test_decoder_lora_teacher_saves_the_adapter_folder(tmp_path, dist_env):
             "deepspeed.teacher.zero_optimization.stage=3",
         ],
     )
-    run(cfg)
+    from safetensors.torch import load_file
+
+    from lgtm_ds.training import Trainer
+
+    tr = Trainer(cfg)
+    tr.finish(tr.train())
     teacher, student = tmp_path / "out" / "teacher", tmp_path / "out" / "student"
+    # the adapter folder holds the trained adapters, gathered from ZeRO-3's partitions
+    import deepspeed
+
+    module = tr.teacher.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        live = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    saved_w = load_file(teacher / "adapter_model.safetensors")
+    assert len(saved_w) == len(live) > 0
+    for n, w in live.items():
+        key = "base_model.model." + n.replace(".default.", ".")
+        assert torch.equal(saved_w[key], w), n
     saved = json.loads((teacher / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == "embedded:teacher"
     assert set(saved["target_modules"]) == {
@@ -114,3 +130,32 @@ def test_decoder_lora_teacher_saves_the_adapter_folder(tmp_path, dist_env):
     assert not (teacher / "model.safetensors").exists()
     assert "library_name: peft" in (teacher / "README.md").read_text()
     assert (student / "model.safetensors").exists()
+
+
+def test_merge_at_zero3_that_cannot_fit_rank0_host_is_one_error_before_training(
+    tmp_path, dist_env, monkeypatch
+):
+    """merge_adapters with a ZeRO-3 LoRA teacher: the merged model is assembled in rank 0's
+    host memory; where that is too small the run stops at once, naming the key and the way
+    out, and writes nothing."""
+    from lgtm_ds import ConfigError
+    from lgtm_ds.training import Trainer, trainer
+
+    monkeypatch.setattr(trainer, "host_memory_available", lambda: 1 << 20)  # 1 MiB free
+    cfg = load_config(
+        "configs/examples/causal_lm_tiny.yaml",
+        [
+            f"output.dir={tmp_path / 'out'}",
+            *SMALL,
+            "data.max_length=16",
+            "train.max_steps=1",
+            "model.teacher_peft.enabled=true",
+            "output.merge_adapters=true",
+            "deepspeed.teacher.zero_optimization.stage=3",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"output.merge_adapters: the merged teacher .* GiB\)"):
+        Trainer(cfg)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(trainer, "host_memory_available", lambda: None)  # unknown: no check
+    Trainer(cfg)
