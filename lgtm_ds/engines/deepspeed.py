@@ -45,9 +45,11 @@ def frozen_ds_config(ds_config: dict) -> dict:
     a frozen model has none of, and DeepSpeed refuses them without an optimizer: stage 0, the
     parameters in the config's precision on every rank."""
     cfg = copy.deepcopy(ds_config)
-    zero = cfg.get("zero_optimization") or {}
+    zero = dict(cfg.get("zero_optimization") or {})
+    zero.pop("offload_optimizer", None)  # there is no optimizer to offload
     if int(zero.get("stage", 0)) in (1, 2):
-        cfg["zero_optimization"] = {**zero, "stage": 0}
+        zero["stage"] = 0
+    cfg["zero_optimization"] = zero
     for key in ("optimizer", "scheduler"):
         cfg.pop(key, None)
     return cfg
@@ -236,7 +238,7 @@ class DeepSpeedEngine(Engine):
             if adapters and merge:
                 self._merge_into(state, is_main)
                 deltas = {}  # the adapted weights in ``state`` are merged already
-        elif is_main and (adapters or drop is not None):
+        elif is_main and (adapters or (drop is not None and hasattr(self.module, drop))):
             state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
         else:
             state = None
