@@ -317,13 +317,29 @@ class DeepSpeedEngine(Engine):
             return
         # save_latest=False: LGTM-DS writes its own `latest` once both roles are complete.
         # Frozen weights (a LoRA base) are left out: they never change, and a resumed run
-        # rebuilds them from model.<role> (an 8B bf16 base is 16 GB per checkpoint otherwise)
-        self.engine.save_checkpoint(
-            path, tag=tag, save_latest=False, exclude_frozen_parameters=bool(self._frozen_names())
-        )
+        # rebuilds them from model.<role> (an 8B bf16 base is 16 GB per checkpoint otherwise).
+        # DeepSpeed's exclude_frozen_parameters drops the names named_parameters() gives, one
+        # per tensor, so a tied weight's other name (lm_head.weight of a tied embedding: 113 MB
+        # on SmolLM2-135M) stayed in; the hook drops every name of a frozen weight.
+        frozen = self._frozen_names()
+
+        def drop_frozen(module, state_dict, prefix, local_metadata):
+            for name in frozen:
+                state_dict.pop(prefix + name, None)
+
+        hook = self.module.register_state_dict_post_hook(drop_frozen) if frozen else None
+        try:
+            self.engine.save_checkpoint(
+                path, tag=tag, save_latest=False, exclude_frozen_parameters=bool(frozen)
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
 
     def _frozen_names(self) -> set[str]:
-        return {n for n, p in self.module.named_parameters() if not p.requires_grad}
+        """Every name of every frozen weight, a tied weight's aliases included."""
+        named = self.module.named_parameters(remove_duplicate=False)
+        return {n for n, p in named if not p.requires_grad}
 
     def load_checkpoint(self, path: str, tag: str) -> None:
         marker = os.path.exists(os.path.join(path, tag, self.FROZEN_MARKER))

@@ -132,6 +132,44 @@ def test_decoder_lora_teacher_saves_the_adapter_folder(tmp_path, dist_env):
     assert (student / "model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_tied_frozen_embedding_stays_out_of_checkpoints_and_resume_is_exact(tmp_path, dist_env):
+    """A LoRA teacher with tied input / output embeddings (GPT-2): the frozen embedding is
+    left out of its checkpoints under both of its names (``named_parameters()`` lists a tied
+    weight once, the state dict twice), and the run resumed from them is the uninterrupted
+    one, the tie intact."""
+    from lgtm_ds.training import Trainer
+
+    common = [
+        *SMALL,
+        "data.max_length=16",
+        "model.teacher=embedded:gpt2-teacher",
+        "model.student=embedded:gpt2-student",
+        "model.teacher_peft.enabled=true",
+        "train.max_steps=4",
+        "output.checkpoint_every=2",
+    ]
+    cfg = ["configs/examples/causal_lm_tiny.yaml", [f"output.dir={tmp_path / 'a'}", *common]]
+    ta = Trainer(load_config(*cfg))
+    ta.finish(ta.train())
+    module = ta.teacher.module
+    assert module.get_output_embeddings().weight is module.get_input_embeddings().weight
+    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    assert "lm_head.weight" in frozen  # the tied alias, besides transformer.wte.weight
+    (states,) = (tmp_path / "a" / "checkpoints" / "teacher" / "step2").glob("*model_states.pt")
+    saved = set(torch.load(states, weights_only=False)["module"])
+    assert saved and not frozen & saved, sorted(frozen & saved)
+    full = [p.detach().clone() for e in (ta.student, ta.teacher) for p in e.module.parameters()]
+
+    tb = Trainer(load_config(cfg[0], [*cfg[1], "output.resume=auto"]))
+    assert tb.step == 2
+    tb.finish(tb.train())
+    module = tb.teacher.module
+    assert module.get_output_embeddings().weight is module.get_input_embeddings().weight
+    resumed = [p.detach() for e in (tb.student, tb.teacher) for p in e.module.parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(resumed, full))
+
+
 def test_merge_at_zero3_that_cannot_fit_rank0_host_is_one_error_before_training(
     tmp_path, dist_env, monkeypatch
 ):
