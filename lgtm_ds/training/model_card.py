@@ -130,4 +130,4 @@ def _param_text(summary: dict, role: str) -> str:
     total = summary["params"][role]
     trainable = summary.get("trainable_params", summary["params"])[role]
     text = f"{total / 1e6:.2f}M parameters"
-    return text if trainable == total else f"{text}; {trainable / 1e6:.2f}M trainable"
+    return text if trainable in (total, 0) else f"{text}; {trainable / 1e6:.2f}M trainable"

@@ -70,7 +70,8 @@ def _params(s: dict, role: str) -> str:
     """``"22.71M params"``, with the trainable share where it is not all (adapters)."""
     total, trainable = s["params"][role], s.get("trainable_params", s["params"])[role]
     text = f"{total / 1e6:.2f}M params"
-    return text if trainable == total else f"{text}, {trainable / 1e6:.2f}M trainable"
+    # all trainable, or none (a frozen role: its engine text says so)
+    return text if trainable in (total, 0) else f"{text}, {trainable / 1e6:.2f}M trainable"
 
 
 def _engine(s: dict, role: str) -> str:

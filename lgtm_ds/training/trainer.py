@@ -747,7 +747,11 @@ class Trainer:
             world=self.world,
             wall_s=wall_s,
             params=self.n_params,
-            trainable_params=self.n_trainable,
+            # a role built without an optimizer trains nothing, whatever requires_grad says
+            trainable_params={
+                r: 0 if e.frozen else self.n_trainable[r]
+                for r, e in (("teacher", self.teacher), ("student", self.student))
+            },
             zero_stage={"teacher": self.teacher.stage, "student": self.student.stage},
             frozen=[
                 r for r, e in (("teacher", self.teacher), ("student", self.student)) if e.frozen

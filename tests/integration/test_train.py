@@ -529,6 +529,7 @@ def test_student_only_runs_through_the_trainer(tmp_path, dist_env):
     s = _run(tmp_path, "method.name=student_only", "train.max_steps=4", "train.eval_every=4")
     assert s["status"] == "completed" and s["stage1_steps"] == 0
     assert s["frozen"] == ["teacher"]  # never trained: built without an optimizer
+    assert s["trainable_params"] == {"teacher": 0, "student": s["params"]["student"]}
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "student_loss" in r]
     assert steps and not any("teacher_loss" in r or "teacher_ce" in r for r in steps)
