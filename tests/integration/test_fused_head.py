@@ -90,8 +90,11 @@ def test_bf16_zero_lgtm_with_the_fused_head_matches_full_logits(tmp_path, dist_e
     assert on["zero_stage"] == {"teacher": stage, "student": stage} and len(r_on) == 3
     for a, b in zip(r_on, r_off):  # measured: within 0.5%
         assert a == pytest.approx(b, rel=0.05)
+    # one bf16 rounding unit (2^-8): the two runs' bf16 matmuls round differently, more so on
+    # CPUs with AMX / AVX512-BF16 kernels (measured there: CE 2.8e-4, perplexity 1.4e-3, KL
+    # 2.3e-3 relative; within 1e-3 on the AMD EPYC it was first run on)
     for key, value in off["final"].items():
-        assert on["final"][key] == pytest.approx(value, rel=1e-3), key
+        assert on["final"][key] == pytest.approx(value, rel=2**-8), key
 
 
 def test_bf16_zero2_fused_head_with_activation_checkpointing(tmp_path, dist_env):
@@ -128,8 +131,11 @@ def test_bf16_zero2_fused_head_with_activation_checkpointing(tmp_path, dist_env)
     (on, l_on), (off, l_off) = go("true"), go("false")
     assert on["fused_head"] == {"teacher": True, "student": True} and len(l_on) == 2
     assert l_on == pytest.approx(l_off, rel=1e-3)
+    # one bf16 rounding unit (2^-8): the two runs' bf16 matmuls round differently, more so on
+    # CPUs with AMX / AVX512-BF16 kernels (measured there: CE 2.8e-4, perplexity 1.4e-3, KL
+    # 2.3e-3 relative; within 1e-3 on the AMD EPYC it was first run on)
     for key, value in off["final"].items():
-        assert on["final"][key] == pytest.approx(value, rel=1e-3), key
+        assert on["final"][key] == pytest.approx(value, rel=2**-8), key
 
 
 _MEMORY_PROBE = textwrap.dedent(
