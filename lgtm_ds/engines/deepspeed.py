@@ -358,16 +358,19 @@ class DeepSpeedEngine(Engine):
             # strict but for the frozen weights the checkpoint leaves out (kept as built)
             res = dst.load_state_dict(src, strict=False)
             missing = sorted(set(res.missing_keys) - frozen)
-            if missing or res.unexpected_keys:
+            unexpected = sorted(res.unexpected_keys)
+            if missing or unexpected:
                 raise ConfigError(
                     f"the {role} checkpoint {tag!r} under {path} does not fit this model: "
-                    f"missing {missing[:3]}, unexpected {sorted(res.unexpected_keys)[:3]} (the "
-                    f"model or its adapters changed since it was written)"
+                    f"{len(missing)} weights missing {missing[:3]}, {len(unexpected)} unexpected "
+                    f"{unexpected[:3]} (the model or its adapters, model.{role}_peft, changed "
+                    f"since it was written: resume with the settings that wrote it, or start a "
+                    f"fresh run)"
                 )
 
-        load_path, _ = self.engine.load_checkpoint(
-            path, tag=tag, custom_load_fn=load_trainable if frozen else None
-        )
+        # always through load_trainable: a checkpoint of another model (adapters added or
+        # dropped since) is one error, not DeepSpeed's strict-load traceback
+        load_path, _ = self.engine.load_checkpoint(path, tag=tag, custom_load_fn=load_trainable)
         if load_path is None:
             raise ConfigError(f"no {self.role} checkpoint {tag!r} under {path}")
 

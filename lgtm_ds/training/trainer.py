@@ -194,7 +194,11 @@ class Trainer:
         self.influence_log = self._influence_log()
         self.ratio_every = self.method.influence_ratio_every(cfg)
         if self.resume_from is not None:
-            self._resume(*self.resume_from)
+            try:
+                self._resume(*self.resume_from)
+            except BaseException:
+                self.lock.release()  # a checkpoint that does not fit: one error, no stale lock
+                raise
 
     # -- building ---------------------------------------------------------------------------------
     def _build_tokenizer(self):

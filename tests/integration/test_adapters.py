@@ -17,6 +17,8 @@ SMALL = [
     "train.eval_batch_size=64",
     "train.eval_every=0",
 ]
+CAUSAL_LM_TINY = "configs/examples/causal_lm_tiny.yaml"
+TINY_LM = [*SMALL, "data.max_length=16", "train.max_steps=1"]  # a one-step decoder run
 
 
 def _frozen(trainer):
@@ -93,12 +95,10 @@ def test_decoder_lora_teacher_saves_the_adapter_folder(tmp_path, dist_env):
     student, without adapters, a plain model."""
 
     cfg = load_config(
-        "configs/examples/causal_lm_tiny.yaml",
+        CAUSAL_LM_TINY,
         [
             f"output.dir={tmp_path / 'out'}",
-            *SMALL,
-            "data.max_length=16",
-            "train.max_steps=1",
+            *TINY_LM,
             "model.teacher_peft.enabled=true",
             "deepspeed.teacher.zero_optimization.stage=3",
         ],
@@ -149,7 +149,7 @@ def test_tied_frozen_embedding_stays_out_of_checkpoints_and_resume_is_exact(tmp_
         "train.max_steps=4",
         "output.checkpoint_every=2",
     ]
-    cfg = ["configs/examples/causal_lm_tiny.yaml", [f"output.dir={tmp_path / 'a'}", *common]]
+    cfg = [CAUSAL_LM_TINY, [f"output.dir={tmp_path / 'a'}", *common]]
     ta = Trainer(load_config(*cfg))
     ta.finish(ta.train())
     module = ta.teacher.module
@@ -170,6 +170,22 @@ def test_tied_frozen_embedding_stays_out_of_checkpoints_and_resume_is_exact(tmp_
     assert all(torch.equal(p, q) for p, q in zip(resumed, full))
 
 
+def test_resuming_an_adapter_checkpoint_without_adapters_is_one_error(tmp_path, dist_env):
+    """A checkpoint written with a LoRA teacher, resumed with the adapters switched off: one
+    ConfigError naming the role and the key (not DeepSpeed's strict-load traceback), and the
+    run folder's lock released."""
+    from lgtm_ds import ConfigError
+    from lgtm_ds.training import Trainer
+
+    common = [*TINY_LM, f"output.dir={tmp_path / 'a'}", "output.checkpoint_every=1"]
+    lora = [*common, "train.max_steps=2", "model.teacher_peft.enabled=true"]
+    ta = Trainer(load_config(CAUSAL_LM_TINY, lora))
+    ta.finish(ta.train())
+    with pytest.raises(ConfigError, match=r"teacher checkpoint .* model\.teacher_peft"):
+        Trainer(load_config(CAUSAL_LM_TINY, [*common, "train.max_steps=3", "output.resume=auto"]))
+    assert (tmp_path / "a" / "run.lock").read_text() == ""  # released
+
+
 def test_merge_at_zero3_that_cannot_fit_rank0_host_is_one_error_before_training(
     tmp_path, dist_env, monkeypatch
 ):
@@ -181,12 +197,10 @@ def test_merge_at_zero3_that_cannot_fit_rank0_host_is_one_error_before_training(
 
     monkeypatch.setattr(trainer, "host_memory_available", lambda: 1 << 20)  # 1 MiB free
     cfg = load_config(
-        "configs/examples/causal_lm_tiny.yaml",
+        CAUSAL_LM_TINY,
         [
             f"output.dir={tmp_path / 'out'}",
-            *SMALL,
-            "data.max_length=16",
-            "train.max_steps=1",
+            *TINY_LM,
             "model.teacher_peft.enabled=true",
             "output.merge_adapters=true",
             "deepspeed.teacher.zero_optimization.stage=3",
