@@ -178,9 +178,10 @@ class Trainer:
                     f"ended without releasing it ({holder_text(self.lock.taken_over)})",
                     flush=True,
                 )
-            prepare_run_folder(self.out, cfg.output, resuming=self.resume_from is not None)
-            save_resolved(cfg, self.ds_teacher, self.ds_student, self.out / "config.yaml")
-            write_json_atomic(self.out / "data_split.json", self.data.split_record())
+            if self.resume_from is None:
+                self._write_run_files()
+            else:  # after the checkpoint is read: a resume that fails leaves the folder as it was
+                self.out.mkdir(parents=True, exist_ok=True)
         self.logger = MetricsLogger(
             self.out / "metrics.jsonl",
             enabled=self.is_main,
@@ -199,6 +200,16 @@ class Trainer:
             except BaseException:
                 self.lock.release()  # a checkpoint that does not fit: one error, no stale lock
                 raise
+            if self.is_main:
+                self._write_run_files()
+
+    def _write_run_files(self) -> None:
+        """Rank 0, once the run can start (a resumed one: once its checkpoint is read): the
+        folder cleared or tidied, the resolved config and the data split written."""
+        cfg = self.cfg
+        prepare_run_folder(self.out, cfg.output, resuming=self.resume_from is not None)
+        save_resolved(cfg, self.ds_teacher, self.ds_student, self.out / "config.yaml")
+        write_json_atomic(self.out / "data_split.json", self.data.split_record())
 
     # -- building ---------------------------------------------------------------------------------
     def _build_tokenizer(self):

@@ -172,8 +172,8 @@ def test_tied_frozen_embedding_stays_out_of_checkpoints_and_resume_is_exact(tmp_
 
 def test_resuming_an_adapter_checkpoint_without_adapters_is_one_error(tmp_path, dist_env):
     """A checkpoint written with a LoRA teacher, resumed with the adapters switched off: one
-    ConfigError naming the role and the key (not DeepSpeed's strict-load traceback), and the
-    run folder's lock released."""
+    ConfigError naming the role and the key (not DeepSpeed's strict-load traceback), the run
+    folder's lock released and its files untouched."""
     from lgtm_ds import ConfigError
     from lgtm_ds.training import Trainer
 
@@ -181,9 +181,13 @@ def test_resuming_an_adapter_checkpoint_without_adapters_is_one_error(tmp_path, 
     lora = [*common, "train.max_steps=2", "model.teacher_peft.enabled=true"]
     ta = Trainer(load_config(CAUSAL_LM_TINY, lora))
     ta.finish(ta.train())
+    out = tmp_path / "a"
+    before = {name: (out / name).read_bytes() for name in ("config.yaml", "summary.json")}
     with pytest.raises(ConfigError, match=r"teacher checkpoint .* model\.teacher_peft"):
         Trainer(load_config(CAUSAL_LM_TINY, [*common, "train.max_steps=3", "output.resume=auto"]))
-    assert (tmp_path / "a" / "run.lock").read_text() == ""  # released
+    assert (out / "run.lock").read_text() == ""  # released
+    # the folder as the finished run left it: its config (not the failing one's), its summary
+    assert {name: (out / name).read_bytes() for name in before} == before
 
 
 def test_merge_at_zero3_that_cannot_fit_rank0_host_is_one_error_before_training(
