@@ -3,8 +3,10 @@ and the component that turns a step's data-set micro-batches into sampled ones.
 
 Per training step (one global batch), with probability ``method.lmbda`` the completions are
 sampled from the current student; otherwise, with ``method.seq_kd``, from the teacher; otherwise
-the data set's completions are used. The draw is counter-based (``(train seed, step)``), so it is
-the same on every rank, on any number of ranks, and after a resume. The methods then run their
+the data set's completions are used (``method.lmbda_start_step`` / ``lmbda_warmup_steps``:
+an off-policy phase first, then the share rising to ``lmbda``). The draw is counter-based
+(``(train seed, step)``), so it is the same on every rank, on any number of ranks, and after a
+resume. The methods then run their
 ordinary step on the sampled micro-batches (docs/on-policy.md):
 
 - the student's loss on sampled sequences is the KD term alone over the generated tokens (its
@@ -110,6 +112,18 @@ class OnPolicyOptions(Options):
         "the student), drawn per step from a seeded stream; 0 = off-policy (the data set's "
         "completions). Causal-LM tasks with prompt_completion or messages data (docs/on-policy.md)",
     )
+    lmbda_start_step: int = Field(
+        0,
+        ge=0,
+        description="distillation steps before the first on-policy one: an off-policy phase, "
+        "for a student that does not yet write in-distribution text (0 = from the first step)",
+    )
+    lmbda_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="from method.lmbda_start_step on, the on-policy share rises linearly to "
+        "method.lmbda over this many steps (0 = method.lmbda at once)",
+    )
     seq_kd: bool = Field(
         False,
         description="on the other steps, the teacher generates the completions instead of the "
@@ -130,6 +144,13 @@ def check_onpolicy_config(cfg) -> None:
     from .base import METHODS
 
     m = cfg.method
+    if m.lmbda == 0:
+        for key in ("lmbda_start_step", "lmbda_warmup_steps"):
+            if getattr(m, key):
+                raise ConfigError(
+                    f"method.{key}={getattr(m, key)} schedules on-policy steps, but "
+                    f"method.lmbda=0 has none: set method.lmbda > 0 or drop method.{key}"
+                )
     if not m.generates:
         return
     key = "method.lmbda" if m.lmbda > 0 else "method.seq_kd"
@@ -213,6 +234,7 @@ class OnPolicy:
             g.temperature, g.top_p, g.max_new_tokens, pad_id, eos_id, vocab, g.zero3_gather
         )
         self.lmbda, self.seq_kd, self.sample_every = o.lmbda, o.seq_kd, g.sample_every
+        self.start_step, self.warmup_steps = o.lmbda_start_step, o.lmbda_warmup_steps
         self.generator = generator or GENERATORS[g.backend]()
         self.seed, self.rank = seed, rank
         self.steps = 0  # steps drawn so far
@@ -243,13 +265,25 @@ class OnPolicy:
         self.generator.load_state_dict(state.get("generator") or {})
 
     # -- one step ------------------------------------------------------------------------------
+    def lmbda_at(self, step: int) -> float:
+        """The on-policy share of step ``step`` (counted from 0): 0 before
+        ``lmbda_start_step``, then rising linearly over ``lmbda_warmup_steps`` steps (the first
+        of them at ``lmbda / warmup``) to ``lmbda``."""
+        k = step - self.start_step
+        if self.lmbda <= 0 or k < 0:
+            return 0.0
+        if self.warmup_steps and k < self.warmup_steps:
+            return self.lmbda * (k + 1) / self.warmup_steps
+        return self.lmbda
+
     def draw(self, step: int) -> bool:
-        """Whether step ``step`` (counted from 0) is on-policy: ``u < lmbda`` with ``u`` uniform
-        from a stream keyed by ``(seed, step)`` alone (the same on every rank)."""
-        if self.lmbda <= 0:
+        """Whether step ``step`` (counted from 0) is on-policy: ``u < lmbda_at(step)`` with
+        ``u`` uniform from a stream keyed by ``(seed, step)`` alone (the same on every rank)."""
+        lmbda = self.lmbda_at(step)
+        if lmbda <= 0:
             return False
         u = np.random.default_rng(np.random.SeedSequence([self.seed, _DRAW, step])).random()
-        return bool(u < self.lmbda)
+        return bool(u < lmbda)
 
     def prepare(self, micro: list[dict]) -> tuple[list[dict], dict, str | None]:
         """``(micro-batches to train on, metrics, who generated)``: the data set's micro-batches
@@ -263,6 +297,8 @@ class OnPolicy:
         metrics = {}
         if self.lmbda > 0:
             metrics["onpolicy"] = float(on)
+            if self.start_step or self.warmup_steps:
+                metrics["lmbda"] = self.lmbda_at(k)
             metrics["onpolicy_fraction"] = self.onpolicy_steps / self.steps
         who = "student" if on else ("teacher" if self.seq_kd else None)
         if who is None:

@@ -138,6 +138,13 @@ class Trainer:
         self.n_params = {role: c[0] for role, c in counts.items()}
         self.n_trainable = {role: c[1] for role, c in counts.items()}
         self.total_steps, self.stage1_steps = self._plan_steps()
+        m = cfg.method
+        if self.is_main and m.lmbda > 0 and m.lmbda_start_step >= self.total_steps:
+            print(
+                f"warning: method.lmbda_start_step={m.lmbda_start_step} is not before the end "
+                f"of the run's {self.total_steps} distillation steps: no step will be on-policy",
+                flush=True,
+            )
         # the teacher's schedule spans the steps it learns in
         self.teacher_steps = self.stage1_steps + self.total_steps * self.method.trains_teacher
         self.teacher, self.student = build_engines(

@@ -90,6 +90,21 @@ def test_resumed_onpolicy_run_equals_the_uninterrupted_one(tmp_path, dist_env):
         assert (tmp_path / "job" / "generations" / name).read_text() == ref_text
 
 
+def test_lmbda_schedule_through_the_trainer(tmp_path, dist_env, capsys):
+    """``lmbda`` 1 after an off-policy phase of one step: the first step trains on the data
+    set, the next two on the student's samples, and the rows say so; a start step past the
+    run's end is one warning."""
+    sched = ["method.name=online_kd", "method.lmbda=1.0", "train.max_steps=3"]
+    tr = _trainer(tmp_path / "a", *sched, "method.lmbda_start_step=1")
+    tr.finish(tr.train())
+    rows = [r for r in _rows(tmp_path / "a") if "onpolicy" in r]
+    assert [(r["onpolicy"], r["lmbda"]) for r in rows] == [(0.0, 0.0), (1.0, 1.0), (1.0, 1.0)]
+    assert "gen_len_mean" not in rows[0] and rows[1]["gen_len_mean"] > 0
+    capsys.readouterr()
+    _trainer(tmp_path / "b", *sched, "method.lmbda_start_step=3").lock.release()
+    assert "method.lmbda_start_step=3 is not before the end" in capsys.readouterr().out
+
+
 def test_no_room_to_generate_fails_before_any_output(tmp_path, dist_env):
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="max_new_tokens=48 does not fit: the longest"):

@@ -104,6 +104,12 @@ def test_keys_defaults_and_errors():
          "student_only' does not distil"),
         (["data.task_type=causal_lm", "data.source=files", "data.train_file=x.jsonl",
           "data.format=text", "method.lmbda=1"], "data.format=text has no prompts"),
+        (["data.task_type=causal_lm", "method.lmbda_start_step=10"],
+         "method.lmbda_start_step=10 schedules .* method.lmbda=0"),
+        (["data.task_type=causal_lm", "method.seq_kd=true", "method.lmbda_warmup_steps=5"],
+         "method.lmbda_warmup_steps=5"),
+        (["data.task_type=causal_lm", "method.lmbda=0.5", "method.lmbda_warmup_steps=-1"],
+         "method.lmbda_warmup_steps"),
     ]  # fmt: skip
     for overrides, match in bad:
         with pytest.raises(ConfigError, match=match):
@@ -360,6 +366,46 @@ def test_draw_is_seeded_per_step_and_keeps_its_fraction():
     assert draws == [d.onpolicy.draw(k) for k in range(4000)]  # a function of (seed, step)
     d.onpolicy.seed = 10
     assert draws != [d.onpolicy.draw(k) for k in range(4000)]
+
+
+def test_lmbda_schedule_starts_off_policy_then_ramps_on_the_same_draws():
+    """lmbda 0.6, start step 100, warm-up 200: no on-policy step before step 100, the share
+    rising linearly over steps 100..299 (mean 0.3), then 0.6; each step's uniform draw is the
+    unscheduled run's, so from step 300 on the two runs draw the same steps."""
+    t, s = _pair()
+    kw = dict(task="causal_lm", tokenizer=Tok(1), lmbda=0.6, seed=9)
+    plain = make_distiller("online_kd", t, s, **kw).onpolicy
+    sched = make_distiller(
+        "online_kd", t, s, lmbda_start_step=100, lmbda_warmup_steps=200, **kw
+    ).onpolicy
+    lm = [sched.lmbda_at(k) for k in range(4000)]
+    assert lm[:100] == [0.0] * 100 and lm[100] == pytest.approx(0.6 / 200)
+    assert lm[199] == pytest.approx(0.3) and lm[299] == pytest.approx(0.6)
+    assert set(lm[300:]) == {0.6}
+    draws = [sched.draw(k) for k in range(4000)]
+    assert not any(draws[:100])
+    assert abs(sum(draws[100:300]) / 200 - 0.3) < 0.08
+    assert draws[300:] == [plain.draw(k) for k in range(300, 4000)]
+    # ramp only: the first step's share is lmbda / warmup
+    ramp = make_distiller("online_kd", t, s, lmbda_warmup_steps=4, **kw).onpolicy
+    assert [ramp.lmbda_at(k) for k in range(5)] == pytest.approx([0.15, 0.3, 0.45, 0.6, 0.6])
+
+
+def test_lmbda_schedule_is_logged_and_kept_through_the_steps_drawn():
+    """The step's share is in the metrics of a scheduled run (``lmbda``), and the steps are
+    counted by the component, so a resumed run (its state loaded) continues the schedule."""
+    t, s = _pair()
+    kw = dict(task="causal_lm", tokenizer=Tok(1), lmbda=1.0, seed=3, lmbda_start_step=2)
+    d = make_distiller("online_kd", t, s, **kw)
+    mb = lm_batch(2, seed=4)
+    seen = [d.onpolicy.prepare([mb])[1] for _ in range(2)]
+    assert [(m["onpolicy"], m["lmbda"]) for m in seen] == [(0.0, 0.0), (0.0, 0.0)]
+    e = make_distiller("online_kd", t, s, **kw)
+    e.onpolicy.load_state_dict(d.onpolicy.state_dict())
+    _, m, who = e.onpolicy.prepare([mb])
+    assert (m["onpolicy"], m["lmbda"], who) == (1.0, 1.0, "student")
+    plain = make_distiller("online_kd", t, s, task="causal_lm", tokenizer=Tok(1), lmbda=1.0)
+    assert "lmbda" not in plain.onpolicy.prepare([mb])[1]  # unscheduled: the key as before
 
 
 # -- resume -------------------------------------------------------------------------------------
