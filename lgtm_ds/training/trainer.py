@@ -789,15 +789,14 @@ class Trainer:
 
 
 def host_memory_available() -> int | None:
-    """Bytes of host memory available (Linux ``MemAvailable``), or None where unknown."""
+    """Bytes of host memory available to a new allocation (psutil's ``available``: Linux's
+    ``MemAvailable``, and its counterpart on macOS and Windows), or None where unknown."""
+    import psutil
+
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError, AttributeError):  # a platform psutil cannot read
+        return None
 
 
 def _peak_memory(all_ranks: bool) -> dict:
