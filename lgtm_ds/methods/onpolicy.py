@@ -6,8 +6,8 @@ sampled from the current student; otherwise, with ``method.seq_kd``, from the te
 the data set's completions are used (``method.lmbda_start_step`` / ``lmbda_warmup_steps``:
 an off-policy phase first, then the share rising to ``lmbda``). The draw is counter-based
 (``(train seed, step)``), so it is the same on every rank, on any number of ranks, and after a
-resume. The methods then run their
-ordinary step on the sampled micro-batches (docs/on-policy.md):
+resume. The methods then run their ordinary step on the sampled micro-batches
+(docs/on-policy.md):
 
 - the student's loss on sampled sequences is the KD term alone over the generated tokens (its
   CE term is 0 on such a step, as in TRL's GKD: the sampled tokens are no gold labels);
